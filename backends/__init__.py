@@ -1,0 +1,1 @@
+"""The q4 torch.compile backend."""

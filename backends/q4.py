@@ -1,0 +1,304 @@
+"""The `q4` torch.compile backend: capture -> normalize -> freeze -> calibrate -> passes -> lower.
+
+    torch.compile(model, backend="q4", options={"recipe": "w4a4-rtn", "calibration": batches})
+
+Registered through the `torch_dynamo_backends` entry point (see pyproject.toml), so Dynamo finds
+it without `import qcompile`.
+
+Stages, each reported to the pass manager's instruments (printed / dumped as `000-capture.py`,
+`001-normalize.py`, `002-freeze.py`, then one file per pass):
+
+capture    Dynamo's FX graph; parameters and buffers arrive as graph inputs.
+normalize  make_fx in pre-dispatch mode over fake copies of the inputs: ATen ops, but
+           `aten.linear`, `aten.layer_norm`, `aten.scaled_dot_product_attention` stay single
+           nodes; `nn_module_stack` and `stack_trace` meta carry over. Tracing with fake inputs
+           keeps Dynamo's symbolic shapes, so one graph serves every sequence length it guards.
+freeze     parameter and buffer inputs become constants of the graph module (`get_attr`),
+           detached from autograd; they alias the user's tensors, which are never written to.
+           (Freezing after normalizing, not before, lets the tracer see parameters as ordinary
+           fake inputs instead of mixing real constants into fake tracing.)
+calibrate  observers on the linear inputs; batches from `options["calibration"]`, or the first
+           call's inputs with a warning. Statistics are cached per weight parameter, so a
+           recompile (a new shape) reuses them.
+passes     the recipe's pipeline (or `options["pipeline"]` / `Q4_PIPELINE`) under the pass manager.
+lower      `lower="inductor"` (default): the final graph goes through Inductor, the q4 ops run
+           as their CPU integer kernels; `lower="eager"`: the final graph module runs as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils.weak import WeakIdKeyDictionary
+from tqdm.auto import tqdm
+
+from qcompile import calibrate, ir
+from qcompile.config import Q4Options, resolve_options
+from qcompile.pass_manager import PassManager
+from qcompile.pipeline import parse_pipeline
+from qcompile.recipes import recipe_pipeline
+
+__all__ = ["q4_backend", "Q4Artifact", "artifacts"]
+
+# Calibration statistics by weight parameter (weakly: they die with the user's model), then by
+# calibration data: {weight: {calibration key: ChannelStats}}.
+_STATS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_ARTIFACTS: list[weakref.ref] = []
+
+_STATE_SOURCE = re.compile(r"\._(?:parameters|buffers)\[")
+_MODULE_PATH = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+
+
+def q4_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
+               mode: str | None = None) -> Callable:
+    """Dynamo backend entry point: compile one captured graph."""
+    opts = resolve_options(options)
+    frame_locals, frame_code = _compiled_frame()
+    return _compile(gm, list(example_inputs), opts, frame_locals, frame_code, mode)
+
+
+class Q4Artifact:
+    """What a compiled graph is: the final graph module, its pipeline, its pass records."""
+
+    def __init__(self, graph_module: fx.GraphModule, pipeline: str, records: list, run: Callable,
+                 keep: list[int], graph_id: str):
+        self.graph_module = graph_module
+        self.pipeline = pipeline
+        self.records = records
+        self.graph_id = graph_id
+        self._run = run
+        self._keep = keep
+
+    def __call__(self, *args: Any) -> Any:
+        with torch.no_grad():
+            return self._run(*[args[i] for i in self._keep])
+
+    def count_ops(self, op: Any) -> int:
+        """How many nodes of the final graph call `op` (an OpOverload or OpOverloadPacket)."""
+        return sum(
+            1
+            for n in self.graph_module.graph.nodes
+            if n.op == "call_function" and (n.target is op or getattr(n.target, "overloadpacket", None) is op)
+        )
+
+    def quantized_weight_bytes(self) -> int:
+        """Bytes held by packed weights and their steps (constants read by q4 ops)."""
+        seen: set[str] = set()
+        total = 0
+        for n in self.graph_module.graph.nodes:
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "q4":
+                for arg in n.args:
+                    t = ir.get_constant(self.graph_module, arg)
+                    if t is not None and arg.target not in seen:
+                        seen.add(arg.target)
+                        total += t.numel() * t.element_size()
+        return total
+
+
+def artifacts() -> list[Q4Artifact]:
+    """The q4 artifacts still alive in this process, oldest first (for inspection and tests)."""
+    alive = [a for a in (r() for r in _ARTIFACTS) if a is not None]
+    _ARTIFACTS[:] = [weakref.ref(a) for a in alive]
+    return alive
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def _compiled_frame() -> tuple[dict, Any]:
+    """Locals and code of the frame Dynamo is compiling: calibration batches bind to its signature."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return tx.f_locals, tx.f_code
+    except Exception:  # noqa: BLE001 - outside Dynamo (a direct call) there is no frame
+        return {}, None
+
+
+def _is_state(node: fx.Node, value: Any) -> bool:
+    """Is this graph input a parameter or buffer of the user's module?"""
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    source = source() if callable(source) else source
+    return isinstance(value, torch.Tensor) and bool(_STATE_SOURCE.search(source or ""))
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    return (source() if callable(source) else source) or ""
+
+
+def _fqn(source: str) -> str:
+    """`L['self']._modules['model']._parameters['weight']` -> `model.weight`."""
+    return ".".join(_MODULE_PATH.findall(source)) or source
+
+
+def normalize(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphModule:
+    """Trace Dynamo's graph to pre-dispatch ATen IR, on fake copies of the inputs."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    fake_mode = context.fake_mode if context is not None else None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if fake_mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fakify(value: Any, node: fx.Node) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return node.meta.get("example_value", value)
+        symbolic = context.tensor_to_context.get(value) if context is not None else None
+        if symbolic is not None:
+            return fake_mode.from_tensor(value, symbolic_context=symbolic,
+                                         source=symbolic.tensor_source, trace=False)
+        return fake_mode.from_tensor(value, static_shapes=True)
+
+    fakes = [fakify(v, n) for v, n in zip(example_inputs, placeholders)]
+
+    def run(*args: Any) -> Any:
+        return fx.Interpreter(gm).run(*args)
+
+    with torch.no_grad(), fake_mode, enable_python_dispatcher(), fx_traceback.preserve_node_meta():
+        aten_gm = make_fx(run, record_module_stack=True, pre_dispatch=True)(*fakes)
+    aten_gm.graph.eliminate_dead_code()
+    aten_gm.recompile()
+    return aten_gm
+
+
+def freeze(aten_gm: fx.GraphModule, state: dict[int, tuple[torch.Tensor, str]]) -> fx.GraphModule:
+    """Replace the parameter/buffer inputs `state` {input index: (tensor, fqn)} with constants."""
+    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    graph = aten_gm.graph
+    for index, (tensor, fqn) in state.items():
+        node = placeholders[index]
+        name = ir.add_constant(aten_gm, fqn, tensor.detach())
+        with graph.inserting_before(node):
+            const = graph.get_attr(name)
+        const.meta.update(node.meta)
+        const.meta[ir.FQN] = fqn
+        node.replace_all_uses_with(const)
+        graph.erase_node(node)
+    aten_gm.recompile()
+    return aten_gm
+
+
+def _calibration_key(opts: Q4Options) -> Any:
+    return "first-call" if opts.calibration is None else id(opts.calibration)
+
+
+def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
+               sources: list[str], opts: Q4Options, frame_locals: dict, frame_code: Any) -> int:
+    """Attach calibration stats (cached per weight) to every observed linear; return #observed."""
+    linears = calibrate.observed_linears(aten_gm)
+    key = _calibration_key(opts)
+    # The cache is keyed by the user's parameter object, which the frozen constant aliases.
+    params = {fqn: tensor for tensor, fqn in state.values()}
+
+    def owner(n: fx.Node) -> torch.Tensor:
+        return params.get(n.args[1].meta.get(ir.FQN), ir.get_constant(aten_gm, n.args[1]))
+
+    missing = [n for n in linears if key not in _STATS_CACHE.get(owner(n), {})]
+    if missing:
+        keep = [i for i in range(len(example_inputs)) if i not in state]
+        if opts.calibration is None:
+            warnings.warn(
+                "qcompile: no calibration data given (options={'calibration': batches}); "
+                "calibrating static activation scales on the first call's inputs",
+                stacklevel=2,
+            )
+            batches = [[example_inputs[i] for i in keep]]
+        else:
+            signature, varargs = calibrate.forward_signature(frame_locals, frame_code)
+            binder = calibrate.InputBinder(signature, [sources[i] for i in keep], varargs)
+            raw = opts.calibration
+            batches = ([*binder.bind(b, i)] for i, b in enumerate(raw))
+        total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
+        progress = lambda it: tqdm(it, total=total, desc="q4 calibration", unit="batch",  # noqa: E731
+                                   disable=not opts.progress, leave=False)
+        try:
+            stats = calibrate.observe(aten_gm, batches, progress)
+        except calibrate.CalibrationError as e:
+            if "empty" in str(e) and opts.calibration is not None and iter(opts.calibration) is opts.calibration:
+                raise calibrate.CalibrationError(
+                    f"{e} (the calibration object is an iterator that was already consumed: "
+                    "pass a list so recompiles can reuse it)"
+                ) from None
+            raise
+        for n, s in stats.items():
+            _STATS_CACHE.setdefault(owner(n), {})[key] = s
+    for n in linears:
+        n.meta[ir.CALIB] = _STATS_CACHE[owner(n)][key]
+    return len(linears)
+
+
+def _lower(final_gm: fx.GraphModule, user_inputs: list[Any], opts: Q4Options, mode: str | None) -> Callable:
+    if opts.lower == "eager":
+        return final_gm
+    import torch._inductor
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    with torch._inductor.config.patch(patches):
+        return compile_fx(final_gm, user_inputs)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A captured graph made ready for the passes: frozen ATen IR with calibration meta."""
+
+    graph_module: fx.GraphModule
+    keep: list[int]  # indices of the graph inputs that stay inputs (the rest were frozen)
+
+
+def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
+            frame_code: Any, on_stage: Callable[[str, fx.GraphModule], None] = lambda *_: None) -> Prepared:
+    """capture -> normalize -> freeze -> calibrate, reporting each stage to `on_stage`."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sources = [_source_name(n) for n in placeholders]
+    state = {
+        i: (v, _fqn(sources[i]))
+        for i, (n, v) in enumerate(zip(placeholders, example_inputs))
+        if _is_state(n, v)
+    }
+    on_stage("capture", gm)
+    with torch.no_grad():
+        aten_gm = normalize(gm, example_inputs)
+        on_stage("normalize", aten_gm)
+        aten_gm = freeze(aten_gm, state)
+        on_stage("freeze", aten_gm)
+        _calibrate(aten_gm, example_inputs, state, sources, opts, frame_locals, frame_code)
+    return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state])
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
+             frame_code: Any, mode: str | None) -> Q4Artifact:
+    pipeline = parse_pipeline(opts.pipeline if opts.pipeline is not None else recipe_pipeline(opts.recipe))
+    if opts.disable:
+        pipeline = pipeline.without(opts.disable)
+    graph_id = str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "-")
+    if opts.dump_dir:
+        opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")
+    manager = PassManager.from_options(pipeline, opts, stream=sys.stderr)
+    prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage)
+    with torch.no_grad():
+        result = manager.run(prepared.graph_module)
+        final_gm = result.graph_module
+        run = _lower(final_gm, [example_inputs[i] for i in prepared.keep], opts, mode)
+    artifact = Q4Artifact(final_gm, str(pipeline), result.records, run, prepared.keep, graph_id)
+    _ARTIFACTS.append(weakref.ref(artifact))
+    return artifact

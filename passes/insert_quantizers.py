@@ -1,0 +1,137 @@
+"""insert-quantizers: quantize linear weights per output channel and their inputs per tensor.
+
+Every `aten.linear` whose weight is a frozen constant and whose input has calibration statistics
+gets a fake-quantized form that runs as it stands (the "fake-quant reference" of the recipe):
+the weight becomes packed int4 codes plus a per-output-channel step, the activation a static
+per-tensor quantize (step = calibration absmax / qmax) followed by a dequantize.
+
+Before:
+    linear = aten.linear(x, w, b)                     # w: f32[N, K] constant
+
+After:
+    x_q = q4.quantize_per_tensor(x, a_step, 4)        # int8 codes in [-8, 7]
+    x_dq = q4.dequantize_per_tensor(x_q, a_step, f32)
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32)   # w_packed: u8[N, K/2]
+    linear = aten.linear(x_dq, w_dq, b)
+
+The fp32 weight constant is dropped: from here on only packed codes and steps are held.
+Linears reading the same activation (q/k/v) share one quantize node. A linear without
+calibration statistics, or whose module path (the weight's parameter name without `.weight`)
+matches the `skip` regex (default: the language-model head), stays in float and is counted in
+`linears-left-in-float`; other ops that multiply by a constant (matmul, conv, ...) stay in float
+and are counted in `unhandled-ops-in-float`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qcompile import ir
+from qcompile.kernels import int4
+from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
+from qcompile.pass_api import PassResult, QPass, option, register_pass
+
+q4 = torch.ops.q4
+
+# Ops that multiply by a weight-like constant but are not (yet) quantized: counted, left in float.
+UNHANDLED = {
+    ir.aten.matmul.default, ir.aten.mm.default, ir.aten.bmm.default, ir.aten.addmm.default,
+    ir.aten.einsum.default, ir.aten.conv1d.default, ir.aten.conv2d.default, ir.aten.conv3d.default,
+}
+
+
+@dataclass(frozen=True)
+class InsertQuantizersOptions:
+    w_bits: int = option(4, choices=(2, 3, 4), help="weight bits (symmetric, per output channel)")
+    a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8), help="activation bits (static, per tensor)")
+    skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
+
+
+def activation_step(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-tensor symmetric step from per-channel absmax; an all-zero activation gets step 1."""
+    qmax = 2 ** (bits - 1) - 1
+    peak = absmax.max().float()
+    if not torch.isfinite(peak):
+        raise ValueError(f"calibration absmax is not finite ({peak.item()})")
+    return (peak / qmax) if peak > 0 else torch.tensor(1.0)
+
+
+@register_pass
+class InsertQuantizers(QPass):
+    name = "insert-quantizers"
+    summary = "Quantize linear weights per output channel and their inputs per tensor (static)."
+    Options = InsertQuantizersOptions
+    statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        opts = self.options
+        graph = gm.graph
+        # One quantize node per (activation, step): q/k/v read the same normalized input.
+        quantizers: dict[tuple[fx.Node, float], fx.Node] = {}
+        skip = re.compile(opts.skip) if opts.skip else None
+        modified = False
+        for node in self.nodes(gm):
+            if node.op == "call_function" and node.target in UNHANDLED and any(
+                ir.get_constant(gm, a) is not None for a in node.args
+            ):
+                self.count("unhandled-ops-in-float")
+            if node.op != "call_function" or node.target is not ir.aten.linear.default:
+                continue
+            weight = ir.get_constant(gm, node.args[1])
+            stats = node.meta.get(ir.CALIB)
+            x, w_node = node.args[0], node.args[1]
+            module_path = str(w_node.meta.get(ir.FQN, w_node.target)).removesuffix(".weight")
+            if (
+                weight is None
+                or stats is None
+                or weight.dim() != 2
+                or not weight.is_floating_point()
+                or (skip is not None and skip.search(module_path))
+            ):
+                self.count("linears-left-in-float")
+                continue
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            dtype = ir.fake_value(x).dtype
+            n_out, k = weight.shape
+            stem = w_node.meta.get(ir.FQN, w_node.target)
+
+            a_step = activation_step(stats.absmax, opts.a_bits)
+            codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
+            packed = int4.pack_int4(codes)
+
+            with graph.inserting_before(node):
+                key = (x, float(a_step))
+                if key in quantizers:
+                    x_q = quantizers[key]
+                    self.count("quantizers-shared")
+                else:
+                    a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
+                    x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits))
+                    ir.mark_created(a_step_node, self.name, [node])
+                    ir.mark_created(x_q, self.name, [node])
+                    quantizers[key] = x_q
+                a_step_node = x_q.args[1]
+                x_dq = graph.call_function(q4.dequantize_per_tensor.default, (x_q, a_step_node, dtype))
+                packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
+                w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
+                w_dq = graph.call_function(
+                    q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype)
+                )
+                new = graph.call_function(ir.aten.linear.default, (x_dq, w_dq, bias))
+            for created in (x_dq, packed_node, w_step_node, w_dq, new):
+                ir.mark_created(created, self.name, [node])
+            new.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            if not w_node.users:
+                graph.erase_node(w_node)
+            self.count("linears-quantized")
+            modified = True
+        if modified:
+            ir.delete_unused_constants(gm)
+            gm.recompile()
+        return PassResult(gm, modified)

@@ -1,0 +1,34 @@
+"""Accuracy measurements shared by the examples, the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+
+def perplexity(model: Callable, windows: Iterable[torch.Tensor], progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """exp(mean next-token negative log-likelihood) over independent windows of input_ids."""
+    windows = list(windows)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[0, :-1], ids[0, 1:], reduction="sum"
+            )
+            nll += loss.item()
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    reference, approx = reference.double(), approx.double()
+    noise = (reference - approx).pow(2).sum()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(reference.pow(2).sum().item() / noise.item())

@@ -1,0 +1,100 @@
+"""IR helpers shared by the backend and the passes: node meta keys, constants, provenance.
+
+The IR is a `torch.fx.GraphModule` at ATen level (pre-dispatch: `aten.linear`, `aten.layer_norm`
+and `aten.scaled_dot_product_attention` stay single nodes, which keeps printed graphs readable).
+Frozen parameters are `get_attr` nodes whose targets are tensor attributes of the module.
+
+Node meta keys written by qcompile (torch's own keys such as `nn_module_stack`, `stack_trace`
+and `val` are kept as they came from Dynamo):
+
+    q4_provenance   {"pass": name, "from": [names of the nodes it replaced or was derived from]}
+    q4_calib        ChannelStats of the activation this linear reads (set by calibration)
+    q4_fqn          the user's parameter name of a frozen constant ("model.layers.0.q_proj.weight")
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+
+PROVENANCE = "q4_provenance"
+CALIB = "q4_calib"
+FQN = "q4_fqn"
+
+aten = torch.ops.aten
+
+# Where torch's own meta names a user source line: 'File "x.py", line 12, in forward\n    code'
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def source_line(node: fx.Node) -> str:
+    """`file:line in fn: code` of the user line that produced `node`, or '' when unknown."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return ""
+    path, line, fn, code = frames[-1]
+    return f"{path}:{line} in {fn}: {code.strip()}"
+
+
+def describe(node: fx.Node) -> str:
+    """One line naming a node for error messages: name, op/target, source line."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    where = source_line(node)
+    return f"%{node.name} = {node.op}[{target}]" + (f" (from {where})" if where else "")
+
+
+def get_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The tensor a `get_attr` node refers to, or None when `node` is not a constant."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value: Any = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def add_constant(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
+    """Register `value` as a new constant attribute of `gm` under a fresh name; return the name."""
+    stem = re.sub(r"[^0-9a-zA-Z_]", "_", stem)
+    name, i = stem, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{stem}_{i}"
+    gm.register_buffer(name, value, persistent=True)
+    return name
+
+
+def delete_unused_constants(gm: fx.GraphModule) -> int:
+    """Drop constant attributes no node reads any more (so their memory is freed)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name in [n for n, _ in gm.named_buffers()]:
+        if "." not in name and name not in used:
+            delattr(gm, name)
+            dropped += 1
+    return dropped
+
+
+def copy_meta(new: fx.Node, old: fx.Node) -> None:
+    """Give `new` the user-facing meta of `old` (module stack, source line)."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+def mark_created(node: fx.Node, pass_name: str, sources: Iterable[fx.Node]) -> fx.Node:
+    """Record which pass created `node` and from which nodes; copy the first source's meta."""
+    sources = [s for s in sources if isinstance(s, fx.Node)]
+    if sources:
+        copy_meta(node, sources[0])
+    node.meta[PROVENANCE] = {"pass": pass_name, "from": [s.name for s in sources]}
+    return node
+
+
+def fake_value(node: fx.Node) -> Any:
+    """The example value (FakeTensor) torch recorded for a node, if any."""
+    return node.meta.get("val")

@@ -1,0 +1,23 @@
+"""Recipes: named pass pipelines. A recipe is only a pipeline string; the passes do the work.
+
+`options={"recipe": "w4a4-rtn"}` runs the recipe's pipeline; `options={"pipeline": "..."}` (or
+`Q4_PIPELINE`) replaces it with any pipeline string.
+"""
+
+from __future__ import annotations
+
+RECIPES: dict[str, str] = {
+    # Round-to-nearest W4A4: per-output-channel symmetric int4 weights, static per-tensor int4
+    # activations from calibration absmax, fused integer kernels. The baseline every other
+    # W4A4 recipe is measured against.
+    "w4a4-rtn": "insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
+}
+
+DEFAULT_RECIPE = "w4a4-rtn"
+
+
+def recipe_pipeline(name: str) -> str:
+    """The pipeline string of a recipe; an unknown name lists the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    return RECIPES[name]

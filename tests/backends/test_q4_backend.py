@@ -1,0 +1,252 @@
+"""End to end through torch.compile(backend="q4") on tiny random-weight transformers models."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import qcompile.backends.q4 as q4_backend
+from qcompile.calibrate import CalibrationError
+from qcompile.kernels import reference
+from tests.conftest import tiny_bert, tiny_llama
+
+EAGER = {"lower": "eager", "progress": False}
+
+
+def ids(seq: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, seq), generator=g)
+
+
+def compile_and_run(model, options, *args, **kwargs):
+    compiled = torch.compile(model, backend="q4", options=options)
+    with torch.no_grad():
+        out = compiled(*args, **kwargs)
+    return compiled, out, q4_backend.artifacts()[-1]
+
+
+def linear_modules(model, skip=("lm_head",)):
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in skip]
+
+
+def test_fresh_interpreter_finds_backend_without_import(tmp_path):
+    """The entry point registers `q4`: no `import qcompile` before torch.compile."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, %r)
+        from conftest import tiny_bert, tiny_llama
+        assert "qcompile" not in sys.modules
+        results = []
+        for make, inputs in ((tiny_llama, torch.randint(0, 256, (1, 12))),
+                             (tiny_bert, torch.randint(0, 256, (2, 9)))):
+            model = make()
+            linears = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n != "lm_head")
+            with torch.no_grad():
+                out = torch.compile(model, backend="q4", options={"progress": False})(inputs)
+            import qcompile.backends.q4 as b
+            art = b.artifacts()[-1]
+            fused = art.count_ops(torch.ops.q4.linear_w4a4.default)
+            left = art.count_ops(torch.ops.aten.linear.default)
+            print(type(model).__name__, linears, fused, left, bool(torch.isfinite(out[0]).all()))
+            torch._dynamo.reset()
+        """
+    ) % str(sys.modules["tests.conftest"].__file__.rsplit("/", 1)[0])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line.split() for line in proc.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == ["LlamaForCausalLM", "BertModel"]
+    llama, bert = lines
+    # every decoder linear of Llama (2 layers x 7) is fused; only lm_head stays a float linear
+    assert llama[1:] == ["14", "14", "1", "True"]
+    # every encoder linear of BERT (2 layers x 6) and the pooler are fused; nothing left in float
+    assert bert[1:] == ["13", "13", "0", "True"]
+
+
+def test_user_parameters_unchanged_byte_for_byte(llama):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in llama.named_parameters()}
+    compile_and_run(llama, EAGER, ids(10))
+    after = llama.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype
+        assert torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)), k
+    assert grads == {k: p.requires_grad for k, p in llama.named_parameters()}
+
+
+def fake_quant_reference(model, calibration_ids, run_ids, skip=("lm_head",)):
+    """An independent eager twin of w4a4-rtn: forward hooks replace each nn.Linear by
+    kernels.reference.fake_quant_linear_ref with a per-tensor absmax step from calibration."""
+    model = copy.deepcopy(model)
+    absmax = {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip}
+
+    def observe(name):
+        def hook(mod, inputs):
+            absmax[name] = max(absmax.get(name, 0.0), inputs[0].abs().max().item())
+        return hook
+
+    handles = [m.register_forward_pre_hook(observe(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        model(calibration_ids)
+    for h in handles:
+        h.remove()
+    for name, m in linears.items():
+        step = torch.tensor(absmax[name] / 7)
+        m.forward = (lambda mod, s: lambda x: reference.fake_quant_linear_ref(x, mod.weight, mod.bias, s))(m, step)
+    with torch.no_grad():
+        return model(run_ids)
+
+
+@pytest.mark.parametrize("lower", ["eager", "inductor"])
+def test_compiled_llama_matches_fake_quant_reference(llama, lower):
+    calib, run = ids(16, seed=2), ids(16, seed=3)
+    expected = fake_quant_reference(llama, calib, run).logits
+    _, out, art = compile_and_run(llama, {"lower": lower, "progress": False, "calibration": [(calib,)]}, run)
+    got = out.logits
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 14
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.9999, cosine
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
+
+
+def test_compiled_bert_matches_fake_quant_reference(bert):
+    calib, run = ids(12, seed=4, batch=2), ids(12, seed=5, batch=2)
+    expected = fake_quant_reference(bert, calib, run).last_hidden_state
+    _, out, _ = compile_and_run(bert, {**EAGER, "calibration": [{"input_ids": calib}]}, run)
+    cosine = torch.nn.functional.cosine_similarity(out.last_hidden_state.flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.9999, cosine
+
+
+def test_quantized_weights_hold_at_most_a_seventh_of_fp32():
+    model = tiny_llama()
+    fp32 = sum(model.get_submodule(n).weight.numel() * 4 for n in linear_modules(model))
+    _, _, art = compile_and_run(model, EAGER, ids(8))
+    assert art.quantized_weight_bytes() * 7 <= fp32
+    # no fp32 copy of a quantized weight is held by the compiled graph
+    held = {name for name, _ in art.graph_module.named_buffers()}
+    for name in linear_modules(model):
+        assert not any(h.startswith(name.replace(".", "_") + "_weight") and "packed" not in h and "step" not in h
+                       for h in held), name
+
+
+def test_recompile_for_new_length_reuses_calibration(llama, monkeypatch):
+    from qcompile import calibrate
+
+    calls = []
+    real_observe = calibrate.observe
+    monkeypatch.setattr(calibrate, "observe", lambda *a, **k: calls.append(1) or real_observe(*a, **k))
+    compiled = torch.compile(llama, backend="q4", options={**EAGER, "calibration": [(ids(16),), (ids(16, 7),)]})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibration data given: no first-call warning
+        compiled(ids(8))
+        compiled(ids(13))
+        compiled(ids(21))
+    assert len(calls) == 1
+    assert len({a.graph_id for a in q4_backend.artifacts()[-2:]}) == 2  # it did recompile
+
+
+def test_first_call_calibration_warns_once(llama):
+    compiled = torch.compile(llama, backend="q4", options=EAGER)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(ids(8))
+        compiled(ids(11))
+    messages = [str(w.message) for w in caught if "calibrat" in str(w.message)]
+    assert len(messages) == 1 and "first call" in messages[0]
+
+
+def test_positional_and_keyword_batches_both_bind(llama):
+    for batch in ((ids(8),), {"input_ids": ids(8)}):
+        torch._dynamo.reset()
+        _, out, _ = compile_and_run(copy.deepcopy(llama), {**EAGER, "calibration": [batch]}, input_ids=ids(8, 3))
+        assert torch.isfinite(out.logits).all()
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def compile_error(model, options, *args) -> str:
+    with pytest.raises(Exception) as info:
+        compile_and_run(model, options, *args)
+    return str(info.value)
+
+
+def test_nan_calibration_batch_names_the_batch():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    message = compile_error(model, {**EAGER, "calibration": [(x,), (x * float("nan"),)]}, x)
+    assert "calibration batch 1" in message and "NaN" in message
+
+
+def test_batch_with_an_argument_the_graph_does_not_take(llama):
+    batches = [{"input_ids": ids(8), "attention_mask": torch.ones(1, 8, dtype=torch.long)}]
+    message = compile_error(llama, {**EAGER, "calibration": batches}, ids(8))
+    assert "calibration batch 0" in message and "attention_mask" in message
+
+
+def test_empty_calibration_is_an_error(llama):
+    assert "empty" in compile_error(llama, {**EAGER, "calibration": []}, ids(8))
+
+
+def test_batch_that_does_not_fit_the_signature(llama):
+    message = compile_error(llama, {**EAGER, "calibration": [{"tokens": ids(8)}]}, ids(8))
+    assert "calibration batch 0" in message and "tokens" in message
+
+
+def test_batch_of_wrong_type(llama):
+    assert "calibration batch 0 is a str" in compile_error(llama, {**EAGER, "calibration": ["hello"]}, ids(8))
+
+
+def test_model_without_linear_layers_compiles_and_runs():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.GELU())
+    x = torch.randn(3, 8)
+    _, out, art = compile_and_run(model, EAGER, x)
+    torch.testing.assert_close(out, model(x))
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
+
+
+def test_unknown_option_key_lists_valid_ones(llama):
+    message = compile_error(llama, {"recipes": "w4a4-rtn"}, ids(8))
+    assert "recipes" in message and "recipe" in message and "calibration" in message
+
+
+def test_unknown_recipe_lists_known_ones(llama):
+    assert "w4a4-rtn" in compile_error(llama, {**EAGER, "recipe": "w3a3"}, ids(8))
+
+
+def test_malformed_pipeline_is_an_error(llama):
+    message = compile_error(llama, {**EAGER, "pipeline": "insert-quantizers{w-bits=4"}, ids(8))
+    assert "insert-quantizers{w-bits=4" in message
+
+
+def test_unknown_pass_option_value_lists_valid_values(llama):
+    message = compile_error(llama, {**EAGER, "pipeline": "insert-quantizers{w-bits=5}"}, ids(8))
+    assert "w-bits" in message and "2, 3, 4" in message
+
+
+def test_unhandled_ops_stay_in_float_and_are_counted():
+    class WithBmm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.table = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return self.proj(x) @ self.table  # a matmul against a parameter: not a linear
+
+    model = WithBmm().eval()
+    x = torch.randn(2, 8)
+    _, out, art = compile_and_run(model, EAGER, x)
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 1
+    assert art.count_ops(torch.ops.aten.matmul.default) == 1
+    stats = {r.name: r.stats for r in art.records}
+    assert stats["insert-quantizers"]["linears-quantized"] == 1
+    assert stats["insert-quantizers"]["unhandled-ops-in-float"] == 1

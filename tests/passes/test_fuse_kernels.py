@@ -1,0 +1,51 @@
+"""fuse-kernels: before/after IR, and the fused graph computes what the fake-quant graph does."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.testing import FileCheck
+
+from qcompile.testing import capture
+from tests.passes.test_insert_quantizers import TwoHeads, run_pass
+
+
+def test_before_after_ir():
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    fake_quant, _ = run_pass("insert-quantizers", gm)
+
+    result, stats = run_pass("fuse-kernels", fake_quant.graph_module)
+
+    assert result.modified and stats["linears-fused"] == 3
+    (FileCheck()
+        .check_count("q4.quantize_per_tensor.default", 1, exactly=True)
+        .check_count("q4.linear_w4a4.default", 2, exactly=True)
+        .check("aten.add")
+        .check("q4.quantize_per_tensor.default")
+        .check("q4.linear_w4a4.default")
+        .check_not("aten.linear")
+        .check_not("dequantize")
+        .run(result.graph_module.code))
+
+
+def test_fused_equals_fake_quant_graph():
+    x = torch.randn(4, 5, 16)
+    gm = capture(TwoHeads().eval(), x)
+    fake_quant = run_pass("insert-quantizers", gm)[0].graph_module
+    expected = copy.deepcopy(fake_quant)(x)[0]
+    fused = run_pass("fuse-kernels", fake_quant)[0].graph_module
+    torch.testing.assert_close(fused(x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eight_bit_activations_are_left_unfused_and_counted():
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    fake_quant = run_pass("insert-quantizers", gm, a_bits=8)[0].graph_module
+    result, stats = run_pass("fuse-kernels", fake_quant)
+    assert not result.modified and stats["linears-not-fused"] == 3 and stats["linears-fused"] == 0
+
+
+def test_no_change_on_a_float_graph():
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    result, stats = run_pass("fuse-kernels", gm)
+    assert not result.modified and stats["linears-fused"] == 0

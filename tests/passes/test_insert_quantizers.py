@@ -1,0 +1,97 @@
+"""insert-quantizers: before/after IR on a two-linear module, and what the rewritten graph computes."""
+
+from __future__ import annotations
+
+import torch
+from torch.testing import FileCheck
+
+from qcompile.kernels import reference
+from qcompile.testing import capture
+from qcompile.pass_api import get_pass_class
+
+
+class TwoHeads(torch.nn.Module):
+    """A norm feeding two linears (like q/k), and a third reading their sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(16)
+        self.q = torch.nn.Linear(16, 8)
+        self.k = torch.nn.Linear(16, 8, bias=False)
+        self.out = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.out(self.q(h) + self.k(h))
+
+
+def run_pass(name: str, gm, **options):
+    cls = get_pass_class(name)
+    qpass = cls(cls.parse_options({k.replace("_", "-"): str(v) for k, v in options.items()}))
+    result = qpass(gm)
+    return result, qpass.stats
+
+
+def test_before_after_ir():
+    x = torch.randn(2, 3, 16)
+    gm = capture(TwoHeads().eval(), x)
+    FileCheck().check_count("aten.linear.default", 3, exactly=True).check_not("q4.").run(gm.code)
+
+    result, stats = run_pass("insert-quantizers", gm)
+
+    assert result.modified
+    # q and k read the same normalized activation: one quantize node serves both
+    (FileCheck()
+        .check("aten.layer_norm")
+        .check_count("q4.quantize_per_tensor.default", 1, exactly=True)
+        .check_count("q4.dequantize_weight_int4.default", 2, exactly=True)
+        .check("aten.add")
+        .check("q4.quantize_per_tensor.default")
+        .check("q4.dequantize_weight_int4.default")
+        .check("aten.linear.default")
+        .run(result.graph_module.code))
+    assert stats["linears-quantized"] == 3 and stats["quantizers-shared"] == 1
+    # the fp32 weights are gone: only packed uint8 codes and float32 steps remain for linears
+    buffers = dict(result.graph_module.named_buffers())
+    assert not any(n.endswith("weight") for n in buffers), sorted(buffers)
+    assert all(b.dtype == torch.uint8 for n, b in buffers.items() if n.endswith("_packed"))
+
+
+def test_rewritten_graph_is_the_fake_quant_reference():
+    model = TwoHeads().eval()
+    x = torch.randn(2, 3, 16)
+    gm = capture(model, x)
+    result, _ = run_pass("insert-quantizers", gm)
+    got = result.graph_module(x)[0]
+
+    with torch.no_grad():
+        h = model.norm(x)
+        step_h = h.abs().max() / 7
+        q = reference.fake_quant_linear_ref(h, model.q.weight, model.q.bias, step_h)
+        k = reference.fake_quant_linear_ref(h, model.k.weight, None, step_h)
+        s = q + k
+        expected = reference.fake_quant_linear_ref(s, model.out.weight, model.out.bias, s.abs().max() / 7)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_keeps_matching_linears_in_float():
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    result, stats = run_pass("insert-quantizers", gm, skip="^out$")
+    assert stats["linears-quantized"] == 2 and stats["linears-left-in-float"] == 1
+    FileCheck().check("q4.quantize_per_tensor").check("aten.add").check_not("q4.").run(result.graph_module.code)
+
+
+def test_all_zero_activation_gets_a_finite_step():
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x * 0)
+
+    gm = capture(Zero().eval(), torch.randn(2, 4))
+    result, _ = run_pass("insert-quantizers", gm)
+    out = result.graph_module(torch.randn(2, 4))[0]
+    assert torch.isfinite(out).all()
