@@ -34,9 +34,9 @@ import dataclasses
 import re
 import typing
 from collections import Counter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = [
@@ -114,6 +114,16 @@ class QPass(PassBase):
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()
         self.stats: Counter[str] = Counter({s: 0 for s in self.statistics})
+        # The node `nodes()` last handed out: the pass manager names it when the pass fails.
+        self.current_node: Node | None = None
+
+    def nodes(self, graph_module: GraphModule) -> Iterator[Node]:
+        """Iterate a snapshot of the graph's nodes (safe to edit the graph meanwhile), keeping
+        the node at hand in `current_node` so that a failure can name it."""
+        for node in list(graph_module.graph.nodes):
+            self.current_node = node
+            yield node
+        self.current_node = None
 
     def count(self, statistic: str, n: int = 1) -> None:
         """Increment a declared statistics counter."""

@@ -1,0 +1,196 @@
+"""Textual pass pipelines: parse, validate, print back, instantiate.
+
+A pipeline is one line naming passes in order, each with optional options in braces::
+
+    insert-quantizers{w-bits=4,a-bits=4},fuse-kernels
+
+It is the unit of reproduction (MLIR habit): whatever ran can be re-run by pasting that line into
+`Q4_PIPELINE`, so `str(parse_pipeline(text)) == text` for every well-formed `text`. Well-formed
+means canonical: no whitespace and no empty braces. The parser tolerates whitespace around
+names, keys, values and separators, and `name{}`, but prints the canonical form.
+
+Grammar (values may be empty, e.g. `skip=`, and may contain `=`)::
+
+    pipeline := ""  |  spec ("," spec)*
+    spec     := name ("{" [option ("," option)*] "}")?
+    option   := key "=" value
+    name, key:  one or more characters other than  , { } =  and whitespace
+    value:      zero or more characters other than  , { }  and whitespace
+
+Parsing also validates against the pass registry (`qcompile.pass_api.registry()`): an unknown
+pass lists the registered ones, an unknown option key or a bad value gives the error of
+`QPass.parse_options` (which lists the valid keys or values). Every error shows the text with a
+caret under the position at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+from typing import Any, Iterable
+
+from qcompile.pass_api import PipelineError, QPass, format_value, get_pass_class, to_kebab
+
+__all__ = ["PassSpec", "Pipeline", "parse_pipeline"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    """One pass of a pipeline: its name and its options as written (`{kebab-key: text}`, in order)."""
+
+    name: str
+    raw_options: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.name}{{{self.options_text()}}}" if self.raw_options else self.name
+
+    def options_text(self) -> str:
+        """The options between the braces: `w-bits=4,a-bits=4` ('' when there are none)."""
+        return ",".join(f"{key}={value}" for key, value in self.raw_options.items())
+
+    @property
+    def pass_class(self) -> type[QPass]:
+        return get_pass_class(self.name)
+
+    @cached_property
+    def options(self) -> Any:
+        """The typed options, parsed once (`PipelineError` if a key or value is not valid)."""
+        return self.pass_class.parse_options(self.raw_options)
+
+    def instantiate(self) -> QPass:
+        """A fresh pass object (fresh statistics) with these options."""
+        return self.pass_class(self.options)
+
+    @classmethod
+    def of(cls, qpass: QPass) -> PassSpec:
+        """The spec of a pass object with ALL its effective options, defaults included."""
+        options = {
+            to_kebab(f.name): format_value(getattr(qpass.options, f.name)) for f in qpass.option_fields()
+        }
+        return cls(qpass.name, options)
+
+
+class Pipeline(list):
+    """A list of `PassSpec`; `str()` gives the pipeline text back."""
+
+    def __str__(self) -> str:
+        return ",".join(str(spec) for spec in self)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def names(self) -> list[str]:
+        return [spec.name for spec in self]
+
+    def without(self, names: Iterable[str]) -> Pipeline:
+        """This pipeline minus every pass named in `names` (for `Q4_DISABLE`).
+
+        A name that is not in the pipeline is an error listing the pipeline's passes: a typo in
+        a disable list must not silently leave the pass running.
+        """
+        names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [n for n in names if n not in self.names()]
+        if unknown:
+            present = ", ".join(dict.fromkeys(self.names())) or "(none: the pipeline is empty)"
+            raise PipelineError(
+                f"cannot disable {', '.join(map(repr, unknown))}: not in the pipeline {str(self)!r}; "
+                f"its passes are: {present}"
+            )
+        return Pipeline(spec for spec in self if spec.name not in names)
+
+    def instantiate(self) -> list[QPass]:
+        """Fresh pass objects in order, each with its typed options."""
+        return [spec.instantiate() for spec in self]
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    """Parse and validate pipeline `text`; the empty string is the empty pipeline."""
+    parser = _Parser(text)
+    specs = parser.pipeline()
+    for spec, position in specs:
+        try:
+            spec.pass_class
+            spec.options  # parse the typed options now: a bad value fails here, not mid-run
+        except PipelineError as e:
+            raise parser.error(str(e), position) from None
+    return Pipeline(spec for spec, _ in specs)
+
+
+# Characters that end a name or key; a value may contain "=".
+_STOP_WORD = set(",{}=")
+_STOP_VALUE = set(",{}")
+
+
+class _Parser:
+    """A hand-written scanner over `text`; `pos` is the index of the next character to read."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+
+    def error(self, message: str, position: int) -> PipelineError:
+        return PipelineError(f"{message}\n  {self.text}\n  {' ' * position}^")
+
+    def peek(self) -> str:
+        """The next non-space character ('' at the end)."""
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+        return self.text[self.pos : self.pos + 1]
+
+    def token(self, stop: set[str]) -> str:
+        self.peek()
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in stop and not self.text[self.pos].isspace():
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def pipeline(self) -> list[tuple[PassSpec, int]]:
+        """Every spec with the position of its name (for validation errors)."""
+        specs = []
+        if not self.peek():
+            return specs
+        while True:
+            specs.append(self.spec())
+            char = self.peek()
+            if not char:
+                return specs
+            if char == "}":
+                raise self.error("unbalanced '}': no '{' is open", self.pos)
+            if char != ",":
+                raise self.error(f"expected ',' between passes, got {char!r}", self.pos)
+            self.pos += 1
+
+    def spec(self) -> tuple[PassSpec, int]:
+        self.peek()
+        start = self.pos
+        name = self.token(_STOP_WORD)
+        if not name:
+            raise self.error("expected a pass name", self.pos)
+        options: dict[str, str] = {}
+        if self.peek() == "{":
+            self.pos += 1
+            if self.peek() == "}":  # `name{}`: no options
+                self.pos += 1
+                return PassSpec(name, options), start
+            while True:
+                key_position = self.pos
+                key = self.token(_STOP_WORD)
+                if not key:
+                    raise self.error(f"expected an option key of pass {name!r}", self.pos)
+                if self.peek() != "=":
+                    raise self.error(f"expected '=' after option key {key!r} of pass {name!r}", self.pos)
+                self.pos += 1
+                value = self.token(_STOP_VALUE)
+                if key in options:
+                    raise self.error(f"duplicate option key {key!r} of pass {name!r}", key_position)
+                options[key] = value
+                char = self.peek()
+                if not char:
+                    raise self.error(f"expected '}}' to close the options of pass {name!r}", self.pos)
+                if char not in ",}":
+                    raise self.error(f"expected ',' or '}}' in the options of pass {name!r}, got {char!r}",
+                                     self.pos)
+                self.pos += 1
+                if char == "}":
+                    break
+        return PassSpec(name, options), start

@@ -1,0 +1,109 @@
+"""Toy passes and graphs for the pass infrastructure tests (names start with `test-`, so they
+cannot collide with qcompile's passes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qcompile import ir
+from qcompile.pass_api import PassResult, QPass, option, register_pass
+
+SOURCE = 'File "model.py", line 12, in forward\n    return torch.relu(x) + 1\n'
+
+
+class Tiny(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x) + 1
+
+
+def tiny_graph() -> fx.GraphModule:
+    """`relu(x) + 1`, traced; the relu node carries a user source line like Dynamo's."""
+    gm = fx.symbolic_trace(Tiny())
+    next(n for n in gm.graph.nodes if n.name == "relu").meta["stack_trace"] = SOURCE
+    return gm
+
+
+@register_pass
+class Noop(QPass):
+    name = "test-noop"
+    summary = "Look at every node, change nothing."
+    statistics = ("nodes-seen",)
+
+    def call(self, gm):
+        for _ in self.nodes(gm):
+            self.count("nodes-seen")
+        return PassResult(gm, False)
+
+
+@dataclass(frozen=True)
+class AddNodeOptions:
+    count: int = 1
+    mode: str = option("fast", choices=("fast", "exact"))
+    flag: bool = False
+    label: str = "x"
+
+
+@register_pass
+class AddNode(QPass):
+    name = "test-add-node"
+    summary = "Negate the output `count` times (each a new node with provenance)."
+    Options = AddNodeOptions
+    statistics = ("nodes-added",)
+
+    def call(self, gm):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        value = output.args[0]
+        for _ in range(self.options.count):
+            with gm.graph.inserting_before(output):
+                value = ir.mark_created(gm.graph.call_function(torch.neg, (value,)), self.name, [value])
+            self.count("nodes-added")
+        output.args = (value,)
+        gm.recompile()
+        return PassResult(gm, self.options.count > 0)
+
+
+@dataclass(frozen=True)
+class BreakOptions:
+    modified: bool = False
+
+
+@register_pass
+class BreakProvenance(QPass):
+    name = "test-break-provenance"
+    summary = "Stamp provenance naming an unregistered pass on the relu (breaks an invariant)."
+    Options = BreakOptions
+
+    def call(self, gm):
+        relu = next(n for n in gm.graph.nodes if n.name == "relu")
+        relu.meta[ir.PROVENANCE] = {"pass": "no-such-pass", "from": []}
+        return PassResult(gm, self.options.modified)
+
+
+@dataclass(frozen=True)
+class FailOptions:
+    at: str = "relu"
+
+
+@register_pass
+class Fail(QPass):
+    name = "test-fail"
+    summary = "Raise when reaching the node named `at`."
+    Options = FailOptions
+
+    def call(self, gm):
+        for node in self.nodes(gm):
+            if node.name == self.options.at:
+                raise ValueError("boom")
+        return PassResult(gm, False)
+
+
+@register_pass
+class ReturnsNone(QPass):
+    name = "test-returns-none"
+    summary = "Forget to return a PassResult."
+
+    def call(self, gm):
+        return None
