@@ -202,8 +202,8 @@ def _calibration_key(opts: Q4Options) -> Any:
 
 
 def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
-               sources: list[str], opts: Q4Options, frame_locals: dict, frame_code: Any) -> int:
-    """Attach calibration stats (cached per weight) to every observed linear; return #observed."""
+               opts: Q4Options, frame_locals: dict, frame_code: Any) -> None:
+    """Attach calibration stats (cached per weight parameter) to every observed linear."""
     linears = calibrate.observed_linears(aten_gm)
     key = _calibration_key(opts)
     # The cache is keyed by the user's parameter object, which the frozen constant aliases.
@@ -214,36 +214,53 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
 
     missing = [n for n in linears if key not in _STATS_CACHE.get(owner(n), {})]
     if missing:
-        keep = [i for i in range(len(example_inputs)) if i not in state]
-        if opts.calibration is None:
-            warnings.warn(
-                "qcompile: no calibration data given (options={'calibration': batches}); "
-                "calibrating static activation scales on the first call's inputs",
-                stacklevel=2,
-            )
-            batches = [[example_inputs[i] for i in keep]]
-        else:
-            signature, varargs = calibrate.forward_signature(frame_locals, frame_code)
-            binder = calibrate.InputBinder(signature, [sources[i] for i in keep], varargs)
-            raw = opts.calibration
-            batches = ([*binder.bind(b, i)] for i, b in enumerate(raw))
-        total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
-        progress = lambda it: tqdm(it, total=total, desc="q4 calibration", unit="batch",  # noqa: E731
-                                   disable=not opts.progress, leave=False)
-        try:
-            stats = calibrate.observe(aten_gm, batches, progress)
-        except calibrate.CalibrationError as e:
-            if "empty" in str(e) and opts.calibration is not None and iter(opts.calibration) is opts.calibration:
-                raise calibrate.CalibrationError(
-                    f"{e} (the calibration object is an iterator that was already consumed: "
-                    "pass a list so recompiles can reuse it)"
-                ) from None
-            raise
+        stats = _observe(aten_gm, example_inputs, state, opts, frame_locals, frame_code)
         for n, s in stats.items():
             _STATS_CACHE.setdefault(owner(n), {})[key] = s
     for n in linears:
-        n.meta[ir.CALIB] = _STATS_CACHE[owner(n)][key]
-    return len(linears)
+        if key in _STATS_CACHE.get(owner(n), {}):
+            n.meta[ir.CALIB] = _STATS_CACHE[owner(n)][key]
+
+
+def _observe(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
+             opts: Q4Options, frame_locals: dict, frame_code: Any) -> dict[fx.Node, calibrate.ChannelStats]:
+    """Run the calibration: the user's module on the batches, or the graph on the first call."""
+    total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
+    progress = lambda it: tqdm(it, total=total, desc="q4 calibration", unit="batch",  # noqa: E731
+                               disable=not opts.progress, leave=False)
+    linears = calibrate.observed_linears(aten_gm)
+    if opts.calibration is None:
+        warnings.warn(
+            "qcompile: no calibration data given (options={'calibration': batches}); "
+            "calibrating static activation scales on the first call's inputs",
+            stacklevel=2,
+        )
+        keep = [i for i in range(len(example_inputs)) if i not in state]
+        return calibrate.observe(aten_gm, [[example_inputs[i] for i in keep]], progress)
+
+    # Hugging Face models compile their forward's wrapper frame (`self` is the model); other
+    # modules compile torch's call wrapper, whose `fn` is the module.
+    module = next((v for k, v in frame_locals.items() if k in ("self", "fn") and isinstance(v, torch.nn.Module)), None)
+    resumed = frame_code is not None and frame_code.co_name.startswith("torch_dynamo_resume_in")
+    if not isinstance(module, torch.nn.Module) or resumed:
+        raise calibrate.CalibrationError(
+            "calibration batches need the model's forward: this graph "
+            + ("starts after a graph break" if resumed else "was not captured from an nn.Module's forward")
+            + " (compile the module itself, or leave out 'calibration' to calibrate on the first call)"
+        )
+    params = {fqn: tensor for tensor, fqn in state.values()}
+    watched = {params[n.args[1].meta[ir.FQN]]: n.args[1].meta[ir.FQN] for n in linears
+               if n.args[1].meta.get(ir.FQN) in params}
+    try:
+        by_name = calibrate.observe_model(module, opts.calibration, watched, progress)
+    except calibrate.CalibrationError as e:
+        if "empty" in str(e) and iter(opts.calibration) is opts.calibration:
+            raise calibrate.CalibrationError(
+                f"{e} (the calibration object is an iterator that was already consumed: "
+                "pass a list so recompiles can reuse it)"
+            ) from None
+        raise
+    return {n: by_name[n.args[1].meta[ir.FQN]] for n in linears if n.args[1].meta.get(ir.FQN) in by_name}
 
 
 def _lower(final_gm: fx.GraphModule, user_inputs: list[Any], opts: Q4Options, mode: str | None) -> Callable:
@@ -281,7 +298,7 @@ def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fram
         on_stage("normalize", aten_gm)
         aten_gm = freeze(aten_gm, state)
         on_stage("freeze", aten_gm)
-        _calibrate(aten_gm, example_inputs, state, sources, opts, frame_locals, frame_code)
+        _calibrate(aten_gm, example_inputs, state, opts, frame_locals, frame_code)
     return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state])
 
 

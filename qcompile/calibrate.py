@@ -5,21 +5,24 @@ statistics of the activation the linear reads (absmax over all tokens). The stat
 by the weight's parameter name (`q4_fqn`), so a Dynamo recompile of the same model (a new
 sequence length, say) finds them in the cache and does not calibrate again.
 
-Mapping a calibration batch to graph inputs: Dynamo names every graph input by its source in the
-compiled frame (`L['args'][0]`, `L['kwargs']['input_ids']`, `L['input_ids'].size()[1]`). A batch
-(a dict of keyword arguments or a tuple of positional ones) is bound to the model's forward
-signature, and each source is evaluated against that binding.
+Two ways to observe:
+- `observe(gm, batches)` runs the captured graph itself on graph inputs: used for the first call's
+  inputs when no calibration data is given (they fit the graph by construction);
+- `observe_model(module, batches, watched)` runs the user's module eagerly on calibration batches
+  (dicts of keyword arguments or tuples of positional ones) and watches `F.linear` calls by their
+  weight: batches of any length calibrate, and one run covers every graph of the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx
+from torch.overrides import TorchFunctionMode
 
 from qcompile import ir
 
@@ -96,123 +99,85 @@ def observe(
     return stats
 
 
-# --- binding calibration batches to graph inputs ---------------------------------------------------
-
-_ROOTS = [
-    (re.compile(r"^L\['args'\]\[(\d+)\](.*)$"), "positional"),
-    (re.compile(r"^L\['kwargs'\]\['([^']+)'\](.*)$"), "keyword"),
-    (re.compile(r"^L\['([^']+)'\](.*)$"), "local"),
-]
+# --- calibration batches: the user's model, run eagerly ------------------------------------------
 
 
-@dataclasses.dataclass
-class InputBinder:
-    """Turns a calibration batch into the graph's input list, following Dynamo's input sources.
+class _LinearInputObserver(TorchFunctionMode):
+    """Feeds the input of every `F.linear` whose weight is watched into that weight's stats."""
 
-    `signature` is the model's forward signature (without `self`); `sources` the source
-    expression of each graph input, None for inputs that are frozen constants.
+    def __init__(self, watched: dict[int, str], stats: dict[str, ChannelStats]):
+        super().__init__()
+        self.watched = watched  # id(weight parameter) -> its name
+        self.stats = stats
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            name = self.watched.get(id(weight))
+            if name is not None:
+                if not torch.isfinite(x).all():
+                    raise CalibrationError(f"non-finite activation reaches the linear of {name!r}")
+                self.stats[name].update(x)
+        return func(*args, **kwargs)
+
+
+def _split_batch(batch: Any, index: int) -> tuple[tuple, dict]:
+    if isinstance(batch, dict):
+        return (), batch
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    raise CalibrationError(
+        f"calibration batch {index} is a {type(batch).__name__}; expected a dict of keyword "
+        "arguments or a tuple of positional arguments of the model"
+    )
+
+
+def observe_model(
+    module: torch.nn.Module,
+    batches: Iterable[Any],
+    watched: dict[torch.Tensor, str],
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> dict[str, ChannelStats]:
+    """Run the user's module eagerly on each batch; return {weight name: stats of its input}.
+
+    Running the module itself (not the captured graph) lets batches of any shape calibrate a
+    graph specialized to another, and covers every graph of a model with graph breaks.
+    `watched` maps weight parameters to their names; the module is only read, never written.
     """
-
-    signature: inspect.Signature | None
-    sources: list[str | None]
-    frame_varargs: str | None  # name of the compiled frame's *args (HF wraps forward in one)
-
-    def _argument(self, source: str, bound: dict[str, Any]) -> tuple[str, str]:
-        for pattern, kind in _ROOTS:
-            m = pattern.match(source)
-            if not m:
-                continue
-            key, rest = m.group(1), m.group(2)
-            if kind == "positional":
-                params = list(self.signature.parameters) if self.signature else []
-                index = int(key)
-                if index >= len(params):
-                    raise CalibrationError(f"graph input {source} has no matching forward argument")
-                return params[index], rest
-            if kind == "local" and key == self.frame_varargs:
-                break
-            return key, rest
-        raise CalibrationError(
-            f"cannot bind calibration batches to graph input {source}: it is not an argument of the "
-            "model's forward (the graph probably starts after a graph break)"
-        )
-
-    def bind(self, batch: Any, index: int) -> list[Any]:
-        if isinstance(batch, dict):
-            args, kwargs = (), batch
-        elif isinstance(batch, (tuple, list)):
-            args, kwargs = tuple(batch), {}
-        elif isinstance(batch, torch.Tensor):
-            args, kwargs = (batch,), {}
-        else:
-            raise CalibrationError(
-                f"calibration batch {index} is a {type(batch).__name__}; expected a dict of keyword "
-                "arguments or a tuple of positional arguments of the model"
-            )
-        if self.signature is not None:
+    stats = {name: ChannelStats.empty(w.shape[1]) for w, name in watched.items()}
+    observer = _LinearInputObserver({id(w): name for w, name in watched.items()}, stats)
+    signature = inspect.signature(module.forward)
+    count = 0
+    with torch.no_grad():
+        for index, batch in enumerate(progress(batches)):
+            args, kwargs = _split_batch(batch, index)
             try:
-                bound = self.signature.bind(*args, **kwargs)
+                signature.bind(*args, **kwargs)
             except TypeError as e:
                 raise CalibrationError(
                     f"calibration batch {index} does not fit the model's signature "
-                    f"forward{self.signature}: {e}"
+                    f"{type(module).__name__}.forward{signature}: {e}"
                 ) from None
-            arguments = dict(bound.arguments)
-            for name, param in self.signature.parameters.items():
-                if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
-                    arguments.update(arguments.pop(name))
-        else:
-            arguments = dict(kwargs)
-        values, used = [], set()
-        for source in self.sources:
-            if source is None:
-                values.append(None)
-                continue
-            name, rest = self._argument(source, arguments)
-            if name not in arguments:
-                raise CalibrationError(
-                    f"calibration batch {index} lacks argument {name!r}, which the compiled graph "
-                    f"takes (graph input {source}); it has: {', '.join(arguments) or 'nothing'}"
-                )
-            used.add(name)
-            value = arguments[name]
+            for name, value in [*enumerate(args), *kwargs.items()]:
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CalibrationError(f"calibration batch {index}: argument {name!r} holds NaN or inf")
             try:
-                value = eval("_v" + rest, {"__builtins__": {}}, {"_v": value}) if rest else value
-            except Exception as e:  # noqa: BLE001 - report any failure to evaluate the source
+                with observer:
+                    module(*args, **kwargs)
+            except CalibrationError as e:
+                raise CalibrationError(f"calibration batch {index}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - name the batch, keep the model's own error
+                unnamed = [k for k in kwargs if k not in signature.parameters]
+                hint = (f" (note: {', '.join(map(repr, unnamed))} is not a named argument of "
+                        f"{type(module).__name__}.forward)") if unnamed else ""
                 raise CalibrationError(
-                    f"calibration batch {index}: cannot read graph input {source} from argument "
-                    f"{name!r}: {e}"
-                ) from None
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise CalibrationError(
-                    f"calibration batch {index}: argument {name!r} holds NaN or inf"
-                )
-            values.append(value)
-        unused = [k for k, v in arguments.items() if k not in used and v is not None]
-        if unused:
-            raise CalibrationError(
-                f"calibration batch {index} passes {', '.join(map(repr, unused))}, which the compiled "
-                "graph does not take (the model was first called without it): calibrate with "
-                "batches shaped like the calls the model gets"
-            )
-        return values
-
-
-def forward_signature(frame_locals: dict[str, Any], code: Any) -> tuple[inspect.Signature | None, str | None]:
-    """The signature calibration batches bind to, from the compiled frame.
-
-    For a module's forward the signature is the module's `forward` (following `__wrapped__`
-    through decorators such as Hugging Face's); for a plain function, the frame's own arguments.
-    Also returns the frame's *args name, which HF's wrapper frame uses to pass positionals.
-    """
-    varargs = None
-    if code is not None and code.co_flags & inspect.CO_VARARGS:
-        varargs = code.co_varnames[code.co_argcount + code.co_kwonlyargcount]
-    module = frame_locals.get("self")
-    if isinstance(module, torch.nn.Module):
-        return inspect.signature(module.forward), varargs
-    if code is None:
-        return None, varargs
-    names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-    return inspect.Signature(params), varargs
+                    f"calibration batch {index}: the model raised {type(e).__name__}: {e}{hint}"
+                ) from e
+            count += 1
+    if count == 0:
+        raise CalibrationError("the calibration iterable is empty: give at least one batch")
+    return stats

@@ -141,8 +141,8 @@ def test_recompile_for_new_length_reuses_calibration(llama, monkeypatch):
     from qcompile import calibrate
 
     calls = []
-    real_observe = calibrate.observe
-    monkeypatch.setattr(calibrate, "observe", lambda *a, **k: calls.append(1) or real_observe(*a, **k))
+    real_observe = calibrate.observe_model
+    monkeypatch.setattr(calibrate, "observe_model", lambda *a, **k: calls.append(1) or real_observe(*a, **k))
     compiled = torch.compile(llama, backend="q4", options={**EAGER, "calibration": [(ids(16),), (ids(16, 7),)]})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # calibration data given: no first-call warning
@@ -186,10 +186,10 @@ def test_nan_calibration_batch_names_the_batch():
     assert "calibration batch 1" in message and "NaN" in message
 
 
-def test_batch_with_an_argument_the_graph_does_not_take(llama):
-    batches = [{"input_ids": ids(8), "attention_mask": torch.ones(1, 8, dtype=torch.long)}]
+def test_model_error_on_a_batch_names_the_batch(llama):
+    batches = [{"input_ids": ids(8)}, {"input_ids": ids(8).float()}]
     message = compile_error(llama, {**EAGER, "calibration": batches}, ids(8))
-    assert "calibration batch 0" in message and "attention_mask" in message
+    assert "calibration batch 1" in message and "the model raised" in message
 
 
 def test_empty_calibration_is_an_error(llama):
