@@ -16,7 +16,7 @@ After:
 
 The fp32 weight constant is dropped: from here on only packed codes and steps are held.
 Linears reading the same activation (q/k/v) share one quantize node. A linear without
-calibration statistics, or whose module path (the weight's parameter name without `.weight`)
+calibration statistics, or whose module path (from `nn_module_stack`: `model.layers.0.mlp.up_proj`)
 matches the `skip` regex (default: the language-model head), stays in float and is counted in
 `linears-left-in-float`; other ops that multiply by a constant (matmul, conv, ...) stay in float
 and are counted in `unhandled-ops-in-float`.
@@ -84,7 +84,9 @@ class InsertQuantizers(QPass):
             weight = ir.get_constant(gm, node.args[1])
             stats = node.meta.get(ir.CALIB)
             x, w_node = node.args[0], node.args[1]
-            module_path = str(w_node.meta.get(ir.FQN, w_node.target)).removesuffix(".weight")
+            # The linear's own module, not its weight's name: a tied lm_head's weight is named
+            # after the embedding it shares.
+            module_path = ir.module_path(node) or str(w_node.meta.get(ir.FQN, "")).removesuffix(".weight")
             if (
                 weight is None
                 or stats is None

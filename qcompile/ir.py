@@ -40,6 +40,21 @@ def source_line(node: fx.Node) -> str:
     return f"{path}:{line} in {fn}: {code.strip()}"
 
 
+_MODULE_ROOT = re.compile(r"^L\['[^']+'\]\.?")
+_MODULE_ITEM = re.compile(r"\._modules\['([^']+)'\]")
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost user module that produced `node` ("model.layers.0.mlp.up_proj"),
+    from Dynamo's `nn_module_stack`; '' when unknown."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _MODULE_ITEM.sub(lambda m: "." + m.group(1), path)
+    return _MODULE_ROOT.sub("", path)
+
+
 def describe(node: fx.Node) -> str:
     """One line naming a node for error messages: name, op/target, source line."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 
-def tiny_llama(layers: int = 2, seed: int = 0):
+def tiny_llama(layers: int = 2, seed: int = 0, tie_word_embeddings: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(config).eval()
 
 

@@ -250,3 +250,49 @@ def test_unhandled_ops_stay_in_float_and_are_counted():
     stats = {r.name: r.stats for r in art.records}
     assert stats["insert-quantizers"]["linears-quantized"] == 1
     assert stats["insert-quantizers"]["unhandled-ops-in-float"] == 1
+
+
+# --- instrumentation through the backend ------------------------------------------------------
+
+
+def test_print_after_all_and_dump_dir(llama, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("Q4_PRINT_AFTER_ALL", "1")
+    monkeypatch.setenv("Q4_DUMP_DIR", str(tmp_path))
+    compile_and_run(llama, EAGER, ids(8))
+    err = capfd.readouterr().err
+    assert "IR Dump After insert-quantizers" in err and "IR Dump After fuse-kernels" in err
+    (graph_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in graph_dir.iterdir()) == [
+        "000-capture.py", "001-normalize.py", "002-freeze.py", "003-insert-quantizers.py", "004-fuse-kernels.py",
+    ]
+    assert "q4.linear_w4a4" in (graph_dir / "004-fuse-kernels.py").read_text()
+
+
+def test_disable_drops_a_pass(llama, monkeypatch):
+    monkeypatch.setenv("Q4_DISABLE", "fuse-kernels")
+    _, _, art = compile_and_run(llama, EAGER, ids(8))
+    assert art.pipeline == "insert-quantizers{w-bits=4,a-bits=4}"
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
+    assert art.count_ops(torch.ops.q4.dequantize_weight_int4.default) == 14
+
+
+def test_failing_pass_names_pass_node_and_reproducer(llama, monkeypatch):
+    from qcompile.kernels import int4
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("synthetic failure")
+
+    monkeypatch.setattr(int4, "quantize_weight_per_channel", broken)
+    message = compile_error(llama, EAGER, ids(8))
+    assert "insert-quantizers" in message and "synthetic failure" in message
+    assert "modeling_llama.py" in message  # the node's source line
+    assert "Q4_PIPELINE='insert-quantizers{w-bits=4,a-bits=4}'" in message
+
+
+def test_tied_lm_head_stays_in_float():
+    """SmolLM2 ties lm_head to the embedding: Dynamo names the shared weight after the embedding,
+    yet the head (matched by its module, `lm_head`) must stay a float linear."""
+    model = tiny_llama(tie_word_embeddings=True)
+    _, _, art = compile_and_run(model, EAGER, ids(8))
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 14
+    assert art.count_ops(torch.ops.aten.linear.default) == 1
