@@ -91,6 +91,12 @@ class Q4Artifact:
             if n.op == "call_function" and (n.target is op or getattr(n.target, "overloadpacket", None) is op)
         )
 
+    def outlier_report(self, worst: int | None = None) -> str:
+        """Table of the linears' input outliers, worst first (needs analyze-outliers in the pipeline)."""
+        from qcompile.passes.analyze_outliers import outlier_report
+
+        return outlier_report(self.graph_module, worst)
+
     def quantized_weight_bytes(self) -> int:
         """Bytes held by packed weights and their steps (constants read by q4 ops)."""
         seen: set[str] = set()

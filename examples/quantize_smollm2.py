@@ -86,6 +86,9 @@ def main() -> None:
         intfmt=",",
     ))
     print(f"pipeline: {artifact.pipeline}")
+    print()
+    print("Worst activation outliers (input channel absmax / median channel) of the linears:")
+    print(artifact.outlier_report(worst=8))
 
 
 if __name__ == "__main__":

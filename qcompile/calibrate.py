@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -31,21 +32,34 @@ class CalibrationError(ValueError):
     """Calibration data is unusable: empty, non-finite, or not fitting the model's signature."""
 
 
+# The robust range of a channel: this quantile of |x| over the tokens of a batch. An outlier
+# channel stands out in absmax *and* in this percentile; a single spike only in absmax.
+ROBUST_QUANTILE = 0.999
+
+
 @dataclasses.dataclass
 class ChannelStats:
-    """Statistics of one activation tensor, per channel of its last dimension."""
+    """Statistics of one activation tensor, per channel of its last dimension.
+
+    `absmax` is the max of |x| over all tokens; `robust` the max over batches of the per-batch
+    99.9th percentile of |x| (a spike in one token does not move it).
+    """
 
     absmax: torch.Tensor  # float32 [channels]
+    robust: torch.Tensor  # float32 [channels]
     num_tokens: int = 0
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self.absmax = torch.maximum(self.absmax, flat.abs().amax(dim=0))
+        flat = x.detach().reshape(-1, x.shape[-1]).float().abs()
+        self.absmax = torch.maximum(self.absmax, flat.amax(dim=0))
+        k = max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0]))
+        self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
         self.num_tokens += flat.shape[0]
 
     @classmethod
     def empty(cls, channels: int) -> "ChannelStats":
-        return cls(absmax=torch.zeros(channels, dtype=torch.float32))
+        zeros = torch.zeros(channels, dtype=torch.float32)
+        return cls(absmax=zeros, robust=zeros.clone())
 
 
 def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:

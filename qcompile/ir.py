@@ -10,6 +10,7 @@ and `val` are kept as they came from Dynamo):
     q4_provenance   {"pass": name, "from": [names of the nodes it replaced or was derived from]}
     q4_calib        ChannelStats of the activation this linear reads (set by calibration)
     q4_fqn          the user's parameter name of a frozen constant ("model.layers.0.q_proj.weight")
+    q4_outliers     OutlierInfo of the activation a linear reads (set by analyze-outliers)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import fx
 PROVENANCE = "q4_provenance"
 CALIB = "q4_calib"
 FQN = "q4_fqn"
+OUTLIERS = "q4_outliers"
 
 aten = torch.ops.aten
 
@@ -96,7 +98,7 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
 
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS):
         if key in old.meta:
             new.meta[key] = old.meta[key]
 
