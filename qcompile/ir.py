@@ -74,6 +74,22 @@ def get_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def constant_value(gm: fx.GraphModule, node: Any, depth: int = 4) -> Any:
+    """The value of `node` when it depends on constants only (a `get_attr`, or a short chain of
+    ops over constants such as Gemma's `1 + weight`), computed now; None otherwise."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        return get_constant(gm, node)
+    if node.op != "call_function" or depth == 0:
+        return None
+    args = [constant_value(gm, a, depth - 1) for a in node.args]
+    if any(a is None and isinstance(n, fx.Node) for a, n in zip(args, node.args)) or node.kwargs:
+        return None
+    with torch.no_grad():
+        return node.target(*args)
+
+
 def add_constant(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
     """Register `value` as a new constant attribute of `gm` under a fresh name; return the name."""
     stem = re.sub(r"[^0-9a-zA-Z_]", "_", stem)

@@ -11,6 +11,9 @@ RECIPES: dict[str, str] = {
     # activations from calibration absmax, fused integer kernels. The baseline every other
     # W4A4 recipe is measured against. analyze-outliers only records meta (for the report).
     "w4a4-rtn": "analyze-outliers,insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
+    # SmoothQuant (alpha 0.5) migration into the norms before q/k/v and gate/up, then W4A4.
+    "w4a4-smoothquant": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},"
+    "insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
 }
 
 DEFAULT_RECIPE = "w4a4-rtn"

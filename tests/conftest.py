@@ -46,3 +46,27 @@ def llama():
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny random-weight model of one architecture family, from its transformers config."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if family == "llama":
+        return tiny_llama(seed=seed)
+    if family == "bert":
+        return tiny_bert(seed=seed)
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=2)).eval()
+    if family == "gemma":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16)).eval()
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)).eval()
+    if family == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=128,
+                                              word_embed_proj_dim=64)).eval()
+    raise ValueError(f"unknown family {family!r}")

@@ -305,3 +305,12 @@ def test_tied_lm_head_stays_in_float():
     _, _, art = compile_and_run(model, EAGER, ids(8))
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 14
     assert art.count_ops(torch.ops.aten.linear.default) == 1
+
+
+def test_smoothquant_recipe_runs_end_to_end(llama):
+    calib = ids(16, seed=2)
+    _, out, art = compile_and_run(llama, {**EAGER, "recipe": "w4a4-smoothquant", "calibration": [(calib,)]}, ids(16))
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 14
+    stats = {r.name: r.stats for r in art.records}
+    assert stats["migrate-scales"]["linears-migrated"] == 10
+    assert torch.isfinite(out.logits).all()

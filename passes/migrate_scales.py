@@ -1,0 +1,160 @@
+"""migrate-scales: move per-channel activation ranges out of the activation, into the weights.
+
+For an activation `a` read only by quantizable linears (q/k/v; gate/up; a fused qkv) and produced
+by a normalization with a per-channel affine weight, choose one scale vector s (shared by every
+linear that reads `a`) and rewrite constants so the function is unchanged:
+
+    norm weight   gamma[j] -> gamma[j] / s[j]     (LayerNorm: its bias too)
+    each linear   W[:, j]  -> W[:, j] * s[j]
+
+so that a[j] / s[j] has a flatter range across channels and one per-tensor step fits it. With
+`method=smoothquant`, s[j] = max|a[j]|**alpha / max_i |W[i, j]|**(1 - alpha) (SmoothQuant), the
+max over the weights of every linear in the group. Calibration statistics of the linears' input
+are divided by s too, so quantizers placed later see the migrated ranges.
+
+Structure comes from the graph, not from module names:
+- the producer is `aten.layer_norm(x, shape, weight, bias)` with constant weight (and bias), or a
+  `mul` by a per-channel vector computed from constants only: Llama/Mistral/Qwen2 RMSNorm
+  (`weight * h`), Gemma's `h * (1 + weight)`;
+- dtype casts between the producer and the linears are looked through;
+- when `a` also feeds anything but a quantizable linear (BERT's post-norm residual, say), the
+  migration would change that other use: it is left alone and counted.
+
+Before:
+    norm = aten.mul(w_norm, h)                 # w_norm: f32[C] constant
+    q = aten.linear(norm, w_q); k = aten.linear(norm, w_k)
+After (new constants, no new nodes):
+    norm = aten.mul(w_norm_migrated, h)        # w_norm / s
+    q = aten.linear(norm, w_q_migrated); k = aten.linear(norm, w_k_migrated)   # W[:, j] * s[j]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qcompile import ir
+from qcompile.calibrate import ChannelStats
+from qcompile.pass_api import PassResult, QPass, option, register_pass
+
+# Ops that only change the dtype of their first argument: a per-channel scale passes through them.
+CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}
+
+
+@dataclass(frozen=True)
+class MigrateScalesOptions:
+    method: str = option("smoothquant", choices=("smoothquant",), help="how the scale vector is chosen")
+    alpha: float = option(0.5, help="migration strength: 0 keeps activations, 1 moves their whole range into weights")
+    skip: str = option("lm_head", help="regex on the module path of linears to leave alone")
+
+
+def is_quantizable_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target is ir.aten.linear.default
+        and ir.CALIB in node.meta
+        and ir.get_constant(gm, node.args[1]) is not None
+    )
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = a**alpha / w**(1 - alpha), 1 where either side is zero (nothing to balance)."""
+    s = act_absmax.clamp(min=1e-8).pow(alpha) / weight_absmax.clamp(min=1e-8).pow(1 - alpha)
+    dead = (act_absmax <= 0) | (weight_absmax <= 0) | ~torch.isfinite(s)
+    return torch.where(dead, torch.ones_like(s), s)
+
+
+@register_pass
+class MigrateScales(QPass):
+    name = "migrate-scales"
+    summary = "Migrate per-channel activation scales into the preceding norm and the following linears' weights."
+    Options = MigrateScalesOptions
+    statistics = ("groups-migrated", "linears-migrated", "activations-shared-with-non-linear",
+                  "activations-without-norm")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        skip = re.compile(self.options.skip) if self.options.skip else None
+        groups: dict[fx.Node, list[fx.Node]] = {}
+        for node in self.nodes(gm):
+            if is_quantizable_linear(gm, node) and not (skip and skip.search(ir.module_path(node))):
+                groups.setdefault(node.args[0], []).append(node)
+        modified = False
+        for activation, linears in groups.items():
+            self.current_node = activation
+            if any(user not in linears for user in activation.users):
+                self.count("activations-shared-with-non-linear")
+                continue
+            producer = self._affine_producer(gm, activation)
+            if producer is None:
+                self.count("activations-without-norm")
+                continue
+            self._migrate(gm, producer, linears)
+            self.count("groups-migrated")
+            self.count("linears-migrated", len(linears))
+            modified = True
+        if modified:
+            ir.delete_unused_constants(gm)
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    # --- structure ---------------------------------------------------------------------------------
+
+    def _affine_producer(self, gm: fx.GraphModule, activation: fx.Node) -> tuple[fx.Node, list[int]] | None:
+        """(norm node, indices of its args holding per-channel constants to divide by s), or None."""
+        # Walk up through dtype casts; below the activation each step must have no other reader.
+        node = activation
+        while node.op == "call_function" and node.target in CASTS and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+            if len(node.users) != 1:
+                return None
+        channels = ir.fake_value(activation).shape[-1]
+        if node.target is ir.aten.layer_norm.default:
+            weight = node.args[2] if len(node.args) > 2 else None
+            bias = node.args[3] if len(node.args) > 3 else None
+            if ir.get_constant(gm, weight) is None:
+                return None
+            return node, [2] + ([3] if ir.get_constant(gm, bias) is not None else [])
+        if node.target is ir.aten.mul.Tensor:
+            for i, arg in enumerate(node.args[:2]):
+                value = ir.constant_value(gm, arg)
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == channels:
+                    other = node.args[1 - i]
+                    if isinstance(other, fx.Node) and ir.constant_value(gm, other) is None:
+                        return node, [i]
+        return None
+
+    # --- rewrite -----------------------------------------------------------------------------------
+
+    def _migrate(self, gm: fx.GraphModule, producer: tuple[fx.Node, list[int]], linears: list[fx.Node]) -> None:
+        norm, indices = producer
+        act = linears[0].meta[ir.CALIB]
+        weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
+        weight_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+        s = smoothquant_scales(act.absmax, weight_absmax, self.options.alpha)
+
+        graph = gm.graph
+        for i in indices:
+            old = norm.args[i]
+            value = ir.constant_value(gm, old)
+            stem = getattr(old, "meta", {}).get(ir.FQN) or f"{norm.name}_arg{i}"
+            with graph.inserting_before(norm):
+                new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / s.to(value.dtype)).contiguous()))
+            ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [norm])
+            new.meta["val"] = getattr(old, "meta", {}).get("val")
+            norm.update_arg(i, new)
+        for lin, w in zip(linears, weights):
+            old = lin.args[1]
+            with graph.inserting_before(lin):
+                new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.target)}_migrated",
+                                                     (w.detach() * s.to(w.dtype)).contiguous()))
+            ir.mark_created(new, self.name, [old])
+            new.meta["val"] = old.meta.get("val")
+            lin.update_arg(1, new)
+            lin.meta[ir.CALIB] = dataclasses.replace(
+                lin.meta[ir.CALIB], absmax=act.absmax / s, robust=act.robust / s
+            )
+        graph.eliminate_dead_code()  # the old constants (and Gemma's `1 + weight` chain)
