@@ -1,10 +1,11 @@
 """migrate-scales: move per-channel activation ranges out of the activation, into the weights.
 
-For an activation `a` read only by quantizable linears (q/k/v; gate/up; a fused qkv) and produced
-by a normalization with a per-channel affine weight, choose one scale vector s (shared by every
-linear that reads `a`) and rewrite constants so the function is unchanged:
+For an activation `a` read only by quantizable linears (q/k/v; gate/up; a fused qkv; down_proj)
+and produced by an op whose per-channel constants can absorb a scale, choose one scale vector s
+(shared by every linear that reads `a`) and rewrite constants so the function is unchanged:
 
     norm weight   gamma[j] -> gamma[j] / s[j]     (LayerNorm: its bias too)
+    or the rows of the linear producing a gated MLP's `up` side: W_up[j, :] -> W_up[j, :] / s[j]
     each linear   W[:, j]  -> W[:, j] * s[j]
 
 so that a[j] / s[j] has a flatter range across channels and one per-tensor step fits it. With
@@ -16,6 +17,8 @@ Structure comes from the graph, not from module names:
 - the producer is `aten.layer_norm(x, shape, weight, bias)` with constant weight (and bias), or a
   `mul` by a per-channel vector computed from constants only: Llama/Mistral/Qwen2 RMSNorm
   (`weight * h`), Gemma's `h * (1 + weight)`;
+- a gated MLP's down_proj input `act(gate(x)) * up(x)`: the scale goes into up_proj's output rows
+  (the product is elementwise, so scaling `up` scales the activation);
 - dtype casts between the producer and the linears are looked through;
 - when `a` also feeds anything but a quantizable linear (BERT's post-norm residual, say), the
   migration would change that other use: it is left alone and counted.
@@ -74,7 +77,7 @@ class MigrateScales(QPass):
     summary = "Migrate per-channel activation scales into the preceding norm and the following linears' weights."
     Options = MigrateScalesOptions
     statistics = ("groups-migrated", "linears-migrated", "activations-shared-with-non-linear",
-                  "activations-without-norm")
+                  "activations-without-affine-producer")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         skip = re.compile(self.options.skip) if self.options.skip else None
@@ -88,11 +91,11 @@ class MigrateScales(QPass):
             if any(user not in linears for user in activation.users):
                 self.count("activations-shared-with-non-linear")
                 continue
-            producer = self._affine_producer(gm, activation)
-            if producer is None:
-                self.count("activations-without-norm")
+            sites = self._scale_sites(gm, activation)
+            if sites is None:
+                self.count("activations-without-affine-producer")
                 continue
-            self._migrate(gm, producer, linears)
+            self._migrate(gm, sites, linears)
             self.count("groups-migrated")
             self.count("linears-migrated", len(linears))
             modified = True
@@ -103,8 +106,9 @@ class MigrateScales(QPass):
 
     # --- structure ---------------------------------------------------------------------------------
 
-    def _affine_producer(self, gm: fx.GraphModule, activation: fx.Node) -> tuple[fx.Node, list[int]] | None:
-        """(norm node, indices of its args holding per-channel constants to divide by s), or None."""
+    def _scale_sites(self, gm: fx.GraphModule, activation: fx.Node) -> list[tuple[fx.Node, int]] | None:
+        """Where 1/s can go: (node, arg index) of constants whose dim 0 runs over the activation's
+        channels, such that dividing them by s divides the activation by s. None if nowhere."""
         # Walk up through dtype casts; below the activation each step must have no other reader.
         node = activation
         while node.op == "call_function" and node.target in CASTS and isinstance(node.args[0], fx.Node):
@@ -117,35 +121,54 @@ class MigrateScales(QPass):
             bias = node.args[3] if len(node.args) > 3 else None
             if ir.get_constant(gm, weight) is None:
                 return None
-            return node, [2] + ([3] if ir.get_constant(gm, bias) is not None else [])
+            return [(node, 2)] + ([(node, 3)] if ir.get_constant(gm, bias) is not None else [])
         if node.target is ir.aten.mul.Tensor:
             for i, arg in enumerate(node.args[:2]):
                 value = ir.constant_value(gm, arg)
                 if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == channels:
                     other = node.args[1 - i]
                     if isinstance(other, fx.Node) and ir.constant_value(gm, other) is None:
-                        return node, [i]
+                        return [(node, i)]  # a norm's per-channel weight
+            for arg in node.args[:2]:
+                rows = self._producing_linear(gm, arg, channels)
+                if rows is not None:
+                    return rows  # a gated MLP: act(gate(x)) * up(x) -> up's output rows
         return None
+
+    @staticmethod
+    def _producing_linear(gm: fx.GraphModule, node: object, channels: int) -> list[tuple[fx.Node, int]] | None:
+        """The weight (and bias) rows of the linear that alone produces `node`, through casts."""
+        while isinstance(node, fx.Node) and node.op == "call_function" and node.target in CASTS:
+            if len(node.users) != 1:
+                return None
+            node = node.args[0]
+        if not (isinstance(node, fx.Node) and node.target is ir.aten.linear.default and len(node.users) == 1):
+            return None
+        weight = ir.get_constant(gm, node.args[1])
+        if weight is None or weight.shape[0] != channels:
+            return None
+        bias = node.args[2] if len(node.args) > 2 else None
+        return [(node, 1)] + ([(node, 2)] if ir.get_constant(gm, bias) is not None else [])
 
     # --- rewrite -----------------------------------------------------------------------------------
 
-    def _migrate(self, gm: fx.GraphModule, producer: tuple[fx.Node, list[int]], linears: list[fx.Node]) -> None:
-        norm, indices = producer
+    def _migrate(self, gm: fx.GraphModule, sites: list[tuple[fx.Node, int]], linears: list[fx.Node]) -> None:
         act = linears[0].meta[ir.CALIB]
         weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
         weight_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
         s = smoothquant_scales(act.absmax, weight_absmax, self.options.alpha)
 
         graph = gm.graph
-        for i in indices:
-            old = norm.args[i]
+        for site, i in sites:
+            old = site.args[i]
             value = ir.constant_value(gm, old)
-            stem = getattr(old, "meta", {}).get(ir.FQN) or f"{norm.name}_arg{i}"
-            with graph.inserting_before(norm):
-                new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / s.to(value.dtype)).contiguous()))
-            ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [norm])
+            stem = getattr(old, "meta", {}).get(ir.FQN) or f"{site.name}_arg{i}"
+            per_row = s.to(value.dtype).view(-1, *[1] * (value.dim() - 1))  # dim 0 runs over channels
+            with graph.inserting_before(site):
+                new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / per_row).contiguous()))
+            ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [site])
             new.meta["val"] = getattr(old, "meta", {}).get("val")
-            norm.update_arg(i, new)
+            site.update_arg(i, new)
         for lin, w in zip(linears, weights):
             old = lin.args[1]
             with graph.inserting_before(lin):

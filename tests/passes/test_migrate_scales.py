@@ -20,8 +20,9 @@ def first_output(gm, x):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# (family, groups migrated: per layer, the norm before attention and the norm before the MLP)
-FAMILIES = [("llama", 4), ("qwen2", 4), ("gemma", 4), ("phi3", 4), ("opt", 4), ("bert", 0)]
+# (family, groups migrated: per layer the norms before attention and MLP, and down_proj through
+# up_proj rows where the MLP is gated with separate gate and up linears)
+FAMILIES = [("llama", 6), ("qwen2", 6), ("gemma", 6), ("phi3", 4), ("opt", 4), ("bert", 0)]
 
 
 @pytest.mark.parametrize("family,groups", FAMILIES)
@@ -50,7 +51,7 @@ def test_migrated_scales_are_changed_constants_not_new_multiplies():
     result, stats = run_pass("migrate-scales", gm)
     code = result.graph_module.code
     assert code.count("aten.mul.Tensor") == muls_before
-    assert stats["linears-migrated"] == 10  # q, k, v, gate, up per layer; o_proj / down_proj have no norm
+    assert stats["linears-migrated"] == 12  # q, k, v, gate, up, down per layer; o_proj not yet
     FileCheck().check("input_layernorm_weight_migrated").check("q_proj_weight_migrated").run(code)
     # the user's parameter constants the migration replaced are gone from the graph module
     assert "model_layers_0_self_attn_q_proj_weight " not in code
