@@ -14,6 +14,10 @@ After:
     w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32)   # w_packed: u8[N, K/2]
     linear = aten.linear(x_dq, w_dq, b)
 
+The activation step is `clip * absmax / qmax`, with the clipping ratio an earlier pass chose
+(`q4_act_clip` meta, e.g. migrate-scales{method=qsm}) or, with `search-clip=true`, one searched
+here on the calibration samples against the linear's output error; otherwise 1.
+
 The fp32 weight constant is dropped: from here on only packed codes and steps are held.
 Linears reading the same activation (q/k/v) share one quantize node. A linear without
 calibration statistics, or whose module path (from `nn_module_stack`: `model.layers.0.mlp.up_proj`)
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import ir
+from qcompile import ir, search
 from qcompile.kernels import int4
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.pass_api import PassResult, QPass, option, register_pass
@@ -49,12 +53,13 @@ class InsertQuantizersOptions:
     w_bits: int = option(4, choices=(2, 3, 4), help="weight bits (symmetric, per output channel)")
     a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8), help="activation bits (static, per tensor)")
     skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
+    search_clip: bool = option(False, help="search the activation clipping ratio on calibration samples where no earlier pass chose one")
 
 
-def activation_step(absmax: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-tensor symmetric step from per-channel absmax; an all-zero activation gets step 1."""
+def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Per-tensor symmetric step clip * max(absmax) / qmax; an all-zero activation gets step 1."""
     qmax = 2 ** (bits - 1) - 1
-    peak = absmax.max().float()
+    peak = absmax.max().float() * clip
     if not torch.isfinite(peak):
         raise ValueError(f"calibration absmax is not finite ({peak.item()})")
     return (peak / qmax) if peak > 0 else torch.tensor(1.0)
@@ -101,7 +106,12 @@ class InsertQuantizers(QPass):
             n_out, k = weight.shape
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
-            a_step = activation_step(stats.absmax, opts.a_bits)
+            clip = node.meta.get(ir.ACT_CLIP)
+            if clip is None and opts.search_clip and stats.samples.shape[0]:
+                clip, _ = search.search_clip(stats.samples, [weight], torch.ones_like(stats.absmax),
+                                             search.CLIPS, opts.w_bits, opts.a_bits)
+                node.meta[ir.ACT_CLIP] = clip
+            a_step = activation_step(stats.absmax, opts.a_bits, clip or 1.0)
             codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
             packed = int4.pack_int4(codes)
 

@@ -10,8 +10,12 @@ and produced by an op whose per-channel constants can absorb a scale, choose one
 
 so that a[j] / s[j] has a flatter range across channels and one per-tensor step fits it. With
 `method=smoothquant`, s[j] = max|a[j]|**alpha / max_i |W[i, j]|**(1 - alpha) (SmoothQuant), the
-max over the weights of every linear in the group. Calibration statistics of the linears' input
-are divided by s too, so quantizers placed later see the migrated ranges.
+max over the weights of every linear in the group. With `method=qsm` (MergeQuant's quantization
+step migration with adaptive clipping) the same family of scales is searched per group: the
+migration strength alpha over a grid, then the activation clipping ratio, each chosen by the
+quantized output error of the group's linears on the calibration token samples; the clipping
+ratio is left in the linears' `q4_act_clip` meta for insert-quantizers. Calibration statistics
+of the linears' input are divided by s too, so quantizers placed later see the migrated ranges.
 
 Structure comes from the graph, not from module names:
 - the producer is `aten.layer_norm(x, shape, weight, bias)` with constant weight (and bias), or a
@@ -40,9 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import ir
-from qcompile.calibrate import ChannelStats
+from qcompile import ir, search
 from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.search import CLIPS
 
 # Ops that only change the dtype of their first argument: a per-channel scale passes through them.
 CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}
@@ -50,9 +54,14 @@ CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}
 
 @dataclass(frozen=True)
 class MigrateScalesOptions:
-    method: str = option("smoothquant", choices=("smoothquant",), help="how the scale vector is chosen")
-    alpha: float = option(0.5, help="migration strength: 0 keeps activations, 1 moves their whole range into weights")
+    method: str = option("qsm", choices=("qsm", "smoothquant"), help="how the scale vector is chosen")
+    alpha: float = option(0.5, help="smoothquant's migration strength: 0 keeps activations, 1 moves their whole range into weights")
+    w_bits: int = option(4, choices=(2, 3, 4), help="qsm: weight bits the search measures with")
+    a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8), help="qsm: activation bits the search measures with")
     skip: str = option("lm_head", help="regex on the module path of linears to leave alone")
+
+
+ALPHAS = tuple(a / 10 for a in range(11))
 
 
 def is_quantizable_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -150,13 +159,32 @@ class MigrateScales(QPass):
         bias = node.args[2] if len(node.args) > 2 else None
         return [(node, 1)] + ([(node, 2)] if ir.get_constant(gm, bias) is not None else [])
 
+    def _search(self, act, weight_absmax: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """QSM: the (scales, clip) with the least quantized output error on the samples.
+
+        Coordinate search (alpha at clip 1, then clip at that alpha) keeps it to ~20 trials."""
+        x = act.samples
+        if x.shape[0] == 0:
+            return torch.ones_like(act.absmax), 1.0
+        o = self.options
+        trials = [(search.output_error(x, weights, s, 1.0, o.w_bits, o.a_bits), a, s)
+                  for a in ALPHAS for s in [smoothquant_scales(act.absmax, weight_absmax, a)]]
+        _, _, best = min(trials, key=lambda t: t[0])
+        clip, _ = search.search_clip(x, weights, best, CLIPS, o.w_bits, o.a_bits)
+        return best, clip
+
     # --- rewrite -----------------------------------------------------------------------------------
 
     def _migrate(self, gm: fx.GraphModule, sites: list[tuple[fx.Node, int]], linears: list[fx.Node]) -> None:
         act = linears[0].meta[ir.CALIB]
         weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
         weight_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
-        s = smoothquant_scales(act.absmax, weight_absmax, self.options.alpha)
+        if self.options.method == "smoothquant":
+            s = smoothquant_scales(act.absmax, weight_absmax, self.options.alpha)
+        else:
+            s, clip = self._search(act, weight_absmax, weights)
+            for lin in linears:
+                lin.meta[ir.ACT_CLIP] = clip
 
         graph = gm.graph
         for site, i in sites:
@@ -178,6 +206,6 @@ class MigrateScales(QPass):
             new.meta["val"] = old.meta.get("val")
             lin.update_arg(1, new)
             lin.meta[ir.CALIB] = dataclasses.replace(
-                lin.meta[ir.CALIB], absmax=act.absmax / s, robust=act.robust / s
+                lin.meta[ir.CALIB], absmax=act.absmax / s, robust=act.robust / s, samples=act.samples / s
             )
         graph.eliminate_dead_code()  # the old constants (and Gemma's `1 + weight` chain)

@@ -35,6 +35,9 @@ class CalibrationError(ValueError):
 # The robust range of a channel: this quantile of |x| over the tokens of a batch. An outlier
 # channel stands out in absmax *and* in this percentile; a single spike only in absmax.
 ROBUST_QUANTILE = 0.999
+# Token rows kept per activation (a uniform sample over all calibration tokens): passes that
+# search scales or clipping measure a layer's output error on them.
+SAMPLE_ROWS = 256
 
 
 @dataclasses.dataclass
@@ -42,24 +45,42 @@ class ChannelStats:
     """Statistics of one activation tensor, per channel of its last dimension.
 
     `absmax` is the max of |x| over all tokens; `robust` the max over batches of the per-batch
-    99.9th percentile of |x| (a spike in one token does not move it).
+    99.9th percentile of |x| (a spike in one token does not move it); `samples` up to
+    SAMPLE_ROWS token rows drawn uniformly from all tokens seen (reservoir sampling, seeded).
     """
 
     absmax: torch.Tensor  # float32 [channels]
     robust: torch.Tensor  # float32 [channels]
+    samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, channels]
     num_tokens: int = 0
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float().abs()
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        flat = rows.abs()
         self.absmax = torch.maximum(self.absmax, flat.amax(dim=0))
         k = max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0]))
         self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
+        self._sample(rows)
         self.num_tokens += flat.shape[0]
+
+    def _sample(self, rows: torch.Tensor) -> None:
+        """Keep a uniform sample of all rows seen: each new row replaces a kept one with
+        probability SAMPLE_ROWS / (rows seen so far), as in reservoir sampling."""
+        g = torch.Generator().manual_seed(self.num_tokens)
+        seen = self.num_tokens + torch.arange(1, rows.shape[0] + 1)
+        keep = torch.rand(rows.shape[0], generator=g) * seen < SAMPLE_ROWS
+        chosen = rows[keep]
+        free = SAMPLE_ROWS - self.samples.shape[0]
+        self.samples = torch.cat([self.samples, chosen[:free]])
+        replace = chosen[free:][-SAMPLE_ROWS:]
+        if replace.shape[0]:
+            slots = torch.randperm(SAMPLE_ROWS, generator=g)[: replace.shape[0]]
+            self.samples[slots] = replace
 
     @classmethod
     def empty(cls, channels: int) -> "ChannelStats":
         zeros = torch.zeros(channels, dtype=torch.float32)
-        return cls(absmax=zeros, robust=zeros.clone())
+        return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels))
 
 
 def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:

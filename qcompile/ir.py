@@ -11,6 +11,7 @@ and `val` are kept as they came from Dynamo):
     q4_calib        ChannelStats of the activation this linear reads (set by calibration)
     q4_fqn          the user's parameter name of a frozen constant ("model.layers.0.q_proj.weight")
     q4_outliers     OutlierInfo of the activation a linear reads (set by analyze-outliers)
+    q4_act_clip     searched clipping ratio of a linear's static activation step (1.0 = absmax)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ PROVENANCE = "q4_provenance"
 CALIB = "q4_calib"
 FQN = "q4_fqn"
 OUTLIERS = "q4_outliers"
+ACT_CLIP = "q4_act_clip"
 
 aten = torch.ops.aten
 

@@ -14,6 +14,11 @@ RECIPES: dict[str, str] = {
     # SmoothQuant (alpha 0.5) migration into the norms before q/k/v and gate/up, then W4A4.
     "w4a4-smoothquant": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},"
     "insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
+    # MergeQuant-style QSM: per group, the migration strength and the activation clipping ratio
+    # searched on calibration samples against the layer-output error; clipping searched for the
+    # linears no norm or producing linear precedes (o_proj).
+    "w4a4": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},"
+    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true},fuse-kernels",
 }
 
 DEFAULT_RECIPE = "w4a4-rtn"

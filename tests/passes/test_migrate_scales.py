@@ -63,7 +63,41 @@ def test_calibration_stats_follow_the_migration():
     gm = capture(tiny_model("llama"), inputs())
     q = next(n for n in gm.graph.nodes if ir.module_path(n).endswith("layers.0.self_attn.q_proj"))
     absmax_before = q.meta[ir.CALIB].absmax.clone()
-    run_pass("migrate-scales", gm, alpha=1.0)
+    run_pass("migrate-scales", gm, method="smoothquant", alpha=1.0)
     absmax_after = q.meta[ir.CALIB].absmax
     # alpha = 1 moves the whole activation range: every channel's range becomes the same
     assert absmax_after.std() / absmax_after.mean() < 1e-3 < absmax_before.std() / absmax_before.mean()
+
+
+def test_qsm_search_beats_round_to_nearest_on_planted_outliers():
+    """A 300x outlier channel ruins a per-tensor int4 step; QSM moves it into the weights.
+
+    As in real LLMs, the outlier channel's weights are small, so every channel matters to the
+    output: round-to-nearest zeroes the 15 ordinary channels, QSM keeps them."""
+    from tests.passes.test_analyze_outliers import Planted
+
+    model = Planted().eval()
+    with torch.no_grad():
+        model.a.weight[:, 3] /= 300
+    calib, held_out = torch.randn(256, 16), torch.randn(64, 16)
+    expected = model(held_out)
+
+    def error(pipeline):
+        gm = capture(model, calib)
+        for name, options in pipeline:
+            gm = run_pass(name, gm, **options)[0].graph_module
+        return (gm(held_out)[0] - expected).pow(2).mean().item()
+
+    rtn = error([("insert-quantizers", {})])
+    qsm = error([("migrate-scales", {}), ("insert-quantizers", {})])
+    assert qsm < rtn / 10, (qsm, rtn)
+
+
+def test_qsm_leaves_its_clipping_ratio_for_insert_quantizers():
+    from qcompile import ir
+    from qcompile.search import CLIPS
+
+    gm = capture(tiny_model("llama"), inputs())
+    run_pass("migrate-scales", gm)
+    clips = [n.meta[ir.ACT_CLIP] for n in gm.graph.nodes if ir.ACT_CLIP in n.meta]
+    assert len(clips) == 12 and all(c in CLIPS for c in clips)

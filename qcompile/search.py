@@ -1,0 +1,55 @@
+"""Searching quantization parameters against a layer's output error on calibration samples.
+
+MergeQuant's adaptive clipping and the migration strength of QSM are chosen the same way: try
+candidates, fake-quantize the layer with each, and keep the one whose output on the calibration
+token samples is closest to the float output. Everything here is plain torch on small samples.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from qcompile.kernels import int4
+
+# Clipping ratios of the static activation step tried by the searches (1.0: the calibration absmax).
+CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+
+
+def fake_quant_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric round-to-nearest, dequantized (what the kernel computes with)."""
+    codes, step = int4.quantize_weight_per_channel(weight, bits)
+    return codes.float() * step[:, None]
+
+
+def fake_quant_activation(x: torch.Tensor, absmax: float, clip: float, bits: int) -> torch.Tensor:
+    """Static per-tensor symmetric quantization with step clip * absmax / qmax, dequantized."""
+    qmax = 2 ** (bits - 1) - 1
+    step = max(clip * absmax, 1e-12) / qmax
+    return torch.clamp(torch.round(x / step), -qmax - 1, qmax) * step
+
+
+def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.Tensor, clip: float,
+                 w_bits: int, a_bits: int) -> float:
+    """Squared error of the quantized outputs of every linear reading x, after migrating `scales`.
+
+    Float reference: x @ W.T. Quantized: Q_a(x / s) @ Q_w(W * s).T, with the activation step
+    from the migrated samples' absmax times `clip`.
+    """
+    migrated = x / scales
+    xq = fake_quant_activation(migrated, migrated.abs().max().item(), clip, a_bits)
+    error = 0.0
+    for w in weights:
+        reference = x @ w.float().t()
+        approx = xq @ fake_quant_weight(w.float() * scales, w_bits).t()
+        error += (reference - approx).pow(2).sum().item()
+    return error
+
+
+def search_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.Tensor, clips: Sequence[float],
+                w_bits: int, a_bits: int) -> tuple[float, float]:
+    """(best clip ratio, its error) for fixed scales."""
+    errors = [(output_error(x, weights, scales, c, w_bits, a_bits), c) for c in clips]
+    best_error, best_clip = min(errors)
+    return best_clip, best_error
