@@ -1,9 +1,16 @@
 """The `q4::` custom ops: definitions (torch.library), fake implementations, CPU integer kernels.
 
 Each op has a fake implementation, so graphs holding it trace under FakeTensor / make_fx and
-pass through Inductor (as an extern kernel). The CPU kernels really compute in integers:
+pass through Inductor (as a fallback kernel). The CPU kernels really compute in integers:
 activation codes are int8, weights are unpacked from int4 to int8 inside the call (no unpacked
 copy is kept between calls) and multiplied with `torch._int_mm` (int32 accumulation).
+
+CPU `torch._int_mm` (torch 2.11 - 2.13) takes any M, K, N (M = 1, odd K and N included, no
+padding needed) and any strides, int8 x int8 -> int32. It is fast only through oneDNN, which
+it uses when `torch.backends.mkldnn.enabled` and the CPU has AVX512-VNNI; otherwise it runs a
+scalar triple loop (~100x slower). There, and on other devices, `_int_matmul` multiplies the
+codes in float32 instead: exact, hence bit-identical, while |acc| < 2**24 (int4 x int4: any
+K < 262144), the same bound under which the epilogue's float32(acc) is exact.
 
     q4::quantize_per_tensor(x, step, bits)            -> int8 codes, same shape as x
     q4::dequantize_per_tensor(codes, step, dtype)     -> codes * step
@@ -25,38 +32,54 @@ from .int4 import unpack_int4
 from .reference import epilogue
 
 
+def _cpu_int_mm_is_fast() -> bool:
+    """Whether CPU `torch._int_mm` takes its oneDNN path (see the module docstring)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # private; assume yes if it moved
+    return bool(is_vnni()) if is_vnni is not None else True
+
+
+def _int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int32 [M, N] = x [M, K] @ w[N, K].T for int8 x and w."""
+    if x.device.type == "cpu" and _cpu_int_mm_is_fast():
+        # _int_mm takes mat2 as [K, N]; the transposed view of the row-major weight is the
+        # column-major layout oneDNN reads directly (measured as fast as a contiguous [K, N]).
+        return torch._int_mm(x, w.t())
+    return torch.mm(x.to(torch.float32), w.to(torch.float32).t()).to(torch.int32)
+
+
 class KernelArgumentError(ValueError):
-    """An argument of a q4 op has the wrong dtype, shape or value."""
+    """An argument of a q4 op has the wrong dtype, shape, device or value."""
 
 
 def _fail(op: str, arg: str, expected: str, got: str) -> None:
     raise KernelArgumentError(f"q4::{op}: argument '{arg}' must be {expected}, got {got}")
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+    return repr(t)
 
 
-def _check_bits(op: str, bits: int) -> None:
-    if not 2 <= bits <= 8:
-        _fail(op, "bits", "an integer in 2..8", str(bits))
+def _check_device(op: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for arg, t in others.items():
+        if t is not None and t.device != first.device:
+            _fail(op, arg, f"on {first.device} like the other tensors", _describe(t))
 
 
-def _check_step(op: str, arg: str, step: torch.Tensor, shape: tuple | None, check_values: bool) -> None:
-    if step.dtype != torch.float32:
-        _fail(op, arg, "a float32 tensor", _describe(step))
-    if shape is not None and tuple(step.shape) != shape:
-        _fail(op, arg, f"of shape {shape}", _describe(step))
-    if check_values and not bool(((step > 0) & torch.isfinite(step)).all()):
-        _fail(op, arg, "finite and > 0 everywhere", f"values in [{step.min().item()}, {step.max().item()}]")
-
-
-def _check_packed(op: str, w_packed: torch.Tensor, w_step: torch.Tensor, k: int, check_values: bool) -> None:
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
-        _fail(op, "w_packed", "a 2-D uint8 tensor [N, ceil(K/2)]", _describe(w_packed))
-    if w_packed.shape[1] != (k + 1) // 2:
-        _fail(op, "w_packed", f"{(k + 1) // 2} bytes a row for K={k}", f"{w_packed.shape[1]} ({_describe(w_packed)})")
-    _check_step(op, "w_step", w_step, (w_packed.shape[0],), check_values)
+def _check_step(op: str, arg: str, step: torch.Tensor, shape: tuple, check_values: bool) -> None:
+    """A float32 step of the given shape; with check_values (real tensors only), finite and > 0."""
+    if step.dtype != torch.float32 or tuple(step.shape) != shape:
+        form = "a 0-dim float32 tensor" if shape == () else f"a float32 tensor of shape {shape}"
+        _fail(op, arg, form, _describe(step))
+    if check_values:
+        bad = ~((step > 0) & torch.isfinite(step))  # NaN fails both comparisons
+        if bool(bad.any()):
+            where = "" if shape == () else f" at index {int(bad.nonzero()[0, 0])}"
+            value = step.reshape(-1)[bad.reshape(-1)][0].item()
+            _fail(op, arg, "finite and > 0", f"{value}{where}")
 
 
 def _check_float_dtype(op: str, arg: str, dtype: torch.dtype) -> None:
@@ -64,23 +87,42 @@ def _check_float_dtype(op: str, arg: str, dtype: torch.dtype) -> None:
         _fail(op, arg, "float32, float16 or bfloat16", str(dtype))
 
 
+def _check_packed(op: str, w_packed: torch.Tensor, w_step: torch.Tensor, k: int, k_name: str,
+                  check_values: bool) -> None:
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        _fail(op, "w_packed", "a 2-D uint8 tensor [N, ceil(K/2)] (see qcompile.kernels.int4)", _describe(w_packed))
+    if w_packed.shape[1] != (k + 1) // 2:
+        _fail(op, "w_packed", f"ceil(K/2) = {(k + 1) // 2} bytes a row for K = {k} ({k_name})",
+              f"{w_packed.shape[1]} bytes a row ({_describe(w_packed)})")
+    _check_step(op, "w_step", w_step, (w_packed.shape[0],), check_values)
+    _check_device(op, w_packed, w_step=w_step)
+
+
 # --- quantize_per_tensor ---------------------------------------------------------------------------
+
+
+def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, check_values: bool) -> None:
+    op = "quantize_per_tensor"
+    if not x.is_floating_point():
+        _fail(op, "x", "a floating-point tensor", _describe(x))
+    _check_step(op, "step", step, (), check_values)
+    _check_device(op, x, step=step)
+    if not 2 <= bits <= 8:
+        _fail(op, "bits", "an int in 2..8", repr(bits))
 
 
 @torch.library.custom_op("q4::quantize_per_tensor", mutates_args=())
 def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """Static symmetric per-tensor quantize: clamp(round(x / step), -2**(bits-1), 2**(bits-1)-1)."""
+    """Static symmetric per-tensor quantize, int8 codes of x's shape:
+
+        codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1)
+
+    `round` is half-to-even; step is a 0-dim float32 tensor, finite and > 0; bits in 2..8.
+    """
     _check_quantize(x, step, bits, check_values=True)
     qmax = 2 ** (bits - 1) - 1
-    scaled = x.to(torch.float32) / step  # a new tensor: the in-place ops below do not touch x
+    scaled = x.to(torch.float32) / step  # a new tensor: the in-place ops below never touch x
     return scaled.round_().clamp_(-qmax - 1, qmax).to(torch.int8)
-
-
-def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, check_values: bool) -> None:
-    if not x.is_floating_point():
-        _fail("quantize_per_tensor", "x", "a floating-point tensor", _describe(x))
-    _check_step("quantize_per_tensor", "step", step, (), check_values)
-    _check_bits("quantize_per_tensor", bits)
 
 
 @quantize_per_tensor.register_fake
@@ -92,18 +134,20 @@ def _(x, step, bits):
 # --- dequantize_per_tensor -------------------------------------------------------------------------
 
 
+def _check_dequantize(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, check_values: bool) -> None:
+    op = "dequantize_per_tensor"
+    if codes.dtype != torch.int8:
+        _fail(op, "codes", "an int8 tensor", _describe(codes))
+    _check_step(op, "step", step, (), check_values)
+    _check_device(op, codes, step=step)
+    _check_float_dtype(op, "dtype", dtype)
+
+
 @torch.library.custom_op("q4::dequantize_per_tensor", mutates_args=())
 def dequantize_per_tensor(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x = codes * step, in `dtype`."""
+    """x = (float32(codes) * step).to(dtype), codes' shape; step 0-dim float32, finite and > 0."""
     _check_dequantize(codes, step, dtype, check_values=True)
     return (codes.to(torch.float32) * step).to(dtype)
-
-
-def _check_dequantize(codes, step, dtype, check_values: bool) -> None:
-    if codes.dtype != torch.int8:
-        _fail("dequantize_per_tensor", "codes", "an int8 tensor", _describe(codes))
-    _check_step("dequantize_per_tensor", "step", step, (), check_values)
-    _check_float_dtype("dequantize_per_tensor", "dtype", dtype)
 
 
 @dequantize_per_tensor.register_fake
@@ -115,48 +159,61 @@ def _(codes, step, dtype):
 # --- dequantize_weight_int4 ------------------------------------------------------------------------
 
 
+def _check_dequantize_weight(w_packed, w_step, k, dtype, check_values: bool) -> None:
+    op = "dequantize_weight_int4"
+    if k < 0:
+        _fail(op, "k", "an int >= 0 (the weight's K)", repr(k))
+    _check_packed(op, w_packed, w_step, k, "argument 'k'", check_values)
+    _check_float_dtype(op, "dtype", dtype)
+
+
 @torch.library.custom_op("q4::dequantize_weight_int4", mutates_args=())
 def dequantize_weight_int4(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """w[n, k] = codes[n, k] * w_step[n], in `dtype` (the fake-quant form of a packed weight)."""
-    _check_packed("dequantize_weight_int4", w_packed, w_step, k, check_values=True)
-    _check_float_dtype("dequantize_weight_int4", "dtype", dtype)
+    """The fake-quant form of a packed weight, [N, k] in `dtype`:
+
+        w[n, j] = (float32(codes[n, j]) * w_step[n]).to(dtype),   codes = unpack_int4(w_packed, k)
+    """
+    _check_dequantize_weight(w_packed, w_step, k, dtype, check_values=True)
     return (unpack_int4(w_packed, k).to(torch.float32) * w_step[:, None]).to(dtype)
 
 
 @dequantize_weight_int4.register_fake
 def _(w_packed, w_step, k, dtype):
-    _check_packed("dequantize_weight_int4", w_packed, w_step, k, check_values=False)
+    _check_dequantize_weight(w_packed, w_step, k, dtype, check_values=False)
     return w_packed.new_empty((w_packed.shape[0], k), dtype=dtype)
 
 
-# --- linear_w4a4 ---------------------------------------------------------------------------------
+# --- linear_w4a4 -----------------------------------------------------------------------------------
 
 
 def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values: bool) -> None:
     op = "linear_w4a4"
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
-        _fail(op, "x_codes", "an int8 tensor [..., K] of int4 codes", _describe(x_codes))
-    _check_packed(op, w_packed, w_step, x_codes.shape[-1], check_values)
+        _fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", _describe(x_codes))
+    _check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
     _check_step(op, "a_step", a_step, (), check_values)
-    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (w_packed.shape[0],)):
-        _fail(op, "bias", f"None or a float tensor of shape ({w_packed.shape[0]},)", _describe(bias))
+    n = w_packed.shape[0]
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
+        _fail(op, "bias", f"None or a float tensor of shape ({n},)", _describe(bias))
+    _check_device(op, x_codes, w_packed=w_packed, a_step=a_step, bias=bias)
     _check_float_dtype(op, "out_dtype", out_dtype)
 
 
 @torch.library.custom_op("q4::linear_w4a4", mutates_args=())
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """y = (x_codes @ codes(w).T) * (a_step * w_step) + bias: int4 x int4, int32 accumulation.
+    """Integer linear on codes, [..., N] in out_dtype:
 
-    x_codes int8 [..., K] (values in [-8, 7]); w_packed uint8 [N, ceil(K/2)]; w_step float32 [N];
-    a_step float32 0-dim; bias float [N] or None; result [..., N] in out_dtype.
+        acc[m, n] = sum_k x_codes[m, k] * codes(w)[n, k]              (exact, int32)
+        y[m, n] = (float32(acc[m, n]) * (a_step * w_step[n]) + float32(bias[n])).to(out_dtype)
+
+    x_codes int8 [..., K] (int4 codes in [-8, 7]; any int8 is computed exactly); w_packed uint8
+    [N, ceil(K/2)] (see int4.pack_int4); w_step float32 [N] and a_step 0-dim float32, finite and
+    > 0; bias float [N] or None. Leading dims of x_codes are kept, M = prod(leading) may be 0 or 1.
     """
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=True)
     k = x_codes.shape[-1]
-    x2 = x_codes.reshape(-1, k)
-    # _int_mm takes mat2 as [K, N]; the transposed view of the row-major unpacked weight is the
-    # column-major layout its oneDNN kernel reads directly (no transpose copy).
-    acc = torch._int_mm(x2.contiguous(), unpack_int4(w_packed, k).t())
+    acc = _int_matmul(x_codes.reshape(-1, k), unpack_int4(w_packed, k))
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 

@@ -1,6 +1,6 @@
 """analyze-outliers: find the activation channels that make static low-bit quantization hard.
 
-From the calibration statistics of each linear's input (per-channel absmax and 99.9th
+From the calibration statistics of each linear's input (per-channel absmax and 99th
 percentile), record how far each channel's range stands above the typical channel:
 ratio[c] = absmax[c] / median_c(absmax). A static per-tensor step must cover the largest
 channel, so a ratio of 100 leaves the median channel about 100x fewer quantization levels;
@@ -42,7 +42,7 @@ class OutlierInfo:
     channels: int
     median_absmax: float
     max_ratio: float  # max_c absmax[c] / median absmax
-    robust_max_ratio: float  # the same with the 99.9th percentile: a spike in one token does not count
+    robust_max_ratio: float  # the same with the 99th percentile: a spike in a few tokens does not count
     top: tuple[tuple[int, float, float], ...]  # (channel, absmax, ratio) of the worst channels
 
 
@@ -94,7 +94,7 @@ def outlier_report(gm: fx.GraphModule, worst: int | None = None) -> str:
     return tabulate(
         [[i.module, i.channels, i.median_absmax, i.max_ratio, i.robust_max_ratio,
           ", ".join(f"{c}:{r:.0f}x" for c, _, r in i.top)] for i in rows],
-        headers=["linear", "in channels", "median absmax", "max / median", "p99.9 max / median",
+        headers=["linear", "in channels", "median absmax", "max / median", "p99 max / median",
                  "worst channels (channel:ratio)"],
         floatfmt=("", "", ".3g", ".1f", ".1f", ""),
     )

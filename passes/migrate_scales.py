@@ -12,8 +12,8 @@ so that a[j] / s[j] has a flatter range across channels and one per-tensor step 
 `method=smoothquant`, s[j] = max|a[j]|**alpha / max_i |W[i, j]|**(1 - alpha) (SmoothQuant), the
 max over the weights of every linear in the group. With `method=qsm` (MergeQuant's quantization
 step migration with adaptive clipping) the same family of scales is searched per group: the
-migration strength alpha over a grid, then the activation clipping ratio, each chosen by the
-quantized output error of the group's linears on the calibration token samples; the clipping
+migration strength alpha over a grid and the activation clipping ratio, alternately, each chosen
+by the quantized output error of the group's linears on the calibration token samples; the clipping
 ratio is left in the linears' `q4_act_clip` meta for insert-quantizers. Calibration statistics
 of the linears' input are divided by s too, so quantizers placed later see the migrated ranges.
 
@@ -160,18 +160,12 @@ class MigrateScales(QPass):
         return [(node, 1)] + ([(node, 2)] if ir.get_constant(gm, bias) is not None else [])
 
     def _search(self, act, weight_absmax: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """QSM: the (scales, clip) with the least quantized output error on the samples.
-
-        Coordinate search (alpha at clip 1, then clip at that alpha) keeps it to ~20 trials."""
-        x = act.samples
-        if x.shape[0] == 0:
+        """QSM: the scales (over the migration-strength grid) and activation clipping ratio with
+        the least quantized output error of the group on the calibration samples."""
+        if act.samples.shape[0] == 0:
             return torch.ones_like(act.absmax), 1.0
-        o = self.options
-        trials = [(search.output_error(x, weights, s, 1.0, o.w_bits, o.a_bits), a, s)
-                  for a in ALPHAS for s in [smoothquant_scales(act.absmax, weight_absmax, a)]]
-        _, _, best = min(trials, key=lambda t: t[0])
-        clip, _ = search.search_clip(x, weights, best, CLIPS, o.w_bits, o.a_bits)
-        return best, clip
+        candidates = [smoothquant_scales(act.absmax, weight_absmax, a) for a in ALPHAS]
+        return search.search_migration(act.samples, weights, candidates, CLIPS, self.options.w_bits, self.options.a_bits)
 
     # --- rewrite -----------------------------------------------------------------------------------
 

@@ -14,7 +14,10 @@ import torch
 from qcompile.kernels import int4
 
 # Clipping ratios of the static activation step tried by the searches (1.0: the calibration absmax).
-CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+# They reach down to 0.1: heavy-tailed inputs (down_proj's act(gate) * up) are best served by
+# clipping most of their range at 4 bits (SmolLM2: down_proj SQNR 5.7 dB at clip >= 0.5, 9.7 dB
+# at 0.15).
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 
 
 def fake_quant_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -45,6 +48,18 @@ def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch
         approx = xq @ fake_quant_weight(w.float() * scales, w_bits).t()
         error += (reference - approx).pow(2).sum().item()
     return error
+
+
+def search_migration(x: torch.Tensor, weights: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor],
+                     clips: Sequence[float], w_bits: int, a_bits: int, rounds: int = 2) -> tuple[torch.Tensor, float]:
+    """(scales, clip) minimizing `output_error`: alternate a search over the candidate scale
+    vectors at the current clip with a search over clips at the current scales."""
+    clip, scales = 1.0, candidates[0]
+    for _ in range(rounds):
+        errors = [output_error(x, weights, s, clip, w_bits, a_bits) for s in candidates]
+        scales = candidates[min(range(len(candidates)), key=errors.__getitem__)]
+        clip, _ = search_clip(x, weights, scales, clips, w_bits, a_bits)
+    return scales, clip
 
 
 def search_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.Tensor, clips: Sequence[float],

@@ -1,4 +1,4 @@
-"""q4 ops: CPU kernels == plain-torch references bit for bit, fake impls, and bad input."""
+"""q4 ops: CPU kernels == plain-torch references bit for bit, fake impls, Inductor, and bad input."""
 
 from __future__ import annotations
 
@@ -8,23 +8,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qcompile.kernels import int4, reference
+from qcompile.kernels import int4, ops, reference
 from qcompile.kernels.ops import KernelArgumentError
 
 q4 = torch.ops.q4
 
 
-def make_linear(m_shape, k, n, bias, seed=0):
+def make_linear(m_shape, k, n, bias, seed=0, bias_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x_codes = torch.randint(-8, 8, (*m_shape, k), generator=g, dtype=torch.int8)
     codes, w_step = int4.quantize_weight_per_channel(torch.randn(n, k, generator=g))
     a_step = torch.tensor(0.037)
-    b = torch.randn(n, generator=g) if bias else None
+    b = torch.randn(n, generator=g).to(bias_dtype) if bias else None
     return x_codes, int4.pack_int4(codes), w_step, a_step, b
 
 
+# M = 1, 3, 5, 17, 33 (not multiples of 8), odd K and odd N, 2-D and 3-D leading dims.
 SHAPES = [((1,), 8, 4), ((1,), 7, 5), ((3,), 33, 17), ((5,), 64, 3), ((17,), 129, 31), ((33,), 256, 64),
-          ((2, 3), 15, 9), ((2, 5, 7), 64, 33)]
+          ((2, 3), 15, 9), ((2, 5, 7), 64, 33), ((0,), 10, 4)]
 
 
 @pytest.mark.parametrize("m_shape,k,n", SHAPES)
@@ -38,61 +39,122 @@ def test_linear_w4a4_equals_reference_bit_exactly(m_shape, k, n, bias, out_dtype
     assert torch.equal(got, expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 20), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_linear_w4a4_equals_reference_on_random_shapes(m, k, n, bias, seed):
+    args = make_linear((m,), k, n, bias, seed=seed, bias_dtype=torch.bfloat16)
+    assert torch.equal(q4.linear_w4a4(*args, torch.float32), reference.linear_w4a4_ref(*args, torch.float32))
+
+
 def test_linear_w4a4_integer_accumulation_is_exact():
     """With unit steps and no bias the op returns the integer dot products themselves."""
     x_codes, packed, _, _, _ = make_linear((9,), 37, 11, False)
-    ones = torch.ones(11)
-    got = q4.linear_w4a4(x_codes, packed, ones, torch.tensor(1.0), None, torch.float32)
-    exact = x_codes.long() @ int4.unpack_int4(packed, 37).long().t()
+    got = q4.linear_w4a4(x_codes, packed, torch.ones(11), torch.tensor(1.0), None, torch.float32)
+    exact = x_codes.long() @ reference.unpack_int4_ref(packed, 37).long().t()
     assert torch.equal(got, exact.float())
+    # Extreme codes over a long K: |acc| = 64 * K, still exact in int32 and float32.
+    x = torch.full((2, 4099), -8, dtype=torch.int8)
+    packed = int4.pack_int4(torch.full((3, 4099), -8, dtype=torch.int8))
+    assert (q4.linear_w4a4(x, packed, torch.ones(3), torch.tensor(1.0), None, torch.float32) == 64 * 4099).all()
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_linear_w4a4_without_the_onednn_int_mm_path_is_bit_identical(monkeypatch):
+    """On CPUs where _int_mm would run its scalar loop the op multiplies in float32: same bits."""
+    args = make_linear((2, 17), 65, 19, True)
+    fast = q4.linear_w4a4(*args, torch.bfloat16)
+    monkeypatch.setattr(ops, "_cpu_int_mm_is_fast", lambda: False)
+    assert torch.equal(q4.linear_w4a4(*args, torch.bfloat16), fast)
+
+
+def test_linear_w4a4_takes_non_contiguous_inputs():
+    x_codes, packed, w_step, a_step, b = make_linear((6,), 24, 10, True)
+    expected = reference.linear_w4a4_ref(x_codes, packed, w_step, a_step, b, torch.float32)
+    x_t = x_codes.t().contiguous().t()  # same values, column-major
+    wide = torch.zeros(10, 40, dtype=torch.uint8)
+    wide[:, :12] = packed  # a row-strided view of the same bytes
+    got = q4.linear_w4a4(x_t, wide[:, :12], w_step, a_step, b, torch.float32)
+    assert torch.equal(got, expected)
+
+
+def test_linear_w4a4_approximates_fake_quant_semantics():
+    """Codes in, integer matmul, epilogue == quantize x and w, dequantize, F.linear (up to fp32 rounding)."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(4, 3, 48, generator=g), torch.randn(20, 48, generator=g), torch.randn(20, generator=g)
+    a_step = x.abs().max() / 7
+    codes, w_step = int4.quantize_weight_per_channel(w)
+    got = q4.linear_w4a4(q4.quantize_per_tensor(x, a_step, 4), int4.pack_int4(codes), w_step, a_step, b, torch.float32)
+    torch.testing.assert_close(got, reference.fake_quant_linear_ref(x, w, b, a_step), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantize_and_dequantize_equal_reference(bits):
     x = torch.randn(3, 7, 10) * 5
+    x[0, 0, :5] = torch.tensor([0.15, -0.15, 0.45, 1e9, -1e9])  # ties round to even; far values clamp
     step = torch.tensor(0.3)
     codes = q4.quantize_per_tensor(x, step, bits)
     assert torch.equal(codes, reference.quantize_per_tensor_ref(x, step, bits))
-    assert int(codes.max()) <= 2 ** (bits - 1) - 1 and int(codes.min()) >= -(2 ** (bits - 1))
-    for dtype in (torch.float32, torch.bfloat16):
+    assert int(codes.max()) == 2 ** (bits - 1) - 1 and int(codes.min()) == -(2 ** (bits - 1))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(q4.dequantize_per_tensor(codes, step, dtype), reference.dequantize_per_tensor_ref(codes, step, dtype))
+    assert torch.equal(q4.quantize_per_tensor(x.bfloat16(), step, bits), reference.quantize_per_tensor_ref(x.bfloat16(), step, bits))
 
 
-def test_dequantize_weight_equals_reference():
-    codes, step = int4.quantize_weight_per_channel(torch.randn(6, 13), bits=3)
+def test_quantize_rounds_half_to_even():
+    codes = q4.quantize_per_tensor(torch.tensor([0.5, 1.5, -0.5, -2.5]), torch.tensor(1.0), 4)
+    assert codes.tolist() == [0, 2, 0, -2]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k", [1, 13, 64])
+def test_dequantize_weight_equals_reference(bits, k):
+    codes, step = int4.quantize_weight_per_channel(torch.randn(6, k), bits=bits)
+    assert int(codes.abs().max()) <= 2 ** (bits - 1)
     packed = int4.pack_int4(codes)
-    assert torch.equal(q4.dequantize_weight_int4(packed, step, 13, torch.float32),
-                       reference.dequantize_weight_int4_ref(packed, step, 13, torch.float32))
+    for dtype in (torch.float32, torch.bfloat16):
+        got = q4.dequantize_weight_int4(packed, step, k, dtype)
+        assert torch.equal(got, reference.dequantize_weight_int4_ref(packed, step, k, dtype))
+    torch.testing.assert_close(q4.dequantize_weight_int4(packed, step, k, torch.float32), codes.float() * step[:, None])
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 9), k=st.integers(1, 33), seed=st.integers(0, 2**16))
+@given(n=st.integers(0, 9), k=st.integers(0, 33), seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(n, k, seed):
     codes = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
     packed = int4.pack_int4(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (n, (k + 1) // 2)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, (k + 1) // 2) and packed.is_contiguous()
     assert torch.equal(int4.unpack_int4(packed, k), codes)
+    assert torch.equal(reference.unpack_int4_ref(packed, k), codes)
+
+
+def test_unpack_of_every_byte_value():
+    packed = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    assert torch.equal(int4.unpack_int4(packed, 128), reference.unpack_int4_ref(packed, 128))
+    assert torch.equal(int4.pack_int4(int4.unpack_int4(packed, 128)), packed)
 
 
 def test_packed_layout_low_nibble_holds_even_k():
     packed = int4.pack_int4(torch.tensor([[1, -2, 7]], dtype=torch.int8))
-    assert packed.tolist() == [[0x1 | (0xE << 4), 0x7]]
+    assert packed.tolist() == [[0x1 | (0xE << 4), 0x7]]  # odd K: zero high nibble
 
 
-def test_weight_quantization_of_a_zero_row_does_not_divide_by_zero():
+def test_weight_quantization_is_symmetric_per_row_and_safe_on_zero_rows():
     w = torch.randn(3, 8)
     w[1] = 0
     codes, step = int4.quantize_weight_per_channel(w)
+    assert codes.dtype == torch.int8 and step.dtype == torch.float32 and step.shape == (3,)
     assert torch.isfinite(step).all() and (codes[1] == 0).all()
+    for row in (0, 2):
+        assert step[row] == w[row].abs().max() / 7 and codes[row].abs().max() == 7
 
 
 def test_opcheck():
     x_codes, packed, w_step, a_step, b = make_linear((5,), 12, 7, True)
     torch.library.opcheck(q4.linear_w4a4.default, (x_codes, packed, w_step, a_step, b, torch.float32))
-    torch.library.opcheck(q4.linear_w4a4.default, (x_codes, packed, w_step, a_step, None, torch.bfloat16))
-    x = torch.randn(4, 12)
-    torch.library.opcheck(q4.quantize_per_tensor.default, (x, a_step, 4))
-    torch.library.opcheck(q4.dequantize_per_tensor.default, (x_codes, a_step, torch.float32))
+    x3, packed3, w_step3, _, _ = make_linear((2, 3), 13, 5, False)
+    torch.library.opcheck(q4.linear_w4a4.default, (x3, packed3, w_step3, a_step, None, torch.bfloat16))
+    torch.library.opcheck(q4.quantize_per_tensor.default, (torch.randn(4, 12), a_step, 4))
+    torch.library.opcheck(q4.dequantize_per_tensor.default, (x_codes, a_step, torch.float16))
     torch.library.opcheck(q4.dequantize_weight_int4.default, (packed, w_step, 12, torch.float32))
 
 
@@ -101,8 +163,18 @@ def test_fake_implementations_give_shapes_and_dtypes():
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = q4.linear_w4a4(*args, torch.bfloat16)
         codes = q4.quantize_per_tensor(torch.empty(2, 9), args[3], 4)
+        x_dq = q4.dequantize_per_tensor(codes, args[3], torch.float16)
+        w_dq = q4.dequantize_weight_int4(args[1], args[2], 9, torch.float32)
     assert out.shape == (2, 3, 4) and out.dtype == torch.bfloat16
     assert codes.shape == (2, 9) and codes.dtype == torch.int8
+    assert x_dq.shape == (2, 9) and x_dq.dtype == torch.float16
+    assert w_dq.shape == (4, 9) and w_dq.dtype == torch.float32
+
+
+def test_fake_implementations_check_shapes_too():
+    x_codes, packed, w_step, a_step, _ = make_linear((3,), 16, 5, False)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(KernelArgumentError, match="'w_packed'"):
+        q4.linear_w4a4(torch.empty(3, 18, dtype=torch.int8), packed, w_step, a_step, None, torch.float32)
 
 
 def test_runs_inside_inductor():
@@ -122,19 +194,35 @@ def test_runs_inside_inductor():
 
 
 def bad(fn, *args) -> str:
-    with pytest.raises((KernelArgumentError, TypeError, ValueError, RuntimeError)) as info:
+    with pytest.raises((TypeError, ValueError)) as info:
         fn(*args)
     return str(info.value)
 
 
 def test_bad_linear_arguments_name_the_argument():
     x_codes, packed, w_step, a_step, b = make_linear((3,), 16, 5, True)
-    assert "'x_codes'" in bad(q4.linear_w4a4, x_codes.float(), packed, w_step, a_step, b, torch.float32)
-    assert "'w_packed'" in bad(q4.linear_w4a4, x_codes, packed.view(torch.int8), w_step, a_step, b, torch.float32)
-    assert "'w_packed'" in bad(q4.linear_w4a4, x_codes[:, :14], packed, w_step, a_step, b, torch.float32)
-    assert "'w_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step[:3], a_step, b, torch.float32)
-    assert "'bias'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b[:2], torch.float32)
+    f32 = torch.float32
+    assert "'x_codes'" in bad(q4.linear_w4a4, x_codes.float(), packed, w_step, a_step, b, f32)
+    assert "'x_codes'" in bad(q4.linear_w4a4, x_codes.view(torch.uint8), packed, w_step, a_step, b, f32)
+    assert "'w_packed'" in bad(q4.linear_w4a4, x_codes, packed.view(torch.int8), w_step, a_step, b, f32)
+    assert "'w_packed'" in bad(q4.linear_w4a4, x_codes, packed[None], w_step, a_step, b, f32)
+    message = bad(q4.linear_w4a4, x_codes[:, :14], packed, w_step, a_step, b, f32)  # K mismatch
+    assert "'w_packed'" in message and "K = 14" in message
+    assert "'w_packed'" in bad(q4.linear_w4a4, x_codes[:, :15], packed[:, :7], w_step, a_step, b, f32)  # K=15 ok: 8 bytes
+    assert "'w_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step[:3], a_step, b, f32)
+    assert "'w_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step.double(), a_step, b, f32)
+    assert "'a_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step[None], b, f32)
+    assert "'a_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step.bfloat16(), b, f32)
+    assert "'bias'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b[:2], f32)
+    assert "'bias'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b.int(), f32)
     assert "'out_dtype'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b, torch.int32)
+    assert "'x_codes'" in bad(q4.linear_w4a4, torch.tensor(3, dtype=torch.int8), packed, w_step, a_step, b, f32)
+
+
+def test_linear_with_odd_k_accepts_its_padded_packing_only():
+    x_codes, packed, w_step, a_step, _ = make_linear((2,), 15, 4, False)
+    assert packed.shape == (4, 8)
+    assert "'w_packed'" in bad(q4.linear_w4a4, x_codes[:, :13], packed, w_step, a_step, None, torch.float32)
 
 
 @pytest.mark.parametrize("value", [0.0, float("nan"), float("inf"), -1.0])
@@ -143,11 +231,35 @@ def test_bad_steps_are_rejected(value):
     assert "'a_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step, torch.tensor(value), None, torch.float32)
     broken = w_step.clone()
     broken[2] = value
-    assert "'w_step'" in bad(q4.linear_w4a4, x_codes, packed, broken, torch.tensor(0.1), None, torch.float32)
+    message = bad(q4.linear_w4a4, x_codes, packed, broken, torch.tensor(0.1), None, torch.float32)
+    assert "'w_step'" in message and "index 2" in message
+    assert "'w_step'" in bad(q4.dequantize_weight_int4, packed, broken, 16, torch.float32)
     assert "'step'" in bad(q4.quantize_per_tensor, torch.randn(4), torch.tensor(value), 4)
+    assert "'step'" in bad(q4.dequantize_per_tensor, x_codes, torch.tensor(value), torch.float32)
 
 
-def test_bad_pack_input():
-    assert "[-8, 7]" in bad(int4.pack_int4, torch.tensor([[9]], dtype=torch.int8))
+def test_bad_quantize_and_dequantize_arguments():
+    step = torch.tensor(0.1)
+    assert "'x'" in bad(q4.quantize_per_tensor, torch.ones(3, dtype=torch.int8), step, 4)
+    assert "'bits'" in bad(q4.quantize_per_tensor, torch.randn(3), step, 1)
+    assert "'bits'" in bad(q4.quantize_per_tensor, torch.randn(3), step, 9)
+    assert "'step'" in bad(q4.quantize_per_tensor, torch.randn(3), torch.tensor([0.1]), 4)
+    assert "'codes'" in bad(q4.dequantize_per_tensor, torch.ones(3, dtype=torch.int32), step, torch.float32)
+    assert "'dtype'" in bad(q4.dequantize_per_tensor, torch.ones(3, dtype=torch.int8), step, torch.int8)
+    packed = int4.pack_int4(torch.zeros(4, 6, dtype=torch.int8))
+    assert "'k'" in bad(q4.dequantize_weight_int4, packed, torch.ones(4), -1, torch.float32)
+    assert "'w_packed'" in bad(q4.dequantize_weight_int4, packed, torch.ones(4), 8, torch.float32)
+    assert "'dtype'" in bad(q4.dequantize_weight_int4, packed, torch.ones(4), 6, torch.float64)
+
+
+def test_bad_format_helper_input():
+    assert "got min 0, max 9" in bad(int4.pack_int4, torch.tensor([[9, 0]], dtype=torch.int8))
+    assert "[-8, 7]" in bad(int4.pack_int4, torch.tensor([[-9]], dtype=torch.int8))
     assert "int8" in bad(int4.pack_int4, torch.tensor([[1.0]]))
+    assert "2-D" in bad(int4.pack_int4, torch.zeros(4, dtype=torch.int8))
+    assert "packed" in bad(int4.unpack_int4, torch.zeros(2, 3, dtype=torch.int8), 6)
+    assert "ceil(k/2)" in bad(int4.unpack_int4, torch.zeros(2, 3, dtype=torch.uint8), 8)
+    assert "k must be" in bad(int4.unpack_int4, torch.zeros(2, 3, dtype=torch.uint8), -1)
     assert "bits" in bad(int4.quantize_weight_per_channel, torch.randn(2, 2), 5)
+    assert "weight" in bad(int4.quantize_weight_per_channel, torch.ones(2, 2, dtype=torch.int32))
+    assert "finite" in bad(int4.quantize_weight_per_channel, torch.tensor([[1.0, float("nan")]]))
