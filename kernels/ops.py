@@ -24,6 +24,7 @@ as constants. Every op checks its arguments and names the one that is wrong befo
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,9 +75,10 @@ def _check_step(op: str, arg: str, step: torch.Tensor, shape: tuple, check_value
     if step.dtype != torch.float32 or tuple(step.shape) != shape:
         form = "a 0-dim float32 tensor" if shape == () else f"a float32 tensor of shape {shape}"
         _fail(op, arg, form, _describe(step))
-    if check_values:
-        bad = ~((step > 0) & torch.isfinite(step))  # NaN fails both comparisons
-        if bool(bad.any()):
+    if check_values and step.numel():
+        lo, hi = torch.aminmax(step)  # NaN propagates to both, and fails `> 0`
+        if not (lo.item() > 0 and hi.item() < math.inf):
+            bad = ~((step > 0) & torch.isfinite(step))
             where = "" if shape == () else f" at index {int(bad.nonzero()[0, 0])}"
             value = step.reshape(-1)[bad.reshape(-1)][0].item()
             _fail(op, arg, "finite and > 0", f"{value}{where}")
