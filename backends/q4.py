@@ -122,7 +122,7 @@ def artifacts() -> list[Q4Artifact]:
 
 
 def _compiled_frame() -> tuple[dict, Any]:
-    """Locals and code of the frame Dynamo is compiling: calibration batches bind to its signature."""
+    """Locals and code of the frame Dynamo is compiling: calibration runs the module found there."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -132,20 +132,18 @@ def _compiled_frame() -> tuple[dict, Any]:
         return {}, None
 
 
+def _source_name(node: fx.Node) -> str:
+    """Dynamo's source of a graph input: `L['self']._modules['model']._parameters['weight']`."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    return (source() if callable(source) else source) or ""
+
+
 def _is_state(node: fx.Node, value: Any) -> bool:
     """Is this graph input a parameter or buffer of the user's module?"""
     if isinstance(value, torch.nn.Parameter):
         return True
-    grapharg = node.meta.get("grapharg")
-    source = getattr(getattr(grapharg, "source", None), "name", "")
-    source = source() if callable(source) else source
-    return isinstance(value, torch.Tensor) and bool(_STATE_SOURCE.search(source or ""))
-
-
-def _source_name(node: fx.Node) -> str:
-    grapharg = node.meta.get("grapharg")
-    source = getattr(getattr(grapharg, "source", None), "name", "")
-    return (source() if callable(source) else source) or ""
+    return isinstance(value, torch.Tensor) and bool(_STATE_SOURCE.search(_source_name(node)))
 
 
 def _fqn(source: str) -> str:
@@ -292,9 +290,8 @@ def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fram
             frame_code: Any, on_stage: Callable[[str, fx.GraphModule], None] = lambda *_: None) -> Prepared:
     """capture -> normalize -> freeze -> calibrate, reporting each stage to `on_stage`."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sources = [_source_name(n) for n in placeholders]
     state = {
-        i: (v, _fqn(sources[i]))
+        i: (v, _fqn(_source_name(n)))
         for i, (n, v) in enumerate(zip(placeholders, example_inputs))
         if _is_state(n, v)
     }
