@@ -29,7 +29,7 @@ import dataclasses
 from functools import cached_property
 from typing import Any, Iterable
 
-from qcompile.pass_api import PipelineError, QPass, format_value, get_pass_class, to_kebab
+from qcompile.pass_api import PipelineError, QPass, format_value, get_pass_class, registry, to_kebab
 
 __all__ = ["PassSpec", "Pipeline", "parse_pipeline"]
 
@@ -85,16 +85,18 @@ class Pipeline(list):
     def without(self, names: Iterable[str]) -> Pipeline:
         """This pipeline minus every pass named in `names` (for `Q4_DISABLE`).
 
-        A name that is not in the pipeline is an error listing the pipeline's passes: a typo in
-        a disable list must not silently leave the pass running.
+        A name that is no registered pass is an error listing the registered ones: a typo in a
+        disable list must not silently leave the pass running. A registered pass this pipeline
+        does not hold is nothing to drop: `Q4_DISABLE` applies to every graph and recipe of the
+        process, and `Q4_DISABLE=migrate-scales` must not break a recipe without migration.
         """
         names = (names,) if isinstance(names, str) else tuple(names)
-        unknown = [n for n in names if n not in self.names()]
+        known = registry()
+        unknown = [n for n in names if n not in known]
         if unknown:
-            present = ", ".join(dict.fromkeys(self.names())) or "(none: the pipeline is empty)"
             raise PipelineError(
-                f"cannot disable {', '.join(map(repr, unknown))}: not in the pipeline {str(self)!r}; "
-                f"its passes are: {present}"
+                f"cannot disable {', '.join(map(repr, unknown))}: no such pass; "
+                f"registered passes: {', '.join(sorted(known))}"
             )
         return Pipeline(spec for spec in self if spec.name not in names)
 
