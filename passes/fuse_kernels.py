@@ -15,8 +15,8 @@ After:
     x_q = q4.quantize_per_tensor(x, a_step, 4)
     linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32)
 
-Linears quantized to more than 4 activation bits stay in their fake-quantized form and are
-counted in `linears-not-fused` (no kernel for them yet).
+Linears quantized to more than 4 activation bits, or weight-only (float activations), stay in
+their fake-quantized form and are counted in `linears-not-fused` (no kernel for them yet).
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def _match(node: fx.Node) -> dict | None:
                 bias=bias, dtype=dtype, x_dq=x_dq, w_dq=w_dq)
 
 
+def _reads_packed_weight(node: fx.Node) -> bool:
+    w = node.args[1] if node.op == "call_function" and node.target is ir.aten.linear.default else None
+    return isinstance(w, fx.Node) and w.target is q4.dequantize_weight_int4.default
+
+
 @register_pass
 class FuseKernels(QPass):
     name = "fuse-kernels"
@@ -61,6 +66,8 @@ class FuseKernels(QPass):
         for node in self.nodes(gm):
             parts = _match(node)
             if parts is None:
+                if _reads_packed_weight(node):  # weight-only (float activations): no kernel yet
+                    self.count("linears-not-fused")
                 continue
             if parts["a_bits"] > 4:
                 self.count("linears-not-fused")

@@ -40,6 +40,7 @@ from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.pass_api import PassResult, QPass, option, register_pass
 
 q4 = torch.ops.q4
+FLOAT_ACTIVATIONS = 16  # a-bits=16: weight-only quantization, the linear reads x as it is
 
 # Ops that multiply by a weight-like constant but are not (yet) quantized: counted, left in float.
 UNHANDLED = {
@@ -51,7 +52,8 @@ UNHANDLED = {
 @dataclass(frozen=True)
 class InsertQuantizersOptions:
     w_bits: int = option(4, choices=(2, 3, 4), help="weight bits (symmetric, per output channel)")
-    a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8), help="activation bits (static, per tensor)")
+    a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8, 16),
+                         help="activation bits (static, per tensor); 16 keeps activations in float (weight-only)")
     skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
     search_clip: bool = option(False, help="search the activation clipping ratio on calibration samples where no earlier pass chose one")
 
@@ -106,35 +108,20 @@ class InsertQuantizers(QPass):
             n_out, k = weight.shape
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
-            clip = node.meta.get(ir.ACT_CLIP)
-            if clip is None and opts.search_clip and stats.samples.shape[0]:
-                clip, _ = search.search_clip(stats.samples, [weight], torch.ones_like(stats.absmax),
-                                             search.CLIPS, opts.w_bits, opts.a_bits)
-                node.meta[ir.ACT_CLIP] = clip
-            a_step = activation_step(stats.absmax, opts.a_bits, clip or 1.0)
             codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
             packed = int4.pack_int4(codes)
-
             with graph.inserting_before(node):
-                key = (x, float(a_step))
-                if key in quantizers:
-                    x_q = quantizers[key]
-                    self.count("quantizers-shared")
+                if opts.a_bits == FLOAT_ACTIVATIONS:
+                    x_in = x
                 else:
-                    a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
-                    x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits))
-                    ir.mark_created(a_step_node, self.name, [node])
-                    ir.mark_created(x_q, self.name, [node])
-                    quantizers[key] = x_q
-                a_step_node = x_q.args[1]
-                x_dq = graph.call_function(q4.dequantize_per_tensor.default, (x_q, a_step_node, dtype))
+                    x_in = self._fake_quant_activation(gm, node, weight, stats, dtype, stem, quantizers)
                 packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
                 w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
                 w_dq = graph.call_function(
                     q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype)
                 )
-                new = graph.call_function(ir.aten.linear.default, (x_dq, w_dq, bias))
-            for created in (x_dq, packed_node, w_step_node, w_dq, new):
+                new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, bias))
+            for created in (packed_node, w_step_node, w_dq, new):
                 ir.mark_created(created, self.name, [node])
             new.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(new)
@@ -147,3 +134,27 @@ class InsertQuantizers(QPass):
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _fake_quant_activation(self, gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, stats,
+                               dtype: torch.dtype, stem: str, quantizers: dict) -> fx.Node:
+        """dequantize(quantize(x)) of the linear's input, sharing the quantize node between the
+        linears that read the same activation with the same step."""
+        opts, graph, x = self.options, gm.graph, node.args[0]
+        clip = node.meta.get(ir.ACT_CLIP)
+        if clip is None and opts.search_clip and stats.samples.shape[0]:
+            clip, _ = search.search_clip(stats.samples, [weight], torch.ones_like(stats.absmax),
+                                         search.CLIPS, opts.w_bits, opts.a_bits)
+            node.meta[ir.ACT_CLIP] = clip
+        a_step = activation_step(stats.absmax, opts.a_bits, clip or 1.0)
+        key = (x, float(a_step))
+        if key in quantizers:
+            x_q = quantizers[key]
+            self.count("quantizers-shared")
+        else:
+            a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
+            x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits))
+            ir.mark_created(a_step_node, self.name, [node])
+            ir.mark_created(x_q, self.name, [node])
+            quantizers[key] = x_q
+        x_dq = graph.call_function(q4.dequantize_per_tensor.default, (x_q, x_q.args[1], dtype))
+        return ir.mark_created(x_dq, self.name, [node])

@@ -19,6 +19,11 @@ RECIPES: dict[str, str] = {
     # linears no norm or producing linear precedes (o_proj).
     "w4a4": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},"
     "insert-quantizers{w-bits=4,a-bits=4,search-clip=true},fuse-kernels",
+    # The same with 8-bit static activations; no fused kernel yet, so it runs fake-quantized.
+    "w4a8": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=8},"
+    "insert-quantizers{w-bits=4,a-bits=8,search-clip=true},fuse-kernels",
+    # Weight-only int4 (activations stay in float); runs fake-quantized until its kernel lands.
+    "w4a16": "analyze-outliers,insert-quantizers{w-bits=4,a-bits=16},fuse-kernels",
 }
 
 DEFAULT_RECIPE = "w4a4-rtn"

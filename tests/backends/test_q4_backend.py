@@ -314,3 +314,14 @@ def test_smoothquant_recipe_runs_end_to_end(llama):
     stats = {r.name: r.stats for r in art.records}
     assert stats["migrate-scales"]["linears-migrated"] == 12
     assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("recipe,fused", [("w4a4", 14), ("w4a8", 0), ("w4a16", 0)])
+def test_every_recipe_runs_end_to_end(llama, recipe, fused):
+    run = ids(12, seed=9)
+    expected = llama(run).logits
+    _, out, art = compile_and_run(llama, {**EAGER, "recipe": recipe, "calibration": [(ids(16, seed=2),)]}, run)
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == fused
+    assert art.count_ops(torch.ops.q4.dequantize_weight_int4.default) == 14 - fused
+    cosine = torch.nn.functional.cosine_similarity(out.logits.flatten(), expected.flatten(), dim=0)
+    assert cosine > (0.9 if recipe != "w4a4" else 0.5), cosine

@@ -49,3 +49,11 @@ def test_no_change_on_a_float_graph():
     gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
     result, stats = run_pass("fuse-kernels", gm)
     assert not result.modified and stats["linears-fused"] == 0
+
+
+def test_weight_only_linears_are_left_unfused_and_counted():
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    weight_only = run_pass("insert-quantizers", gm, a_bits=16)[0].graph_module
+    FileCheck().check_not("q4.quantize_per_tensor").check_count("q4.dequantize_weight_int4", 3).run(weight_only.code)
+    result, stats = run_pass("fuse-kernels", weight_only)
+    assert not result.modified and stats["linears-not-fused"] == 3
