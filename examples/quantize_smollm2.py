@@ -21,12 +21,12 @@ from qcompile.evaluate import perplexity
 
 
 def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:
-    """Median wall time of one forward pass over `ids` (after the caller's warm-up)."""
+    """Median wall time of one prefill over `ids`, no KV cache (after the caller's warm-up)."""
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
-            model(input_ids=ids)
+            model(input_ids=ids, use_cache=False)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     rows = []
     with torch.no_grad():
-        model(input_ids=prompt)  # warm-up
+        model(input_ids=prompt, use_cache=False)  # warm-up
         fp32_ppl = perplexity(model, evaluation, desc="FP32 perplexity")
         rows.append(["FP32 (eager)", fp32_ppl, 1.0, None, prefill_seconds(model, prompt),
                      decoder_linear_bytes(model)])
@@ -67,7 +67,7 @@ def main() -> None:
         start = time.perf_counter()
         compiled = torch.compile(model, backend="q4",
                                  options={"recipe": args.recipe, "calibration": calibration})
-        compiled(input_ids=prompt)  # the first call captures, calibrates, runs the passes, lowers
+        compiled(input_ids=prompt, use_cache=False)  # the first call captures, calibrates, runs the passes, lowers
         compile_seconds = time.perf_counter() - start
         artifact = q4_backend.artifacts()[-1]
         q_ppl = perplexity(compiled, evaluation, desc=f"{args.recipe} perplexity")

@@ -72,7 +72,7 @@ def main() -> None:
     fp32 = perplexity(model, windows, desc="SmolLM2 FP32")
     rows.append(["SmolLM2-135M", "FP32", "perplexity", fp32, 1.0, None])
     for recipe in tqdm(recipes, desc="recipes", leave=False):
-        compiled, seconds = compile_q4(model, recipe, calibration, {"input_ids": windows[0]})
+        compiled, seconds = compile_q4(model, recipe, calibration, {"input_ids": windows[0], "use_cache": False})
         ppl = perplexity(compiled, windows, desc=f"SmolLM2 {recipe}")
         rows.append(["SmolLM2-135M", recipe, "perplexity", ppl, ppl / fp32, seconds])
     del model

@@ -11,12 +11,16 @@ from tqdm.auto import tqdm
 
 def perplexity(model: Callable, windows: Iterable[torch.Tensor], progress: bool = True,
                desc: str = "perplexity") -> float:
-    """exp(mean next-token negative log-likelihood) over independent windows of input_ids."""
+    """exp(mean next-token negative log-likelihood) over independent windows of input_ids.
+
+    Windows are independent prefills: no KV cache is asked for (use_cache=False), which also lets
+    migrate-scales reach o_proj through v_proj (a returned cache would be an output it changes).
+    """
     windows = list(windows)
     nll, count = 0.0, 0
     with torch.no_grad():
         for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
-            logits = model(input_ids=ids).logits.float()
+            logits = model(input_ids=ids, use_cache=False).logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits[0, :-1], ids[0, 1:], reduction="sum"
             )

@@ -20,16 +20,22 @@ def first_output(gm, x):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# (family, groups migrated: per layer the norms before attention and MLP, and down_proj through
-# up_proj rows where the MLP is gated with separate gate and up linears)
-FAMILIES = [("llama", 6), ("qwen2", 6), ("gemma", 6), ("phi3", 4), ("opt", 4), ("bert", 0)]
+# (family, groups migrated per 2 layers: the norms before attention and MLP; down_proj through
+# up_proj rows where the MLP is gated with separate gate and up linears; o_proj through v_proj
+# rows, except Phi-3 whose v is a slice of the fused qkv output)
+FAMILIES = [("llama", 8), ("qwen2", 8), ("gemma", 8), ("phi3", 4), ("opt", 6), ("bert", 2)]
+
+
+def capture_family(family, x):
+    """Decoders without the KV cache: a returned cache is an output the migration must not change."""
+    kwargs = {} if family == "bert" else {"use_cache": False}
+    return capture(tiny_model(family), x, **kwargs)
 
 
 @pytest.mark.parametrize("family,groups", FAMILIES)
 def test_migration_is_exact_in_real_arithmetic(family, groups):
-    model = tiny_model(family)
     x = inputs()
-    gm = capture(model, x)
+    gm = capture_family(family, x)
     before = first_output(gm, x).detach().clone()
     result, stats = run_pass("migrate-scales", gm, alpha=0.8)
     after = first_output(result.graph_module, x)
@@ -41,17 +47,43 @@ def test_migration_is_exact_in_real_arithmetic(family, groups):
 def test_post_norm_residual_is_left_alone_and_counted():
     gm = capture(tiny_model("bert"), inputs())
     _, stats = run_pass("migrate-scales", gm)
-    assert stats["groups-migrated"] == 0
+    assert stats["groups-migrated"] == 2  # only the attention output dense, through value rows
     assert stats["activations-shared-with-non-linear"] >= 4  # LayerNorm outputs feed residuals too
 
 
+def test_value_rows_are_left_alone_when_the_kv_cache_is_returned():
+    """With use_cache, v also flows into the returned cache: scaling v_proj would change an output."""
+    _, with_cache = run_pass("migrate-scales", capture(tiny_model("llama"), inputs()))
+    _, without = run_pass("migrate-scales", capture_family("llama", inputs()))
+    assert with_cache["groups-migrated"] == 6 and without["groups-migrated"] == 8
+
+
+def test_grouped_query_heads_share_their_kv_scale():
+    from qcompile import ir
+
+    gm = capture_family("llama", inputs())  # 4 query heads share 2 KV heads of 16 channels
+    run_pass("migrate-scales", gm, method="smoothquant")
+    o = next(n for n in gm.graph.nodes if ir.module_path(n).endswith("layers.0.self_attn.o_proj"))
+    v = next(n for n in gm.graph.nodes if ir.module_path(n).endswith("layers.0.self_attn.v_proj"))
+    model = tiny_model("llama")
+    s = ir.get_constant(gm, o.args[1])[0] / model.model.layers[0].self_attn.o_proj.weight[0]
+    t = model.model.layers[0].self_attn.v_proj.weight[:, 0] / ir.get_constant(gm, v.args[1])[:, 0]
+    heads = s.view(4, 16)
+    torch.testing.assert_close(heads[0], heads[1])  # query heads 0, 1 read KV head 0
+    torch.testing.assert_close(heads[2], heads[3])  # query heads 2, 3 read KV head 1
+    # v_proj's rows carry the same scales; its columns also carry the input norm's migration,
+    # a common factor for every row of a column
+    ratio = torch.cat([heads[0], heads[2]]) / t
+    torch.testing.assert_close(ratio, ratio[:1].expand(32))
+
+
 def test_migrated_scales_are_changed_constants_not_new_multiplies():
-    gm = capture(tiny_model("llama"), inputs())
+    gm = capture_family("llama", inputs())
     muls_before = gm.code.count("aten.mul.Tensor")
     result, stats = run_pass("migrate-scales", gm)
     code = result.graph_module.code
     assert code.count("aten.mul.Tensor") == muls_before
-    assert stats["linears-migrated"] == 12  # q, k, v, gate, up, down per layer; o_proj not yet
+    assert stats["linears-migrated"] == 14  # every linear of both layers
     FileCheck().check("input_layernorm_weight_migrated").check("q_proj_weight_migrated").run(code)
     # the user's parameter constants the migration replaced are gone from the graph module
     assert "model_layers_0_self_attn_q_proj_weight " not in code
