@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import qcompile.backends.q4 as q4_backend
-from qcompile.calibrate import CalibrationError
 from qcompile.kernels import reference
-from tests.conftest import tiny_bert, tiny_llama
+from tests.conftest import tiny_llama
 
 EAGER = {"lower": "eager", "progress": False}
 

@@ -7,7 +7,7 @@ import torch
 from qcompile import ir
 from qcompile.passes.analyze_outliers import outlier_report
 from qcompile.testing import capture
-from tests.passes.test_insert_quantizers import run_pass
+from tests.passes.test_insert_quantizers import Zero, run_pass
 
 
 class Planted(torch.nn.Module):
@@ -40,14 +40,6 @@ def test_finds_the_planted_channel_and_changes_no_node():
 
 
 def test_all_zero_activation_does_not_divide_by_zero():
-    class Zero(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x * 0)
-
     gm = capture(Zero().eval(), torch.randn(5, 4))
     run_pass("analyze-outliers", gm)
     (info,) = [n.meta[ir.OUTLIERS] for n in gm.graph.nodes if ir.OUTLIERS in n.meta]

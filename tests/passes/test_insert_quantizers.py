@@ -84,15 +84,18 @@ def test_skip_keeps_matching_linears_in_float():
     FileCheck().check("q4.quantize_per_tensor").check("aten.add").check_not("q4.").run(result.graph_module.code)
 
 
+class Zero(torch.nn.Module):
+    """A linear whose input is all zeros: calibration sees nothing to scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x * 0)
+
+
 def test_all_zero_activation_gets_a_finite_step():
-    class Zero(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x * 0)
-
     gm = capture(Zero().eval(), torch.randn(2, 4))
     result, _ = run_pass("insert-quantizers", gm)
     out = result.graph_module(torch.randn(2, 4))[0]
