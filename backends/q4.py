@@ -218,7 +218,8 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
 
     missing = [n for n in linears if key not in _STATS_CACHE.get(owner(n), {})]
     if missing:
-        stats = _observe(aten_gm, example_inputs, state, opts, frame_locals, frame_code)
+        user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
+        stats = _observe(aten_gm, linears, params, user_inputs, opts, frame_locals, frame_code)
         for n, s in stats.items():
             _STATS_CACHE.setdefault(owner(n), {})[key] = s
     for n in linears:
@@ -226,33 +227,32 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
             n.meta[ir.CALIB] = _STATS_CACHE[owner(n)][key]
 
 
-def _observe(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
-             opts: Q4Options, frame_locals: dict, frame_code: Any) -> dict[fx.Node, calibrate.ChannelStats]:
-    """Run the calibration: the user's module on the batches, or the graph on the first call."""
+def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, torch.Tensor],
+             user_inputs: list[Any], opts: Q4Options, frame_locals: dict,
+             frame_code: Any) -> dict[fx.Node, calibrate.ChannelStats]:
+    """Run the calibration: the user's module on the batches, or the graph on the first call's
+    inputs. `params` maps weight names to the user's parameters."""
     total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
     progress = lambda it: tqdm(it, total=total, desc="q4 calibration", unit="batch",  # noqa: E731
                                disable=not opts.progress, leave=False)
-    linears = calibrate.observed_linears(aten_gm)
     if opts.calibration is None:
         warnings.warn(
             "qcompile: no calibration data given (options={'calibration': batches}); "
             "calibrating static activation scales on the first call's inputs",
             stacklevel=2,
         )
-        keep = [i for i in range(len(example_inputs)) if i not in state]
-        return calibrate.observe(aten_gm, [[example_inputs[i] for i in keep]], progress)
+        return calibrate.observe(aten_gm, [user_inputs], progress)
 
     # Hugging Face models compile their forward's wrapper frame (`self` is the model); other
     # modules compile torch's call wrapper, whose `fn` is the module.
     module = next((v for k, v in frame_locals.items() if k in ("self", "fn") and isinstance(v, torch.nn.Module)), None)
     resumed = frame_code is not None and frame_code.co_name.startswith("torch_dynamo_resume_in")
-    if not isinstance(module, torch.nn.Module) or resumed:
+    if module is None or resumed:
         raise calibrate.CalibrationError(
             "calibration batches need the model's forward: this graph "
             + ("starts after a graph break" if resumed else "was not captured from an nn.Module's forward")
             + " (compile the module itself, or leave out 'calibration' to calibrate on the first call)"
         )
-    params = {fqn: tensor for tensor, fqn in state.values()}
     watched = {params[n.args[1].meta[ir.FQN]]: n.args[1].meta[ir.FQN] for n in linears
                if n.args[1].meta.get(ir.FQN) in params}
     try:
