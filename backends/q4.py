@@ -201,15 +201,16 @@ def freeze(aten_gm: fx.GraphModule, state: dict[int, tuple[torch.Tensor, str]]) 
     return aten_gm
 
 
-def _calibration_key(opts: Q4Options) -> Any:
-    return "first-call" if opts.calibration is None else id(opts.calibration)
+def _calibration_key(opts: Q4Options, gram: bool) -> Any:
+    return ("first-call" if opts.calibration is None else id(opts.calibration), gram)
 
 
 def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
-               opts: Q4Options, frame_locals: dict, frame_code: Any) -> None:
-    """Attach calibration stats (cached per weight parameter) to every observed linear."""
+               opts: Q4Options, frame_locals: dict, frame_code: Any, gram: bool) -> None:
+    """Attach calibration stats (cached per weight parameter) to every observed linear; with
+    Gram matrices if `gram`."""
     linears = calibrate.observed_linears(aten_gm)
-    key = _calibration_key(opts)
+    key = _calibration_key(opts, gram)
     # The cache is keyed by the user's parameter object, which the frozen constant aliases.
     params = {fqn: tensor for tensor, fqn in state.values()}
 
@@ -219,7 +220,7 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
     missing = [n for n in linears if key not in _STATS_CACHE.get(owner(n), {})]
     if missing:
         user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
-        stats = _observe(aten_gm, linears, params, user_inputs, opts, frame_locals, frame_code)
+        stats = _observe(aten_gm, linears, params, user_inputs, opts, frame_locals, frame_code, gram)
         for n, s in stats.items():
             _STATS_CACHE.setdefault(owner(n), {})[key] = s
     for n in linears:
@@ -229,7 +230,7 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
 
 def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, torch.Tensor],
              user_inputs: list[Any], opts: Q4Options, frame_locals: dict,
-             frame_code: Any) -> dict[fx.Node, calibrate.ChannelStats]:
+             frame_code: Any, gram: bool) -> dict[fx.Node, calibrate.ChannelStats]:
     """Run the calibration: the user's module on the batches, or the graph on the first call's
     inputs. `params` maps weight names to the user's parameters."""
     total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
@@ -241,7 +242,7 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, 
             "calibrating static activation scales on the first call's inputs",
             stacklevel=2,
         )
-        return calibrate.observe(aten_gm, [user_inputs], progress)
+        return calibrate.observe(aten_gm, [user_inputs], progress, gram)
 
     # Hugging Face models compile their forward's wrapper frame (`self` is the model); other
     # modules compile torch's call wrapper, whose `fn` is the module.
@@ -256,7 +257,7 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, 
     watched = {params[n.args[1].meta[ir.FQN]]: n.args[1].meta[ir.FQN] for n in linears
                if n.args[1].meta.get(ir.FQN) in params}
     try:
-        by_name = calibrate.observe_model(module, opts.calibration, watched, progress)
+        by_name = calibrate.observe_model(module, opts.calibration, watched, progress, gram)
     except calibrate.CalibrationError as e:
         if "empty" in str(e) and iter(opts.calibration) is opts.calibration:
             raise calibrate.CalibrationError(
@@ -287,8 +288,10 @@ class Prepared:
 
 
 def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
-            frame_code: Any, on_stage: Callable[[str, fx.GraphModule], None] = lambda *_: None) -> Prepared:
-    """capture -> normalize -> freeze -> calibrate, reporting each stage to `on_stage`."""
+            frame_code: Any, on_stage: Callable[[str, fx.GraphModule], None] = lambda *_: None,
+            needs: frozenset[str] = frozenset()) -> Prepared:
+    """capture -> normalize -> freeze -> calibrate, reporting each stage to `on_stage`; `needs`:
+    the optional statistics the pipeline's passes read (`QPass.calibration_needs`)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = {
         i: (v, _fqn(_source_name(n)))
@@ -301,7 +304,7 @@ def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fram
         on_stage("normalize", aten_gm)
         aten_gm = freeze(aten_gm, state)
         on_stage("freeze", aten_gm)
-        _calibrate(aten_gm, example_inputs, state, opts, frame_locals, frame_code)
+        _calibrate(aten_gm, example_inputs, state, opts, frame_locals, frame_code, "gram" in needs)
     return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state])
 
 
@@ -314,7 +317,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
     if opts.dump_dir:
         opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")
     manager = PassManager.from_options(pipeline, opts, stream=sys.stderr)
-    prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage)
+    needs = frozenset().union(*(p.calibration_needs() for p in pipeline.instantiate()))
+    prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage, needs)
     with torch.no_grad():
         result = manager.run(prepared.graph_module)
         final_gm = result.graph_module

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import ir, search
+from qcompile import gptq, ir, search
 from qcompile.kernels import int4
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.pass_api import PassResult, QPass, option, register_pass
@@ -56,6 +56,8 @@ class InsertQuantizersOptions:
                          help="activation bits (static, per tensor); 16 keeps activations in float (weight-only)")
     skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
     search_clip: bool = option(False, help="search the activation clipping ratio on calibration samples where no earlier pass chose one")
+    weights: str = option("rtn", choices=("rtn", "gptq"),
+                          help="how weights are rounded: rtn (to nearest) or gptq (errors compensated through the input's Gram matrix)")
 
 
 def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
@@ -72,7 +74,11 @@ class InsertQuantizers(QPass):
     name = "insert-quantizers"
     summary = "Quantize linear weights per output channel and their inputs per tensor (static)."
     Options = InsertQuantizersOptions
-    statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float")
+    statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
+                  "weights-gptq")
+
+    def calibration_needs(self) -> frozenset[str]:
+        return frozenset({"gram"}) if self.options.weights == "gptq" else frozenset()
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
@@ -108,7 +114,11 @@ class InsertQuantizers(QPass):
             n_out, k = weight.shape
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
-            codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
+            if opts.weights == "gptq" and stats.gram is not None and stats.num_tokens:
+                codes, w_step = gptq.quantize_gptq(weight, stats.gram, opts.w_bits)
+                self.count("weights-gptq")
+            else:
+                codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
             packed = int4.pack_int4(codes)
             with graph.inserting_before(node):
                 if opts.a_bits == FLOAT_ACTIVATIONS:

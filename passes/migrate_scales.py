@@ -40,7 +40,6 @@ After (new constants, no new nodes):
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -264,7 +263,5 @@ class MigrateScales(QPass):
             ir.mark_created(new, self.name, [old])
             new.meta["val"] = old.meta.get("val")
             lin.update_arg(1, new)
-            lin.meta[ir.CALIB] = dataclasses.replace(
-                lin.meta[ir.CALIB], absmax=act.absmax / s, robust=act.robust / s, samples=act.samples / s
-            )
+            lin.meta[ir.CALIB] = act.scaled(s)
         graph.eliminate_dead_code()  # the old constants (and Gemma's `1 + weight` chain)

@@ -54,6 +54,9 @@ class ChannelStats:
     robust: torch.Tensor  # float32 [channels]
     samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, channels]
     num_tokens: int = 0
+    # sum of x^T x over all tokens, float32 [channels, channels]; only when a pass needs it
+    # (GPTQ weight rounding), as it costs channels**2 floats per linear
+    gram: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float()
@@ -62,6 +65,8 @@ class ChannelStats:
         k = max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0]))
         self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
         self._sample(rows)
+        if self.gram is not None:
+            self.gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
 
     def _sample(self, rows: torch.Tensor) -> None:
@@ -79,9 +84,16 @@ class ChannelStats:
             self.samples[slots] = replace
 
     @classmethod
-    def empty(cls, channels: int) -> "ChannelStats":
+    def empty(cls, channels: int, gram: bool = False) -> "ChannelStats":
         zeros = torch.zeros(channels, dtype=torch.float32)
-        return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels))
+        return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
+                   gram=torch.zeros(channels, channels) if gram else None)
+
+    def scaled(self, scales: torch.Tensor) -> "ChannelStats":
+        """The statistics of x / scales (per channel), as a migration leaves the input."""
+        gram = None if self.gram is None else self.gram / torch.outer(scales, scales)
+        return dataclasses.replace(self, absmax=self.absmax / scales, robust=self.robust / scales,
+                                   samples=self.samples / scales, gram=gram)
 
 
 def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:
@@ -118,9 +130,11 @@ def observe(
     gm: fx.GraphModule,
     batches: Iterable[Sequence[Any]],
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    gram: bool = False,
 ) -> dict[fx.Node, ChannelStats]:
-    """Run `gm` on each batch of graph inputs; return the stats of every observed linear."""
-    stats = {n: ChannelStats.empty(ir.get_constant(gm, n.args[1]).shape[1]) for n in observed_linears(gm)}
+    """Run `gm` on each batch of graph inputs; return the stats of every observed linear
+    (with Gram matrices if `gram`)."""
+    stats = {n: ChannelStats.empty(ir.get_constant(gm, n.args[1]).shape[1], gram) for n in observed_linears(gm)}
     observer = _Observer(gm, stats)
     count = 0
     with torch.no_grad():
@@ -177,6 +191,7 @@ def observe_model(
     batches: Iterable[Any],
     watched: dict[torch.Tensor, str],
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    gram: bool = False,
 ) -> dict[str, ChannelStats]:
     """Run the user's module eagerly on each batch; return {weight name: stats of its input}.
 
@@ -184,7 +199,7 @@ def observe_model(
     graph specialized to another, and covers every graph of a model with graph breaks.
     `watched` maps weight parameters to their names; the module is only read, never written.
     """
-    stats = {name: ChannelStats.empty(w.shape[1]) for w, name in watched.items()}
+    stats = {name: ChannelStats.empty(w.shape[1], gram) for w, name in watched.items()}
     observer = _LinearInputObserver({id(w): name for w, name in watched.items()}, stats)
     signature = inspect.signature(module.forward)
     count = 0

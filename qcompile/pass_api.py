@@ -134,6 +134,12 @@ class QPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def calibration_needs(self) -> frozenset[str]:
+        """Optional calibration statistics this pass reads, beyond per-channel ranges and
+        samples: `"gram"` (each linear input's x^T x). The backend collects them before it
+        calibrates, so statistics nobody reads are never accumulated."""
+        return frozenset()
+
     # --- options ------------------------------------------------------------------------------
 
     @classmethod

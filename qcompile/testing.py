@@ -18,10 +18,12 @@ from torch import fx
 from qcompile.config import resolve_options
 
 
-def capture(module: torch.nn.Module, *args: Any, calibration: list | None = None, **kwargs: Any) -> fx.GraphModule:
+def capture(module: torch.nn.Module, *args: Any, calibration: list | None = None,
+            needs: frozenset[str] = frozenset(), **kwargs: Any) -> fx.GraphModule:
     """The frozen, calibrated ATen graph of `module(*args, **kwargs)` (one graph, no breaks).
 
-    Calibration uses `calibration` batches if given, else the example inputs themselves.
+    Calibration uses `calibration` batches if given, else the example inputs themselves;
+    `needs` asks for optional statistics (`{"gram"}`), as `QPass.calibration_needs` does.
     """
     import warnings
 
@@ -34,7 +36,8 @@ def capture(module: torch.nn.Module, *args: Any, calibration: list | None = None
         frame_locals, frame_code = q4._compiled_frame()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the "calibrating on the first call" warning
-            captured.append(q4.prepare(gm, list(example_inputs), options, frame_locals, frame_code).graph_module)
+            captured.append(q4.prepare(gm, list(example_inputs), options, frame_locals, frame_code,
+                                      needs=needs).graph_module)
         return gm.forward
 
     torch._dynamo.reset()
