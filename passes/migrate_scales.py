@@ -48,6 +48,7 @@ from torch import fx
 
 from qcompile import ir, search
 from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.kernels.rotation import rotation_factors
 from qcompile.search import CLIPS
 
 # Ops that only change the dtype of their first argument: a per-channel scale passes through them.
@@ -73,6 +74,7 @@ class MigrateScalesOptions:
     w_bits: int = option(4, choices=(2, 3, 4), help="qsm: weight bits the search measures with")
     a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8), help="qsm: activation bits the search measures with")
     skip: str = option("lm_head", help="regex on the module path of linears to leave alone")
+    rotated: bool = option(False, help="qsm: measure candidates as rotate-inputs will leave them (migrated input and weights rotated)")
 
 
 ALPHAS = tuple(a / 10 for a in range(11))
@@ -217,8 +219,9 @@ class MigrateScales(QPass):
         activation clipping ratio, give the least quantized output error on the samples."""
         if act.samples.shape[0] == 0:
             return ALPHAS.index(0.0), 1.0
+        rotation = rotation_factors(act.samples.shape[1]) if self.options.rotated else None
         best, clip = search.search_migration(act.samples, weights, candidates, CLIPS,
-                                             self.options.w_bits, self.options.a_bits)
+                                             self.options.w_bits, self.options.a_bits, rotation=rotation)
         return next(i for i, c in enumerate(candidates) if c is best), clip
 
     # --- rewrite -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import warnings
 from typing import Any, Iterable, Mapping
 
 from qcompile.pass_api import _parse_value
+from qcompile.recipes import DEFAULT_RECIPE
 
 __all__ = ["Q4Options", "resolve_options", "ENV_PREFIX", "env_names"]
 
@@ -42,7 +43,7 @@ class Q4Options:
     """Everything that configures one q4 compilation (see the module docstring for sources)."""
 
     # which passes run: a recipe names a pipeline; `pipeline` replaces it with any pipeline text
-    recipe: str = "w4a4-rtn"
+    recipe: str = DEFAULT_RECIPE  # "w4a4"
     calibration: object = _field(None, env=False)  # an iterable of batches
     pipeline: str | None = None  # None: the recipe's pipeline
     # instrumentation, owned by the pass manager

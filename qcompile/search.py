@@ -34,37 +34,46 @@ def fake_quant_activation(x: torch.Tensor, absmax: float, clip: float, bits: int
 
 
 def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.Tensor, clip: float,
-                 w_bits: int, a_bits: int) -> float:
+                 w_bits: int, a_bits: int, rotation: Sequence[torch.Tensor] | None = None) -> float:
     """Squared error of the quantized outputs of every linear reading x, after migrating `scales`.
 
     Float reference: x @ W.T. Quantized: Q_a(x / s) @ Q_w(W * s).T, with the activation step
-    from the migrated samples' absmax times `clip`.
+    from the migrated samples' absmax times `clip`. With `rotation` (the factors of R, see
+    `kernels/rotation.py`), as rotate-inputs leaves the linears: Q_a((x / s) R) @ Q_w((W * s) R).T.
     """
-    migrated = x / scales
+    rotate = (lambda t: t) if rotation is None else (lambda t: _rotate(t, list(rotation)))  # noqa: E731
+    migrated = rotate(x / scales)
     xq = fake_quant_activation(migrated, migrated.abs().max().item(), clip, a_bits)
     error = 0.0
     for w in weights:
         reference = x @ w.float().t()
-        approx = xq @ fake_quant_weight(w.float() * scales, w_bits).t()
+        approx = xq @ fake_quant_weight(rotate(w.float() * scales), w_bits).t()
         error += (reference - approx).pow(2).sum().item()
     return error
 
 
 def search_migration(x: torch.Tensor, weights: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor],
-                     clips: Sequence[float], w_bits: int, a_bits: int, rounds: int = 2) -> tuple[torch.Tensor, float]:
+                     clips: Sequence[float], w_bits: int, a_bits: int, rounds: int = 2,
+                     rotation: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """(scales, clip) minimizing `output_error`: alternate a search over the candidate scale
     vectors at the current clip with a search over clips at the current scales."""
     clip, scales = 1.0, candidates[0]
     for _ in range(rounds):
-        errors = [output_error(x, weights, s, clip, w_bits, a_bits) for s in candidates]
+        errors = [output_error(x, weights, s, clip, w_bits, a_bits, rotation) for s in candidates]
         scales = candidates[min(range(len(candidates)), key=errors.__getitem__)]
-        clip, _ = search_clip(x, weights, scales, clips, w_bits, a_bits)
+        clip, _ = search_clip(x, weights, scales, clips, w_bits, a_bits, rotation)
     return scales, clip
 
 
 def search_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.Tensor, clips: Sequence[float],
-                w_bits: int, a_bits: int) -> tuple[float, float]:
+                w_bits: int, a_bits: int, rotation: Sequence[torch.Tensor] | None = None) -> tuple[float, float]:
     """(best clip ratio, its error) for fixed scales."""
-    errors = [(output_error(x, weights, scales, c, w_bits, a_bits), c) for c in clips]
+    errors = [(output_error(x, weights, scales, c, w_bits, a_bits, rotation), c) for c in clips]
     best_error, best_clip = min(errors)
     return best_clip, best_error
+
+
+def _rotate(t: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    from qcompile.kernels.rotation import rotate
+
+    return rotate(t, factors)

@@ -16,6 +16,8 @@ from qcompile.kernels import reference
 from tests.conftest import tiny_llama
 
 EAGER = {"lower": "eager", "progress": False}
+# Tests of the pipeline's mechanics read the shortest recipe's stages.
+EAGER_RTN = {**EAGER, "recipe": "w4a4-rtn"}
 
 
 def ids(seq: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
@@ -81,7 +83,7 @@ def test_user_parameters_unchanged_byte_for_byte(llama):
 
 
 def fake_quant_reference(model, calibration_ids, run_ids, skip=("lm_head",)):
-    """An independent eager twin of w4a4-rtn: forward hooks replace each nn.Linear by
+    """An independent eager twin of the w4a4-rtn recipe: forward hooks replace each nn.Linear by
     kernels.reference.fake_quant_linear_ref with a per-tensor absmax step from calibration."""
     model = copy.deepcopy(model)
     absmax = {}
@@ -108,7 +110,8 @@ def fake_quant_reference(model, calibration_ids, run_ids, skip=("lm_head",)):
 def test_compiled_llama_matches_fake_quant_reference(llama, lower):
     calib, run = ids(16, seed=2), ids(16, seed=3)
     expected = fake_quant_reference(llama, calib, run).logits
-    _, out, art = compile_and_run(llama, {"lower": lower, "progress": False, "calibration": [(calib,)]}, run)
+    _, out, art = compile_and_run(llama, {"lower": lower, "progress": False, "recipe": "w4a4-rtn",
+                                          "calibration": [(calib,)]}, run)
     got = out.logits
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 14
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
@@ -119,7 +122,7 @@ def test_compiled_llama_matches_fake_quant_reference(llama, lower):
 def test_compiled_bert_matches_fake_quant_reference(bert):
     calib, run = ids(12, seed=4, batch=2), ids(12, seed=5, batch=2)
     expected = fake_quant_reference(bert, calib, run).last_hidden_state
-    _, out, _ = compile_and_run(bert, {**EAGER, "calibration": [{"input_ids": calib}]}, run)
+    _, out, _ = compile_and_run(bert, {**EAGER, "recipe": "w4a4-rtn", "calibration": [{"input_ids": calib}]}, run)
     cosine = torch.nn.functional.cosine_similarity(out.last_hidden_state.flatten(), expected.flatten(), dim=0)
     assert cosine > 0.9999, cosine
 
@@ -257,7 +260,7 @@ def test_unhandled_ops_stay_in_float_and_are_counted():
 def test_print_after_all_and_dump_dir(llama, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("Q4_PRINT_AFTER_ALL", "1")
     monkeypatch.setenv("Q4_DUMP_DIR", str(tmp_path))
-    compile_and_run(llama, EAGER, ids(8))
+    compile_and_run(llama, EAGER_RTN, ids(8))
     err = capfd.readouterr().err
     assert "IR Dump After insert-quantizers" in err and "IR Dump After fuse-kernels" in err
     (graph_dir,) = tmp_path.iterdir()
@@ -270,7 +273,7 @@ def test_print_after_all_and_dump_dir(llama, tmp_path, monkeypatch, capfd):
 
 def test_disable_drops_a_pass(llama, monkeypatch):
     monkeypatch.setenv("Q4_DISABLE", "fuse-kernels")
-    _, _, art = compile_and_run(llama, EAGER, ids(8))
+    _, _, art = compile_and_run(llama, EAGER_RTN, ids(8))
     assert art.pipeline == "analyze-outliers,insert-quantizers{w-bits=4,a-bits=4}"
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
     assert art.count_ops(torch.ops.q4.dequantize_weight_int4.default) == 14
@@ -283,7 +286,7 @@ def test_failing_pass_names_pass_node_and_reproducer(llama, monkeypatch):
         raise RuntimeError("synthetic failure")
 
     monkeypatch.setattr(int4, "quantize_weight_per_channel", broken)
-    message = compile_error(llama, EAGER, ids(8))
+    message = compile_error(llama, EAGER_RTN, ids(8))
     assert "insert-quantizers" in message and "synthetic failure" in message
     assert "modeling_llama.py" in message  # the node's source line
     assert "Q4_PIPELINE='analyze-outliers,insert-quantizers{w-bits=4,a-bits=4}'" in message
