@@ -1,6 +1,6 @@
 """Quantize SmolLM2-135M with the q4 backend and print a table against FP32.
 
-    python examples/quantize_smollm2.py [--recipe w4a4-rtn] [--tokens 16384]
+    python examples/quantize_smollm2.py [--recipe w4a4] [--tokens 16384]
 
 Perplexity is measured on the first `--tokens` tokens of Pride and Prejudice (held out); the
 static activation scales are calibrated on Emma only. Everything runs on the CPU.
@@ -18,6 +18,7 @@ from tabulate import tabulate
 import qcompile.backends.q4 as q4_backend
 from qcompile import zoo
 from qcompile.evaluate import perplexity
+from qcompile.recipes import DEFAULT_RECIPE, RECIPES
 
 
 def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:
@@ -42,7 +43,7 @@ def decoder_linear_bytes(model) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="w4a4-rtn")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)}")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens of Pride and Prejudice")
     parser.add_argument("--window", type=int, default=512, help="tokens per evaluation window")
     parser.add_argument("--calibration-batches", type=int, default=8, help="512-token batches of Emma")

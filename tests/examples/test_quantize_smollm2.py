@@ -19,12 +19,13 @@ def test_example_prints_its_table():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in proc.stdout.splitlines()
             if line.startswith(("FP32", "q4 "))}
-    fp32, q4 = rows["FP32 (eager)"], rows["q4 w4a4-rtn"]
+    fp32, q4 = rows["FP32 (eager)"], rows["q4 w4a4"]
     fp32_ppl, q4_ppl = float(fp32[2]), float(q4[2])
     # FP32 SmolLM2-135M on Pride and Prejudice is about 25 (measured: 25.1 on 16k tokens)
     assert 10 < fp32_ppl < 60
-    # naive W4A4 is far worse (that is what the QSM recipe fixes) but must stay a finite number
-    assert math.isfinite(q4_ppl) and q4_ppl > fp32_ppl
+    # the default recipe (migration + rotation + GPTQ, static W4A4) stays within a few times FP32
+    # (measured 1.77x on 2048 tokens); round to nearest would be ~1e6
+    assert math.isfinite(q4_ppl) and fp32_ppl < q4_ppl < 4 * fp32_ppl
     fp32_bytes, q4_bytes = int(fp32[-1].replace(",", "")), int(q4[-1].replace(",", ""))
     assert q4_bytes * 7 <= fp32_bytes
     assert "insert-quantizers" in proc.stdout
