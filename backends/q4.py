@@ -313,6 +313,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
     pipeline = parse_pipeline(opts.pipeline if opts.pipeline is not None else recipe_pipeline(opts.recipe))
     if opts.disable:
         pipeline = pipeline.without(opts.disable)
+    if not opts.rounding:
+        pipeline = pipeline.with_option("insert-quantizers", "rounding", "false")
     graph_id = str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "-")
     if opts.dump_dir:
         opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")

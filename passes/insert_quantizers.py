@@ -18,7 +18,9 @@ The activation step is `clip * absmax / qmax`, with the clipping ratio an earlie
 (`q4_act_clip` meta, e.g. migrate-scales{method=qsm}) or, with `search-clip=true`, one searched
 here on the calibration samples against the linear's output error; otherwise 1.
 
-The fp32 weight constant is dropped: from here on only packed codes and steps are held.
+With `rounding=false` (the backend's `rounding` option, `Q4_ROUNDING=0`) nothing is inserted:
+the graph stays the float function the earlier passes left, which must equal the model's own
+(the exactness tests). Otherwise the fp32 weight constant is dropped: from here on only packed codes and steps are held.
 Linears reading the same activation (q/k/v) share one quantize node. A linear without
 calibration statistics, or whose module path (from `nn_module_stack`: `model.layers.0.mlp.up_proj`)
 matches the `skip` regex (default: the language-model head), stays in float and is counted in
@@ -56,6 +58,7 @@ class InsertQuantizersOptions:
                          help="activation bits (static, per tensor); 16 keeps activations in float (weight-only)")
     skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
     search_clip: bool = option(False, help="search the activation clipping ratio on calibration samples where no earlier pass chose one")
+    rounding: bool = option(True, help="false: insert nothing, so the graph stays the float function the earlier passes left (the exactness check)")
     weights: str = option("rtn", choices=("rtn", "gptq"),
                           help="how weights are rounded: rtn (to nearest) or gptq (errors compensated through the input's Gram matrix)")
 
@@ -75,10 +78,10 @@ class InsertQuantizers(QPass):
     summary = "Quantize linear weights per output channel and their inputs per tensor (static)."
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
-                  "weights-gptq")
+                  "weights-gptq", "linears-not-rounded")
 
     def calibration_needs(self) -> frozenset[str]:
-        return frozenset({"gram"}) if self.options.weights == "gptq" else frozenset()
+        return frozenset({"gram"}) if self.options.weights == "gptq" and self.options.rounding else frozenset()
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
@@ -108,6 +111,11 @@ class InsertQuantizers(QPass):
                 or (skip is not None and skip.search(module_path))
             ):
                 self.count("linears-left-in-float")
+                continue
+            if not opts.rounding:
+                # quantize . dequantize without rounding is the identity, and packed int4 cannot
+                # hold unrounded codes: the linear stays as it is
+                self.count("linears-not-rounded")
                 continue
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             dtype = ir.fake_value(x).dtype

@@ -57,6 +57,9 @@ class Q4Options:
     timing: bool = False
     stats: bool = False
     disable: tuple[str, ...] = ()  # passes dropped from the pipeline (Pipeline.without)
+    # False: insert-quantizers{rounding=false}: nothing is rounded, so the compiled graph is the
+    # migrated, rotated, folded float graph and must compute the model's own function (exactness)
+    rounding: bool = True
     # lowering of the final graph
     lower: str = _field("inductor", choices=("inductor", "eager"))
     progress: bool = True  # tqdm progress bars

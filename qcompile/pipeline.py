@@ -100,6 +100,12 @@ class Pipeline(list):
             )
         return Pipeline(spec for spec in self if spec.name not in names)
 
+    def with_option(self, name: str, key: str, value: str) -> Pipeline:
+        """This pipeline with option `key=value` set on every pass named `name` (kebab-case key)."""
+        return Pipeline(
+            PassSpec(spec.name, {**spec.raw_options, key: value}) if spec.name == name else spec for spec in self
+        )
+
     def instantiate(self) -> list[QPass]:
         """Fresh pass objects in order, each with its typed options."""
         return [spec.instantiate() for spec in self]
