@@ -85,6 +85,8 @@ def constant_value(gm: fx.GraphModule, node: Any, depth: int = 4) -> Any:
         return get_constant(gm, node)
     if node.op != "call_function" or depth == 0:
         return None
+    if any(isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a) for a in node.args):
+        return None  # a list of nodes (aten.cat's tensors): not folded here
     args = [constant_value(gm, a, depth - 1) for a in node.args]
     if any(a is None and isinstance(n, fx.Node) for a, n in zip(args, node.args)) or node.kwargs:
         return None

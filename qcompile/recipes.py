@@ -10,9 +10,9 @@ RECIPES: dict[str, str] = {
     # Round-to-nearest W4A4: per-output-channel symmetric int4 weights, static per-tensor int4
     # activations from calibration absmax, fused integer kernels. The baseline every other
     # W4A4 recipe is measured against. analyze-outliers only records meta (for the report).
-    "w4a4-rtn": "analyze-outliers,insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
+    "w4a4-rtn": "analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
     # SmoothQuant (alpha 0.5) migration into the norms before q/k/v and gate/up, then W4A4.
-    "w4a4-smoothquant": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},"
+    "w4a4-smoothquant": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,"
     "insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
     # The default: migrate half of each channel's range into the weights (alpha 0.5, into the
     # norms, up_proj rows and v_proj rows), rotate every quantized linear's input by a Hadamard-
@@ -20,17 +20,17 @@ RECIPES: dict[str, str] = {
     # calibration samples, and round weights with GPTQ. SmolLM2-135M, 2048 P&P tokens:
     # 36.9 ppl (1.77x FP32); the searched QSM strength (`migrate-scales{rotated=true}`) gave
     # 56.4 there, so the fixed 0.5 it is (see README).
-    "w4a4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},rotate-inputs,"
+    "w4a4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs,"
     "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
     # QSM as MergeQuant describes it, without rotation: per group, the migration strength and
     # the activation clipping ratio searched against the layer-output error.
-    "w4a4-qsm": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},"
+    "w4a4-qsm": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},fold-scales,"
     "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
     # The same as w4a4 with 8-bit static activations; no fused kernel yet, so it runs fake-quantized.
-    "w4a8": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},rotate-inputs,"
+    "w4a8": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs,"
     "insert-quantizers{w-bits=4,a-bits=8,search-clip=true,weights=gptq},fuse-kernels",
     # Weight-only int4 with GPTQ (activations stay in float); fake-quantized until its kernel lands.
-    "w4a16": "analyze-outliers,insert-quantizers{w-bits=4,a-bits=16,weights=gptq},fuse-kernels",
+    "w4a16": "analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=16,weights=gptq},fuse-kernels",
 }
 
 DEFAULT_RECIPE = "w4a4"

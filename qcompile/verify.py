@@ -91,11 +91,40 @@ def linear_w4a4_reads_constants(gm: fx.GraphModule, node: fx.Node) -> str | None
     return None
 
 
+def per_channel_scales_are_folded(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Once fold-scales has run: no constant multiply (other than a norm's own weight) produces a
+    quantized linear's input (through its quantize, rotation and casts) or reads its output; the
+    kernel epilogue is the only per-channel arithmetic left around a quantized linear."""
+    from qcompile.passes.fold_scales import FOLDED, constant_scale, is_norm_weight
+
+    if not gm.meta.get(FOLDED):
+        return None
+    op = _op_name(node)
+    if op == "q4.quantize_per_tensor.default":
+        producer = node.args[0]
+        while isinstance(producer, fx.Node) and (
+            _op_name(producer) in ("q4.rotate.default", "aten._to_copy.default", "aten.to.dtype")
+        ):
+            producer = producer.args[0]
+        if isinstance(producer, fx.Node) and constant_scale(gm, producer) and not is_norm_weight(gm, producer):
+            return f"its input comes from a constant multiply %{producer.name} that fold-scales left"
+    quantized = op == "q4.linear_w4a4.default" or (
+        op == "aten.linear.default" and isinstance(node.args[1], fx.Node)
+        and _op_name(node.args[1]) == "q4.dequantize_weight_int4.default"
+    )
+    if quantized:
+        for user in node.users:
+            if constant_scale(gm, user):
+                return f"its output is multiplied by a constant in %{user.name}, which belongs in the epilogue"
+    return None
+
+
 INVARIANTS: list[Invariant] = [
     provenance_names_a_registered_pass,
     q4_op_has_provenance,
     get_attr_target_exists,
     linear_w4a4_reads_constants,
+    per_channel_scales_are_folded,
 ]
 
 

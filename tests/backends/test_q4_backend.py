@@ -266,15 +266,15 @@ def test_print_after_all_and_dump_dir(llama, tmp_path, monkeypatch, capfd):
     (graph_dir,) = tmp_path.iterdir()
     assert sorted(p.name for p in graph_dir.iterdir()) == [
         "000-capture.py", "001-normalize.py", "002-freeze.py", "003-analyze-outliers.py",
-        "004-insert-quantizers.py", "005-fuse-kernels.py",
+        "004-fold-scales.py", "005-insert-quantizers.py", "006-fuse-kernels.py",
     ]
-    assert "q4.linear_w4a4" in (graph_dir / "005-fuse-kernels.py").read_text()
+    assert "q4.linear_w4a4" in (graph_dir / "006-fuse-kernels.py").read_text()
 
 
 def test_disable_drops_a_pass(llama, monkeypatch):
     monkeypatch.setenv("Q4_DISABLE", "fuse-kernels")
     _, _, art = compile_and_run(llama, EAGER_RTN, ids(8))
-    assert art.pipeline == "analyze-outliers,insert-quantizers{w-bits=4,a-bits=4}"
+    assert art.pipeline == "analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=4}"
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
     assert art.count_ops(torch.ops.q4.dequantize_weight_int4.default) == 14
 
@@ -289,8 +289,8 @@ def test_failing_pass_names_pass_node_and_reproducer(llama, monkeypatch):
     message = compile_error(llama, EAGER_RTN, ids(8))
     assert "insert-quantizers" in message and "synthetic failure" in message
     assert "modeling_llama.py" in message  # the node's source line
-    assert "Q4_PIPELINE='analyze-outliers,insert-quantizers{w-bits=4,a-bits=4}'" in message
-    assert "after passes: analyze-outliers" in message
+    assert "Q4_PIPELINE='analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=4}'" in message
+    assert "after passes: analyze-outliers, fold-scales" in message
 
 
 def test_artifact_reports_outliers(llama):

@@ -1,0 +1,210 @@
+"""fold-scales: fold every per-channel (or scalar) constant multiply around a linear into constants.
+
+A multiply by a constant next to a linear costs a pass over the activation at run time and, in
+front of a quantizer, distorts the range the quantizer sees. It folds exactly into:
+
+    mul(layer_norm(a, w, b), c)  -> layer_norm(a, w * c, b * c)   (rms_norm alike)
+    mul(mul(a, c1), c2)          -> mul(a, c1 * c2)          a norm's weight absorbs a later scale
+    linear(mul(x, c), W, b)      -> linear(x, W * c, b)      the reading linears' columns
+    mul(linear(x, W, b), c)      -> linear(x, W * c[:, None], b * c)   the producing linear's rows
+
+(`div` by c likewise, with 1 / c.) A multiply is folded only where that is provably the same
+function: the constant broadcasts along the last dimension only (shape [C], [1] or a scalar),
+the folded-away node has no other reader, and a multiply feeding linears is folded into them
+only when every reader is a linear with a constant weight. A norm's own weight (`weight * h`
+after the RMS normalization, or layer_norm's weight) stays where it is: it is where migrated
+scales live, and folding it into the linears would undo the migration.
+
+Before:
+    h = aten.mul(w_norm, normalized)             # the norm's weight: kept
+    s = aten.mul(h, layer_scale)                 # layer_scale: f32[C] constant
+    q = aten.linear(s, w_q)
+After:
+    h = aten.mul(w_norm_folded, normalized)      # w_norm * layer_scale
+    q = aten.linear(h, w_q)
+
+After this pass the invariant `per-channel-scales-are-folded` (qcompile/verify.py) holds: no
+per-channel constant multiply, other than a norm's own weight, feeds a quantized linear's input
+or reads its output; the kernel epilogue is the only per-channel arithmetic left around it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompile import ir
+from qcompile.pass_api import PassResult, QPass, register_pass
+
+SCALE_OPS = {ir.aten.mul.Tensor, ir.aten.div.Tensor}
+# Ops that only change the dtype of their first argument.
+CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}
+FOLDED = "q4_scales_folded"  # graph-module meta: fold-scales has run (the verifier's cue)
+# Normalizations with an optional affine weight (and bias) argument: {op: (weight index, bias index)}
+NORMS = {ir.aten.layer_norm.default: (2, 3), ir.aten.rms_norm.default: (2, None)}
+
+
+def _norm_weight_arg(node: fx.Node) -> object:
+    index = NORMS[node.target][0]
+    return node.args[index] if len(node.args) > index else None
+
+
+def constant_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
+    """(the other operand, c as a multiplier) when `node` multiplies or divides by a constant that
+    broadcasts along the last dimension only; None otherwise."""
+    if node.op != "call_function" or node.target not in SCALE_OPS or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    for other, const, index in ((a, b, 1), (b, a, 0)):
+        if node.target is ir.aten.div.Tensor and index == 0:
+            continue  # c / x is not a scale of x
+        if not isinstance(other, fx.Node) or ir.constant_value(gm, other) is not None:
+            continue
+        value = ir.constant_value(gm, const)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value))
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() > 1:
+            continue
+        value = value.detach().float()
+        return other, (1.0 / value if node.target is ir.aten.div.Tensor else value)
+    return None
+
+
+def is_normalized(gm: fx.GraphModule, node: object) -> bool:
+    """Whether `node` is a normalized activation, through casts: `h * rsqrt(...)` (RMSNorm) or a
+    layer_norm without affine weight."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in CASTS:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in NORMS:  # without an affine weight: the next multiply is its weight
+        return _norm_weight_arg(node) is None
+    return node.target is ir.aten.mul.Tensor and any(
+        isinstance(a, fx.Node) and a.target is ir.aten.rsqrt.default for a in node.args
+    )
+
+
+def is_norm_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A norm's own weight multiply: a constant scale of a normalized activation."""
+    found = constant_scale(gm, node)
+    return found is not None and is_normalized(gm, found[0])
+
+
+def _linear_weight(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is ir.aten.linear.default:
+        weight = ir.get_constant(gm, node.args[1])
+        if weight is not None and weight.dim() == 2 and weight.is_floating_point():
+            return weight
+    return None
+
+
+@register_pass
+class FoldScales(QPass):
+    name = "fold-scales"
+    summary = "Fold constant per-channel multiplies into a norm weight, the reading linears' columns, or the producing linear's rows."
+    statistics = ("scales-folded-into-norms", "scales-folded-into-scales", "scales-folded-into-columns", "scales-folded-into-rows",
+                  "scales-left")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in self.nodes(gm):
+            if node.op != "call_function" or not node.users:
+                continue
+            found = constant_scale(gm, node)
+            if found is None or is_norm_weight(gm, node):
+                continue
+            x, c = found
+            channels = ir.fake_value(node).shape[-1] if ir.fake_value(node) is not None else None
+            if c.dim() == 1 and c.shape[0] not in (1, channels):
+                continue
+            if self._into_norm(gm, node, x, c) or self._into_scale(gm, node, x, c) or self._into_columns(gm, node, x, c) or self._into_rows(gm, node, x, c):
+                modified = True
+            elif any(_linear_weight(gm, u) is not None for u in node.users) or _linear_weight(gm, x) is not None:
+                self.count("scales-left")
+        gm.meta[FOLDED] = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            ir.delete_unused_constants(gm)
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _constant(self, gm: fx.GraphModule, stem: str, value: torch.Tensor, before: fx.Node, source: fx.Node) -> fx.Node:
+        with gm.graph.inserting_before(before):
+            new = gm.graph.get_attr(ir.add_constant(gm, f"{stem}_folded", value.contiguous()))
+        return ir.mark_created(new, self.name, [source])
+
+    def _into_norm(self, gm, node, x, c) -> bool:
+        """mul(layer_norm(a, shape, w, b), c) -> layer_norm(a, shape, w * c, b * c) (rms_norm: w only)."""
+        if x.op != "call_function" or x.target not in NORMS or len(x.users) != 1:
+            return False
+        w_index, b_index = NORMS[x.target]
+        weight = ir.get_constant(gm, _norm_weight_arg(x))
+        bias_node = x.args[b_index] if b_index is not None and len(x.args) > b_index else None
+        bias = ir.get_constant(gm, bias_node) if bias_node is not None else None
+        if weight is None or (bias_node is not None and bias is None) or (c.dim() == 1 and c.shape[0] != weight.shape[-1]):
+            return False
+        for index, old, value in ((w_index, x.args[w_index], weight), (b_index, bias_node, bias)):
+            if value is not None:
+                new = self._constant(gm, str(old.meta.get(ir.FQN, old.target)), value * c.to(value.dtype), x, node)
+                new.meta["val"] = old.meta.get("val")
+                x.update_arg(index, new)
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        self.count("scales-folded-into-norms")
+        return True
+
+    def _into_scale(self, gm, node, x, c) -> bool:
+        """mul(mul(a, c1), c) -> mul(a, c1 * c): the inner constant absorbs this one."""
+        inner = constant_scale(gm, x) if len(x.users) == 1 else None
+        if inner is None:
+            return False
+        a, c1 = inner
+        new_c = self._constant(gm, "scale", c1 * c, x, node)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ir.aten.mul.Tensor, (a, new_c))
+        ir.mark_created(new, self.name, [x, node])
+        new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        self.count("scales-folded-into-scales")
+        return True
+
+    def _into_columns(self, gm, node, x, c) -> bool:
+        """linear(mul(x, c), W) -> linear(x, W * c) for every reader, all linears with constant weights."""
+        users = list(node.users)
+        if not users or any(_linear_weight(gm, u) is None or u.args[0] is not node for u in users):
+            return False
+        for lin in users:
+            weight = _linear_weight(gm, lin)
+            new_w = self._constant(gm, str(lin.args[1].meta.get(ir.FQN, lin.args[1].target)),
+                                   weight * c.to(weight.dtype), lin, node)
+            new_w.meta["val"] = lin.args[1].meta.get("val")
+            lin.update_arg(0, x)
+            lin.update_arg(1, new_w)
+            if ir.CALIB in lin.meta:  # the linear now reads x = (x * c) / c
+                lin.meta[ir.CALIB] = lin.meta[ir.CALIB].scaled(c.expand(weight.shape[1]))
+        gm.graph.erase_node(node)
+        self.count("scales-folded-into-columns")
+        return True
+
+    def _into_rows(self, gm, node, x, c) -> bool:
+        """mul(linear(x, W, b), c) -> linear(x, W * c[:, None], b * c), the linear read only here."""
+        weight = _linear_weight(gm, x)
+        if weight is None or len(x.users) != 1:
+            return False
+        bias_node = x.args[2] if len(x.args) > 2 else None
+        bias = ir.get_constant(gm, bias_node) if bias_node is not None else None
+        if bias_node is not None and bias is None:
+            return False
+        rows = c.to(weight.dtype).expand(weight.shape[0])
+        new_w = self._constant(gm, str(x.args[1].meta.get(ir.FQN, x.args[1].target)), weight * rows[:, None], x, node)
+        new_w.meta["val"] = x.args[1].meta.get("val")
+        x.update_arg(1, new_w)
+        if bias is not None:
+            new_b = self._constant(gm, str(bias_node.meta.get(ir.FQN, bias_node.target)), bias * rows.to(bias.dtype), x, node)
+            new_b.meta["val"] = bias_node.meta.get("val")
+            x.update_arg(2, new_b)
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        self.count("scales-folded-into-rows")
+        return True
