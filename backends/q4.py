@@ -39,6 +39,7 @@ import torch.fx.traceback as fx_traceback
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
+from tabulate import tabulate
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
@@ -96,6 +97,24 @@ class Q4Artifact:
         from qcompile.passes.analyze_outliers import outlier_report
 
         return outlier_report(self.graph_module, worst)
+
+    def migration_report(self) -> str:
+        """One row per linear of the final graph: its module, whether it was quantized or left in
+        float (and why), and what migrate-scales did with it (and why not)."""
+        rows = []
+        for n in self.graph_module.graph.nodes:
+            if n.op != "call_function":
+                continue
+            fused = n.target is torch.ops.q4.linear_w4a4.default
+            weight = n.args[1] if n.target is torch.ops.aten.linear.default else None
+            fake_quant = isinstance(weight, fx.Node) and weight.target is torch.ops.q4.dequantize_weight_int4.default
+            if not (fused or n.target is torch.ops.aten.linear.default):
+                continue
+            migration = n.meta.get(ir.MIGRATION, {"status": "-", "reason": "no migration pass ran"})
+            form = "fused int4" if fused else "fake-quant" if fake_quant else "float"
+            rows.append([ir.module_path(n) or n.name, form, n.meta.get(ir.FLOAT_REASON, ""),
+                         migration["status"], migration["reason"]])
+        return tabulate(rows, headers=["linear", "runs as", "why float", "migration", "detail"])
 
     def quantized_weight_bytes(self) -> int:
         """Bytes held by packed weights and their steps (constants read by q4 ops)."""
@@ -315,6 +334,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
         pipeline = pipeline.without(opts.disable)
     if not opts.rounding:
         pipeline = pipeline.with_option("insert-quantizers", "rounding", "false")
+    if opts.unmatched != "quantize":
+        pipeline = pipeline.with_option("insert-quantizers", "unmatched", opts.unmatched)
     graph_id = str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "-")
     if opts.dump_dir:
         opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")

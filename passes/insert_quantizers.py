@@ -58,6 +58,8 @@ class InsertQuantizersOptions:
                          help="activation bits (static, per tensor); 16 keeps activations in float (weight-only)")
     skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
     search_clip: bool = option(False, help="search the activation clipping ratio on calibration samples where no earlier pass chose one")
+    unmatched: str = option("quantize", choices=("quantize", "float"),
+                            help="linears migrate-scales could not match: quantize them without migration, or keep them in float")
     rounding: bool = option(True, help="false: insert nothing, so the graph stays the float function the earlier passes left (the exactness check)")
     weights: str = option("rtn", choices=("rtn", "gptq"),
                           help="how weights are rounded: rtn (to nearest) or gptq (errors compensated through the input's Gram matrix)")
@@ -103,13 +105,17 @@ class InsertQuantizers(QPass):
             # The linear's own module, not its weight's name: a tied lm_head's weight is named
             # after the embedding it shares.
             module_path = ir.module_path(node) or str(w_node.meta.get(ir.FQN, "")).removesuffix(".weight")
-            if (
-                weight is None
-                or stats is None
-                or weight.dim() != 2
-                or not weight.is_floating_point()
-                or (skip is not None and skip.search(module_path))
-            ):
+            reason = None
+            if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+                reason = "its weight is not a constant 2-D float tensor"
+            elif stats is None:
+                reason = "no calibration statistics reach it"
+            elif skip is not None and skip.search(module_path):
+                reason = f"its module path matches skip={opts.skip!r}"
+            elif opts.unmatched == "float" and node.meta.get(ir.MIGRATION, {}).get("status") == "unmatched":
+                reason = "unmatched=float: migration found no structure"
+            if reason is not None:
+                node.meta[ir.FLOAT_REASON] = reason
                 self.count("linears-left-in-float")
                 continue
             if not opts.rounding:

@@ -59,6 +59,10 @@ LAYOUT = {ir.aten.view.default, ir.aten.reshape.default, ir.aten._unsafe_view.de
 REPEAT = {ir.aten.expand.default, ir.aten.unsqueeze.default, ir.aten.slice.Tensor}
 
 
+def _op(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else node.op
+
+
 def _full_slice(node: fx.Node) -> bool:
     """aten.slice(x, dim, start, end[, step]) that keeps everything (repeat_kv's x[:, :, None])."""
     start = node.args[2] if len(node.args) > 2 else 0
@@ -113,13 +117,21 @@ class MigrateScales(QPass):
         modified = False
         for activation, linears in groups.items():
             self.current_node = activation
-            if any(user not in linears for user in activation.users):
+            others = [user for user in activation.users if user not in linears]
+            if others:
                 self.count("activations-shared-with-non-linear")
+                self._unmatched(linears, f"its input also feeds %{others[0].name} ({_op(others[0])}), "
+                                         "which a migration would change")
                 continue
             found = self._scale_sites(gm, activation)
             if found is None:
                 self.count("activations-without-affine-producer")
+                self._unmatched(linears, "no norm, producing linear or attention value absorbs a scale of its "
+                                         f"input %{activation.name} ({_op(activation)})")
                 continue
+            for lin in linears:
+                lin.meta[ir.MIGRATION] = {"status": "migrated", "reason": f"{self.options.method} scales, "
+                                          f"shared by {len(linears)} linear(s)"}
             self._migrate(gm, *found, linears)
             self.count("groups-migrated")
             self.count("linears-migrated", len(linears))
@@ -128,6 +140,11 @@ class MigrateScales(QPass):
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, modified)
+
+    @staticmethod
+    def _unmatched(linears: list[fx.Node], reason: str) -> None:
+        for lin in linears:
+            lin.meta[ir.MIGRATION] = {"status": "unmatched", "reason": reason}
 
     # --- structure ---------------------------------------------------------------------------------
 

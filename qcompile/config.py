@@ -60,6 +60,8 @@ class Q4Options:
     # False: insert-quantizers{rounding=false}: nothing is rounded, so the compiled graph is the
     # migrated, rotated, folded float graph and must compute the model's own function (exactness)
     rounding: bool = True
+    # linears whose structure migrate-scales cannot match: "quantize" (without migration) or "float"
+    unmatched: str = _field("quantize", choices=("quantize", "float"))
     # lowering of the final graph
     lower: str = _field("inductor", choices=("inductor", "eager"))
     progress: bool = True  # tqdm progress bars

@@ -27,6 +27,10 @@ CALIB = "q4_calib"
 FQN = "q4_fqn"
 OUTLIERS = "q4_outliers"
 ACT_CLIP = "q4_act_clip"
+# what migrate-scales did for a linear: {"status": "migrated" | "unmatched", "reason": str}
+MIGRATION = "q4_migration"
+# why insert-quantizers left a linear in float (absent when it was quantized)
+FLOAT_REASON = "q4_float_reason"
 
 aten = torch.ops.aten
 
@@ -118,7 +122,7 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
 
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, FLOAT_REASON):
         if key in old.meta:
             new.meta[key] = old.meta[key]
 
