@@ -117,7 +117,8 @@ class FoldScales(QPass):
             channels = ir.fake_value(node).shape[-1] if ir.fake_value(node) is not None else None
             if c.dim() == 1 and c.shape[0] not in (1, channels):
                 continue
-            if self._into_norm(gm, node, x, c) or self._into_scale(gm, node, x, c) or self._into_columns(gm, node, x, c) or self._into_rows(gm, node, x, c):
+            rules = (self._into_norm, self._into_scale, self._into_columns, self._into_rows)
+            if any(rule(gm, node, x, c) for rule in rules):  # the first that applies folds it
                 modified = True
             elif any(_linear_weight(gm, u) is not None for u in node.users) or _linear_weight(gm, x) is not None:
                 self.count("scales-left")
@@ -159,7 +160,8 @@ class FoldScales(QPass):
         if inner is None:
             return False
         a, c1 = inner
-        new_c = self._constant(gm, "scale", c1 * c, x, node)
+        val = ir.fake_value(node)  # keep the activation's dtype (a bf16 model stays bf16)
+        new_c = self._constant(gm, "scale", (c1 * c).to(val.dtype if val is not None else torch.float32), x, node)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(ir.aten.mul.Tensor, (a, new_c))
         ir.mark_created(new, self.name, [x, node])
