@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from qcompile.kernels import int4
+from qcompile.kernels.rotation import rotate as rotation_op
 
 # Clipping ratios of the static activation step tried by the searches (1.0: the calibration absmax).
 # They reach down to 0.1: heavy-tailed inputs (down_proj's act(gate) * up) are best served by
@@ -41,7 +42,7 @@ def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch
     from the migrated samples' absmax times `clip`. With `rotation` (the factors of R, see
     `kernels/rotation.py`), as rotate-inputs leaves the linears: Q_a((x / s) R) @ Q_w((W * s) R).T.
     """
-    rotate = (lambda t: t) if rotation is None else (lambda t: _rotate(t, list(rotation)))  # noqa: E731
+    rotate = (lambda t: t) if rotation is None else (lambda t: rotation_op(t, list(rotation)))  # noqa: E731
     migrated = rotate(x / scales)
     xq = fake_quant_activation(migrated, migrated.abs().max().item(), clip, a_bits)
     error = 0.0
@@ -72,8 +73,3 @@ def search_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.
     best_error, best_clip = min(errors)
     return best_clip, best_error
 
-
-def _rotate(t: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    from qcompile.kernels.rotation import rotate
-
-    return rotate(t, factors)
