@@ -56,16 +56,24 @@ def rotate_reference(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tens
 
 @torch.library.custom_op("q4::rotate", mutates_args=())
 def rotate(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """x @ kron(*factors) over the last dimension, one small matmul per factor."""
+    """x @ kron(*factors) over the last dimension, one 2-D matmul per factor.
+
+    With x viewed as [M, d_1, ..., d_r], the last factor multiplies the last axis; then that axis
+    is moved to the front (one transposing copy), so the next factor's axis is last. After r steps
+    the axes are back in order. Each matmul is a plain [M * n / d, d] @ [d, d] GEMM.
+    """
     sizes = [f.shape[0] for f in factors]
     n = math.prod(sizes)
     if x.shape[-1] != n:
         raise ValueError(f"q4::rotate: argument 'x' must have last dimension {n} (the product of the "
                          f"factor sizes {sizes}), got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
-    y = x.reshape(-1, *sizes)
-    for axis, f in enumerate(factors, start=1):
-        y = torch.movedim(torch.movedim(y, axis, -1) @ f.to(x.dtype), -1, axis)
+    if x.numel() == 0:
+        return x.clone()
+    y = x.reshape(-1, n)
+    for f in reversed(factors):
+        d = f.shape[0]
+        y = (y.reshape(-1, d) @ f.to(x.dtype)).reshape(-1, n // d, d).transpose(1, 2).reshape(-1, n)
     return y.reshape(*lead, n)
 
 

@@ -76,6 +76,10 @@ def test_rotation_spreads_an_outlier_channel():
     assert ratio(x) > 30 and ratio(rotated) < 3
 
 
+def test_empty_input_rotates_to_empty():
+    assert torch.ops.q4.rotate(torch.zeros(0, 12), rotation.rotation_factors(12)).shape == (0, 12)
+
+
 def test_bad_width_names_the_argument():
     with pytest.raises(ValueError, match="argument 'x' must have last dimension 12"):
         torch.ops.q4.rotate(torch.randn(2, 10), rotation.rotation_factors(12))
