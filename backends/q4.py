@@ -21,8 +21,10 @@ calibrate  observers on the linear inputs; batches from `options["calibration"]`
            call's inputs with a warning. Statistics are cached per weight parameter, so a
            recompile (a new shape) reuses them.
 passes     the recipe's pipeline (or `options["pipeline"]` / `Q4_PIPELINE`) under the pass manager.
-lower      `lower="inductor"` (default): the final graph goes through Inductor, the q4 ops run
-           as their CPU integer kernels; `lower="eager"`: the final graph module runs as it is.
+lower      `lower="inductor"` (default): the final graph goes through Inductor, which sees the
+           q4 ops decomposed into ATen where that lets it fuse them (backends/lowering.py);
+           `lower="eager"`: the final graph module runs as it is. `kernels="triton"`: the
+           integer GEMMs run as Triton kernels on any device (interpreted on CPU).
 """
 
 from __future__ import annotations
@@ -288,14 +290,9 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, 
 
 
 def _lower(final_gm: fx.GraphModule, user_inputs: list[Any], opts: Q4Options, mode: str | None) -> Callable:
-    if opts.lower == "eager":
-        return final_gm
-    import torch._inductor
-    from torch._inductor.compile_fx import compile_fx
+    from qcompile.backends.lowering import lower
 
-    patches = torch._inductor.list_mode_options(mode) if mode else {}
-    with torch._inductor.config.patch(patches):
-        return compile_fx(final_gm, user_inputs)
+    return lower(final_gm, user_inputs, opts.lower, opts.kernels, mode)
 
 
 @dataclasses.dataclass

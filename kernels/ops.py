@@ -223,3 +223,37 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
 def _(x_codes, w_packed, w_step, a_step, bias, out_dtype):
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=False)
     return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+
+# --- the Triton route ------------------------------------------------------------------------------
+
+
+def _triton_gemm():
+    """kernels.triton_gemm, imported on first use: importing triton costs a second, and whether
+    its kernels are interpreted is fixed when they are defined (TRITON_INTERPRET at import)."""
+    from . import triton_gemm
+
+    return triton_gemm
+
+
+@linear_w4a4.register_kernel("cuda")
+def _(x_codes, w_packed, w_step, a_step, bias, out_dtype):
+    return _triton_gemm().linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype)
+
+
+@torch.library.custom_op("q4::linear_w4a4_triton", mutates_args=())
+def linear_w4a4_triton(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
+                       bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """`q4::linear_w4a4` through the Triton kernel on any device (on CPU: Triton's interpreter).
+    The lowering puts it in place of linear_w4a4 with the `kernels="triton"` option (Q4_KERNELS)."""
+    gemm = _triton_gemm()
+    if x_codes.device.type == "cpu" and not gemm.INTERPRET:
+        raise RuntimeError("q4::linear_w4a4_triton: CPU tensors need Triton's interpreter, but the kernels were "
+                           "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
+    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype)
+
+
+@linear_w4a4_triton.register_fake
+def _(x_codes, w_packed, w_step, a_step, bias, out_dtype):
+    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=False)
+    return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)

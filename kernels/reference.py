@@ -15,20 +15,22 @@ from .int4 import quantize_weight_per_channel
 
 
 def epilogue(acc: torch.Tensor, a_step: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
-             out_dtype: torch.dtype) -> torch.Tensor:
+             out_dtype: torch.dtype, in_place: bool = True) -> torch.Tensor:
     """out = (float32(acc) * (a_step * w_step) + float32(bias)).to(out_dtype): the one epilogue.
 
     `acc` is the int32 accumulator [M, N]; its float32 conversion is exact while |acc| < 2**24.
     The product of the steps is rounded first (one float32 [N] vector), then each element is
     multiplied once, then the bias added once, all in float32. In-place ops on the fresh float32
     copy of `acc` save allocating (and page-faulting) two more [M, N] buffers; same rounding.
+    `in_place=False` for tracers that want functional ops (the Inductor lowering).
     """
     if acc.dtype != torch.int32:
         raise TypeError(f"epilogue: acc must be an int32 accumulator, got {acc.dtype}")
     out = acc.to(torch.float32)
-    out.mul_(a_step * w_step)
+    scale = a_step * w_step
+    out = out.mul_(scale) if in_place else out * scale
     if bias is not None:
-        out.add_(bias.to(torch.float32))
+        out = out.add_(bias.to(torch.float32)) if in_place else out + bias.to(torch.float32)
     return out.to(out_dtype)
 
 
@@ -77,3 +79,53 @@ def fake_quant_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     codes, w_step = quantize_weight_per_channel(weight, w_bits)
     w_dq = (codes.to(torch.float32) * w_step[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x_dq, w_dq, bias)
+
+
+def linear_w4a16_ref(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = (float64(x) @ codes(w).T) * w_step + bias, cast to out_dtype (default x's dtype)."""
+    k = x.shape[-1]
+    acc = x.reshape(-1, k).double() @ unpack_int4_ref(w_packed, k).double().t()
+    out = acc * w_step.double()
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(out_dtype or x.dtype).reshape(*x.shape[:-1], w_packed.shape[0])
+
+
+def linear_fp4_ref(x_packed: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype, k: int) -> torch.Tensor:
+    """FP4 linear: twice every E2M1 value is an integer, so the sum is exact in int64; then
+    y = float32(acc) * (a_scale * w_scale * 0.25) + float32(bias) (the kernel's epilogue order)."""
+    from .fp4 import decode_fp4, unpack_fp4
+
+    x2 = (decode_fp4(unpack_fp4(x_packed.reshape(-1, x_packed.shape[-1]), k)) * 2).to(torch.int64)
+    w2 = (decode_fp4(unpack_fp4(w_packed, k)) * 2).to(torch.int64)
+    acc = (x2 @ w2.t()).to(torch.float32)
+    out = acc * (a_scale * w_scale * 0.25)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype).reshape(*x_packed.shape[:-1], w_packed.shape[0])
+
+
+def rms_norm_quantize_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, a_step: torch.Tensor,
+                          bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, y): y = float32(x) * rsqrt(mean(x^2) + eps) * weight over the last dim, in x's dtype;
+    codes = quantize_per_tensor_ref of the float32 y."""
+    xf = x.to(torch.float32)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(torch.float32)
+    return quantize_per_tensor_ref(y, a_step, bits), y.to(x.dtype)
+
+
+def layer_norm_quantize_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                            a_step: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, y): y = (x - mean) * rsqrt(var + eps) * weight + bias over the last dim (float32 math)."""
+    xf = x.to(torch.float32)
+    centered = xf - xf.mean(-1, keepdim=True)
+    y = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return quantize_per_tensor_ref(y, a_step, bits), y.to(x.dtype)

@@ -15,8 +15,9 @@ After:
     x_q = q4.quantize_per_tensor(x, a_step, 4)
     linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32)
 
-Linears quantized to more than 4 activation bits, or weight-only (float activations), stay in
-their fake-quantized form and are counted in `linears-not-fused` (no kernel for them yet).
+The kernel multiplies any int8 activation codes exactly, so W4A8 linears (8-bit codes) fuse
+the same way. Weight-only linears (float activations) stay in their fake-quantized form and are
+counted in `linears-not-fused`.
 """
 
 from __future__ import annotations
@@ -68,9 +69,6 @@ class FuseKernels(QPass):
             if parts is None:
                 if _reads_packed_weight(node):  # weight-only (float activations): no kernel yet
                     self.count("linears-not-fused")
-                continue
-            if parts["a_bits"] > 4:
-                self.count("linears-not-fused")
                 continue
             with graph.inserting_before(node):
                 fused = graph.call_function(

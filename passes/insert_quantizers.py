@@ -23,9 +23,14 @@ the graph stays the float function the earlier passes left, which must equal the
 (the exactness tests). Otherwise the fp32 weight constant is dropped: from here on only packed codes and steps are held.
 Linears reading the same activation (q/k/v) share one quantize node. A linear without
 calibration statistics, or whose module path (from `nn_module_stack`: `model.layers.0.mlp.up_proj`)
-matches the `skip` regex (default: the language-model head), stays in float and is counted in
-`linears-left-in-float`; other ops that multiply by a constant (matmul, conv, ...) stay in float
-and are counted in `unhandled-ops-in-float`.
+matches the `skip` regex, stays in float and is counted in `linears-left-in-float`; other ops
+that multiply by a constant (matmul, conv, ...) stay in float and are counted in
+`unhandled-ops-in-float`.
+
+The pass may run more than once with different bit widths: `only` (a module-path regex) limits
+one run to the linears it matches, and a run leaves linears an earlier run quantized alone, so
+`insert-quantizers{only=lm_head,skip=,a-bits=8},insert-quantizers{...}` gives the head 8-bit
+activations and the rest what the second run says.
 """
 
 from __future__ import annotations
@@ -57,12 +62,18 @@ class InsertQuantizersOptions:
     a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8, 16),
                          help="activation bits (static, per tensor); 16 keeps activations in float (weight-only)")
     skip: str = option("lm_head", help="regex on the module path of linears to keep in float ('' keeps none)")
+    only: str = option("", help="regex on the module path: quantize only the linears it matches, leave the rest "
+                               "to a later insert-quantizers ('' matches all)")
     search_clip: bool = option(False, help="search the activation clipping ratio on calibration samples where no earlier pass chose one")
     unmatched: str = option("quantize", choices=("quantize", "float"),
                             help="linears migrate-scales could not match: quantize them without migration, or keep them in float")
     rounding: bool = option(True, help="false: insert nothing, so the graph stays the float function the earlier passes left (the exactness check)")
     weights: str = option("rtn", choices=("rtn", "gptq"),
                           help="how weights are rounded: rtn (to nearest) or gptq (errors compensated through the input's Gram matrix)")
+
+
+def _is_quantized(weight: fx.Node) -> bool:
+    return isinstance(weight, fx.Node) and weight.target is q4.dequantize_weight_int4.default
 
 
 def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
@@ -91,6 +102,7 @@ class InsertQuantizers(QPass):
         # One quantize node per (activation, step): q/k/v read the same normalized input.
         quantizers: dict[tuple[fx.Node, float], fx.Node] = {}
         skip = re.compile(opts.skip) if opts.skip else None
+        only = re.compile(opts.only) if opts.only else None
         modified = False
         for node in self.nodes(gm):
             if node.op == "call_function" and node.target in UNHANDLED and any(
@@ -105,6 +117,8 @@ class InsertQuantizers(QPass):
             # The linear's own module, not its weight's name: a tied lm_head's weight is named
             # after the embedding it shares.
             module_path = ir.module_path(node) or str(w_node.meta.get(ir.FQN, "")).removesuffix(".weight")
+            if _is_quantized(w_node) or (only is not None and not only.search(module_path)):
+                continue  # an earlier insert-quantizers' work, or a later one's
             reason = None
             if weight is None or weight.dim() != 2 or not weight.is_floating_point():
                 reason = "its weight is not a constant 2-D float tensor"

@@ -64,6 +64,10 @@ class Q4Options:
     unmatched: str = _field("quantize", choices=("quantize", "float"))
     # lowering of the final graph
     lower: str = _field("inductor", choices=("inductor", "eager"))
+    # the integer GEMMs: "auto" runs the CPU integer kernels on CPU and the Triton kernels on
+    # CUDA; "triton" runs the Triton kernels everywhere (on CPU in Triton's interpreter: slow,
+    # exact, for debugging the kernels with a model's real operands)
+    kernels: str = _field("auto", choices=("auto", "triton"))
     progress: bool = True  # tqdm progress bars
 
 

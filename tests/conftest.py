@@ -10,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter, which must be on before triton is
+# first imported (anything may import it: Inductor does): so at the start of the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def tiny_llama(layers: int = 2, seed: int = 0, tie_word_embeddings: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -38,11 +38,15 @@ def test_fused_equals_fake_quant_graph():
     torch.testing.assert_close(fused(x)[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_eight_bit_activations_are_left_unfused_and_counted():
-    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+def test_eight_bit_activations_fuse_and_compute_the_fake_quant_graph():
+    x = torch.randn(2, 3, 16)
+    gm = capture(TwoHeads().eval(), x)
     fake_quant = run_pass("insert-quantizers", gm, a_bits=8)[0].graph_module
+    expected = copy.deepcopy(fake_quant)(x)[0]
     result, stats = run_pass("fuse-kernels", fake_quant)
-    assert not result.modified and stats["linears-not-fused"] == 3 and stats["linears-fused"] == 0
+    assert result.modified and stats["linears-fused"] == 3 and stats["linears-not-fused"] == 0
+    FileCheck().check_count("q4.quantize_per_tensor", 1).check_count("q4.linear_w4a4", 3).run(result.graph_module.code)
+    torch.testing.assert_close(result.graph_module(x)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_no_change_on_a_float_graph():

@@ -61,11 +61,22 @@ def test_statistics_follow_the_rotation_and_clipping_is_searched_again():
 def test_rotation_op_matches_the_dense_reference_and_is_orthogonal(n):
     factors = rotation.rotation_factors(n)
     x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n))
-    torch.testing.assert_close(torch.ops.q4.rotate(x, factors), rotation.rotate_reference(x, factors),
-                               rtol=1e-5, atol=1e-5)
+    expected = rotation.rotate_reference(x, factors)
+    torch.testing.assert_close(torch.ops.q4.rotate(x, factors), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotation.rotate_decomposed(x, factors), expected, rtol=1e-5, atol=1e-5)
     dense = rotation.rotate_reference(torch.eye(n), factors)
     torch.testing.assert_close(dense @ dense.t(), torch.eye(n), rtol=0, atol=1e-5)
-    assert sum(f.shape[0] for f in factors) <= max(n, 2) ** 0.5 * 3  # cheap: far fewer than n per element
+    # cheap: Hadamard factors of at most 64, as few as will do (far fewer than n multiply-adds an element)
+    power = (n & -n).bit_length() - 1
+    hadamard = [f.shape[0] for f in factors if f.shape[0] % 2 == 0]
+    assert max(hadamard, default=1) <= 64 and len(hadamard) == -(-power // 6)
+
+
+def test_splitting_the_hadamard_part_does_not_change_the_rotation():
+    # 1536 = 3 * 512: factors [3, 16, 32]; kron(H16, H32) is the Sylvester matrix H512 itself
+    odd, *hadamard = rotation.rotation_factors(1536)
+    assert odd.shape[0] == 3 and [h.shape[0] for h in hadamard] == [16, 32]
+    torch.testing.assert_close(torch.kron(*hadamard), rotation._sylvester(512), rtol=0, atol=1e-6)
 
 
 def test_rotation_spreads_an_outlier_channel():

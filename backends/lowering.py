@@ -1,0 +1,109 @@
+"""Lowering the final graph: what Inductor sees of the q4 ops.
+
+The passes leave `q4::` custom ops in the graph; they read well and run as they are in eager
+mode. Inductor cannot look inside a custom op, so every one would run as an opaque call with
+its own passes over memory. The lowering gives Inductor a decomposition into ATen ops for the
+ops that are cheap elementwise or small-reduction work, so they fuse with their neighbours:
+
+    q4.rotate(x, factors)                -> kernels.rotation.rotate_decomposed (multiply + sum
+                                            per factor, or one GEMM for a last factor >= 64)
+    q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
+
+    q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes),
+                                            the integer GEMM (`kernels.ops._int_matmul`), and the
+                                            epilogue (`kernels.reference.epilogue`), which fuses
+                                            with whatever reads the output (a residual add)
+
+so `rms_norm -> rotate -> quantize` becomes a few fused loops instead of six ops with
+transposing copies in between, and a linear's epilogue costs no pass of its own. The
+decompositions compute the same values as the ops (the rotation up to float summation order);
+`tests/backends/test_lowering.py` checks them against each other.
+
+On CUDA the integer GEMM is not decomposed: `q4.linear_w4a4` runs its CUDA kernel, the Triton
+GEMM of `kernels/triton_gemm.py` (rotation and quantize still fuse, as Inductor's own Triton
+code). The `kernels="triton"` option (`Q4_KERNELS=triton`) runs the Triton GEMM on any device,
+in Triton's interpreter on CPU, with the graph otherwise lowered as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from qcompile.kernels import rotation
+from qcompile.kernels.ops import _int_matmul  # importing ops registers torch.ops.q4
+from qcompile.kernels.reference import epilogue
+
+q4 = torch.ops.q4
+
+
+def quantize_per_tensor_decomposed(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """`q4::quantize_per_tensor` in ATen ops (same rounding: half to even)."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x.to(torch.float32) / step), -qmax - 1, qmax).to(torch.int8)
+
+
+def unpack_int4_decomposed(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """`kernels.int4.unpack_int4` as one elementwise loop Inductor can generate: every byte is
+    read twice (a broadcast), shifted left by 4 for its even k and 0 for its odd k, then right
+    by 4 (arithmetic, on int8: the sign extension)."""
+    n, kp = packed.shape
+    pairs = packed.view(torch.int8)[:, :, None].expand(n, kp, 2)
+    left = 4 - 4 * torch.arange(2, dtype=torch.int8, device=packed.device)  # [4, 0]
+    codes = torch.bitwise_right_shift(torch.bitwise_left_shift(pairs, left), 4).reshape(n, 2 * kp)
+    return codes if 2 * kp == k else codes[:, :k]
+
+
+def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
+                           bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """`q4::linear_w4a4` as unpack + integer GEMM + the one epilogue."""
+    k = x_codes.shape[-1]
+    acc = _int_matmul(x_codes.reshape(-1, k), unpack_int4_decomposed(w_packed, k))
+    return epilogue(acc, a_step, w_step, bias, out_dtype, in_place=False).reshape(*x_codes.shape[:-1], w_packed.shape[0])
+
+
+DECOMPOSITIONS: dict[Any, Callable] = {
+    q4.rotate.default: rotation.rotate_decomposed,
+    q4.quantize_per_tensor.default: quantize_per_tensor_decomposed,
+    q4.linear_w4a4.default: linear_w4a4_decomposed,
+}
+
+
+def use_triton_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph module like `gm` (sharing its constants) whose integer GEMMs call the Triton
+    kernel on every device: `q4.linear_w4a4` -> `q4.linear_w4a4_triton`. On CPU that is Triton's
+    interpreter, which must be on before triton is first imported: this turns it on if triton
+    is not imported yet, and otherwise asks for TRITON_INTERPRET=1 at the start."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            raise RuntimeError("kernels='triton' (Q4_KERNELS) on CPU runs Triton's interpreter, which must be on "
+                               "before triton is imported: start the process with TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is q4.linear_w4a4.default:
+            node.target = q4.linear_w4a4_triton.default
+    return fx.GraphModule(gm, graph)
+
+
+def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str, mode: str | None) -> Callable:
+    """The callable that runs the final graph: `how` is "inductor" or "eager"; `kernels` "auto"
+    (the integer GEMMs decomposed for Inductor on CPU, Triton kernels on CUDA) or "triton"."""
+    if kernels == "triton":
+        gm = use_triton_kernels(gm)
+    if how == "eager":
+        return gm
+    import torch._inductor
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    ours = DECOMPOSITIONS if on_cpu else {op: f for op, f in DECOMPOSITIONS.items() if op is not q4.linear_w4a4.default}
+    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    with torch._inductor.config.patch(patches):
+        return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **ours})

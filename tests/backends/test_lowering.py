@@ -1,0 +1,84 @@
+"""The Inductor lowering: the q4 decompositions compute what the ops compute, and Inductor sees them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.testing import FileCheck
+
+from qcompile.backends import lowering
+from qcompile.kernels import int4, rotation
+from tests.backends.test_q4_backend import compile_and_run, ids
+
+q4 = torch.ops.q4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_decomposition_is_the_op_including_ties(bits):
+    step = torch.tensor(0.25)
+    ties = (torch.arange(-20, 20) + 0.5) * step  # exactly halfway: half-to-even decides
+    x = torch.cat([ties, torch.randn(1000) * 3, torch.tensor([1e9, -1e9])])
+    assert torch.equal(lowering.quantize_per_tensor_decomposed(x, step, bits), q4.quantize_per_tensor(x, step, bits))
+
+
+@pytest.mark.parametrize("n", [12, 576, 1536])
+def test_rotate_decomposition_compiled_by_inductor_matches_the_op(n):
+    factors = rotation.rotation_factors(n)
+    x = torch.randn(7, n)
+    compiled = torch.compile(rotation.rotate_decomposed, fullgraph=True)
+    torch.testing.assert_close(compiled(x, factors), q4.rotate(x, factors), rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_sees_every_q4_op_as_aten_and_the_integer_gemm_stays(llama):
+    _, eager_out, art = compile_and_run(llama, {"lower": "eager", "progress": False, "recipe": "w4a4",
+                                                "calibration": [(ids(16, seed=2),)]}, ids(12))
+    gm = art.graph_module
+    FileCheck().check("q4.rotate").check("q4.quantize_per_tensor").run(gm.code)
+    lowered = make_fx(gm, decomposition_table=lowering.DECOMPOSITIONS)(ids(12))
+    assert "q4." not in lowered.code, lowered.code
+    FileCheck().check("aten._int_mm").run(lowered.code)
+
+    _, inductor_out, _ = compile_and_run(llama, {"lower": "inductor", "progress": False, "recipe": "w4a4",
+                                                 "calibration": [(ids(16, seed=2),)]}, ids(12))
+    # the same integer codes but where float summation order moves a value across a rounding tie
+    cosine = torch.nn.functional.cosine_similarity(inductor_out.logits.flatten(), eager_out.logits.flatten(), dim=0)
+    assert cosine > 0.999, cosine
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (3, 64, 33), (17, 257, 100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_decomposition_compiled_by_inductor_is_the_op_bit_exactly(m, k, n, bias):
+    g = torch.Generator().manual_seed(m * k + n)
+    x = torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=g)
+    packed = int4.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g))
+    w_step, a_step = torch.rand(n, generator=g) + 0.01, torch.tensor(0.07)
+    b = torch.randn(n, generator=g) if bias else None
+    expected = q4.linear_w4a4(x, packed, w_step, a_step, b, torch.float32)
+    assert torch.equal(lowering.unpack_int4_decomposed(packed, k), int4.unpack_int4(packed, k))
+    # the op in a graph, lowered the way the backend lowers its final graph
+    gm = make_fx(lambda *args: q4.linear_w4a4(*args, torch.float32))(x, packed, w_step, a_step, b)
+    compiled = lowering.lower(gm, [x, packed, w_step, a_step, b], "inductor", "auto", mode=None)
+    got = compiled(x, packed, w_step, a_step, b)
+    assert torch.equal(got, expected)
+
+
+def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monkeypatch):
+    """Q4_KERNELS=triton: the integer GEMMs run through the Triton kernel (the interpreter on CPU)
+    and the model computes what it computes through the CPU kernels."""
+    options = {"lower": "eager", "progress": False, "recipe": "w4a4-rtn", "calibration": [(ids(16, seed=2),)]}
+    _, cpu_out, _ = compile_and_run(llama, options, ids(12))
+    torch._dynamo.reset()
+    monkeypatch.setenv("Q4_KERNELS", "triton")  # (tests/conftest.py turned Triton's interpreter on)
+    from qcompile.kernels import triton_gemm
+
+    calls = []
+    original = triton_gemm.linear_w4a4
+    monkeypatch.setattr(triton_gemm, "linear_w4a4", lambda *args: calls.append(1) or original(*args))
+    for lower in ("eager", "inductor"):
+        calls.clear()
+        _, out, art = compile_and_run(llama, {**options, "lower": lower}, ids(12))
+        assert art.count_ops(q4.linear_w4a4.default) == 14  # the artifact's graph is the pipeline's
+        assert len(calls) == 14, lower
+        torch.testing.assert_close(out.logits, cpu_out.logits, rtol=1e-4, atol=1e-4)
+        torch._dynamo.reset()
