@@ -10,6 +10,8 @@ all in float32, and writes the codes (and, with `return_normalized`, y in x's dt
 residual stream or a float reader). The twins are `reference.rms_norm_quantize_ref` and
 `reference.layer_norm_quantize_ref`; the row sums are reduced in another order than torch's,
 so y may differ in the last bits and a code may differ by one where y / a_step sits on a tie.
+The square root and the divisions are the correctly rounded ones (`sqrt_rn`, `div_rn`), as on
+the CPU, not a GPU's faster approximations, so that no other difference adds to that one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .ops import _check_device, _check_step, _describe, _fail
-from .triton_gemm import _check_contiguous
+from .triton_gemm import INTERPRET, _check_contiguous, _to_bfloat16_rtne
 
 MAX_WIDTH = 65536
 
@@ -39,7 +41,7 @@ def _round_half_even(v):
 @triton.jit
 def _norm_quantize_kernel(x_ptr, w_ptr, b_ptr, step_ptr, codes_ptr, y_ptr, H, eps, qmin, qmax,
                           LAYER: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          WRITE_Y: tl.constexpr, BLOCK: tl.constexpr):
+                          WRITE_Y: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """codes[row] = quantize(norm(x[row])) and optionally y[row] = norm(x[row]) (module docstring)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -47,14 +49,16 @@ def _norm_quantize_kernel(x_ptr, w_ptr, b_ptr, step_ptr, codes_ptr, y_ptr, H, ep
     x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     if LAYER:
         x = tl.where(mask, x - tl.sum(x, axis=0) / H, 0.0)
-    y = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps))
+    y = x * tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=0) / H + eps))  # torch.rsqrt: 1 / sqrt, both rounded
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    codes = tl.minimum(tl.maximum(_round_half_even(y / tl.load(step_ptr)), qmin), qmax)
+    codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(y, tl.load(step_ptr))), qmin), qmax)
     tl.store(codes_ptr + row * H + cols, codes.to(tl.int8), mask=mask)
     if WRITE_Y:
+        if ROUND_BF16:
+            y = _to_bfloat16_rtne(y)
         tl.store(y_ptr + row * H + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -81,11 +85,13 @@ def _norm_quantize(op: str, layer: bool, x: torch.Tensor, weight: Optional[torch
     if rows:
         dummy = a_step  # a valid pointer for absent tensors; never read
         qmax = 2 ** (bits - 1) - 1
+        block = triton.next_power_of_2(h)
         _norm_quantize_kernel[(rows,)](
             x, weight if weight is not None else dummy, bias if bias is not None else dummy, a_step, codes,
             y if y is not None else codes, h, float(eps), float(-qmax - 1), float(qmax),
             LAYER=layer, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, WRITE_Y=y is not None,
-            BLOCK=triton.next_power_of_2(h),
+            ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, BLOCK=block,
+            num_warps=min(max(block // 256, 1), 16),  # a wide row in registers needs more threads
         )
     return (codes, y) if return_normalized else codes
 
