@@ -47,8 +47,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs() -> list[triton.Config]:
-    if INTERPRET:  # the autotuner would run every config: keep one, small
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    if INTERPRET:  # small tiles (masks and several tiles on test shapes); large ones for real layers
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
+                triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 256}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
@@ -215,9 +216,17 @@ def _fp4_kernel(x_ptr, w_ptr, w_scale_ptr, a_scale_ptr, bias_ptr, out_ptr, M, N,
     _finish(acc.to(tl.float32) * scale[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
 
 
-_w4a4 = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_w4a4_kernel)
-_w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_w4a16_kernel)
-_fp4 = triton.autotune(configs=_configs(), key=["M", "N", "KP"])(_fp4_kernel)
+def _interpreter_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """In the interpreter, one config and no tuning: each tile costs milliseconds of numpy work,
+    so a model's layers (N * K >= 2**16) take the large tile (SmolLM2's head: 576 tiles, not 13,824)."""
+    n, k = named_args["N"], named_args.get("K", named_args.get("KP"))
+    return [configs[1] if n * k >= 2**16 else configs[0]]
+
+
+_PRUNE = {"early_config_prune": _interpreter_tile} if INTERPRET else None
+_w4a4 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_w4a4_kernel)
+_w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_w4a16_kernel)
+_fp4 = triton.autotune(configs=_configs(), key=["M", "N", "KP"], prune_configs_by=_PRUNE)(_fp4_kernel)
 
 
 # --- argument checks -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The benchmark scripts run and print their tables (speed is judged in the benchmarks, not here)."""
+"""The benchmark commands run and print their tables (speed is judged in the benchmarks, not here)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_linear_cpu_prints_its_table():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_linear_cpu.py"), "--no-check", "--k", "256", "--n", "128"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "speedup (FP32 / q4)" in proc.stdout
-    assert [line.split()[0] for line in proc.stdout.splitlines() if line[:4].strip().isdigit()] == ["1", "16", "512", "2048"]
-
-
-def test_bench_prefill_cpu_prints_its_table():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_prefill_cpu.py"), "--tiny", "--tokens", "32", "--repeats", "2"],
-        capture_output=True, text=True, timeout=600,
-    )
+def run(*args: str, timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [line.split()[:3] for line in proc.stdout.splitlines()]
+    return proc.stdout
+
+
+def test_bench_kernels_prints_its_table():
+    out = run("-m", "qcompile.bench", "kernels", "--shapes", "256x128,257x100", "--m", "1,3,64", "--repeats", "2")
+    assert "q4 W4A4 (CPU) speedup" in out and "FP32 F.linear ms" in out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(k, n, m) for k, n in (("256", "128"), ("257", "100"))
+                                                  for m in ("1", "3", "64")]
+    assert all(float(v) > 0 for r in rows for v in r[3:])
+
+
+def test_bench_kernels_rejects_a_malformed_shape():
+    proc = subprocess.run([sys.executable, "-m", "qcompile.bench", "kernels", "--shapes", "4096by11008"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "KxN pairs" in proc.stderr
+
+
+def test_bench_prefill_prints_its_table():
+    out = run(str(ROOT / "benchmarks" / "bench_prefill_cpu.py"), "--tiny", "--tokens", "32", "--repeats", "2")
+    rows = [line.split()[:3] for line in out.splitlines()]
     variants = [" ".join(r[:2]) if r[:1] == ["q4"] else None for r in rows]
-    assert "speedup vs FP32 eager" in proc.stdout
+    assert "speedup vs FP32 eager" in out
     assert [v for v in variants if v] == ["q4 w4a4", "q4 w4a4-rtn"]
-    assert "FP32 + Inductor" in proc.stdout
+    assert "FP32 + Inductor" in out

@@ -21,7 +21,8 @@ from qcompile.kernels.ops import KernelArgumentError  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 M_SHAPES = [(1,), (3,), (37,), (2, 3)]  # leading dims of x: M = 1, 3, 37, and a 3-D batch (M = 6)
-NK = [(5, 7), (33, 65), (64, 128), (100, 257)]  # N and K not multiples of the tiles; odd K
+NK = [(5, 7), (33, 65), (64, 128), (100, 257), (260, 301)]  # N, K not multiples of the tiles; odd K;
+# (260, 301) takes the interpreter's large tile (N * K >= 2**16): two N tiles, two K blocks
 
 
 def gen(seed: int) -> torch.Generator:

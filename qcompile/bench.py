@@ -1,0 +1,197 @@
+"""Speed tables, every variant measured side by side in one run.
+
+    python -m qcompile.bench kernels [--m 1,16,128,2048,8192] [--shapes 4096x4096,...] [--repeats R]
+    python -m qcompile.bench prefill [--tokens 512] [--recipes w4a4,w4a4-rtn] [--repeats 5] [--tiny]
+
+kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
+  CPU: FP32 `F.linear` against the q4 CPU path as a compiled model runs it: the static
+  activation quantize and `q4.linear_w4a4` from a float input to a float output, lowered
+  through the backend's Inductor lowering (unpack, oneDNN int8 GEMM, fused epilogue).
+  CUDA: FP16 `torch.matmul` (cuBLAS) against the Triton W4A4 GEMM (int8 codes in), the Triton
+  W4A16 GEMM (FP16 in), and torchao's int4 weight-only linear when torchao is importable.
+prefill: SmolLM2-135M (or a tiny random Llama) prefill of one sequence: FP32 eager, FP32 +
+  Inductor, and q4 recipes; the target for q4 `w4a4` on CPU is 2x FP32 eager.
+
+Each repetition calls every variant once, in turn, so load from other processes hits all alike;
+tables show the median after a warm-up call (which compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+
+LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288))  # (K, N)
+M_VALUES = (1, 16, 128, 2048, 8192)
+
+
+def side_by_side_seconds(fns: list[Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None
+                         ) -> list[float]:
+    """Median seconds of each function, after one warm-up call each, calling them in turn."""
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for fn in fns:
+            fn()
+        sync()
+        for _ in range(repeats):
+            for fn, ts in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                sync()
+                ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+
+def _quantized_weight(k: int, n: int, device: str):
+    from qcompile.kernels import int4
+
+    codes, w_step = int4.quantize_weight_per_channel(torch.randn(n, k))
+    return int4.pack_int4(codes).to(device), w_step.to(device)
+
+
+def _cpu_q4_linear(x: torch.Tensor, packed: torch.Tensor, w_step: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """quantize -> linear_w4a4 from float x, lowered the way the backend lowers a graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qcompile.backends.lowering import lower
+
+    q4 = torch.ops.q4
+    a_step = (x.abs().max() / 7).float()  # a calibrated static step, fixed before the timed calls
+
+    def q4_linear(x, packed, w_step, a_step):
+        return q4.linear_w4a4(q4.quantize_per_tensor(x, a_step, 4), packed, w_step, a_step, None, torch.float32)
+
+    args = [x, packed, w_step, a_step]
+    run = lower(make_fx(q4_linear)(*args), args, "inductor", "auto", None)
+    return lambda: run(*args)
+
+
+def _cuda_variants(x16: torch.Tensor, k: int, n: int, packed: torch.Tensor, w_step: torch.Tensor) -> dict:
+    from qcompile.kernels import triton_gemm
+
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    codes = torch.randint(-8, 8, x16.shape, device="cuda", dtype=torch.int8)
+    a_step = torch.tensor(0.01, device="cuda")
+    variants = {
+        "FP16 cuBLAS": lambda: torch.matmul(x16, w16.t()),
+        "q4 W4A4 (triton)": lambda: triton_gemm.linear_w4a4(codes, packed, w_step, a_step, None, torch.float16),
+        "q4 W4A16 (triton)": lambda: triton_gemm.linear_w4a16(x16, packed, w_step, None),
+    }
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        layer = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        quantize_(layer, Int4WeightOnlyConfig(group_size=128))
+        x_bf16 = x16.to(torch.bfloat16)
+        variants["torchao int4 weight-only"] = lambda: layer(x_bf16)
+    except Exception as e:  # noqa: BLE001 - optional comparison: say why it is missing
+        print(f"(torchao int4 weight-only not measured: {type(e).__name__}: {str(e)[:120]})")
+    return variants
+
+
+def bench_kernels(shapes: list[tuple[int, int]], m_values: list[int], repeats: int, device: str) -> str:
+    rows, headers = [], None
+    for k, n in shapes:
+        packed, w_step = _quantized_weight(k, n, device)
+        for m in m_values:
+            torch.manual_seed(m)
+            if device == "cuda":
+                x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                variants = _cuda_variants(x16, k, n, packed, w_step)
+                seconds = side_by_side_seconds(list(variants.values()), repeats, torch.cuda.synchronize)
+            else:
+                x, w = torch.randn(m, k), torch.randn(n, k)
+                variants = {"FP32 F.linear": lambda: torch.nn.functional.linear(x, w),
+                            "q4 W4A4 (CPU)": _cpu_q4_linear(x, packed, w_step)}
+                seconds = side_by_side_seconds(list(variants.values()), repeats)
+            base = seconds[0]
+            names = list(variants)
+            headers = headers or ["K", "N", "M", *(f"{v} ms" for v in names), *(f"{v} speedup" for v in names[1:])]
+            rows.append([k, n, m, *(s * 1e3 for s in seconds), *(base / s for s in seconds[1:])])
+    return tabulate(rows, headers=headers, floatfmt=".3f")
+
+
+# --- prefill -------------------------------------------------------------------------------------
+
+
+def bench_prefill(tokens: int, recipes: list[str], repeats: int, tiny: bool) -> str:
+    from qcompile import zoo
+
+    if tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+        prompt = torch.randint(0, 256, (1, tokens))
+        calibration = [{"input_ids": torch.randint(0, 256, (1, tokens))}]
+        name = "tiny Llama"
+    else:
+        model, tokenizer = zoo.load_smollm2()
+        prompt = zoo.token_windows(tokenizer, "pride_and_prejudice", tokens, tokens)[0]
+        calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 1024, 512)]
+        name = "SmolLM2-135M"
+
+    variants = {"FP32 eager": model, "FP32 + Inductor": torch.compile(model)}
+    for recipe in recipes:
+        variants[f"q4 {recipe}"] = torch.compile(
+            model, backend="q4", options={"recipe": recipe, "calibration": calibration, "progress": False})
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(variants))
+    fns = [lambda m=m: m(input_ids=prompt, use_cache=False) for m in variants.values()]
+    seconds = side_by_side_seconds(fns, repeats)
+    rows = [[label, s, seconds[0] / s] for label, s in zip(variants, seconds)]
+    title = (f"{name} prefill of {tokens} tokens (use_cache=False), {torch.get_num_threads()} CPU threads, "
+             f"median of {repeats} side-by-side repetitions; q4 calibrated on {len(calibration)} batches")
+    return title + "\n" + tabulate(rows, headers=["variant", "seconds", "speedup vs FP32 eager"],
+                                   floatfmt=("", ".4f", ".2f"))
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(k), int(n)) for k, n in (s.lower().split("x") for s in text.split(",") if s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are KxN pairs separated by commas (4096x11008), got {text!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qcompile.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    kernels = sub.add_parser("kernels", help="one quantized linear against FP32 (CPU) or FP16 cuBLAS (CUDA)")
+    kernels.add_argument("--shapes", type=_shapes, default=list(LLAMA2_7B_SHAPES),
+                         help="KxN pairs (default: Llama-2-7B's 4096x4096,4096x11008,11008x4096,4096x12288)")
+    kernels.add_argument("--m", type=_ints, default=list(M_VALUES), help="rows of the activation (default 1,16,128,2048,8192)")
+    kernels.add_argument("--repeats", type=int, default=5)
+    kernels.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    prefill = sub.add_parser("prefill", help="SmolLM2-135M prefill: FP32 eager, FP32 + Inductor, q4 recipes")
+    prefill.add_argument("--tokens", type=int, default=512, help="prompt length")
+    prefill.add_argument("--recipes", default="w4a4,w4a4-rtn", help="q4 recipes (comma list)")
+    prefill.add_argument("--repeats", type=int, default=5)
+    prefill.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama instead of SmolLM2")
+    args = parser.parse_args(argv)
+
+    if args.command == "kernels":
+        where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        print(f"q4 linear vs {'FP16 cuBLAS' if args.device == 'cuda' else 'FP32'} on {where}, torch {torch.__version__}, "
+              f"median of {args.repeats} side-by-side repetitions")
+        print(bench_kernels(args.shapes, args.m, args.repeats, args.device))
+    else:
+        print(bench_prefill(args.tokens, [r for r in args.recipes.split(",") if r], args.repeats, args.tiny))
+
+
+if __name__ == "__main__":
+    main()
