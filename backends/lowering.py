@@ -59,12 +59,28 @@ def unpack_int4_decomposed(packed: torch.Tensor, k: int) -> torch.Tensor:
     return codes if 2 * kp == k else codes[:, :k]
 
 
+GEMM_COLUMNS = 8192  # wider linears run in column blocks of this many outputs
+
+
 def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """`q4::linear_w4a4` as unpack + integer GEMM + the one epilogue."""
-    k = x_codes.shape[-1]
-    acc = _int_matmul(x_codes.reshape(-1, k), unpack_int4_decomposed(w_packed, k))
-    return epilogue(acc, a_step, w_step, bias, out_dtype, in_place=False).reshape(*x_codes.shape[:-1], w_packed.shape[0])
+    """`q4::linear_w4a4` as unpack + integer GEMM + the one epilogue.
+
+    A wide linear (a language-model head: N = 49152) runs in blocks of GEMM_COLUMNS outputs,
+    concatenated: each block's int32 accumulator is small enough for the allocator to reuse
+    (a fresh 100 MB one faults in every page, every call), and Inductor writes each block's
+    epilogue straight into its slice of the output. SmolLM2's head at 512 tokens: 105 -> 77 ms.
+    """
+    k, n = x_codes.shape[-1], w_packed.shape[0]
+    x2 = x_codes.reshape(-1, k)
+    blocks = []
+    for start in range(0, n, GEMM_COLUMNS):
+        rows = slice(start, start + GEMM_COLUMNS)
+        acc = _int_matmul(x2, unpack_int4_decomposed(w_packed[rows], k))
+        blocks.append(epilogue(acc, a_step, w_step[rows], bias[rows] if bias is not None else None, out_dtype,
+                               in_place=False))
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+    return out.reshape(*x_codes.shape[:-1], n)
 
 
 DECOMPOSITIONS: dict[Any, Callable] = {

@@ -238,7 +238,10 @@ def _triton_gemm():
 
 @linear_w4a4.register_kernel("cuda")
 def _(x_codes, w_packed, w_step, a_step, bias, out_dtype):
-    return _triton_gemm().linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype)
+    # no per-call read of the steps' values: a GPU sync, and illegal under CUDA-graph capture
+    # (mode="reduce-overhead"); the passes checked these constants when they made them
+    return _triton_gemm().linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype,
+                                      check_values=False)
 
 
 @torch.library.custom_op("q4::linear_w4a4_triton", mutates_args=())

@@ -269,18 +269,20 @@ def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
 
 
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype, *, check_values: bool = True) -> torch.Tensor:
     """`q4::linear_w4a4` in Triton: int8 codes [..., K] x packed int4 [N, ceil(K/2)] -> [..., N] in out_dtype.
 
     y = float32(x_codes @ codes(w).T) * (a_step * w_step) + float32(bias), bit-exact with
     `reference.linear_w4a4_ref`. w_step float32 [N], a_step 0-dim float32 (finite, > 0).
+    `check_values=False` skips reading the steps' values (a GPU sync, which CUDA-graph capture
+    forbids); the op's CUDA kernel passes it, as its steps are graph constants checked when made.
     """
     op = "linear_w4a4 (triton)"
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
         _fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", _describe(x_codes))
     k = x_codes.shape[-1]
-    _check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=True)
-    _check_step(op, "a_step", a_step, (), check_values=True)
+    _check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
+    _check_step(op, "a_step", a_step, (), check_values=check_values)
     _check_bias(op, bias, w_packed.shape[0])
     _check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
     _check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, bias=bias)

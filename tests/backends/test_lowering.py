@@ -46,7 +46,7 @@ def test_inductor_sees_every_q4_op_as_aten_and_the_integer_gemm_stays(llama):
     assert cosine > 0.999, cosine
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (3, 64, 33), (17, 257, 100)])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (3, 64, 33), (17, 257, 100), (2, 9, lowering.GEMM_COLUMNS * 2 + 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_decomposition_compiled_by_inductor_is_the_op_bit_exactly(m, k, n, bias):
     g = torch.Generator().manual_seed(m * k + n)
