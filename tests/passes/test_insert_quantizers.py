@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.testing import FileCheck
 
+from qcompile import ir
 from qcompile.kernels import reference
 from qcompile.testing import capture
 from qcompile.pass_api import get_pass_class
@@ -100,3 +101,15 @@ def test_all_zero_activation_gets_a_finite_step():
     result, _ = run_pass("insert-quantizers", gm)
     out = result.graph_module(torch.randn(2, 4))[0]
     assert torch.isfinite(out).all()
+
+
+def test_two_runs_give_different_linears_different_bits():
+    """`only` limits a run to some linears; a later run leaves them alone (w4a4's 8-bit head)."""
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    first, stats = run_pass("insert-quantizers", gm, only="^out$", a_bits=8)
+    assert stats["linears-quantized"] == 1 and stats["linears-left-in-float"] == 0
+    second, stats = run_pass("insert-quantizers", first.graph_module)
+    assert stats["linears-quantized"] == 2 and stats["linears-left-in-float"] == 0
+    quantizers = [n for n in second.graph_module.graph.nodes if n.target is torch.ops.q4.quantize_per_tensor.default]
+    assert sorted(n.args[2] for n in quantizers) == [4, 8]  # q/k share one 4-bit quantize; out has 8 bits
+    assert not any(ir.FLOAT_REASON in n.meta for n in second.graph_module.graph.nodes)
