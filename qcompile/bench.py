@@ -169,7 +169,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qcompile.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="qcompile bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     kernels = sub.add_parser("kernels", help="one quantized linear against FP32 (CPU) or FP16 cuBLAS (CUDA)")
     kernels.add_argument("--shapes", type=_shapes, default=list(LLAMA2_7B_SHAPES),

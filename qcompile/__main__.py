@@ -1,0 +1,74 @@
+"""The qcompile command line: `qcompile <command>` (or `python -m qcompile <command>`).
+
+    qcompile passes [--import MODULE ...]    every registered pass: summary, options, statistics
+    qcompile recipes                         every recipe and its pipeline string
+    qcompile eval [...]                      the accuracy table (`python -m qcompile.eval --help`)
+    qcompile bench kernels|prefill [...]     the speed tables (`python -m qcompile.bench --help`)
+
+`passes --import my_package.my_passes` imports modules first, so passes they register (with
+`qcompile.pass_api.register_pass`) are listed beside qcompile's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tabulate import tabulate
+
+
+def list_passes(modules: list[str]) -> str:
+    from qcompile.pass_api import registry
+
+    for module in modules:
+        importlib.import_module(module)
+    blocks = []
+    for name, cls in sorted(registry().items()):
+        lines = [f"{name}  ({cls.__module__})", f"  {cls.summary}"]
+        options = cls.describe_options()
+        if options:
+            table = tabulate(options, headers=["option", "type", "default", "meaning"], tablefmt="plain")
+            lines += ["  " + line for line in table.splitlines()]
+        if cls.statistics:
+            lines.append("  statistics: " + ", ".join(cls.statistics))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def list_recipes() -> str:
+    from qcompile.recipes import DEFAULT_RECIPE, RECIPES
+
+    return tabulate([[name + (" (default)" if name == DEFAULT_RECIPE else ""), pipeline]
+                     for name, pipeline in RECIPES.items()], headers=["recipe", "pipeline"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    passes = sub.add_parser("passes", help="list the registered passes with their options and statistics")
+    passes.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
+                        help="import this module first (it may register passes of its own); repeatable")
+    sub.add_parser("recipes", help="list the recipes and their pipelines")
+    # eval and bench hand the rest of the line to their own parsers (and their own --help)
+    sub.add_parser("eval", help="the accuracy table (qcompile eval --help)", add_help=False)
+    sub.add_parser("bench", help="the speed tables: bench kernels|prefill (qcompile bench --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command in ("eval", "bench"):
+        module = importlib.import_module(f"qcompile.{args.command}")
+        module.main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "passes":
+        try:
+            print(list_passes(args.modules))
+        except ImportError as e:
+            parser.error(f"--import: {e}")
+    else:
+        print(list_recipes())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,68 @@
+"""The `qcompile` command line: every subcommand runs; user passes appear in `qcompile passes`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from qcompile.pass_api import registry
+from qcompile.recipes import RECIPES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def qcompile(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "qcompile", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_passes_lists_every_registered_pass_with_its_options():
+    out = qcompile("passes").stdout
+    for name, cls in registry().items():
+        assert f"{name}  ({cls.__module__})" in out and cls.summary in out
+    assert "only         str" in out  # insert-quantizers' options table
+
+
+def test_passes_lists_a_pass_registered_outside_the_package(tmp_path):
+    (tmp_path / "my_passes.py").write_text(textwrap.dedent('''
+        from qcompile.pass_api import PassResult, QPass, register_pass
+
+        @register_pass
+        class CountLinears(QPass):
+            name = "count-linears"
+            summary = "Count the linears (a pass written outside qcompile)."
+            statistics = ("linears",)
+
+            def call(self, gm):
+                return PassResult(gm, False)
+    '''))
+    out = qcompile("passes", "--import", "my_passes", env={"PYTHONPATH": str(tmp_path)}).stdout
+    assert "count-linears  (my_passes)" in out and "statistics: linears" in out
+
+
+def test_passes_names_a_module_it_cannot_import():
+    proc = qcompile("passes", "--import", "no_such_module_here", check=False)
+    assert proc.returncode == 2 and "no_such_module_here" in proc.stderr
+
+
+def test_recipes_lists_every_recipe_and_marks_the_default():
+    out = qcompile("recipes").stdout
+    assert all(name in out for name in RECIPES) and "w4a4 (default)" in out
+
+
+def test_bench_and_eval_take_their_own_arguments():
+    out = qcompile("bench", "kernels", "--shapes", "64x32", "--m", "1", "--repeats", "1").stdout
+    assert "q4 W4A4 (CPU) speedup" in out
+    assert "--calibration-batches" in qcompile("eval", "--help").stdout
+
+
+def test_the_installed_script_runs():
+    script = Path(sys.executable).parent / "qcompile"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "passes" in proc.stdout
