@@ -1,6 +1,6 @@
 """The qcompile command line: `qcompile <command>` (or `python -m qcompile <command>`).
 
-    qcompile passes [--import MODULE ...]    every registered pass: summary, options, statistics
+    qcompile passes [--import MODULE|FILE.py ...]   every registered pass: summary, options, statistics
     qcompile recipes                         every recipe and its pipeline string
     qcompile eval [...]                      the accuracy table (`python -m qcompile.eval --help`)
     qcompile bench kernels|prefill [...]     the speed tables (`python -m qcompile.bench --help`)
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -22,7 +24,15 @@ def list_passes(modules: list[str]) -> str:
     from qcompile.pass_api import registry
 
     for module in modules:
-        importlib.import_module(module)
+        if module.endswith(".py"):  # a file: import it under its stem
+            path = Path(module)
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or not path.is_file():
+                raise ImportError(f"no Python file {module!r}")
+            loaded = sys.modules[path.stem] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(loaded)
+        else:
+            importlib.import_module(module)
     blocks = []
     for name, cls in sorted(registry().items()):
         lines = [f"{name}  ({cls.__module__})", f"  {cls.summary}"]
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     passes = sub.add_parser("passes", help="list the registered passes with their options and statistics")
     passes.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
-                        help="import this module first (it may register passes of its own); repeatable")
+                        help="import this module or .py file first (it may register passes of its own); repeatable")
     sub.add_parser("recipes", help="list the recipes and their pipelines")
     # eval and bench hand the rest of the line to their own parsers (and their own --help)
     sub.add_parser("eval", help="the accuracy table (qcompile eval --help)", add_help=False)

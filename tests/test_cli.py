@@ -66,3 +66,17 @@ def test_the_installed_script_runs():
     script = Path(sys.executable).parent / "qcompile"
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "passes" in proc.stdout
+
+
+def test_custom_pass_example_runs_and_its_pass_is_listed():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pass.py")], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # its graph before and after (the backend's print instruments), and its statistic
+    before = proc.stderr.split("IR Dump After remove-eval-dropout")[0]
+    after = proc.stderr.split("IR Dump After remove-eval-dropout")[1].split("IR Dump")[0]
+    assert "IR Dump Before remove-eval-dropout" in before and "aten.dropout" in before
+    assert "aten.dropout" not in after
+    assert "dropouts-removed" in proc.stderr and "cosine(q4 output, FP32 output)" in proc.stdout
+    listed = qcompile("passes", "--import", "examples/custom_pass.py").stdout
+    assert "remove-eval-dropout  (custom_pass)" in listed
