@@ -5,40 +5,51 @@
 
 `remove-eval-dropout` deletes `aten.dropout(x, p, train=False)`: the identity in an eval-mode
 graph, but a node between a norm and the linears it feeds (a one-layer BERT graph holds 3), which
-any pass matching "norm -> linear" would have to look through. Declaring it is all there is:
-a kebab-case name, a one-line summary, named statistics, and `call(gm) -> PassResult`;
-`register_pass` makes it a name the pipeline string, `Q4_PRINT_AFTER` and `qcompile passes`
-know. The graph printed is the backend's own (`print_before` / `print_after` options).
+any pass matching "norm -> linear" would have to look through. It is a pattern rewrite
+(`qcompile.patterns.PatternPass`): the pattern, its replacement and a check of each match are all
+it writes; `register_pass` makes it a name the pipeline string, `Q4_PRINT_AFTER` and
+`qcompile passes` know. The graph printed is the backend's own (`print_before` / `print_after`
+options). `docs/writing-a-pass.md` walks through it.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
-from torch import fx
 
-from qcompile.pass_api import PassResult, QPass, register_pass
+from qcompile import ir
+from qcompile.pass_api import option, register_pass
+from qcompile.patterns import PatternMatch, PatternPass
 from qcompile.recipes import recipe_pipeline
 
 aten = torch.ops.aten
 
 
+@dataclass(frozen=True)
+class RemoveEvalDropoutOptions:
+    only: str = option("", help="remove only the dropouts whose module path contains this text ('' = all)")
+
+
 @register_pass
-class RemoveEvalDropout(QPass):
+class RemoveEvalDropout(PatternPass):
     name = "remove-eval-dropout"
     summary = "Delete aten.dropout(x, p, train=False), the identity in eval mode."
-    statistics = ("dropouts-removed",)
+    Options = RemoveEvalDropoutOptions
+    statistics = ("dropouts-removed", "dropouts-kept")  # rewrites count in the first one
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        for node in self.nodes(gm):  # (self.nodes: a failure names the node it was at)
-            if node.op == "call_function" and node.target is aten.dropout.default and node.args[2] is False:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                self.count("dropouts-removed")
-        if self.stats.get("dropouts-removed"):
-            gm.recompile()
-        return PassResult(gm, bool(self.stats.get("dropouts-removed")))
+    def pattern(self, x, p):
+        return aten.dropout.default(x, p, False)  # train=False: a literal, matched exactly
+
+    def replacement(self, x, p):  # the pattern's parameters, in the same order
+        return x
+
+    def check(self, match: PatternMatch) -> bool:
+        if self.options.only in ir.module_path(match.anchor):
+            return True
+        self.count("dropouts-kept")
+        return False
 
 
 def main() -> None:
@@ -56,7 +67,9 @@ def main() -> None:
         out = compiled(input_ids=ids).last_hidden_state
         reference = model(input_ids=ids).last_hidden_state
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0).item()
-    print(f"pipeline: {pipeline}")
+    from qcompile.backends import q4
+
+    print(f"pipeline: {q4.artifacts()[-1].pipeline}")  # what ran: Q4_PIPELINE / Q4_DISABLE may change it
     print(f"cosine(q4 output, FP32 output) = {cosine:.4f}")
     sys.stderr.flush()
 
