@@ -52,6 +52,7 @@ class Q4Options:
     print_after_all: bool = False
     print_after_change: bool = False
     print_after_failure: bool = False
+    print_provenance: bool = False  # printed and dumped graphs say which pass made each node
     dump_dir: str | None = None
     verify_each: bool = True
     timing: bool = False
@@ -69,6 +70,9 @@ class Q4Options:
     # exact, for debugging the kernels with a model's real operands)
     kernels: str = _field("auto", choices=("auto", "triton"))
     progress: bool = True  # tqdm progress bars
+    # a directory saved by qcompile.quantize(...).save(dir): its compiled graphs replace
+    # calibration and the passes (qcompile/artifact.py)
+    artifact: str | None = None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Q4Options)}

@@ -16,11 +16,13 @@ Subclass `Instrument` and override what you need. An instrument that prints writ
 `stream`; one built without a stream is given the pass manager's (default `sys.stderr`).
 
 Headers follow MLIR (`// -----// IR Dump After cse //----- //`) and name a pass with ALL its
-effective options (`PassSpec.of`), so a header says exactly what ran.
+effective options (`PassSpec.of`), so a header says exactly what ran. Graphs print as
+`qcompile.printer.format_graph` writes them: one line per node, one line per quantized linear.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -31,17 +33,26 @@ from torch import fx
 
 from qcompile.pass_api import PassResult, QPass, get_pass_class
 from qcompile.pipeline import PassSpec
+from qcompile.printer import format_graph
 from qcompile.verify import verify
 
 __all__ = ["Instrument", "PrintIR", "DumpIR", "VerifyEach", "Timing", "Statistics", "ir_text"]
 
 
-def ir_text(gm: fx.GraphModule) -> str:
-    """The readable code of `gm`; a graph too broken to generate code for prints as its nodes."""
+def ir_text(gm: fx.GraphModule, provenance: bool = False) -> str:
+    """`gm` as `qcompile.printer.format_graph` prints it (`provenance`: which pass made each node).
+
+    A graph too broken for the printer (a failing pass may leave one) prints as torch.fx's
+    generated code after a line saying why, or failing that as its bare node list.
+    """
     try:
-        return gm.print_readable(print_output=False)
-    except Exception:  # noqa: BLE001 - a failing pass may leave a graph codegen rejects
-        return str(gm.graph)
+        return format_graph(gm, provenance=provenance)
+    except Exception as exc:  # noqa: BLE001 - the graph may be in any state
+        note = f"# qcompile.printer failed ({type(exc).__name__}: {exc}); torch.fx's form follows\n"
+    try:
+        return note + gm.print_readable(print_output=False)
+    except Exception:  # noqa: BLE001 - nor may codegen accept it
+        return note + str(gm.graph)
 
 
 class Instrument:
@@ -72,21 +83,58 @@ class Instrument:
 class PrintIR(Instrument):
     """Print the IR around passes (MLIR's --print-ir-before/after/after-all/after-change/after-failure).
 
-    `before` / `after` name passes; `after_all` also prints every stage. `after_change` on its own
-    prints after each pass that reported a change; together with `after` / `after_all` it
-    restricts them to passes that reported a change.
+    `before` / `after` name passes; `after_all` prints after every pass and every stage;
+    `after_failure` prints the graph a failing pass left.
+
+    `after_change` prints what each pass CHANGED: a unified diff (difflib) of the printed graph
+    before and after the pass, under `// -----// IR Diff After <pass{options}> //----- //`; a pass
+    that changed nothing prints nothing. On its own it covers every pass; with `after` only the
+    named passes, which then print as diffs instead of whole graphs; with `after_all` every pass
+    prints as a diff, and the stages (capture, normalize, freeze: the starting point of the
+    diffs) print whole. "Changed" means the printed text differs or the pass reported a change;
+    a pass that reported a change the text does not show (new constant values only) prints a
+    one-line note, one that changed the text but reported none prints its diff with a warning.
+
+    `provenance`: every printed graph shows which pass created each node (`[by PASS from ...]`).
     """
 
     def __init__(self, before: Iterable[str] = (), after: Iterable[str] = (), after_all: bool = False,
-                 after_change: bool = False, after_failure: bool = False, stream: TextIO | None = None):
+                 after_change: bool = False, after_failure: bool = False, stream: TextIO | None = None,
+                 provenance: bool = False):
         self.before, self.after = tuple(before), tuple(after)
         for name in self.before + self.after:
             get_pass_class(name)  # a misspelt pass name would otherwise print nothing, silently
         self.after_all, self.after_change, self.after_failure = after_all, after_change, after_failure
         self.stream = stream
+        self.provenance = provenance
+        self._text_before: str | None = None  # the graph a pass printed as a diff started from
+
+    def text(self, gm: fx.GraphModule) -> str:
+        return ir_text(gm, self.provenance)
 
     def dump(self, title: str, gm: fx.GraphModule) -> None:
-        self.write(f"// -----// IR Dump {title} //----- //\n{ir_text(gm)}")
+        self.write(f"// -----// IR Dump {title} //----- //\n{self.text(gm)}")
+
+    def selected_after(self, name: str) -> bool:
+        """Whether pass `name` prints after it runs (whole, or as a diff with after_change)."""
+        if self.after_all:
+            return True
+        if self.after:
+            return name in self.after
+        return self.after_change
+
+    def diff(self, spec: PassSpec, before: str, after: str, reported: bool) -> None:
+        if before == after and not reported:
+            return  # nothing changed: nothing to print
+        lines = [f"// -----// IR Diff After {spec} //----- //"]
+        if before == after:
+            lines.append("(the pass reported a change the printed graph does not show: constant values or meta)")
+        else:
+            if not reported:
+                lines.append("(warning: the pass changed the graph but reported modified=False)")
+            lines.extend(difflib.unified_diff(before.splitlines(), after.splitlines(), f"before {spec}",
+                                              f"after {spec}", lineterm=""))
+        self.write("\n".join(lines))
 
     def on_stage(self, name: str, gm: fx.GraphModule) -> None:
         if self.after_all:
@@ -95,10 +143,16 @@ class PrintIR(Instrument):
     def before_pass(self, index: int, qpass: QPass, gm: fx.GraphModule) -> None:
         if qpass.name in self.before:
             self.dump(f"Before {PassSpec.of(qpass)}", gm)
+        # passes change the graph in place: its text before the pass is taken now
+        self._text_before = self.text(gm) if self.after_change and self.selected_after(qpass.name) else None
 
     def after_pass(self, index: int, qpass: QPass, gm: fx.GraphModule, result: PassResult, seconds: float) -> None:
-        selected = self.after_all or self.after_change or qpass.name in self.after
-        if selected and (result.modified or not self.after_change):
+        if not self.selected_after(qpass.name):
+            return
+        if self.after_change and self._text_before is not None:
+            self.diff(PassSpec.of(qpass), self._text_before, self.text(gm), bool(result.modified))
+            self._text_before = None
+        elif not self.after_change:
             self.dump(f"After {PassSpec.of(qpass)}", gm)
 
     def on_failure(self, index: int, qpass: QPass, gm: fx.GraphModule, exc: BaseException) -> None:
@@ -107,23 +161,25 @@ class PrintIR(Instrument):
 
 
 class DumpIR(Instrument):
-    """Write one file per stage and per pass: `000-capture.py`, `001-normalize.py`, ...,
-    `00N-<pass-name>.py` (and `00N-<pass-name>-failed.py` for the graph a failing pass left).
+    """Write one file per stage and per pass: `000-capture.txt`, `001-normalize.txt`, ...,
+    `00N-<pass-name>.txt` (and `00N-<pass-name>-failed.txt` for the graph a failing pass left),
+    each the printed graph (`ir_text`) under `#` lines naming the stage or pass.
 
     The index runs on across stages and passes (and across runs of the same instrument), so the
     files sort in the order the graphs were made. Existing files are overwritten, never deleted.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, provenance: bool = False):
         self.directory = Path(directory)
         self.index = 0
+        self.provenance = provenance
 
     def save(self, stem: str, header: str, gm: fx.GraphModule) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.index:03d}-{re.sub(r'[^0-9A-Za-z_.-]', '_', stem)}.py"
+        path = self.directory / f"{self.index:03d}-{re.sub(r'[^0-9A-Za-z_.-]', '_', stem)}.txt"
         self.index += 1
         comment = "".join(f"# {line}\n" for line in header.splitlines())
-        path.write_text(comment + ir_text(gm))
+        path.write_text(comment + ir_text(gm, self.provenance))
         return path
 
     def on_stage(self, name: str, gm: fx.GraphModule) -> None:

@@ -48,7 +48,9 @@ def source_line(node: fx.Node) -> str:
     return f"{path}:{line} in {fn}: {code.strip()}"
 
 
-_MODULE_ROOT = re.compile(r"^L\['[^']+'\]\.?")
+# The compiled frame's local, then any indexing into it: `L['self']`, or `L['args'][0]` when
+# Dynamo compiles a decorator wrapping the forward (`wrapped_func(*args)`, transformers >= 5.2x)
+_MODULE_ROOT = re.compile(r"^L\['[^']+'\](?:\[\d+\])*\.?")
 _MODULE_ITEM = re.compile(r"\._modules\['([^']+)'\]")
 
 

@@ -100,9 +100,10 @@ class PassManager:
         instruments: list[Instrument] = []
         if o.print_before or o.print_after or o.print_after_all or o.print_after_change or o.print_after_failure:
             instruments.append(PrintIR(o.print_before, o.print_after, o.print_after_all,
-                                       o.print_after_change, o.print_after_failure))
+                                       o.print_after_change, o.print_after_failure,
+                                       provenance=o.print_provenance))
         if o.dump_dir:
-            instruments.append(DumpIR(o.dump_dir))
+            instruments.append(DumpIR(o.dump_dir, provenance=o.print_provenance))
         # After printing and dumping: the graph that fails verification is printed / dumped first.
         if o.verify_each:
             instruments.append(VerifyEach())

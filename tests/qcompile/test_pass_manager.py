@@ -57,17 +57,33 @@ def test_print_after_all_prints_every_pass_and_stage():
         f"// -----// IR Dump After {ADD} //----- //",
     ]
     last = stream.getvalue().split(headers(stream.getvalue())[-1])[1]
-    assert "def forward(self, x" in last and "torch.neg" in last
+    assert "%neg = torch.neg(%add)" in last and "return %neg" in last  # qcompile.printer's text
 
 
-def test_print_after_change_skips_unchanged_passes():
+def test_print_after_change_prints_a_diff_for_changed_passes_only():
     _, printed = run("test-noop,test-add-node,test-add-node{count=0}", PrintIR(after_change=True))
-    assert headers(printed) == [f"// -----// IR Dump After {ADD} //----- //"]
+    assert headers(printed) == [f"// -----// IR Diff After {ADD} //----- //"]
+    diff = printed.split(headers(printed)[0])[1].splitlines()[1:]
+    assert diff[:2] == [f"--- before {ADD}", f"+++ after {ADD}"]
+    assert "+  %neg = torch.neg(%add)" in diff and "-  return %add" in diff and "+  return %neg" in diff
 
 
-def test_print_after_change_restricts_print_after_all():
-    _, printed = run("test-noop,test-add-node", PrintIR(after_all=True, after_change=True))
-    assert headers(printed) == [f"// -----// IR Dump After {ADD} //----- //"]
+def test_print_after_change_with_print_after_all_prints_stages_whole_and_passes_as_diffs():
+    stream = io.StringIO()
+    manager = PassManager(parse_pipeline("test-noop,test-add-node"),
+                          [PrintIR(after_all=True, after_change=True)], stream=stream)
+    manager.on_stage("capture", tiny_graph())
+    manager.run(tiny_graph())
+    assert headers(stream.getvalue()) == ["// -----// IR Dump After capture //----- //",
+                                          f"// -----// IR Diff After {ADD} //----- //"]
+
+
+def test_print_after_change_with_print_after_diffs_only_the_named_passes():
+    _, printed = run("test-add-node{count=0},test-noop,test-add-node{count=2}",
+                     PrintIR(after=["test-add-node"], after_change=True))
+    # test-noop is not named; the first test-add-node changed nothing
+    assert headers(printed) == ["// -----// IR Diff After test-add-node{count=2,mode=fast,flag=false,label=x} //----- //"]
+    assert printed.count("+  %neg") == 2
 
 
 def test_print_before_and_after_a_named_pass():
@@ -92,10 +108,10 @@ def test_dump_dir_has_one_file_per_stage_in_order(tmp_path):
     manager.on_stage("normalize", tiny_graph())
     manager.run(tiny_graph())
     files = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert files == ["000-capture.py", "001-normalize.py", "002-test-noop.py", "003-test-add-node.py"]
-    capture = (tmp_path / "dump" / "000-capture.py").read_text()
+    assert files == ["000-capture.txt", "001-normalize.txt", "002-test-noop.txt", "003-test-add-node.txt"]
+    capture = (tmp_path / "dump" / "000-capture.txt").read_text()
     assert capture.startswith("# IR after stage capture\n") and "torch.relu" in capture
-    added = (tmp_path / "dump" / "003-test-add-node.py").read_text()
+    added = (tmp_path / "dump" / "003-test-add-node.txt").read_text()
     assert added.startswith("# IR after pass test-add-node{count=2,mode=fast,flag=false,label=x} (changed)\n")
     assert added.count("torch.neg") == 2
 
@@ -104,8 +120,8 @@ def test_dump_dir_keeps_the_graph_a_failing_pass_left(tmp_path):
     manager = PassManager(parse_pipeline("test-noop,test-fail"), [DumpIR(tmp_path)])
     with pytest.raises(PassFailure):
         manager.run(tiny_graph())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-test-noop.py", "001-test-fail-failed.py"]
-    assert "# ValueError: boom" in (tmp_path / "001-test-fail-failed.py").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-test-noop.txt", "001-test-fail-failed.txt"]
+    assert "# ValueError: boom" in (tmp_path / "001-test-fail-failed.txt").read_text()
 
 
 def test_verify_each_skips_passes_that_report_no_change():
@@ -178,10 +194,27 @@ def test_from_options_builds_the_requested_instruments(tmp_path):
     assert all(i.stream is stream for i in manager.instruments if hasattr(i, "rows"))
     manager.run(tiny_graph())
     assert "IR Dump After test-noop" in stream.getvalue() and "timing report" in stream.getvalue()
-    assert [p.name for p in tmp_path.iterdir()] == ["000-test-noop.py"]
+    assert [p.name for p in tmp_path.iterdir()] == ["000-test-noop.txt"]
 
 
 def test_from_options_defaults_only_verify():
     manager = PassManager.from_options(parse_pipeline(""), resolve_options(None, environ={}))
     assert [type(i) for i in manager.instruments] == [VerifyEach]
     assert manager.run(tiny_graph()).records == []
+
+
+def test_a_user_pass_failing_inside_torch_compile_names_itself_and_the_reproducer():
+    # `test-fail` is registered outside qcompile (tests/qcompile/toys.py), like any user's pass.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    compiled = torch.compile(model, backend="q4", options={
+        "pipeline": "analyze-outliers,test-fail{at=linear},fuse-kernels", "calibration": [(x,)],
+        "lower": "eager", "progress": False})
+    with pytest.raises(Exception) as e, torch.no_grad():
+        compiled(x)
+    # Dynamo wraps what the backend raised (BackendCompilerFailed): its message keeps ours.
+    assert isinstance(getattr(e.value, "inner_exception", e.value), PassFailure)
+    message = str(e.value)
+    assert "pass test-fail{at=linear} failed" in message and "at node: %linear" in message
+    assert "error: ValueError: boom" in message
+    assert "reproduce with: Q4_PIPELINE='analyze-outliers,test-fail{at=linear}'" in message

@@ -1,0 +1,80 @@
+"""Golden text of `qcompile.printer`: SmolLM2-135M's first decoder layer after the default recipe.
+
+The real SmolLM2-135M (`qcompile.zoo.load_smollm2`), cut to its first 2 decoder layers, compiled
+with `backend="q4"` and the default recipe (`w4a4`), calibrated on 2 x 64 tokens of Emma, called
+once on a 6-token prompt; `format_graph(final graph, module="model.layers.0")` must equal
+`tests/golden/smollm2_decoder_layer.txt` line for line. On a mismatch the assertion shows the
+unified diff (expected -> printed).
+
+When the printer, a pass or the recipe changes the text on purpose, rewrite the file and review
+its diff like code:
+
+    Q4_UPDATE_GOLDEN=1 python -m pytest tests/examples/test_golden_print.py
+
+To keep the test fast and the text stable: the head keeps its first 1024 vocabulary rows (the
+default recipe quantizes the head with GPTQ, which over all 49152 rows takes most of the time;
+the head is not printed), the KV cache is off (`use_cache=False`: the graph has no cache
+concatenation), lowering is `eager` (the printed graph is the one the passes leave, before
+lowering), and every `Q4_*` variable of the environment is set aside, so that only this test's
+options apply. The text holds no absolute path, no address, and numbers with 3 significant digits.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import torch
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "smollm2_decoder_layer.txt"
+UPDATE = "Q4_UPDATE_GOLDEN"
+HEAD_ROWS = 1024
+
+
+def _two_layer_smollm2():
+    from qcompile import zoo
+
+    model, tokenizer = zoo.load_smollm2()
+    model.model.layers = model.model.layers[:2]  # LlamaModel runs layers[: config.num_hidden_layers]
+    model.config.num_hidden_layers = 2
+    model.config.use_cache = False
+    head = torch.nn.Linear(model.config.hidden_size, HEAD_ROWS, bias=False)
+    head.weight = torch.nn.Parameter(model.lm_head.weight[:HEAD_ROWS].detach().clone())
+    model.lm_head = head
+    return model.eval(), tokenizer
+
+
+def printed_layer() -> str:
+    from qcompile import zoo
+    from qcompile.backends import q4
+    from qcompile.printer import format_graph
+
+    model, tokenizer = _two_layer_smollm2()
+    calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 128, 64)]
+    prompt = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    compiled = torch.compile(model, backend="q4",
+                             options={"calibration": calibration, "progress": False, "lower": "eager"})
+    with torch.no_grad():
+        compiled(input_ids=prompt)
+    return format_graph(q4.artifacts()[-1].graph_module, module="model.layers.0")
+
+
+def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch):
+    update = os.environ.get(UPDATE, "") not in ("", "0")
+    for name in [n for n in os.environ if n.startswith("Q4_")]:
+        monkeypatch.delenv(name)  # the user's Q4_RECIPE, Q4_PRINT_*... must not change the text
+    text = printed_layer()
+    if update:
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(text)
+        return
+    expected = GOLDEN.read_text()
+    if text != expected:
+        diff = "\n".join(difflib.unified_diff(expected.splitlines(), text.splitlines(),
+                                              f"expected {GOLDEN.name}", "printed", lineterm=""))
+        raise AssertionError(f"the printed layer differs from {GOLDEN} "
+                             f"(rerun with {UPDATE}=1 to accept the change):\n{diff}")
+    # what the golden text shows off: every quantized linear of the layer on one line
+    assert text.count("= linear W4A4 int(") == 7
+    assert "q4.quantize_per_tensor" not in text and "q4.dequantize" not in text
