@@ -5,8 +5,8 @@
 Registered through the `torch_dynamo_backends` entry point (see pyproject.toml), so Dynamo finds
 it without `import qcompile`.
 
-Stages, each reported to the pass manager's instruments (printed / dumped as `000-capture.py`,
-`001-normalize.py`, `002-freeze.py`, then one file per pass):
+Stages, each reported to the pass manager's instruments (printed / dumped as `000-capture.txt`,
+`001-normalize.txt`, `002-freeze.txt`, then one file per pass):
 
 capture    Dynamo's FX graph; parameters and buffers arrive as graph inputs.
 normalize  make_fx in pre-dispatch mode over fake copies of the inputs: ATen ops, but
@@ -46,9 +46,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 from qcompile import calibrate, ir
+from qcompile.artifact import ArtifactError, Replay, read_cached
+from qcompile.memo import MEMO, Memo, MemoMiss
 from qcompile.config import Q4Options, resolve_options
-from qcompile.pass_manager import PassManager
-from qcompile.pipeline import parse_pipeline
+from qcompile.pass_manager import PassFailure, PassManager
+from qcompile.pipeline import Pipeline, parse_pipeline
 from qcompile.recipes import recipe_pipeline
 
 __all__ = ["q4_backend", "Q4Artifact", "artifacts"]
@@ -74,11 +76,13 @@ class Q4Artifact:
     """What a compiled graph is: the final graph module, its pipeline, its pass records."""
 
     def __init__(self, graph_module: fx.GraphModule, pipeline: str, records: list, run: Callable,
-                 keep: list[int], graph_id: str):
+                 keep: list[int], graph_id: str, replay: Replay | None = None):
         self.graph_module = graph_module
         self.pipeline = pipeline
         self.records = records
         self.graph_id = graph_id
+        # what qcompile.quantize(...).save() writes: calibration statistics, expensive results
+        self.replay = replay
         self._run = run
         self._keep = keep
 
@@ -249,6 +253,17 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
             n.meta[ir.CALIB] = _STATS_CACHE[owner(n)][key]
 
 
+def _frame_module(frame_locals: dict) -> torch.nn.Module | None:
+    """The module whose forward Dynamo is compiling, from the frame's locals: Hugging Face
+    models compile their forward (`self`), or the decorator wrapping it (`wrapped_func(*args)`,
+    `args[0]`); other modules compile torch's call wrapper, whose `fn` is the module."""
+    candidates = [frame_locals.get("self"), frame_locals.get("fn")]
+    args = frame_locals.get("args")
+    if isinstance(args, tuple) and args:
+        candidates.append(args[0])
+    return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
+
+
 def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, torch.Tensor],
              user_inputs: list[Any], opts: Q4Options, frame_locals: dict,
              frame_code: Any, gram: bool) -> dict[fx.Node, calibrate.ChannelStats]:
@@ -265,9 +280,7 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, 
         )
         return calibrate.observe(aten_gm, [user_inputs], progress, gram)
 
-    # Hugging Face models compile their forward's wrapper frame (`self` is the model); other
-    # modules compile torch's call wrapper, whose `fn` is the module.
-    module = next((v for k, v in frame_locals.items() if k in ("self", "fn") and isinstance(v, torch.nn.Module)), None)
+    module = _frame_module(frame_locals)
     resumed = frame_code is not None and frame_code.co_name.startswith("torch_dynamo_resume_in")
     if module is None or resumed:
         raise calibrate.CalibrationError(
@@ -305,9 +318,10 @@ class Prepared:
 
 def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
             frame_code: Any, on_stage: Callable[[str, fx.GraphModule], None] = lambda *_: None,
-            needs: frozenset[str] = frozenset()) -> Prepared:
-    """capture -> normalize -> freeze -> calibrate, reporting each stage to `on_stage`; `needs`:
-    the optional statistics the pipeline's passes read (`QPass.calibration_needs`)."""
+            needs: frozenset[str] = frozenset(), calibrate: bool = True) -> Prepared:
+    """capture -> normalize -> freeze -> calibrate (unless not `calibrate`), reporting each
+    stage to `on_stage`; `needs`: the optional statistics the pipeline's passes read
+    (`QPass.calibration_needs`)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = {
         i: (v, _fqn(_source_name(n)))
@@ -320,12 +334,14 @@ def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fram
         on_stage("normalize", aten_gm)
         aten_gm = freeze(aten_gm, state)
         on_stage("freeze", aten_gm)
-        _calibrate(aten_gm, example_inputs, state, opts, frame_locals, frame_code, "gram" in needs)
+        if calibrate:
+            _calibrate(aten_gm, example_inputs, state, opts, frame_locals, frame_code, "gram" in needs)
     return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state])
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
-             frame_code: Any, mode: str | None) -> Q4Artifact:
+def build_pipeline(opts: Q4Options) -> Pipeline:
+    """The pipeline `opts` asks for: the recipe's (or `opts.pipeline`), minus `opts.disable`, with
+    the `rounding` and `unmatched` options applied to insert-quantizers."""
     pipeline = parse_pipeline(opts.pipeline if opts.pipeline is not None else recipe_pipeline(opts.recipe))
     if opts.disable:
         pipeline = pipeline.without(opts.disable)
@@ -333,16 +349,40 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
         pipeline = pipeline.with_option("insert-quantizers", "rounding", "false")
     if opts.unmatched != "quantize":
         pipeline = pipeline.with_option("insert-quantizers", "unmatched", opts.unmatched)
+    return pipeline
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
+             frame_code: Any, mode: str | None) -> Q4Artifact:
+    pipeline = build_pipeline(opts)
     graph_id = str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "-")
     if opts.dump_dir:
         opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")
+    saved = read_cached(opts.artifact) if opts.artifact is not None else None
+    if saved is not None:  # the saved pipeline, replayed on the saved statistics and results
+        pipeline = parse_pipeline(saved.pipeline)
     manager = PassManager.from_options(pipeline, opts, stream=sys.stderr)
     needs = frozenset().union(*(p.calibration_needs() for p in pipeline.instantiate()))
-    prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage, needs)
+    prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage, needs,
+                       calibrate=saved is None)
+    frozen = prepared.graph_module
+    if saved is not None:
+        saved.check_parameters(frozen)
+        saved.attach_stats(frozen)
+    memo = frozen.meta[MEMO] = saved.memo() if saved is not None else Memo()
+    replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
     with torch.no_grad():
-        result = manager.run(prepared.graph_module)
+        try:
+            result = manager.run(frozen)
+        except PassFailure as e:
+            if isinstance(e.__cause__, MemoMiss):
+                raise ArtifactError(
+                    f"artifact {saved.path} does not match this model or pipeline: pass {e.pass_text} "
+                    f"found {e.__cause__} (was it saved from this model, with every graph compiled?)"
+                ) from e
+            raise
         final_gm = result.graph_module
         run = _lower(final_gm, [example_inputs[i] for i in prepared.keep], opts, mode)
-    artifact = Q4Artifact(final_gm, str(pipeline), result.records, run, prepared.keep, graph_id)
+    artifact = Q4Artifact(final_gm, str(pipeline), result.records, run, prepared.keep, graph_id, replay)
     _ARTIFACTS.append(weakref.ref(artifact))
     return artifact

@@ -42,6 +42,7 @@ import torch
 from torch import fx
 
 from qcompile import gptq, ir, search
+from qcompile.memo import memoized, replaying
 from qcompile.kernels import int4
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.pass_api import PassResult, QPass, option, register_pass
@@ -142,8 +143,10 @@ class InsertQuantizers(QPass):
             n_out, k = weight.shape
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
-            if opts.weights == "gptq" and stats.gram is not None and stats.num_tokens:
-                codes, w_step = gptq.quantize_gptq(weight, stats.gram, opts.w_bits)
+            # A replayed artifact holds GPTQ's results, not the Gram matrices they came from.
+            if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
+                codes, w_step = memoized(gm, "gptq", stem, (weight, opts.w_bits),
+                                         lambda: gptq.quantize_gptq(weight, stats.gram, opts.w_bits))
                 self.count("weights-gptq")
             else:
                 codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
@@ -180,9 +183,10 @@ class InsertQuantizers(QPass):
         opts, graph, x = self.options, gm.graph, node.args[0]
         clip = node.meta.get(ir.ACT_CLIP)
         if clip is None and opts.search_clip and stats.samples.shape[0]:
-            clip, _ = search.search_clip(stats.samples, [weight], torch.ones_like(stats.absmax),
-                                         search.CLIPS, opts.w_bits, opts.a_bits)
-            node.meta[ir.ACT_CLIP] = clip
+            found, _ = memoized(gm, "search-clip", stem, (stats.samples, weight, opts.w_bits, opts.a_bits),
+                                lambda: search.search_clip(stats.samples, [weight], torch.ones_like(stats.absmax),
+                                                           search.CLIPS, opts.w_bits, opts.a_bits))
+            clip = node.meta[ir.ACT_CLIP] = float(found)
         a_step = activation_step(stats.absmax, opts.a_bits, clip or 1.0)
         key = (x, float(a_step))
         if key in quantizers:

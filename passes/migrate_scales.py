@@ -47,6 +47,7 @@ import torch
 from torch import fx
 
 from qcompile import ir, search
+from qcompile.memo import memoized
 from qcompile.pass_api import PassResult, QPass, option, register_pass
 from qcompile.kernels.rotation import rotation_factors
 from qcompile.search import CLIPS
@@ -231,15 +232,23 @@ class MigrateScales(QPass):
         bias = node.args[2] if len(node.args) > 2 else None
         return [(node, 1)] + ([(node, 2)] if ir.get_constant(gm, bias) is not None else [])
 
-    def _search(self, act, candidates: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[int, float]:
+    def _search(self, gm: fx.GraphModule, name: str, act, candidates: list[torch.Tensor],
+                weights: list[torch.Tensor]) -> tuple[int, float]:
         """QSM: which candidate scale vector (over the migration-strength grid), and which
         activation clipping ratio, give the least quantized output error on the samples."""
         if act.samples.shape[0] == 0:
             return ALPHAS.index(0.0), 1.0
         rotation = rotation_factors(act.samples.shape[1]) if self.options.rotated else None
-        best, clip = search.search_migration(act.samples, weights, candidates, CLIPS,
-                                             self.options.w_bits, self.options.a_bits, rotation=rotation)
-        return next(i for i, c in enumerate(candidates) if c is best), clip
+        o = self.options
+
+        def run() -> tuple[int, float]:
+            best, clip = search.search_migration(act.samples, weights, candidates, CLIPS, o.w_bits, o.a_bits,
+                                                 rotation=rotation)
+            return next(i for i, c in enumerate(candidates) if c is best), clip
+
+        index, clip = memoized(gm, "search-migration", name,
+                               (act.samples, weights, candidates, o.w_bits, o.a_bits, o.rotated), run)
+        return int(index), float(clip)
 
     # --- rewrite -----------------------------------------------------------------------------------
 
@@ -258,7 +267,8 @@ class MigrateScales(QPass):
             t = smoothquant_scales(act_absmax, weight_absmax, self.options.alpha)
         else:
             row_candidates = [smoothquant_scales(act_absmax, weight_absmax, a) for a in ALPHAS]
-            k, clip = self._search(act, [expand(r) for r in row_candidates], weights)
+            name = linears[0].args[1].meta.get(ir.FQN, linears[0].name)
+            k, clip = self._search(gm, name, act, [expand(r) for r in row_candidates], weights)
             t = row_candidates[k]
             for lin in linears:
                 lin.meta[ir.ACT_CLIP] = clip

@@ -56,6 +56,17 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a causal LM in a local Hugging Face folder, eval mode (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no model folder {str(folder)!r} (give 'smollm2' or a local Hugging Face folder)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def load_minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2 as an eval-mode `BertModel`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
