@@ -83,11 +83,34 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     return out.reshape(*x_codes.shape[:-1], n)
 
 
+def linear_w4a4_decomposed_on_cpu(x_codes: torch.Tensor, *args: Any) -> Any:
+    """The CPU decomposition; on other devices the op stays (its Triton kernel)."""
+    if x_codes.device.type != "cpu":
+        return NotImplemented
+    return linear_w4a4_decomposed(x_codes, *args)
+
+
 DECOMPOSITIONS: dict[Any, Callable] = {
     q4.rotate.default: rotation.rotate_decomposed,
     q4.quantize_per_tensor.default: quantize_per_tensor_decomposed,
-    q4.linear_w4a4.default: linear_w4a4_decomposed,
+    q4.linear_w4a4.default: linear_w4a4_decomposed_on_cpu,
 }
+
+
+def _register_decompositions() -> None:
+    """Put the decompositions in Inductor's own table, where it looks by default. (Passing a
+    table of our own to compile_fx would work too, but Inductor cannot hash it: every compile
+    would bypass its FX graph cache, and `torch.compiler.save_cache_artifacts` would have
+    nothing to save for an artifact.) Only q4's ops are added: nothing else changes."""
+    from torch._inductor import decomposition
+
+    for op, fn in DECOMPOSITIONS.items():
+        if decomposition.decompositions.get(op) is not fn:
+            decomposition.register_decomposition(op)(fn)
+    decomposition.fast_random_decomps.cache_clear()  # a copy of the table, cached on first use
+
+
+_register_decompositions()
 
 
 def use_triton_kernels(gm: fx.GraphModule) -> fx.GraphModule:
@@ -116,10 +139,7 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
         return gm
     import torch._inductor
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
-    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
-    ours = DECOMPOSITIONS if on_cpu else {op: f for op, f in DECOMPOSITIONS.items() if op is not q4.linear_w4a4.default}
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     with torch._inductor.config.patch(patches):
-        return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **ours})
+        return compile_fx(gm, example_inputs)  # with DECOMPOSITIONS, registered above

@@ -369,6 +369,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
     if saved is not None:
         saved.check_parameters(frozen)
         saved.attach_stats(frozen)
+        if opts.lower == "inductor":
+            saved.warm_compile_caches()
     memo = frozen.meta[MEMO] = saved.memo() if saved is not None else Memo()
     replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
     with torch.no_grad():

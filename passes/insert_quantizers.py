@@ -143,14 +143,17 @@ class InsertQuantizers(QPass):
             n_out, k = weight.shape
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
-            # A replayed artifact holds GPTQ's results, not the Gram matrices they came from.
+            # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
             if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-                codes, w_step = memoized(gm, "gptq", stem, (weight, opts.w_bits),
-                                         lambda: gptq.quantize_gptq(weight, stats.gram, opts.w_bits))
+                def run_gptq(weight=weight, gram=stats.gram):
+                    codes, w_step = gptq.quantize_gptq(weight, gram, opts.w_bits)
+                    return int4.pack_int4(codes), w_step
+
+                packed, w_step = memoized(gm, "gptq", stem, (weight, opts.w_bits), run_gptq)
                 self.count("weights-gptq")
             else:
                 codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
-            packed = int4.pack_int4(codes)
+                packed = int4.pack_int4(codes)
             with graph.inserting_before(node):
                 if opts.a_bits == FLOAT_ACTIVATIONS:
                     x_in = x

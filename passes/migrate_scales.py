@@ -138,6 +138,8 @@ class MigrateScales(QPass):
             self.count("linears-migrated", len(linears))
             modified = True
         if modified:
+            # the old constants (and Gemma's `1 + weight` chains): once, not per group
+            gm.graph.eliminate_dead_code()
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, modified)
@@ -294,4 +296,3 @@ class MigrateScales(QPass):
             new.meta["val"] = old.meta.get("val")
             lin.update_arg(1, new)
             lin.meta[ir.CALIB] = act.scaled(s)
-        graph.eliminate_dead_code()  # the old constants (and Gemma's `1 + weight` chain)

@@ -75,6 +75,7 @@ class RotateInputs(QPass):
             self.count("groups-rotated")
             self.count("linears-rotated", len(linears))
         if groups:
+            gm.graph.eliminate_dead_code()  # the weights before rotation: once, not per group
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, bool(groups))
@@ -111,4 +112,3 @@ class RotateInputs(QPass):
             lin.update_arg(1, new)
             lin.meta[ir.CALIB] = stats
             lin.meta.pop(ir.ACT_CLIP, None)
-        graph.eliminate_dead_code()

@@ -23,11 +23,15 @@ that was saved, constant for constant, and the model computes the same logits to
 Because nothing is tied to one captured graph, a loaded model serves any call Dynamo captures
 (another sequence length, a decode step, a graph break) as the original did.
 
-One directory, one file: `q4.safetensors`. Its metadata holds the manifest (JSON under the key
+The directory holds `q4.safetensors`: its metadata holds the manifest (JSON under the key
 "qcompile"); its tensors are stored once per distinct content (q, k and v read the same
 activation: its samples are stored once), named by the sha256 of that content, which loading
-checks. A different model, another format version, or a truncated or corrupted file each raise
-`ArtifactError` saying which, before any weight is used.
+checks. Beside it, `compiled.bin`: torch.compiler's cache artifacts of the quantizing process
+(`torch.compiler.save_cache_artifacts`: Inductor's generated and compiled kernels), handed to
+`torch.compiler.load_cache_artifacts` on load so the same graphs need not be compiled again; on
+another torch or machine its entries just do not match and Inductor compiles (it is optional:
+without the file, loading compiles). A different model, another format version, or a truncated
+or corrupted file each raise `ArtifactError` saying which, before any weight is used.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -51,6 +56,8 @@ __all__ = ["ArtifactError", "QuantizedModel", "quantize", "load", "FORMAT_VERSIO
 
 FORMAT_VERSION = 1
 FILE_NAME = "q4.safetensors"
+# torch.compiler's cache artifacts (Inductor's compiled kernels) of the quantizing process
+COMPILED_FILE_NAME = "compiled.bin"
 _STATS_FIELDS = ("absmax", "robust", "samples")
 
 
@@ -100,8 +107,10 @@ class Replay:
 # --- the file ----------------------------------------------------------------------------------
 
 
-def save_artifact(directory: str | Path, replays: list[Replay], info: Mapping[str, Any]) -> Path:
-    """Write the replays of every graph, merged, with `info` (recipe, pipeline, model hash)."""
+def save_artifact(directory: str | Path, replays: list[Replay], info: Mapping[str, Any],
+                  compiled: bytes | None = None) -> Path:
+    """Write the replays of every graph, merged, with `info` (recipe, pipeline, model hash), and
+    `compiled`: torch's compile caches (`torch.compiler.save_cache_artifacts`) if given."""
     from safetensors.torch import save_file
 
     blobs: dict[str, torch.Tensor] = {}
@@ -131,6 +140,11 @@ def save_artifact(directory: str | Path, replays: list[Replay], info: Mapping[st
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if compiled:
+        (directory / COMPILED_FILE_NAME).write_bytes(compiled)
+        manifest["compiled"] = {"file": COMPILED_FILE_NAME, "sha256": hashlib.sha256(compiled).hexdigest()}
+    else:
+        (directory / COMPILED_FILE_NAME).unlink(missing_ok=True)
     path = directory / FILE_NAME
     partial = directory / (FILE_NAME + ".partial")  # never half a file under the real name
     save_file(blobs, str(partial), metadata={"qcompile": json.dumps(manifest)})
@@ -145,6 +159,7 @@ class Saved:
     path: Path
     manifest: dict
     blobs: dict[str, torch.Tensor]
+    compiled_loaded: bool = False
 
     @property
     def pipeline(self) -> str:
@@ -171,6 +186,23 @@ class Saved:
                     f"artifact {self.path} was saved for a different model: parameter {fqn!r} differs "
                     "from the one it was quantized from (parameter hash mismatch)"
                 )
+
+    def warm_compile_caches(self) -> None:
+        """Give torch.compiler the quantizing process's compile caches (once per process), so
+        that Inductor finds the kernels it would otherwise generate and compile again. A cache
+        entry for another torch, device or graph simply does not match and is compiled anew."""
+        entry = self.manifest.get("compiled")
+        if entry is None or self.compiled_loaded:
+            return
+        self.compiled_loaded = True
+        path = self.path.parent / entry["file"]
+        if not path.is_file():  # optional: without it Inductor compiles, as on a first run
+            warnings.warn(f"{path} is missing: the quantized graphs are compiled again", stacklevel=2)
+            return
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{path} is truncated or corrupted (it does not match its hash)")
+        torch.compiler.load_cache_artifacts(data)
 
     def attach_stats(self, frozen: fx.GraphModule) -> None:
         """Put the saved statistics where calibration would have (`q4_calib` on each linear)."""
@@ -265,7 +297,8 @@ class QuantizedModel:
         if not replays:
             raise ValueError("nothing to save: this model was not quantized by qcompile.quantize "
                              "(a loaded model's artifact is the directory it came from)")
-        return save_artifact(directory, replays, self.info)
+        saved = torch.compiler.save_cache_artifacts()
+        return save_artifact(directory, replays, self.info, saved[0] if saved else None)
 
 
 def _call(compiled: Callable, batch: Any) -> Any:

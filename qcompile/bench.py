@@ -2,6 +2,7 @@
 
     python -m qcompile.bench kernels [--m 1,16,128,2048,8192] [--shapes 4096x4096,...] [--repeats R]
     python -m qcompile.bench prefill [--tokens 512] [--recipes w4a4,w4a4-rtn] [--repeats 5] [--tiny]
+    python -m qcompile.bench artifact [--recipe w4a4] [--calibration-tokens 4096] [--prompt-tokens 256]
 
 kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   CPU: FP32 `F.linear` against the q4 CPU path as a compiled model runs it: the static
@@ -11,6 +12,11 @@ kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   W4A16 GEMM (FP16 in), and torchao's int4 weight-only linear when torchao is importable.
 prefill: SmolLM2-135M (or a tiny random Llama) prefill of one sequence: FP32 eager, FP32 +
   Inductor, and q4 recipes; the target for q4 `w4a4` on CPU is 2x FP32 eager.
+
+artifact: how long `qcompile.quantize` takes (calibration, passes, compile, first call) against
+  `qcompile.load` of its saved artifact in fresh processes (no calibration; with and without the
+  compiled kernels it carries), and whether the loaded model's logits equal the quantized
+  model's bit for bit; the target is < 25%.
 
 Each repetition calls every variant once, in turn, so load from other processes hits all alike;
 tables show the median after a warm-up call (which compiles).
@@ -154,6 +160,85 @@ def bench_prefill(tokens: int, recipes: list[str], repeats: int, tiny: bool) -> 
                                    floatfmt=("", ".4f", ".2f"))
 
 
+# --- artifact ------------------------------------------------------------------------------------
+
+
+def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, directory: str) -> str:
+    """Quantize SmolLM2 here (timed: `qcompile.quantize` to the first logits), save, then load in
+    fresh processes (timed: `qcompile.load` to the first logits), with and without the compiled
+    kernels the artifact carries, and compare the logits. Every process starts from an empty
+    Inductor cache of its own, so nothing is reused behind the table's back."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import qcompile
+    from qcompile import artifact, zoo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-quantize")
+        model, tokenizer = zoo.load_smollm2()
+        calibration = [{"input_ids": ids, "use_cache": False}
+                       for ids in zoo.token_windows(tokenizer, "emma", calibration_tokens, 512)]
+        prompt = {"input_ids": zoo.token_windows(tokenizer, "pride_and_prejudice", prompt_tokens, prompt_tokens)[0],
+                  "use_cache": False}
+        qmodel = qcompile.quantize(model, calibration, recipe=recipe, example_inputs=prompt, progress=False)
+        with torch.no_grad():
+            expected = qmodel(**prompt).logits
+        saved = qmodel.save(directory)
+        torch.save(prompt, tmp / "prompt.pt")
+        without = tmp / "without-kernels"
+        shutil.copytree(directory, without)
+        (without / artifact.COMPILED_FILE_NAME).unlink(missing_ok=True)
+
+        rows = [["quantize (calibrate + passes + compile + first call)", qmodel.seconds, 1.0, "-", "-"]]
+        for label, source in (("load, new process, with the artifact's compiled kernels", directory),
+                              ("load, new process, compiling its kernels itself", without)):
+            work = tmp / f"work-{len(rows)}"
+            work.mkdir()
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
+            subprocess.run([sys.executable, "-m", "qcompile.bench", "load-artifact", str(source), str(work),
+                            str(tmp / "prompt.pt")], check=True, env=env)
+            result = json.loads((work / "result.json").read_text())
+            exact = torch.equal(torch.load(work / "logits.pt"), expected)
+            rows.append([label, result["seconds"], result["seconds"] / qmodel.seconds, "yes" if exact else "NO",
+                         "YES (a bug)" if result["calibrated"] else "none"])
+    size = sum(f.stat().st_size for f in Path(directory).iterdir())
+    title = (f"SmolLM2-135M {recipe}, calibration {sum(b['input_ids'].numel() for b in calibration)} tokens of Emma, "
+             f"first call {prompt_tokens} tokens, {torch.get_num_threads()} CPU threads, each process with an empty "
+             f"Inductor cache; artifact {size:,} bytes ({saved.name} + compiled kernels)")
+    return title + "\n" + tabulate(rows, headers=["step", "seconds", "ratio to quantize", "logits bit-exact",
+                                                  "calibration"], floatfmt=("", ".1f", ".3f"))
+
+
+def load_artifact(directory: str, work: str, prompt_file: str) -> None:
+    """A fresh process of `bench artifact`: load, run the prompt, write seconds and logits."""
+    import json
+    from pathlib import Path
+
+    import qcompile
+    from qcompile import calibrate, zoo
+
+    model, _ = zoo.load_smollm2()
+    prompt = torch.load(prompt_file)
+    calibrated = []  # any calibration in this process would be a bug: record it
+    for name in ("observe", "observe_model"):
+        original = getattr(calibrate, name)
+        setattr(calibrate, name, lambda *a, _f=original, **k: calibrated.append(1) or _f(*a, **k))
+    start = time.perf_counter()
+    loaded = qcompile.load(model, directory, progress=False)
+    with torch.no_grad():
+        logits = loaded(**prompt).logits
+    seconds = time.perf_counter() - start
+    torch.save(logits, Path(work) / "logits.pt")
+    (Path(work) / "result.json").write_text(json.dumps({"seconds": seconds, "calibrated": bool(calibrated)}))
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -182,9 +267,22 @@ def main(argv: list[str] | None = None) -> None:
     prefill.add_argument("--recipes", default="w4a4,w4a4-rtn", help="q4 recipes (comma list)")
     prefill.add_argument("--repeats", type=int, default=5)
     prefill.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama instead of SmolLM2")
+    artifact = sub.add_parser("artifact", help="SmolLM2: quantize time against loading the saved artifact in a new process")
+    artifact.add_argument("--recipe", default="w4a4")
+    artifact.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of Emma (512-token batches)")
+    artifact.add_argument("--prompt-tokens", type=int, default=256, help="tokens of the first call")
+    artifact.add_argument("--dir", default="q4-artifact-bench", help="where to save the artifact")
+    internal = sub.add_parser("load-artifact", help="(internal) the fresh process of `bench artifact`")
+    internal.add_argument("directory")
+    internal.add_argument("work")
+    internal.add_argument("prompt")
     args = parser.parse_args(argv)
 
-    if args.command == "kernels":
+    if args.command == "artifact":
+        print(bench_artifact(args.recipe, args.calibration_tokens, args.prompt_tokens, args.dir))
+    elif args.command == "load-artifact":
+        load_artifact(args.directory, args.work, args.prompt)
+    elif args.command == "kernels":
         where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         print(f"q4 linear vs {'FP16 cuBLAS' if args.device == 'cuda' else 'FP32'} on {where}, torch {torch.__version__}, "
               f"median of {args.repeats} side-by-side repetitions")
