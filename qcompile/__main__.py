@@ -1,9 +1,11 @@
 """The qcompile command line: `qcompile <command>` (or `python -m qcompile <command>`).
 
+    qcompile quantize --out DIR [...]        quantize a model, save the artifact (`qcompile quantize --help`)
+    qcompile explain [...]                   what the pipeline did to each pass and linear (`--help`)
     qcompile passes [--import MODULE|FILE.py ...]   every registered pass: summary, options, statistics
     qcompile recipes                         every recipe and its pipeline string
     qcompile eval [...]                      the accuracy table (`python -m qcompile.eval --help`)
-    qcompile bench kernels|prefill [...]     the speed tables (`python -m qcompile.bench --help`)
+    qcompile bench kernels|prefill|artifact [...]   the speed tables (`python -m qcompile.bench --help`)
 
 `passes --import my_package.my_passes` imports modules first, so passes they register (with
 `qcompile.pass_api.register_pass`) are listed beside qcompile's own.
@@ -60,13 +62,19 @@ def main(argv: list[str] | None = None) -> None:
     passes.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
                         help="import this module or .py file first (it may register passes of its own); repeatable")
     sub.add_parser("recipes", help="list the recipes and their pipelines")
-    # eval and bench hand the rest of the line to their own parsers (and their own --help)
-    sub.add_parser("eval", help="the accuracy table (qcompile eval --help)", add_help=False)
-    sub.add_parser("bench", help="the speed tables: bench kernels|prefill (qcompile bench --help)", add_help=False)
+    # these hand the rest of the line to their own parsers (and their own --help)
+    delegated = {
+        "quantize": ("artifact", "quantize a model and save the artifact qcompile.load runs (qcompile quantize --help)"),
+        "explain": ("explain", "per pass and per linear: what the pipeline did, SQNR (qcompile explain --help)"),
+        "eval": ("eval", "the accuracy table (qcompile eval --help)"),
+        "bench": ("bench", "the speed tables: bench kernels|prefill|artifact (qcompile bench --help)"),
+    }
+    for command, (_, text) in delegated.items():
+        sub.add_parser(command, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv)
 
-    if args.command in ("eval", "bench"):
-        module = importlib.import_module(f"qcompile.{args.command}")
+    if args.command in delegated:
+        module = importlib.import_module(f"qcompile.{delegated[args.command][0]}")
         module.main(rest)
         return
     if rest:

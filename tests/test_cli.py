@@ -82,3 +82,27 @@ def test_custom_pass_example_runs_and_its_pass_is_listed():
     assert "dropouts-removed" in proc.stderr and "cosine(q4 output, FP32 output)" in proc.stdout
     listed = qcompile("passes", "--import", "examples/custom_pass.py").stdout
     assert "remove-eval-dropout  (custom_pass)" in listed
+
+
+def test_quantize_saves_an_artifact(tmp_path):
+    from qcompile import artifact
+
+    out = qcompile("quantize", "--recipe", "w4a4-rtn", "--calibration-tokens", "64", "--window", "64",
+                   "--lower", "eager", "--out", str(tmp_path / "smollm2")).stdout
+    assert "recipe" in out and "w4a4-rtn" in out and "64 tokens of Emma in 1 batches" in out
+    assert "load it: qcompile.load(model," in out
+    saved = artifact.read(tmp_path / "smollm2")
+    assert saved.manifest["recipe"] == "w4a4-rtn" and "model.layers.29.mlp.down_proj.weight" in saved.manifest["stats"]
+
+
+def test_quantize_rejects_bad_input(tmp_path):
+    proc = qcompile("quantize", "--out", str(tmp_path), "--recipe", "w3a3", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'w3a3'" in proc.stderr
+    proc = qcompile("quantize", "--out", str(tmp_path), "--model", str(tmp_path / "nowhere"), check=False)
+    assert proc.returncode != 0 and "no model folder" in proc.stderr
+
+
+def test_eval_runs_on_a_short_input():
+    out = qcompile("eval", "--tokens", "64", "--calibration-batches", "1", "--sentences", "4",
+                   "--recipes", "w4a4-rtn").stdout
+    assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-rtn" in out
