@@ -56,7 +56,7 @@ from qcompile.recipes import recipe_pipeline
 __all__ = ["q4_backend", "Q4Artifact", "artifacts"]
 
 # Calibration statistics by weight parameter (weakly: they die with the user's model), then by
-# calibration data: {weight: {calibration key: ChannelStats}}.
+# calibration data: {weight: {calibration key: (calibration object, ChannelStats)}}.
 _STATS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _ARTIFACTS: list[weakref.ref] = []
 
@@ -242,15 +242,20 @@ def _calibrate(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[i
     def owner(n: fx.Node) -> torch.Tensor:
         return params.get(n.args[1].meta.get(ir.FQN), ir.get_constant(aten_gm, n.args[1]))
 
-    missing = [n for n in linears if key not in _STATS_CACHE.get(owner(n), {})]
-    if missing:
+    # An entry holds the calibration object itself: while it does, no other object can reuse
+    # its id, so a new calibration list never gets a dead one's statistics.
+    def cached(n: fx.Node) -> calibrate.ChannelStats | None:
+        entry = _STATS_CACHE.get(owner(n), {}).get(key)
+        return entry[1] if entry is not None and entry[0] is opts.calibration else None
+
+    if any(cached(n) is None for n in linears):
         user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
         stats = _observe(aten_gm, linears, params, user_inputs, opts, frame_locals, frame_code, gram)
         for n, s in stats.items():
-            _STATS_CACHE.setdefault(owner(n), {})[key] = s
+            _STATS_CACHE.setdefault(owner(n), {})[key] = (opts.calibration, s)
     for n in linears:
-        if key in _STATS_CACHE.get(owner(n), {}):
-            n.meta[ir.CALIB] = _STATS_CACHE[owner(n)][key]
+        if (s := cached(n)) is not None:
+            n.meta[ir.CALIB] = s
 
 
 def _frame_module(frame_locals: dict) -> torch.nn.Module | None:

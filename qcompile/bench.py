@@ -163,7 +163,8 @@ def bench_prefill(tokens: int, recipes: list[str], repeats: int, tiny: bool) -> 
 # --- artifact ------------------------------------------------------------------------------------
 
 
-def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, directory: str) -> str:
+def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, directory: str,
+                   compiling_load: bool = True) -> str:
     """Quantize SmolLM2 here (timed: `qcompile.quantize` to the first logits), save, then load in
     fresh processes (timed: `qcompile.load` to the first logits), with and without the compiled
     kernels the artifact carries, and compare the logits. Every process starts from an empty
@@ -197,8 +198,10 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
         (without / artifact.COMPILED_FILE_NAME).unlink(missing_ok=True)
 
         rows = [["quantize (calibrate + passes + compile + first call)", qmodel.seconds, 1.0, "-", "-"]]
-        for label, source in (("load, new process, with the artifact's compiled kernels", directory),
-                              ("load, new process, compiling its kernels itself", without)):
+        loads = [("load, new process, with the artifact's compiled kernels", directory)]
+        if compiling_load:
+            loads.append(("load, new process, compiling its kernels itself", without))
+        for label, source in loads:
             work = tmp / f"work-{len(rows)}"
             work.mkdir()
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     artifact.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of Emma (512-token batches)")
     artifact.add_argument("--prompt-tokens", type=int, default=256, help="tokens of the first call")
     artifact.add_argument("--dir", default="q4-artifact-bench", help="where to save the artifact")
+    artifact.add_argument("--no-compiling-load", action="store_true",
+                          help="skip the load that compiles its kernels itself (the slow row)")
     internal = sub.add_parser("load-artifact", help="(internal) the fresh process of `bench artifact`")
     internal.add_argument("directory")
     internal.add_argument("work")
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "artifact":
-        print(bench_artifact(args.recipe, args.calibration_tokens, args.prompt_tokens, args.dir))
+        print(bench_artifact(args.recipe, args.calibration_tokens, args.prompt_tokens, args.dir,
+                             not args.no_compiling_load))
     elif args.command == "load-artifact":
         load_artifact(args.directory, args.work, args.prompt)
     elif args.command == "kernels":

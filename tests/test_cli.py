@@ -106,3 +106,9 @@ def test_eval_runs_on_a_short_input():
     out = qcompile("eval", "--tokens", "64", "--calibration-batches", "1", "--sentences", "4",
                    "--recipes", "w4a4-rtn").stdout
     assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-rtn" in out
+
+
+def test_every_subcommand_has_help():
+    for command in ("quantize", "explain", "passes", "recipes", "eval", "bench"):
+        proc = qcompile(command, "--help")
+        assert proc.stdout.startswith("usage: qcompile"), (command, proc.stdout[:200])
