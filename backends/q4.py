@@ -21,6 +21,9 @@ calibrate  observers on the linear inputs; batches from `options["calibration"]`
            call's inputs with a warning. Statistics are cached per weight parameter, so a
            recompile (a new shape) reuses them.
 passes     the recipe's pipeline (or `options["pipeline"]` / `Q4_PIPELINE`) under the pass manager.
+artifact   with `options["artifact"]` (a directory `qcompile.quantize(...).save` wrote), the
+           statistics come from the artifact instead of calibration, and its pipeline runs with
+           the saved results of its expensive steps (`qcompile/artifact.py`, `qcompile/memo.py`).
 lower      `lower="inductor"` (default): the final graph goes through Inductor, which sees the
            q4 ops decomposed into ATen where that lets it fuse them (backends/lowering.py);
            `lower="eager"`: the final graph module runs as it is. `kernels="triton"`: the
@@ -323,9 +326,9 @@ class Prepared:
 
 def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
             frame_code: Any, on_stage: Callable[[str, fx.GraphModule], None] = lambda *_: None,
-            needs: frozenset[str] = frozenset(), calibrate: bool = True) -> Prepared:
-    """capture -> normalize -> freeze -> calibrate (unless not `calibrate`), reporting each
-    stage to `on_stage`; `needs`: the optional statistics the pipeline's passes read
+            needs: frozenset[str] = frozenset(), with_calibration: bool = True) -> Prepared:
+    """capture -> normalize -> freeze -> calibrate (unless not `with_calibration`), reporting
+    each stage to `on_stage`; `needs`: the optional statistics the pipeline's passes read
     (`QPass.calibration_needs`)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = {
@@ -339,7 +342,7 @@ def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fram
         on_stage("normalize", aten_gm)
         aten_gm = freeze(aten_gm, state)
         on_stage("freeze", aten_gm)
-        if calibrate:
+        if with_calibration:
             _calibrate(aten_gm, example_inputs, state, opts, frame_locals, frame_code, "gram" in needs)
     return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state])
 
@@ -369,7 +372,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
     manager = PassManager.from_options(pipeline, opts, stream=sys.stderr)
     needs = frozenset().union(*(p.calibration_needs() for p in pipeline.instantiate()))
     prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage, needs,
-                       calibrate=saved is None)
+                       with_calibration=saved is None)
     frozen = prepared.graph_module
     if saved is not None:
         saved.check_parameters(frozen)
@@ -385,7 +388,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fra
             if isinstance(e.__cause__, MemoMiss):
                 raise ArtifactError(
                     f"artifact {saved.path} does not match this model or pipeline: pass {e.pass_text} "
-                    f"found {e.__cause__} (was it saved from this model, with every graph compiled?)"
+                    f"found {e.__cause__}: the results are keyed by the exact bytes of what they were "
+                    "computed from, so another model, pipeline or torch build (whose float arithmetic "
+                    "differs in the last bits) misses them; quantize again here"
                 ) from e
             raise
         final_gm = result.graph_module
