@@ -362,15 +362,14 @@ def build_pipeline(opts: Q4Options) -> Pipeline:
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame_locals: dict,
              frame_code: Any, mode: str | None) -> Q4Artifact:
-    pipeline = build_pipeline(opts)
     graph_id = str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "-")
     if opts.dump_dir:
         opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")
     saved = read_cached(opts.artifact) if opts.artifact is not None else None
-    if saved is not None:  # the saved pipeline, replayed on the saved statistics and results
-        pipeline = parse_pipeline(saved.pipeline)
+    # an artifact's own pipeline, replayed on its statistics and results
+    pipeline = parse_pipeline(saved.pipeline) if saved is not None else build_pipeline(opts)
     manager = PassManager.from_options(pipeline, opts, stream=sys.stderr)
-    needs = frozenset().union(*(p.calibration_needs() for p in pipeline.instantiate()))
+    needs = pipeline.calibration_needs()
     prepared = prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage, needs,
                        with_calibration=saved is None)
     frozen = prepared.graph_module

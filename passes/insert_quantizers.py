@@ -115,9 +115,7 @@ class InsertQuantizers(QPass):
             weight = ir.get_constant(gm, node.args[1])
             stats = node.meta.get(ir.CALIB)
             x, w_node = node.args[0], node.args[1]
-            # The linear's own module, not its weight's name: a tied lm_head's weight is named
-            # after the embedding it shares.
-            module_path = ir.module_path(node) or str(w_node.meta.get(ir.FQN, "")).removesuffix(".weight")
+            module_path = ir.linear_module_path(node)
             if _is_quantized(w_node) or (only is not None and not only.search(module_path)):
                 continue  # an earlier insert-quantizers' work, or a later one's
             reason = None

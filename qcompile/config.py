@@ -70,8 +70,8 @@ class Q4Options:
     # exact, for debugging the kernels with a model's real operands)
     kernels: str = _field("auto", choices=("auto", "triton"))
     progress: bool = True  # tqdm progress bars
-    # a directory saved by qcompile.quantize(...).save(dir): its compiled graphs replace
-    # calibration and the passes (qcompile/artifact.py)
+    # a directory saved by qcompile.quantize(...).save(dir): its statistics replace calibration
+    # and its pipeline replays with the saved results of its expensive steps (qcompile/artifact.py)
     artifact: str | None = None
 
 

@@ -287,7 +287,7 @@ class _Recorder(Instrument):
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bias_value = ir.get_constant(gm, bias) if isinstance(bias, fx.Node) else None
             self.references[node.name] = _Reference(
-                _module_path(node), ir.get_constant(gm, node.args[1]), bias_value,
+                ir.module_path(node), ir.get_constant(gm, node.args[1]), bias_value,
                 bias is None or bias_value is not None)
             self.origin[node.name] = node.name
 
@@ -312,7 +312,7 @@ class _Recorder(Instrument):
                 original = self.origin.get(node.name)
                 if (original is not None and node.target is ir.aten.linear.default
                         and ir.FLOAT_REASON not in node.meta and _weight_dequantize(node) is None
-                        and (only is None or only.search(_pass_module_path(node)))):
+                        and (only is None or only.search(ir.linear_module_path(node)))):
                     self.unrounded_by.setdefault(original, qpass.options)
             self._restore()
 
@@ -323,13 +323,6 @@ class _Recorder(Instrument):
         for node, reason in self._stashed.items():
             node.meta.setdefault(ir.FLOAT_REASON, reason)
         self._stashed = {}
-
-
-def _pass_module_path(node: fx.Node) -> str:
-    """The path insert-quantizers matches its `only` / `skip` regexes against."""
-    w = node.args[1]
-    fqn = w.meta.get(ir.FQN, "") if isinstance(w, fx.Node) else ""
-    return ir.module_path(node) or str(fqn).removesuffix(".weight")
 
 
 def _weight_dequantize(node: fx.Node) -> fx.Node | None:
@@ -415,15 +408,6 @@ def _probe_input(node: fx.Node) -> tuple[fx.Node, int | None, Any]:
     return x, None, bias
 
 
-_ROOT_INDEX = re.compile(r"^\[\d+\]\.")
-
-
-def _module_path(node: fx.Node) -> str:
-    """The user's module path of a node; a model compiled through a wrapper frame that holds it
-    as `args[0]` (transformers 5's forward decorators) loses its `[0].` prefix."""
-    return _ROOT_INDEX.sub("", ir.module_path(node))
-
-
 def _float_reason(node: fx.Node, recorder: _Recorder) -> str:
     reason = node.meta.get(ir.FLOAT_REASON)
     if reason:
@@ -444,7 +428,7 @@ def _rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: _Recorder, grap
     for node in final_gm.graph.nodes:
         if not _is_linear(node):
             continue
-        module = _module_path(node) or node.name
+        module = ir.module_path(node) or node.name
         original = recorder.origin.get(node.name)
         if original is None and len(by_module.get(module, ())) == 1:
             original = by_module[module][0]  # provenance lost: the module path is unambiguous
@@ -491,17 +475,12 @@ class _Failed(Exception):
 
 @contextlib.contextmanager
 def _private_stats_cache():
-    """q4 caches calibration statistics per weight parameter and calibration object id for the
-    life of the model; explain calibrates afresh and leaves nothing behind (a reused id of a
-    dead calibration list must not hand a later run stale statistics)."""
+    """q4 caches calibration statistics per weight parameter for the life of the model; explain
+    calibrates afresh and leaves nothing behind (a SmolLM2 run's Gram matrices are ~0.5 GB)."""
     from qcompile.backends import q4
 
-    cache_type = type(getattr(q4, "_STATS_CACHE", None))
-    if not hasattr(q4, "_STATS_CACHE"):
-        yield
-        return
     saved = q4._STATS_CACHE
-    q4._STATS_CACHE = cache_type()
+    q4._STATS_CACHE = type(saved)()
     try:
         yield
     finally:
@@ -537,7 +516,7 @@ class _Backend:
         recorder = _Recorder()
         base = PassManager.from_options(self.pipeline, opts, stream=sys.stderr)
         manager = PassManager(self.pipeline, [*base.instruments, recorder], stream=sys.stderr)
-        needs = frozenset().union(*(p.calibration_needs() for p in self.pipeline.instantiate()))
+        needs = self.pipeline.calibration_needs()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="qcompile: no calibration data given")
             prepared = q4.prepare(gm, example_inputs, opts, frame_locals, frame_code, manager.on_stage, needs)

@@ -65,6 +65,15 @@ def module_path(node: fx.Node) -> str:
     return _MODULE_ROOT.sub("", path)
 
 
+def linear_module_path(node: fx.Node) -> str:
+    """The module path of a linear (`lm_head`), or, when the graph does not know it, its weight's
+    name without `.weight`. The linear's own module first: a tied lm_head's weight is named after
+    the embedding it shares."""
+    weight = node.args[1]
+    fqn = weight.meta.get(FQN, "") if isinstance(weight, fx.Node) else ""
+    return module_path(node) or str(fqn).removesuffix(".weight")
+
+
 def describe(node: fx.Node) -> str:
     """One line naming a node for error messages: name, op/target, source line."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))

@@ -110,6 +110,10 @@ class Pipeline(list):
         """Fresh pass objects in order, each with its typed options."""
         return [spec.instantiate() for spec in self]
 
+    def calibration_needs(self) -> frozenset[str]:
+        """The optional calibration statistics its passes read (`QPass.calibration_needs`)."""
+        return frozenset().union(*(p.calibration_needs() for p in self.instantiate()))
+
 
 def parse_pipeline(text: str) -> Pipeline:
     """Parse and validate pipeline `text`; the empty string is the empty pipeline."""
