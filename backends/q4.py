@@ -48,13 +48,14 @@ from tabulate import tabulate
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
-from qcompile import calibrate, ir
-from qcompile.artifact import ArtifactError, Replay, read_cached
-from qcompile.memo import MEMO, Memo, MemoMiss
-from qcompile.config import Q4Options, resolve_options
-from qcompile.pass_manager import PassFailure, PassManager
-from qcompile.pipeline import Pipeline, parse_pipeline
-from qcompile.recipes import recipe_pipeline
+from qcompile.frontend import calibrate
+from qcompile.core import ir
+from qcompile.api.artifact import ArtifactError, Replay, read_cached
+from qcompile.core.memo import MEMO, Memo, MemoMiss
+from qcompile.core.config import Q4Options, resolve_options
+from qcompile.core.pass_manager import PassFailure, PassManager
+from qcompile.core.pipeline import Pipeline, parse_pipeline
+from qcompile.core.recipes import recipe_pipeline
 
 __all__ = ["q4_backend", "Q4Artifact", "artifacts"]
 

@@ -6,7 +6,7 @@
 `remove-eval-dropout` deletes `aten.dropout(x, p, train=False)`: the identity in an eval-mode
 graph, but a node between a norm and the linears it feeds (a one-layer BERT graph holds 3), which
 any pass matching "norm -> linear" would have to look through. It is a pattern rewrite
-(`qcompile.patterns.PatternPass`): the pattern, its replacement and a check of each match are all
+(`qcompile.core.patterns.PatternPass`): the pattern, its replacement and a check of each match are all
 it writes; `register_pass` makes it a name the pipeline string, `Q4_PRINT_AFTER` and
 `qcompile passes` know. The graph printed is the backend's own (`print_before` / `print_after`
 options). `docs/writing-a-pass.md` walks through it.
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompile import ir
-from qcompile.pass_api import option, register_pass
-from qcompile.patterns import PatternMatch, PatternPass
-from qcompile.recipes import recipe_pipeline
+from qcompile.core import ir
+from qcompile.core.pass_api import option, register_pass
+from qcompile.core.patterns import PatternMatch, PatternPass
+from qcompile.core.recipes import recipe_pipeline
 
 aten = torch.ops.aten
 

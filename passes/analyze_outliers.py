@@ -24,8 +24,8 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from qcompile import ir
-from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core import ir
+from qcompile.core.pass_api import PassResult, QPass, option, register_pass
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile import ir
-from qcompile.pass_api import PassResult, QPass, register_pass
+from qcompile.core import ir
+from qcompile.core.pass_api import PassResult, QPass, register_pass
 
 SCALE_OPS = {ir.aten.mul.Tensor, ir.aten.div.Tensor}
 # Ops that only change the dtype of their first argument.

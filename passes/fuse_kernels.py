@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
-from qcompile.pass_api import PassResult, QPass, register_pass
+from qcompile.core.pass_api import PassResult, QPass, register_pass
 
 q4 = torch.ops.q4
 

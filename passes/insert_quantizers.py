@@ -41,11 +41,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import gptq, ir, search
-from qcompile.memo import memoized, replaying
+from qcompile.algorithms import gptq, scale_search as search
+from qcompile.core import ir
+from qcompile.core.memo import memoized, replaying
 from qcompile.kernels import int4
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
-from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.pass_api import PassResult, QPass, option, register_pass
 
 q4 = torch.ops.q4
 FLOAT_ACTIVATIONS = 16  # a-bits=16: weight-only quantization, the linear reads x as it is

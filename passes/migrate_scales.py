@@ -46,11 +46,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import ir, search
-from qcompile.memo import memoized
-from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core import ir
+from qcompile.algorithms import scale_search as search
+from qcompile.core.memo import memoized
+from qcompile.core.pass_api import PassResult, QPass, option, register_pass
 from qcompile.kernels.rotation import rotation_factors
-from qcompile.search import CLIPS
+from qcompile.algorithms.scale_search import CLIPS
 
 # Ops that only change the dtype of their first argument: a per-channel scale passes through them.
 CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.kernels import rotation
-from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.pass_api import PassResult, QPass, option, register_pass
 
 q4 = torch.ops.q4
 

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 __all__ = ["quantize", "load", "explain", "QuantizedModel", "ArtifactError", "__version__"]
 
 # Imported on first use: `import qcompile` stays cheap, and these modules import torch.
-_LAZY = {"quantize": "artifact", "load": "artifact", "QuantizedModel": "artifact", "ArtifactError": "artifact",
-         "explain": "explain"}
+_LAZY = {"quantize": "api.artifact", "load": "api.artifact", "QuantizedModel": "api.artifact", "ArtifactError": "api.artifact",
+         "explain": "api.explain"}
 
 
 def __getattr__(name: str):

@@ -8,8 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from qcompile.pass_api import registry
-from qcompile.recipes import RECIPES
+from qcompile.core.pass_api import registry
+from qcompile.core.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_passes_lists_every_registered_pass_with_its_options():
 
 def test_passes_lists_a_pass_registered_outside_the_package(tmp_path):
     (tmp_path / "my_passes.py").write_text(textwrap.dedent('''
-        from qcompile.pass_api import PassResult, QPass, register_pass
+        from qcompile.core.pass_api import PassResult, QPass, register_pass
 
         @register_pass
         class CountLinears(QPass):
@@ -85,7 +85,7 @@ def test_custom_pass_example_runs_and_its_pass_is_listed():
 
 
 def test_quantize_saves_an_artifact(tmp_path):
-    from qcompile import artifact
+    from qcompile.api import artifact
 
     out = qcompile("quantize", "--recipe", "w4a4-rtn", "--calibration-tokens", "64", "--window", "64",
                    "--lower", "eager", "--out", str(tmp_path / "smollm2")).stdout

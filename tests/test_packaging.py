@@ -20,13 +20,13 @@ def test_non_editable_install_from_outside_the_repo(tmp_path):
     # one package, no top-level passes/kernels/backends; bin/ holds the `qcompile` console script
     assert top_level == {"qcompile", "bin"}, top_level
     assert (target / "bin" / "qcompile").exists()
-    assert (target / "qcompile" / "data" / "emma.txt").exists()
+    assert (target / "qcompile" / "tools" / "data" / "emma.txt").exists()
     check = (
         "import sys, importlib.metadata as md, qcompile, qcompile.passes, qcompile.kernels, qcompile.backends.q4\n"
         f"assert qcompile.__file__.startswith({str(target)!r}), qcompile.__file__\n"
         "eps = [e for e in md.entry_points(group='torch_dynamo_backends') if e.name == 'q4']\n"
         "assert eps and eps[0].value == 'qcompile.backends.q4:q4_backend', eps\n"
-        "from qcompile.pass_api import registry\n"
+        "from qcompile.core.pass_api import registry\n"
         "assert {'insert-quantizers', 'fuse-kernels'} <= set(registry())\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -140,7 +140,7 @@ def test_quantized_weights_hold_at_most_a_seventh_of_fp32():
 
 
 def test_recompile_for_new_length_reuses_calibration(llama, monkeypatch):
-    from qcompile import calibrate
+    from qcompile.frontend import calibrate
 
     calls = []
     real_observe = calibrate.observe_model

@@ -16,7 +16,7 @@ def run(*args: str, timeout: int = 600) -> str:
 
 
 def test_bench_kernels_prints_its_table():
-    out = run("-m", "qcompile.bench", "kernels", "--shapes", "256x128,257x100", "--m", "1,3,64", "--repeats", "2")
+    out = run("-m", "qcompile.tools.bench", "kernels", "--shapes", "256x128,257x100", "--m", "1,3,64", "--repeats", "2")
     assert "q4 W4A4 (CPU) speedup" in out and "FP32 F.linear ms" in out
     rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert [(r[0], r[1], r[2]) for r in rows] == [(k, n, m) for k, n in (("256", "128"), ("257", "100"))
@@ -25,7 +25,7 @@ def test_bench_kernels_prints_its_table():
 
 
 def test_bench_kernels_rejects_a_malformed_shape():
-    proc = subprocess.run([sys.executable, "-m", "qcompile.bench", "kernels", "--shapes", "4096by11008"],
+    proc = subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "kernels", "--shapes", "4096by11008"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "KxN pairs" in proc.stderr
 

@@ -17,7 +17,7 @@ MIN_MINILM_COSINE = 0.85  # measured 0.929; 0.487 without rotation
 
 def test_eval_table_shows_the_w4a4_recipe_working():
     proc = subprocess.run(
-        [sys.executable, "-m", "qcompile.eval", "--tokens", "1024", "--calibration-batches", "4",
+        [sys.executable, "-m", "qcompile.tools.accuracy", "--tokens", "1024", "--calibration-batches", "4",
          "--sentences", "20", "--recipes", "w4a4-rtn,w4a4"],
         capture_output=True, text=True, timeout=1800,
     )

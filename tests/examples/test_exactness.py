@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile import zoo
+from qcompile.tools import zoo
 from qcompile.backends import q4 as q4_backend
-from qcompile.eval import sentences
+from qcompile.tools.accuracy import sentences
 from tests.conftest import tiny_model
 
 TOLERANCE = 1e-4

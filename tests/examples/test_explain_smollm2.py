@@ -1,4 +1,4 @@
-"""qcompile.explain on the real SmolLM2-135M with the default recipe's pipeline (w4a4), short
+"""qcompile.api.explain on the real SmolLM2-135M with the default recipe's pipeline (w4a4), short
 calibration, weights rounded to nearest instead of by GPTQ: GPTQ over 211 linears takes minutes
 on 2 cores whatever the number of calibration tokens, and explain reports any pipeline the same
 way (the tiny-model tests run GPTQ; `qcompile explain` runs the default recipe as it is).
@@ -10,10 +10,10 @@ import json
 import math
 import statistics
 
-from qcompile import zoo
-from qcompile.explain import explain
-from qcompile.pipeline import parse_pipeline
-from qcompile.recipes import RECIPES
+from qcompile.tools import zoo
+from qcompile.api.explain import explain
+from qcompile.core.pipeline import parse_pipeline
+from qcompile.core.recipes import RECIPES
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -1,6 +1,6 @@
-"""Golden text of `qcompile.printer`: SmolLM2-135M's first decoder layer after the default recipe.
+"""Golden text of `qcompile.core.printer`: SmolLM2-135M's first decoder layer after the default recipe.
 
-The real SmolLM2-135M (`qcompile.zoo.load_smollm2`), cut to its first 2 decoder layers, compiled
+The real SmolLM2-135M (`qcompile.tools.zoo.load_smollm2`), cut to its first 2 decoder layers, compiled
 with `backend="q4"` and the default recipe (`w4a4`), calibrated on 2 x 64 tokens of Emma, called
 once on a 6-token prompt; `format_graph(final graph, module="model.layers.0")` must equal
 `tests/golden/smollm2_decoder_layer.txt` line for line. On a mismatch the assertion shows the
@@ -33,7 +33,7 @@ HEAD_ROWS = 1024
 
 
 def _two_layer_smollm2():
-    from qcompile import zoo
+    from qcompile.tools import zoo
 
     model, tokenizer = zoo.load_smollm2()
     model.model.layers = model.model.layers[:2]  # LlamaModel runs layers[: config.num_hidden_layers]
@@ -46,9 +46,9 @@ def _two_layer_smollm2():
 
 
 def printed_layer() -> str:
-    from qcompile import zoo
+    from qcompile.tools import zoo
     from qcompile.backends import q4
-    from qcompile.printer import format_graph
+    from qcompile.core.printer import format_graph
 
     model, tokenizer = _two_layer_smollm2()
     calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 128, 64)]

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from qcompile import zoo
+from qcompile.tools import zoo
 from qcompile.backends import lowering
 from qcompile.backends import q4 as q4_backend
 from qcompile.kernels import triton_gemm

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.passes.analyze_outliers import outlier_report
-from qcompile.testing import capture
+from qcompile.api.testing import capture
 from tests.passes.test_insert_quantizers import Zero, run_pass
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.passes.fold_scales import FOLDED
-from qcompile.testing import capture
-from qcompile.verify import VerificationError, verify
+from qcompile.api.testing import capture
+from qcompile.core.verify import VerificationError, verify
 from tests.passes.test_insert_quantizers import run_pass
 from tests.passes.test_migrate_scales import capture_family, first_output, inputs
 

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch.testing import FileCheck
 
-from qcompile.testing import capture
+from qcompile.api.testing import capture
 from tests.passes.test_insert_quantizers import TwoHeads, run_pass
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch.testing import FileCheck
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.kernels import reference
-from qcompile.testing import capture
-from qcompile.pass_api import get_pass_class
+from qcompile.api.testing import capture
+from qcompile.core.pass_api import get_pass_class
 
 
 class TwoHeads(torch.nn.Module):

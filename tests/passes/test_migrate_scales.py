@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
-from qcompile.testing import capture
+from qcompile.api.testing import capture
 from tests.conftest import tiny_model
 from tests.passes.test_insert_quantizers import run_pass
 
@@ -59,7 +59,7 @@ def test_value_rows_are_left_alone_when_the_kv_cache_is_returned():
 
 
 def test_grouped_query_heads_share_their_kv_scale():
-    from qcompile import ir
+    from qcompile.core import ir
 
     gm = capture_family("llama", inputs())  # 4 query heads share 2 KV heads of 16 channels
     run_pass("migrate-scales", gm, method="smoothquant")
@@ -90,7 +90,7 @@ def test_migrated_scales_are_changed_constants_not_new_multiplies():
 
 
 def test_calibration_stats_follow_the_migration():
-    from qcompile import ir
+    from qcompile.core import ir
 
     gm = capture(tiny_model("llama"), inputs())
     q = next(n for n in gm.graph.nodes if ir.module_path(n).endswith("layers.0.self_attn.q_proj"))
@@ -126,8 +126,8 @@ def test_qsm_search_beats_round_to_nearest_on_planted_outliers():
 
 
 def test_qsm_leaves_its_clipping_ratio_for_insert_quantizers():
-    from qcompile import ir
-    from qcompile.search import CLIPS
+    from qcompile.core import ir
+    from qcompile.algorithms.scale_search import CLIPS
 
     gm = capture(tiny_model("llama"), inputs())
     run_pass("migrate-scales", gm)

@@ -3,7 +3,7 @@ lines marked `# COPY:`. As it stands it tests `remove-eval-dropout`, the pass of
 `examples/custom_pass.py` (a pass registered outside qcompile); `docs/writing-a-pass.md` walks
 through both.
 
-What each test checks, on the IR the pipeline would hand the pass (`qcompile.testing.capture`):
+What each test checks, on the IR the pipeline would hand the pass (`qcompile.api.testing.capture`):
 
 - the printed graph before and after (`torch.testing.FileCheck`): before holds what the pass
   rewrites, after does not, and holds what it becomes;
@@ -24,9 +24,9 @@ import torch
 from torch.testing import FileCheck
 
 from qcompile.backends import q4 as q4_backend
-from qcompile.pipeline import parse_pipeline
-from qcompile.recipes import recipe_pipeline
-from qcompile.testing import capture
+from qcompile.core.pipeline import parse_pipeline
+from qcompile.core.recipes import recipe_pipeline
+from qcompile.api.testing import capture
 
 ROOT = Path(__file__).resolve().parents[2]
 

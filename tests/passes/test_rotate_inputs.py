@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.kernels import rotation
 from tests.passes.test_insert_quantizers import run_pass
 from tests.passes.test_migrate_scales import capture_family, first_output, inputs

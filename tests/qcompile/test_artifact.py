@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import qcompile
-from qcompile import artifact, calibrate
-from qcompile.artifact import ArtifactError
+from qcompile.api import artifact
+from qcompile.frontend import calibrate
+from qcompile.api.artifact import ArtifactError
 from tests.conftest import tiny_llama
 
 OPTIONS = {"progress": False, "lower": "eager"}

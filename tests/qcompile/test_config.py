@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from qcompile.config import Q4Options, env_names, resolve_options
+from qcompile.core.config import Q4Options, env_names, resolve_options
 
 
 def resolve(options=None, **environ):

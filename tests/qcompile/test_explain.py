@@ -1,4 +1,4 @@
-"""qcompile.explain on tiny random-weight models: every linear reported, SQNR that tracks the
+"""qcompile.api.explain on tiny random-weight models: every linear reported, SQNR that tracks the
 bits, the pass table and the pipeline that reproduces it, the model left alone, clear errors."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import statistics
 import pytest
 import torch
 
-from qcompile.calibrate import CalibrationError
-from qcompile.explain import ExplainReport, LinearRow, explain, main
-from qcompile.pass_api import PipelineError
-from qcompile.pipeline import parse_pipeline
-from qcompile.recipes import RECIPES
+from qcompile.frontend.calibrate import CalibrationError
+from qcompile.api.explain import ExplainReport, LinearRow, explain, main
+from qcompile.core.pass_api import PipelineError
+from qcompile.core.pipeline import parse_pipeline
+from qcompile.core.recipes import RECIPES
 from tests.conftest import tiny_bert, tiny_llama
 
 QUIET = {"progress": False}

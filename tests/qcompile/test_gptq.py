@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from qcompile import gptq, ir
-from qcompile.calibrate import ChannelStats
+from qcompile.algorithms import gptq
+from qcompile.core import ir
+from qcompile.frontend.calibrate import ChannelStats
 from qcompile.kernels import int4
-from qcompile.pass_api import get_pass_class
-from qcompile.testing import capture
+from qcompile.core.pass_api import get_pass_class
+from qcompile.api.testing import capture
 from tests.conftest import tiny_model
 from tests.passes.test_migrate_scales import inputs
 

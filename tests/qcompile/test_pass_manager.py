@@ -7,12 +7,12 @@ import io
 import pytest
 import torch
 
-from qcompile.config import resolve_options
-from qcompile.instrument import DumpIR, PrintIR, Statistics, Timing, VerifyEach
-from qcompile.pass_api import PipelineError
-from qcompile.pass_manager import PassFailure, PassManager
-from qcompile.pipeline import parse_pipeline
-from qcompile.verify import VerificationError
+from qcompile.core.config import resolve_options
+from qcompile.core.instrument import DumpIR, PrintIR, Statistics, Timing, VerifyEach
+from qcompile.core.pass_api import PipelineError
+from qcompile.core.pass_manager import PassFailure, PassManager
+from qcompile.core.pipeline import parse_pipeline
+from qcompile.core.verify import VerificationError
 from tests.qcompile.toys import tiny_graph
 
 ADD = "test-add-node{count=1,mode=fast,flag=false,label=x}"  # how headers name test-add-node
@@ -57,7 +57,7 @@ def test_print_after_all_prints_every_pass_and_stage():
         f"// -----// IR Dump After {ADD} //----- //",
     ]
     last = stream.getvalue().split(headers(stream.getvalue())[-1])[1]
-    assert "%neg = torch.neg(%add)" in last and "return %neg" in last  # qcompile.printer's text
+    assert "%neg = torch.neg(%add)" in last and "return %neg" in last  # qcompile.core.printer's text
 
 
 def test_print_after_change_prints_a_diff_for_changed_passes_only():

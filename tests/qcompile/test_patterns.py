@@ -1,4 +1,4 @@
-"""qcompile.patterns: pattern rewrites over the IR a pass sees (`qcompile.testing.capture`)."""
+"""qcompile.core.patterns: pattern rewrites over the IR a pass sees (`qcompile.api.testing.capture`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
-from qcompile import ir
-from qcompile.pass_api import register_pass
-from qcompile.pass_manager import PassFailure, PassManager
-from qcompile.patterns import PatternMatch, PatternPass, rewrite
+from qcompile.core import ir
+from qcompile.core.pass_api import register_pass
+from qcompile.core.pass_manager import PassFailure, PassManager
+from qcompile.core.patterns import PatternMatch, PatternPass, rewrite
 
 aten = torch.ops.aten
 PASS = "test-pattern-pass"  # a registered name (below): provenance must name one
@@ -37,7 +37,7 @@ X = torch.randn(2, 3, 16)
 
 @pytest.fixture
 def gm():
-    from qcompile.testing import capture
+    from qcompile.api.testing import capture
 
     torch.manual_seed(0)
     return capture(Block().eval(), X)
@@ -139,7 +139,7 @@ def test_inputs_only_the_replaced_nodes_read_are_deleted(gm):
     def just_x(x, y):
         return x
 
-    from qcompile.testing import capture
+    from qcompile.api.testing import capture
 
     traced = capture(DeadInput(), X)
     FileCheck().check("aten.relu").check("aten.sub").check("aten.add").run(traced.code)

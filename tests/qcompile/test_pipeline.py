@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcompile.pass_api import PipelineError
-from qcompile.pipeline import PassSpec, Pipeline, parse_pipeline
+from qcompile.core.pass_api import PipelineError
+from qcompile.core.pipeline import PassSpec, Pipeline, parse_pipeline
 from tests.qcompile import toys
 
 # --- well-formed text round-trips ---------------------------------------------------------------

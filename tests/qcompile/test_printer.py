@@ -1,4 +1,4 @@
-"""qcompile.printer: one line per node, ONE line per quantized linear; provenance, module filter,
+"""qcompile.core.printer: one line per node, ONE line per quantized linear; provenance, module filter,
 print-after-change diffs, and the print/dump instruments built on it."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import qcompile.backends.q4 as q4_backend
-from qcompile import instrument, ir
-from qcompile.config import resolve_options
-from qcompile.instrument import DumpIR, PrintIR, ir_text
-from qcompile.pass_manager import PassManager
-from qcompile.printer import format_graph
-from qcompile.testing import capture
+from qcompile.core import instrument, ir
+from qcompile.core.config import resolve_options
+from qcompile.core.instrument import DumpIR, PrintIR, ir_text
+from qcompile.core.pass_manager import PassManager
+from qcompile.core.printer import format_graph
+from qcompile.api.testing import capture
 from tests.conftest import tiny_llama
 from tests.qcompile.toys import tiny_graph
 
@@ -228,5 +228,5 @@ def test_ir_text_falls_back_for_a_graph_the_printer_cannot_print(monkeypatch):
 
     monkeypatch.setattr(instrument, "format_graph", broken)
     text = ir_text(tiny_graph())
-    assert text.startswith("# qcompile.printer failed (RuntimeError: cannot print); torch.fx's form follows\n")
+    assert text.startswith("# qcompile.core.printer failed (RuntimeError: cannot print); torch.fx's form follows\n")
     assert "torch.relu" in text

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import fx
 
-from qcompile import ir, verify as verify_module
-from qcompile.verify import VerificationError, verify
+from qcompile.core import ir, verify as verify_module
+from qcompile.core.verify import VerificationError, verify
 from tests.qcompile.toys import tiny_graph
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile import ir
-from qcompile.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core import ir
+from qcompile.core.pass_api import PassResult, QPass, option, register_pass
 
 SOURCE = 'File "model.py", line 12, in forward\n    return torch.relu(x) + 1\n'
 

@@ -26,8 +26,8 @@ import typing
 import warnings
 from typing import Any, Iterable, Mapping
 
-from qcompile.pass_api import _parse_value
-from qcompile.recipes import DEFAULT_RECIPE
+from qcompile.core.pass_api import _parse_value
+from qcompile.core.recipes import DEFAULT_RECIPE
 
 __all__ = ["Q4Options", "resolve_options", "ENV_PREFIX", "env_names"]
 

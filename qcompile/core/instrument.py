@@ -17,7 +17,7 @@ Subclass `Instrument` and override what you need. An instrument that prints writ
 
 Headers follow MLIR (`// -----// IR Dump After cse //----- //`) and name a pass with ALL its
 effective options (`PassSpec.of`), so a header says exactly what ran. Graphs print as
-`qcompile.printer.format_graph` writes them: one line per node, one line per quantized linear.
+`qcompile.core.printer.format_graph` writes them: one line per node, one line per quantized linear.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from typing import Iterable, TextIO
 from tabulate import tabulate
 from torch import fx
 
-from qcompile.pass_api import PassResult, QPass, get_pass_class
-from qcompile.pipeline import PassSpec
-from qcompile.printer import format_graph
-from qcompile.verify import verify
+from qcompile.core.pass_api import PassResult, QPass, get_pass_class
+from qcompile.core.pipeline import PassSpec
+from qcompile.core.printer import format_graph
+from qcompile.core.verify import verify
 
 __all__ = ["Instrument", "PrintIR", "DumpIR", "VerifyEach", "Timing", "Statistics", "ir_text"]
 
 
 def ir_text(gm: fx.GraphModule, provenance: bool = False) -> str:
-    """`gm` as `qcompile.printer.format_graph` prints it (`provenance`: which pass made each node).
+    """`gm` as `qcompile.core.printer.format_graph` prints it (`provenance`: which pass made each node).
 
     A graph too broken for the printer (a failing pass may leave one) prints as torch.fx's
     generated code after a line saying why, or failing that as its bare node list.
@@ -48,7 +48,7 @@ def ir_text(gm: fx.GraphModule, provenance: bool = False) -> str:
     try:
         return format_graph(gm, provenance=provenance)
     except Exception as exc:  # noqa: BLE001 - the graph may be in any state
-        note = f"# qcompile.printer failed ({type(exc).__name__}: {exc}); torch.fx's form follows\n"
+        note = f"# qcompile.core.printer failed ({type(exc).__name__}: {exc}); torch.fx's form follows\n"
     try:
         return note + gm.print_readable(print_output=False)
     except Exception:  # noqa: BLE001 - nor may codegen accept it
@@ -194,7 +194,7 @@ class DumpIR(Instrument):
 
 
 class VerifyEach(Instrument):
-    """Run `qcompile.verify.verify` after each pass that reported a change.
+    """Run `qcompile.core.verify.verify` after each pass that reported a change.
 
     An unchanged graph was verified already (or is the input), so it is skipped, as in MLIR; a
     pass that changes the graph but reports modified=False escapes the check: that is its bug.

@@ -49,8 +49,8 @@ from typing import Any, Callable, ClassVar, Mapping
 from torch import fx
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
-from qcompile import ir
-from qcompile.pass_api import PassResult, QPass
+from qcompile.core import ir
+from qcompile.core.pass_api import PassResult, QPass
 
 __all__ = ["PatternMatch", "rewrite", "PatternPass"]
 

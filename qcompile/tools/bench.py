@@ -1,8 +1,8 @@
 """Speed tables, every variant measured side by side in one run.
 
-    python -m qcompile.bench kernels [--m 1,16,128,2048,8192] [--shapes 4096x4096,...] [--repeats R]
-    python -m qcompile.bench prefill [--tokens 512] [--recipes w4a4,w4a4-rtn] [--repeats 5] [--tiny]
-    python -m qcompile.bench artifact [--recipe w4a4] [--calibration-tokens 4096] [--prompt-tokens 256]
+    python -m qcompile.tools.bench kernels [--m 1,16,128,2048,8192] [--shapes 4096x4096,...] [--repeats R]
+    python -m qcompile.tools.bench prefill [--tokens 512] [--recipes w4a4,w4a4-rtn] [--repeats 5] [--tiny]
+    python -m qcompile.tools.bench artifact [--recipe w4a4] [--calibration-tokens 4096] [--prompt-tokens 256]
 
 kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   CPU: FP32 `F.linear` against the q4 CPU path as a compiled model runs it: the static
@@ -129,7 +129,7 @@ def bench_kernels(shapes: list[tuple[int, int]], m_values: list[int], repeats: i
 
 
 def bench_prefill(tokens: int, recipes: list[str], repeats: int, tiny: bool) -> str:
-    from qcompile import zoo
+    from qcompile.tools import zoo
 
     if tiny:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -178,7 +178,8 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
     from pathlib import Path
 
     import qcompile
-    from qcompile import artifact, zoo
+    from qcompile.api import artifact
+    from qcompile.tools import zoo
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -205,7 +206,7 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
             work = tmp / f"work-{len(rows)}"
             work.mkdir()
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
-            subprocess.run([sys.executable, "-m", "qcompile.bench", "load-artifact", str(source), str(work),
+            subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "load-artifact", str(source), str(work),
                             str(tmp / "prompt.pt")], check=True, env=env)
             result = json.loads((work / "result.json").read_text())
             exact = torch.equal(torch.load(work / "logits.pt"), expected)
@@ -225,7 +226,8 @@ def load_artifact(directory: str, work: str, prompt_file: str) -> None:
     from pathlib import Path
 
     import qcompile
-    from qcompile import calibrate, zoo
+    from qcompile.frontend import calibrate
+    from qcompile.tools import zoo
 
     model, _ = zoo.load_smollm2()
     prompt = torch.load(prompt_file)

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import fx
 
-from qcompile import ir
-from qcompile.pass_api import registry
+from qcompile.core import ir
+from qcompile.core.pass_api import registry
 
 __all__ = ["VerificationError", "verify", "INVARIANTS", "Invariant"]
 

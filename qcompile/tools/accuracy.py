@@ -1,6 +1,6 @@
 """The accuracy table: every recipe against FP32 on the shipped models, held-out text only.
 
-    python -m qcompile.eval [--tokens 65536] [--recipes w4a4-rtn,w4a4-smoothquant,w4a4]
+    python -m qcompile.tools.accuracy [--tokens 65536] [--recipes w4a4-rtn,w4a4-smoothquant,w4a4]
 
 SmolLM2-135M: perplexity on the first `--tokens` tokens of Pride and Prejudice (512-token
 windows), ratio to FP32, and quantization time (capture + calibration + passes + lowering).
@@ -18,9 +18,9 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from qcompile import zoo
-from qcompile.evaluate import perplexity
-from qcompile.recipes import RECIPES
+from qcompile.tools import zoo
+from qcompile.algorithms.metrics import perplexity
+from qcompile.core.recipes import RECIPES
 
 
 def sentences(name: str, count: int, skip: int = 0) -> list[str]:

@@ -1,0 +1,2 @@
+"""Numerical methods the passes call: GPTQ, scale and clipping searches, accuracy metrics.
+Imports only `qcompile.core` and `qcompile.kernels`."""
