@@ -7,6 +7,7 @@ import copy
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from tests.passes.test_insert_quantizers import TwoHeads, run_pass
 

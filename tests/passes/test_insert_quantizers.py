@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.kernels import reference
 from qcompile.api.testing import capture
