@@ -64,6 +64,7 @@ __all__ = [
     "Invariant",
     "passes_run",
     "markdown_table",
+    "in_pipeline_order",
 ]
 
 # A postcondition: what is wrong at `node` of `gm`, or None.
@@ -275,17 +276,44 @@ def get_pass_class(name: str) -> type[QPass]:
 # --- the table of passes/README.md -------------------------------------------------------------------
 
 
+def in_pipeline_order(passes: Mapping[str, type[QPass]]) -> list[str]:
+    """The names of `passes` in an order that keeps every declared ordering constraint among them
+    (a topological order; ties by name)."""
+    preds: dict[str, set[str]] = {name: set() for name in passes}
+    for name, cls in passes.items():
+        preds[name] |= {other for other in cls.after if other in passes}
+        for other in cls.before:
+            if other in passes:
+                preds[other].add(name)
+    order: list[str] = []
+    while preds:
+        ready = sorted(name for name, before in preds.items() if not before)
+        if not ready:
+            raise PipelineError(f"the ordering constraints of {', '.join(sorted(preds))} form a cycle")
+        order.append(ready[0])
+        del preds[ready[0]]
+        for before in preds.values():
+            before.discard(ready[0])
+    return order
+
+
 def markdown_table(passes: Mapping[str, type[QPass]]) -> str:
-    """The Markdown table of `passes` (name with default options, summary, statistics, ordering),
-    one row per pass in the order given: `passes/README.md` holds it for the registry's passes."""
+    """The Markdown table of `passes`: name with default options, summary, statistics and ordering
+    (declared by either pass), one row per pass in pipeline order. `passes/README.md` holds it for
+    qcompile's own passes."""
     rows = ["| pass | summary | statistics | runs after | runs before |", "|---|---|---|---|---|"]
+    order = in_pipeline_order(passes)
+    after = {name: {*cls.after} | {o for o, c in passes.items() if name in c.before} for name, cls in passes.items()}
+    before = {name: {*cls.before} | {o for o, c in passes.items() if name in c.after} for name, cls in passes.items()}
 
     def names(items) -> str:
-        return ", ".join(f"`{item}`" for item in items) or "-"
+        return ", ".join(f"`{item}`" for item in sorted(items, key=order.index) if item in passes) or "-"
 
-    for name, cls in passes.items():
+    for name in order:
+        cls = passes[name]
         defaults = ",".join(f"{key}={default}" for key, _, default, _ in cls.describe_options())
         spec = f"{name}{{{defaults}}}" if defaults else name
         summary = cls.summary.strip().replace("|", "\\|")
-        rows.append(f"| `{spec}` | {summary} | {names(cls.statistics)} | {names(cls.after)} | {names(cls.before)} |")
+        stats = ", ".join(f"`{stat}`" for stat in cls.statistics) or "-"
+        rows.append(f"| `{spec}` | {summary} | {stats} | {names(after[name])} | {names(before[name])} |")
     return "\n".join(rows) + "\n"
