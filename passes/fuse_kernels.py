@@ -54,7 +54,6 @@ class FuseKernels(QPass):
                 fused = graph.call_function(
                     q4.linear_w4a4.default, (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype))
             ir.mark_created(fused, self.name, [node, q.x_dq, q.w_dq])
-            fused.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(fused)
             graph.erase_node(node)
             for dead in (q.x_dq, q.w_dq):
