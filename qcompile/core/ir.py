@@ -16,6 +16,11 @@ and `val` are kept as they came from Dynamo):
     q4_float_reason why insert-quantizers left a linear in float (absent when it was quantized)
     q4_quantized    what the insert-quantizers run that took a linear did: a `QuantizedBy`
 
+Graph-module meta (`gm.meta`):
+
+    q4_passes_run   the names of the passes that have run on this graph, in order (`QPass.__call__`
+                    appends; the verifier checks the invariants those passes declare)
+
 Every node a pass creates goes through `mark_created`, which records its provenance and gives it
 `val` from its op's fake implementation (`set_fake_value`), so later passes and the printer read
 shapes and dtypes of new nodes the same way as of traced ones.
@@ -40,6 +45,8 @@ ACT_CLIP = "q4_act_clip"
 MIGRATION = "q4_migration"
 # why insert-quantizers left a linear in float (absent when it was quantized)
 FLOAT_REASON = "q4_float_reason"
+# graph-module meta: the names of the passes that have run on the graph, in order
+PASSES_RUN = "q4_passes_run"
 # the insert-quantizers run that took a linear (rounded or, with rounding=false, not): QuantizedBy
 QUANTIZED = "q4_quantized"
 

@@ -50,7 +50,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from qcompile.core import analysis
+from qcompile.core import analysis, ir
 
 __all__ = [
     "PassResult",
@@ -69,13 +69,11 @@ __all__ = [
 
 # A postcondition: what is wrong at `node` of `gm`, or None.
 Invariant = Callable[[GraphModule, Node], "str | None"]
-# graph-module meta: the names of the passes that have run on this graph, in order
-PASSES_RUN = "q4_passes_run"
 
 
 def passes_run(gm: GraphModule) -> list[str]:
     """The names of the passes that have run on `gm` (recorded by `QPass.__call__`), in order."""
-    return list(gm.meta.get(PASSES_RUN, ()))
+    return list(gm.meta.get(ir.PASSES_RUN, ()))
 
 KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
@@ -156,7 +154,7 @@ class QPass(PassBase):
         result = super().__call__(graph_module)
         if isinstance(result, PassResult):
             gm = result.graph_module
-            gm.meta[PASSES_RUN] = [*passes_run(gm), self.name]
+            gm.meta[ir.PASSES_RUN] = [*passes_run(gm), self.name]
             if result.modified or gm is not graph_module:
                 analysis.invalidate(gm)
                 analysis.invalidate(graph_module)

@@ -8,7 +8,7 @@ from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
-from qcompile.core.pass_api import PASSES_RUN, passes_run
+from qcompile.core.pass_api import passes_run
 from qcompile.api.testing import capture
 from qcompile.core.verify import VerificationError, verify
 from tests.passes.test_insert_quantizers import run_pass
@@ -78,7 +78,7 @@ def test_invariant_catches_a_scale_left_in_front_of_a_quantized_linear():
     x = torch.randn(2, 5, 16)
     unfolded = capture(LayerScaled().eval(), x)
     run_pass("insert-quantizers", unfolded)
-    unfolded.meta[PASSES_RUN] = ["fold-scales", *passes_run(unfolded)]  # claim fold-scales ran when it did not
+    unfolded.meta[ir.PASSES_RUN] = ["fold-scales", *passes_run(unfolded)]  # claim fold-scales ran when it did not
     with pytest.raises(VerificationError, match="per-channel-scales-are-folded"):
         verify(unfolded)
 
