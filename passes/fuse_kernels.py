@@ -18,6 +18,10 @@ After:
 The kernel multiplies any int8 activation codes exactly, so W4A8 linears (8-bit codes) fuse
 the same way. Weight-only linears (float activations) stay in their fake-quantized form and are
 counted in `linears-not-fused`.
+
+Declared invariant, checked from this pass on: `fake-quant-linears-are-fused` (no fake-quantized
+linear whose codes come from a q4.quantize_per_tensor is left; insert-quantizers, which makes
+them, must run before this pass).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from qcompile.core.pass_api import PassResult, QPass, register_pass
 q4 = torch.ops.q4
 
 
+def fake_quant_linears_are_fused(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Once fuse-kernels has run, every fake-quantized linear it could fuse is fused."""
+    q = qlinear.match(node)
+    if q is not None and q.form == qlinear.FAKE_QUANT and q.quant is not None:
+        return f"a fake-quantized W4A{q.a_bits} linear is left unfused (made after fuse-kernels ran?)"
+    return None
+
+
 @register_pass
 class FuseKernels(QPass):
     name = "fuse-kernels"
@@ -38,6 +50,7 @@ class FuseKernels(QPass):
     statistics = ("linears-fused", "linears-not-fused")
     after = {"insert-quantizers": "it fuses the fake-quantized linears insert-quantizers leaves; "
                                   "run before them it finds nothing to fuse"}
+    invariants = (fake_quant_linears_are_fused,)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph

@@ -296,10 +296,10 @@ def in_pipeline_order(passes: Mapping[str, type[QPass]]) -> list[str]:
 
 
 def markdown_table(passes: Mapping[str, type[QPass]]) -> str:
-    """The Markdown table of `passes`: name with default options, summary, statistics and ordering
-    (declared by either pass), one row per pass in pipeline order. `passes/README.md` holds it for
-    qcompile's own passes."""
-    rows = ["| pass | summary | statistics | runs after | runs before |", "|---|---|---|---|---|"]
+    """The Markdown table of `passes`: name with default options, summary, statistics, ordering
+    (declared by either pass) and declared invariants, one row per pass in pipeline order.
+    `passes/README.md` holds it for qcompile's own passes."""
+    rows = ["| pass | summary | statistics | runs after | runs before | invariants |", "|---|---|---|---|---|---|"]
     order = in_pipeline_order(passes)
     after = {name: {*cls.after} | {o for o, c in passes.items() if name in c.before} for name, cls in passes.items()}
     before = {name: {*cls.before} | {o for o, c in passes.items() if name in c.after} for name, cls in passes.items()}
@@ -313,5 +313,6 @@ def markdown_table(passes: Mapping[str, type[QPass]]) -> str:
         spec = f"{name}{{{defaults}}}" if defaults else name
         summary = cls.summary.strip().replace("|", "\\|")
         stats = ", ".join(f"`{stat}`" for stat in cls.statistics) or "-"
-        rows.append(f"| `{spec}` | {summary} | {stats} | {names(after[name])} | {names(before[name])} |")
+        checks = ", ".join(f"`{check.__name__.replace('_', '-')}`" for check in cls.invariants) or "-"
+        rows.append(f"| `{spec}` | {summary} | {stats} | {names(after[name])} | {names(before[name])} | {checks} |")
     return "\n".join(rows) + "\n"

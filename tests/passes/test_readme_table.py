@@ -44,7 +44,8 @@ def test_the_table_has_one_row_per_pass_with_its_declarations():
     assert len(rows) == len(own_passes())
     assert any(row.startswith("| `insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,") for row in rows)
     fuse = next(row for row in rows if row.startswith("| `fuse-kernels` |"))
-    assert fuse.endswith("| `linears-fused`, `linears-not-fused` | `insert-quantizers` | - |")
+    assert fuse.endswith("| `linears-fused`, `linears-not-fused` | `insert-quantizers` | - "
+                         "| `fake-quant-linears-are-fused` |")
     # pipeline order: a pass comes after every pass it must run after
     names = [row.split("`")[1].split("{")[0] for row in rows]
     assert names.index("migrate-scales") < names.index("rotate-inputs") < names.index("insert-quantizers") \
