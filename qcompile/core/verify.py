@@ -16,17 +16,13 @@ line. The pass manager's `VerifyEach` runs `verify` after every pass that report
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import fx
 
 from qcompile.core import ir, qlinear
-from qcompile.core.pass_api import passes_run, registry
+from qcompile.core.pass_api import Invariant, passes_run, registry
 
 __all__ = ["VerificationError", "verify", "INVARIANTS", "Invariant"]
-
-Invariant = Callable[[fx.GraphModule, fx.Node], "str | None"]
 
 
 class VerificationError(RuntimeError):
