@@ -145,7 +145,7 @@ class InsertQuantizers(QPass):
                 continue
             x, w_node = q.input, q.weight
             dtype = ir.fake_value(x).dtype
-            n_out, k = weight.shape
+            k = weight.shape[1]
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
             # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.

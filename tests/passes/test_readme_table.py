@@ -18,7 +18,7 @@ from qcompile.core.pass_api import markdown_table, registry
 README = Path(__file__).resolve().parents[2] / "passes" / "README.md"
 BEGIN = "<!-- BEGIN passes table: generated from the registry; rewrite with `python -m tests.passes.test_readme_table` -->"
 END = "<!-- END passes table -->"
-_TABLE = re.compile(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), re.S)
+_TABLE = re.compile(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), re.DOTALL)
 
 
 def own_passes() -> dict:
