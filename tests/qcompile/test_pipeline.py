@@ -220,3 +220,22 @@ def test_ordering_constraints_name_registered_passes():
     for name, cls in passes.items():
         for other in [*cls.after, *cls.before]:
             assert other in passes, f"{name} declares an order with {other!r}, which is no registered pass"
+
+
+def test_a_pass_registered_outside_qcompile_declares_an_order_too(monkeypatch):
+    monkeypatch.setattr(toys.Noop, "after", {"test-add-node": "it counts the nodes test-add-node adds"})
+    parse_pipeline("test-add-node,test-noop")
+    with pytest.raises(PipelineError, match=r"'test-noop' must run after 'test-add-node' \(test-noop declares "
+                                            r"after=test-add-node: it counts the nodes test-add-node adds\)"):
+        parse_pipeline("test-noop,test-add-node{count=2}")
+
+
+def test_pipeline_order_of_the_declarations_and_a_cycle(monkeypatch):
+    from qcompile.core.pass_api import in_pipeline_order
+
+    monkeypatch.setattr(toys.Noop, "after", {"test-add-node": "why"})
+    passes = {name: cls for name, cls in registry().items() if name in ("test-noop", "test-add-node", "test-fail")}
+    assert in_pipeline_order(passes) == ["test-add-node", "test-fail", "test-noop"]
+    monkeypatch.setattr(toys.AddNode, "after", {"test-noop": "why not"})
+    with pytest.raises(PipelineError, match="test-add-node, test-noop form a cycle"):
+        in_pipeline_order(passes)
