@@ -24,7 +24,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from qcompile.core import ir
+from qcompile.core import ir, qlinear
 from qcompile.core.pass_api import PassResult, QPass, option, register_pass
 
 
@@ -73,7 +73,8 @@ class AnalyzeOutliers(QPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         for node in self.nodes(gm):
-            if node.op != "call_function" or node.target is not ir.aten.linear.default:
+            q = qlinear.match(node)
+            if q is None or q.fused:  # aten.linear in any form
                 continue
             stats = node.meta.get(ir.CALIB)
             if stats is None:

@@ -23,9 +23,10 @@ After:
     h = aten.mul(w_norm_folded, normalized)      # w_norm * layer_scale
     q = aten.linear(h, w_q)
 
-After this pass the invariant `per-channel-scales-are-folded` (qcompile/verify.py) holds: no
-per-channel constant multiply, other than a norm's own weight, feeds a quantized linear's input
-or reads its output; the kernel epilogue is the only per-channel arithmetic left around it.
+This pass declares the invariant `per-channel-scales-are-folded`, which the verifier checks on
+every graph fold-scales has run on, from then on: no per-channel constant multiply, other than a
+norm's own weight, feeds a quantized linear's input or reads its output; the kernel epilogue is
+the only per-channel arithmetic left around it.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.core import ir
+from qcompile.core import ir, qlinear
 from qcompile.core.pass_api import PassResult, QPass, register_pass
+from qcompile.core.qlinear import CASTS
+from qcompile.kernels import rotation as _rotation  # noqa: F401  (registers q4.rotate)
 
 SCALE_OPS = {ir.aten.mul.Tensor, ir.aten.div.Tensor}
-# Ops that only change the dtype of their first argument.
-CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}
-FOLDED = "q4_scales_folded"  # graph-module meta: fold-scales has run (the verifier's cue)
 # Normalizations with an optional affine weight (and bias) argument: {op: (weight index, bias index)}
 NORMS = {ir.aten.layer_norm.default: (2, 3), ir.aten.rms_norm.default: (2, None)}
 
@@ -90,11 +90,26 @@ def is_norm_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
     return found is not None and is_normalized(gm, found[0])
 
 
-def _linear_weight(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is ir.aten.linear.default:
-        weight = ir.get_constant(gm, node.args[1])
-        if weight is not None and weight.dim() == 2 and weight.is_floating_point():
-            return weight
+_ROTATE = torch.ops.q4.rotate.default
+
+
+def per_channel_scales_are_folded(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Once fold-scales has run: no constant multiply (other than a norm's own weight) produces a
+    quantized linear's input (through its quantize, rotation and casts) or reads its output; the
+    kernel epilogue is the only per-channel arithmetic left around a quantized linear."""
+    if node.op == "call_function" and node.target is torch.ops.q4.quantize_per_tensor.default:
+        producer = node.args[0]
+        while isinstance(producer, fx.Node) and producer.op == "call_function" and (
+            producer.target in CASTS or producer.target is _ROTATE
+        ):
+            producer = producer.args[0]
+        if isinstance(producer, fx.Node) and constant_scale(gm, producer) and not is_norm_weight(gm, producer):
+            return f"its input comes from a constant multiply %{producer.name} that fold-scales left"
+    q = qlinear.match(node)
+    if q is not None and q.quantized:
+        for user in node.users:
+            if constant_scale(gm, user):
+                return f"its output is multiplied by a constant in %{user.name}, which belongs in the epilogue"
     return None
 
 
@@ -104,6 +119,7 @@ class FoldScales(QPass):
     summary = "Fold constant per-channel multiplies into a norm weight, the reading linears' columns, or the producing linear's rows."
     statistics = ("scales-folded-into-norms", "scales-folded-into-scales", "scales-folded-into-columns", "scales-folded-into-rows",
                   "scales-left")
+    invariants = (per_channel_scales_are_folded,)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -120,9 +136,9 @@ class FoldScales(QPass):
             rules = (self._into_norm, self._into_scale, self._into_columns, self._into_rows)
             if any(rule(gm, node, x, c) for rule in rules):  # the first that applies folds it
                 modified = True
-            elif any(_linear_weight(gm, u) is not None for u in node.users) or _linear_weight(gm, x) is not None:
+            elif (any(qlinear.constant_weight(gm, u) is not None for u in node.users)
+                  or qlinear.constant_weight(gm, x) is not None):
                 self.count("scales-left")
-        gm.meta[FOLDED] = True
         if modified:
             gm.graph.eliminate_dead_code()
             ir.delete_unused_constants(gm)
@@ -147,7 +163,6 @@ class FoldScales(QPass):
         for index, old, value in ((w_index, x.args[w_index], weight), (b_index, bias_node, bias)):
             if value is not None:
                 new = self._constant(gm, str(old.meta.get(ir.FQN, old.target)), value * c.to(value.dtype), x, node)
-                new.meta["val"] = old.meta.get("val")
                 x.update_arg(index, new)
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
@@ -165,7 +180,6 @@ class FoldScales(QPass):
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(ir.aten.mul.Tensor, (a, new_c))
         ir.mark_created(new, self.name, [x, node])
-        new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         self.count("scales-folded-into-scales")
@@ -174,13 +188,12 @@ class FoldScales(QPass):
     def _into_columns(self, gm, node, x, c) -> bool:
         """linear(mul(x, c), W) -> linear(x, W * c) for every reader, all linears with constant weights."""
         users = list(node.users)
-        if not users or any(_linear_weight(gm, u) is None or u.args[0] is not node for u in users):
+        if not users or any(qlinear.constant_weight(gm, u) is None or u.args[0] is not node for u in users):
             return False
         for lin in users:
-            weight = _linear_weight(gm, lin)
+            weight = qlinear.constant_weight(gm, lin)
             new_w = self._constant(gm, str(lin.args[1].meta.get(ir.FQN, lin.args[1].target)),
                                    weight * c.to(weight.dtype), lin, node)
-            new_w.meta["val"] = lin.args[1].meta.get("val")
             lin.update_arg(0, x)
             lin.update_arg(1, new_w)
             if ir.CALIB in lin.meta:  # the linear now reads x = (x * c) / c
@@ -191,21 +204,22 @@ class FoldScales(QPass):
 
     def _into_rows(self, gm, node, x, c) -> bool:
         """mul(linear(x, W, b), c) -> linear(x, W * c[:, None], b * c), the linear read only here."""
-        weight = _linear_weight(gm, x)
+        weight = qlinear.constant_weight(gm, x)
         if weight is None or len(x.users) != 1:
             return False
-        bias_node = x.args[2] if len(x.args) > 2 else None
+        bias_node = qlinear.match(x).bias
         bias = ir.get_constant(gm, bias_node) if bias_node is not None else None
         if bias_node is not None and bias is None:
             return False
         rows = c.to(weight.dtype).expand(weight.shape[0])
         new_w = self._constant(gm, str(x.args[1].meta.get(ir.FQN, x.args[1].target)), weight * rows[:, None], x, node)
-        new_w.meta["val"] = x.args[1].meta.get("val")
         x.update_arg(1, new_w)
         if bias is not None:
             new_b = self._constant(gm, str(bias_node.meta.get(ir.FQN, bias_node.target)), bias * rows.to(bias.dtype), x, node)
-            new_b.meta["val"] = bias_node.meta.get("val")
-            x.update_arg(2, new_b)
+            if len(x.args) > 2:
+                x.update_arg(2, new_b)
+            else:
+                x.update_kwarg("bias", new_b)
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         self.count("scales-folded-into-rows")

@@ -18,6 +18,10 @@ After:
 The kernel multiplies any int8 activation codes exactly, so W4A8 linears (8-bit codes) fuse
 the same way. Weight-only linears (float activations) stay in their fake-quantized form and are
 counted in `linears-not-fused`.
+
+Declared invariant, checked from this pass on: `fake-quant-linears-are-fused` (no fake-quantized
+linear whose codes come from a q4.quantize_per_tensor is left; insert-quantizers, which makes
+them, must run before this pass).
 """
 
 from __future__ import annotations
@@ -25,34 +29,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.core import ir
-from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
+from qcompile.core import ir, qlinear
 from qcompile.core.pass_api import PassResult, QPass, register_pass
 
 q4 = torch.ops.q4
 
 
-def _match(node: fx.Node) -> dict | None:
-    """The parts of a fake-quantized int4 linear rooted at `node`, or None."""
-    if node.op != "call_function" or node.target is not ir.aten.linear.default:
-        return None
-    x_dq, w_dq = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not (isinstance(x_dq, fx.Node) and x_dq.target is q4.dequantize_per_tensor.default):
-        return None
-    if not (isinstance(w_dq, fx.Node) and w_dq.target is q4.dequantize_weight_int4.default):
-        return None
-    x_q, a_step, dtype = x_dq.args
-    if not (isinstance(x_q, fx.Node) and x_q.target is q4.quantize_per_tensor.default):
-        return None
-    packed, w_step, _k, _w_dtype = w_dq.args
-    return dict(x_q=x_q, a_step=a_step, a_bits=x_q.args[2], packed=packed, w_step=w_step,
-                bias=bias, dtype=dtype, x_dq=x_dq, w_dq=w_dq)
-
-
-def _reads_packed_weight(node: fx.Node) -> bool:
-    w = node.args[1] if node.op == "call_function" and node.target is ir.aten.linear.default else None
-    return isinstance(w, fx.Node) and w.target is q4.dequantize_weight_int4.default
+def fake_quant_linears_are_fused(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Once fuse-kernels has run, every fake-quantized linear it could fuse is fused."""
+    q = qlinear.match(node)
+    if q is not None and q.form == qlinear.FAKE_QUANT and q.quant is not None:
+        return f"a fake-quantized W4A{q.a_bits} linear is left unfused (made after fuse-kernels ran?)"
+    return None
 
 
 @register_pass
@@ -60,26 +48,28 @@ class FuseKernels(QPass):
     name = "fuse-kernels"
     summary = "Replace quantize -> linear -> dequantize with the fused integer kernel q4.linear_w4a4."
     statistics = ("linears-fused", "linears-not-fused")
+    after = {"insert-quantizers": "it fuses the fake-quantized linears insert-quantizers leaves; "
+                                  "run before them it finds nothing to fuse"}
+    invariants = (fake_quant_linears_are_fused,)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         modified = False
         for node in self.nodes(gm):
-            parts = _match(node)
-            if parts is None:
-                if _reads_packed_weight(node):  # weight-only (float activations): no kernel yet
-                    self.count("linears-not-fused")
+            q = qlinear.match(node)
+            if q is None or q.form not in (qlinear.FAKE_QUANT, qlinear.WEIGHT_ONLY):
                 continue
+            if q.form == qlinear.WEIGHT_ONLY or q.quant is None:  # float activations: no kernel yet
+                self.count("linears-not-fused")
+                continue
+            dtype = q.x_dq.args[2]
             with graph.inserting_before(node):
                 fused = graph.call_function(
-                    q4.linear_w4a4.default,
-                    (parts["x_q"], parts["packed"], parts["w_step"], parts["a_step"], parts["bias"], parts["dtype"]),
-                )
-            ir.mark_created(fused, self.name, [node, parts["x_dq"], parts["w_dq"]])
-            fused.meta["val"] = node.meta.get("val")
+                    q4.linear_w4a4.default, (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype))
+            ir.mark_created(fused, self.name, [node, q.x_dq, q.w_dq])
             node.replace_all_uses_with(fused)
             graph.erase_node(node)
-            for dead in (parts["x_dq"], parts["w_dq"]):
+            for dead in (q.x_dq, q.w_dq):
                 if not dead.users:
                     graph.erase_node(dead)
             self.count("linears-fused")

@@ -22,31 +22,38 @@ With `rounding=false` (the backend's `rounding` option, `Q4_ROUNDING=0`) nothing
 the graph stays the float function the earlier passes left, which must equal the model's own
 (the exactness tests). Otherwise the fp32 weight constant is dropped: from here on only packed codes and steps are held.
 Linears reading the same activation (q/k/v) share one quantize node. A linear without
-calibration statistics, or whose module path (from `nn_module_stack`: `model.layers.0.mlp.up_proj`)
-matches the `skip` regex, stays in float and is counted in `linears-left-in-float`; other ops
+calibration statistics, or whose module path (`qcompile.core.select`: `model.layers.0.mlp.up_proj`,
+`lm_head` even when its weight is tied to the embedding) matches the `skip` regex, stays in float
+with its reason in `q4_float_reason` meta and is counted in `linears-left-in-float`; other ops
 that multiply by a constant (matmul, conv, ...) stay in float and are counted in
 `unhandled-ops-in-float`.
 
+Each linear a run takes (rounding or not) records what was done in `q4_quantized` meta, an
+`ir.QuantizedBy`:
+
+    QuantizedBy(w_bits=4, a_bits=4, rounded=True, weights="gptq", act_clip=0.9,
+                run="insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,...}")
+
 The pass may run more than once with different bit widths: `only` (a module-path regex) limits
-one run to the linears it matches, and a run leaves linears an earlier run quantized alone, so
+one run to the linears it matches, and a run leaves linears an earlier run took alone, so
 `insert-quantizers{only=lm_head,skip=,a-bits=8},insert-quantizers{...}` gives the head 8-bit
 activations and the rest what the second run says.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from qcompile.algorithms import gptq, scale_search as search
-from qcompile.core import ir
+from qcompile.core import ir, qlinear
 from qcompile.core.memo import memoized, replaying
-from qcompile.kernels import int4
-from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.core.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.pipeline import PassSpec
+from qcompile.core.select import LinearFilter
+from qcompile.kernels import int4
 
 q4 = torch.ops.q4
 FLOAT_ACTIVATIONS = 16  # a-bits=16: weight-only quantization, the linear reads x as it is
@@ -74,10 +81,6 @@ class InsertQuantizersOptions:
                           help="how weights are rounded: rtn (to nearest) or gptq (errors compensated through the input's Gram matrix)")
 
 
-def _is_quantized(weight: fx.Node) -> bool:
-    return isinstance(weight, fx.Node) and weight.target is q4.dequantize_weight_int4.default
-
-
 def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     """Per-tensor symmetric step clip * max(absmax) / qmax; an all-zero activation gets step 1."""
     qmax = 2 ** (bits - 1) - 1
@@ -94,6 +97,11 @@ class InsertQuantizers(QPass):
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
                   "weights-gptq", "linears-not-rounded")
+    after = {
+        "migrate-scales": "it rewrites float weight constants, which insert-quantizers replaces with packed codes",
+        "fold-scales": "it folds scales into float weight constants, which insert-quantizers replaces with packed codes",
+        "rotate-inputs": "it rotates float weight constants, which insert-quantizers replaces with packed codes",
+    }
 
     def calibration_needs(self) -> frozenset[str]:
         return frozenset({"gram"}) if self.options.weights == "gptq" and self.options.rounding else frozenset()
@@ -101,30 +109,27 @@ class InsertQuantizers(QPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         opts = self.options
         graph = gm.graph
+        run = str(PassSpec.of(self))
         # One quantize node per (activation, step): q/k/v read the same normalized input.
         quantizers: dict[tuple[fx.Node, float], fx.Node] = {}
-        skip = re.compile(opts.skip) if opts.skip else None
-        only = re.compile(opts.only) if opts.only else None
+        linears = LinearFilter(skip=opts.skip, only=opts.only)
         modified = False
         for node in self.nodes(gm):
             if node.op == "call_function" and node.target in UNHANDLED and any(
                 ir.get_constant(gm, a) is not None for a in node.args
             ):
                 self.count("unhandled-ops-in-float")
-            if node.op != "call_function" or node.target is not ir.aten.linear.default:
-                continue
-            weight = ir.get_constant(gm, node.args[1])
+            q = qlinear.match(node)
+            if q is None or q.quantized or ir.QUANTIZED in node.meta or not linears.selects(node):
+                continue  # not a float linear, an earlier insert-quantizers' work, or a later one's
+            weight = qlinear.constant_weight(gm, node)
             stats = node.meta.get(ir.CALIB)
-            x, w_node = node.args[0], node.args[1]
-            module_path = ir.linear_module_path(node)
-            if _is_quantized(w_node) or (only is not None and not only.search(module_path)):
-                continue  # an earlier insert-quantizers' work, or a later one's
             reason = None
-            if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+            if weight is None:
                 reason = "its weight is not a constant 2-D float tensor"
             elif stats is None:
                 reason = "no calibration statistics reach it"
-            elif skip is not None and skip.search(module_path):
+            elif linears.skips(node):
                 reason = f"its module path matches skip={opts.skip!r}"
             elif opts.unmatched == "float" and node.meta.get(ir.MIGRATION, {}).get("status") == "unmatched":
                 reason = "unmatched=float: migration found no structure"
@@ -135,14 +140,16 @@ class InsertQuantizers(QPass):
             if not opts.rounding:
                 # quantize . dequantize without rounding is the identity, and packed int4 cannot
                 # hold unrounded codes: the linear stays as it is
+                node.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, False, opts.weights, None, run)
                 self.count("linears-not-rounded")
                 continue
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            x, w_node = q.input, q.weight
             dtype = ir.fake_value(x).dtype
-            n_out, k = weight.shape
+            k = weight.shape[1]
             stem = w_node.meta.get(ir.FQN, w_node.target)
 
             # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
+            method = "rtn"
             if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
                 def run_gptq(weight=weight, gram=stats.gram):
                     codes, w_step = gptq.quantize_gptq(weight, gram, opts.w_bits)
@@ -150,23 +157,24 @@ class InsertQuantizers(QPass):
 
                 packed, w_step = memoized(gm, "gptq", stem, (weight, opts.w_bits), run_gptq)
                 self.count("weights-gptq")
+                method = "gptq"
             else:
                 codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
                 packed = int4.pack_int4(codes)
             with graph.inserting_before(node):
                 if opts.a_bits == FLOAT_ACTIVATIONS:
-                    x_in = x
+                    x_in, clip = x, None
                 else:
-                    x_in = self._fake_quant_activation(gm, node, weight, stats, dtype, stem, quantizers)
+                    x_in, clip = self._fake_quant_activation(gm, node, weight, stats, dtype, stem, quantizers)
                 packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
                 w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
                 w_dq = graph.call_function(
                     q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype)
                 )
-                new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, bias))
+                new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, q.bias))
             for created in (packed_node, w_step_node, w_dq, new):
                 ir.mark_created(created, self.name, [node])
-            new.meta["val"] = node.meta.get("val")
+            new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             if not w_node.users:
@@ -179,9 +187,9 @@ class InsertQuantizers(QPass):
         return PassResult(gm, modified)
 
     def _fake_quant_activation(self, gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, stats,
-                               dtype: torch.dtype, stem: str, quantizers: dict) -> fx.Node:
+                               dtype: torch.dtype, stem: str, quantizers: dict) -> tuple[fx.Node, float]:
         """dequantize(quantize(x)) of the linear's input, sharing the quantize node between the
-        linears that read the same activation with the same step."""
+        linears that read the same activation with the same step; and the clipping ratio used."""
         opts, graph, x = self.options, gm.graph, node.args[0]
         clip = node.meta.get(ir.ACT_CLIP)
         if clip is None and opts.search_clip and stats.samples.shape[0]:
@@ -201,4 +209,4 @@ class InsertQuantizers(QPass):
             ir.mark_created(x_q, self.name, [node])
             quantizers[key] = x_q
         x_dq = graph.call_function(q4.dequantize_per_tensor.default, (x_q, x_q.args[1], dtype))
-        return ir.mark_created(x_dq, self.name, [node])
+        return ir.mark_created(x_dq, self.name, [node]), clip or 1.0

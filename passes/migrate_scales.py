@@ -40,21 +40,21 @@ After (new constants, no new nodes):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from qcompile.core import ir
 from qcompile.algorithms import scale_search as search
+from qcompile.algorithms.scale_search import CLIPS
+from qcompile.core import ir, qlinear
+from qcompile.core.analysis import ActivationGroups, get_analysis
 from qcompile.core.memo import memoized
 from qcompile.core.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.qlinear import CASTS
+from qcompile.core.select import LinearFilter
 from qcompile.kernels.rotation import rotation_factors
-from qcompile.algorithms.scale_search import CLIPS
 
-# Ops that only change the dtype of their first argument: a per-channel scale passes through them.
-CASTS = {ir.aten.to.dtype, ir.aten.type_as.default, ir.aten._to_copy.default}
 # Layout ops between attention heads and flat channels, and those of repeat_kv (GQA).
 LAYOUT = {ir.aten.view.default, ir.aten.reshape.default, ir.aten._unsafe_view.default,
           ir.aten.transpose.int, ir.aten.contiguous.default, ir.aten.clone.default}
@@ -86,15 +86,6 @@ class MigrateScalesOptions:
 ALPHAS = tuple(a / 10 for a in range(11))
 
 
-def is_quantizable_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target is ir.aten.linear.default
-        and ir.CALIB in node.meta
-        and ir.get_constant(gm, node.args[1]) is not None
-    )
-
-
 def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = a**alpha / w**(1 - alpha), 1 where either side is zero (nothing to balance)."""
     s = act_absmax.clamp(min=1e-8).pow(alpha) / weight_absmax.clamp(min=1e-8).pow(1 - alpha)
@@ -109,13 +100,14 @@ class MigrateScales(QPass):
     Options = MigrateScalesOptions
     statistics = ("groups-migrated", "linears-migrated", "activations-shared-with-non-linear",
                   "activations-without-affine-producer")
+    before = {
+        "rotate-inputs": "migration finds the norm or linear that produces a linear's input; after "
+                         "rotation that input is a q4.rotate, which absorbs no scale",
+    }
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        skip = re.compile(self.options.skip) if self.options.skip else None
-        groups: dict[fx.Node, list[fx.Node]] = {}
-        for node in self.nodes(gm):
-            if is_quantizable_linear(gm, node) and not (skip and skip.search(ir.module_path(node))):
-                groups.setdefault(node.args[0], []).append(node)
+        linears = LinearFilter(skip=self.options.skip)
+        groups = get_analysis(gm, ActivationGroups).select(lambda lin: ir.CALIB in lin.meta and linears.takes(lin))
         modified = False
         for activation, linears in groups.items():
             self.current_node = activation
@@ -210,7 +202,7 @@ class MigrateScales(QPass):
             value = value.args[0]
         if transposes != [(1, 2)] or not isinstance(value, fx.Node):
             return None
-        weight = ir.get_constant(gm, value.args[1]) if value.target is ir.aten.linear.default else None
+        weight = qlinear.constant_weight(gm, value)
         if weight is None or weight.shape[0] % head_dim or heads % (weight.shape[0] // head_dim):
             return None
         rows = self._producing_linear(gm, value, weight.shape[0])
@@ -227,12 +219,10 @@ class MigrateScales(QPass):
             if len(node.users) != 1:
                 return None
             node = node.args[0]
-        if not (isinstance(node, fx.Node) and node.target is ir.aten.linear.default and len(node.users) == 1):
+        weight = qlinear.constant_weight(gm, node)
+        if weight is None or len(node.users) != 1 or weight.shape[0] != channels:
             return None
-        weight = ir.get_constant(gm, node.args[1])
-        if weight is None or weight.shape[0] != channels:
-            return None
-        bias = node.args[2] if len(node.args) > 2 else None
+        bias = qlinear.match(node).bias
         return [(node, 1)] + ([(node, 2)] if ir.get_constant(gm, bias) is not None else [])
 
     def _search(self, gm: fx.GraphModule, name: str, act, candidates: list[torch.Tensor],
@@ -286,7 +276,6 @@ class MigrateScales(QPass):
             with graph.inserting_before(site):
                 new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / per_row).contiguous()))
             ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [site])
-            new.meta["val"] = getattr(old, "meta", {}).get("val")
             site.update_arg(i, new)
         for lin, w in zip(linears, weights):
             old = lin.args[1]
@@ -294,6 +283,5 @@ class MigrateScales(QPass):
                 new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.target)}_migrated",
                                                      (w.detach() * s.to(w.dtype)).contiguous()))
             ir.mark_created(new, self.name, [old])
-            new.meta["val"] = old.meta.get("val")
             lin.update_arg(1, new)
             lin.meta[ir.CALIB] = act.scaled(s)

@@ -25,15 +25,16 @@ so insert-quantizers{search-clip=true} searches it again on the rotated samples.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from qcompile.core import ir
-from qcompile.kernels import rotation
+from qcompile.core.analysis import ActivationGroups, get_analysis
 from qcompile.core.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.select import LinearFilter
+from qcompile.kernels import rotation
 
 q4 = torch.ops.q4
 
@@ -51,19 +52,8 @@ class RotateInputs(QPass):
     statistics = ("groups-rotated", "linears-rotated")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        skip = re.compile(self.options.skip) if self.options.skip else None
-        groups: dict[fx.Node, list[fx.Node]] = {}
-        for node in self.nodes(gm):
-            if (
-                node.op == "call_function"
-                and node.target is ir.aten.linear.default
-                and ir.CALIB in node.meta
-                and isinstance(weight := ir.get_constant(gm, node.args[1]), torch.Tensor)
-                and weight.dim() == 2
-                and weight.is_floating_point()
-                and not (skip and skip.search(ir.module_path(node)))
-            ):
-                groups.setdefault(node.args[0], []).append(node)
+        linears = LinearFilter(skip=self.options.skip)
+        groups = get_analysis(gm, ActivationGroups).select(lambda lin: ir.CALIB in lin.meta and linears.takes(lin))
         factor_nodes: dict[int, list[fx.Node]] = {}
         for activation, linears in groups.items():
             self.current_node = activation
@@ -98,7 +88,6 @@ class RotateInputs(QPass):
         with graph.inserting_before(linears[0]):
             rotated = graph.call_function(q4.rotate.default, (activation, factor_nodes))
         ir.mark_created(rotated, self.name, linears)
-        rotated.meta["val"] = activation.meta.get("val")
         for lin in linears:
             old = lin.args[1]
             weight = ir.get_constant(gm, old)
@@ -107,7 +96,6 @@ class RotateInputs(QPass):
                     gm, f"{old.meta.get(ir.FQN, old.target)}_rotated",
                     rotation.rotate(weight.detach().float(), factors).to(weight.dtype).contiguous()))
             ir.mark_created(new, self.name, [old])
-            new.meta["val"] = old.meta.get("val")
             lin.update_arg(0, rotated)
             lin.update_arg(1, new)
             lin.meta[ir.CALIB] = stats

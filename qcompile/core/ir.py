@@ -12,15 +12,29 @@ and `val` are kept as they came from Dynamo):
     q4_fqn          the user's parameter name of a frozen constant ("model.layers.0.q_proj.weight")
     q4_outliers     OutlierInfo of the activation a linear reads (set by analyze-outliers)
     q4_act_clip     searched clipping ratio of a linear's static activation step (1.0 = absmax)
+    q4_migration    what migrate-scales did for a linear: {"status": "migrated" | "unmatched", "reason": str}
+    q4_float_reason why insert-quantizers left a linear in float (absent when it was quantized)
+    q4_quantized    what the insert-quantizers run that took a linear did: a `QuantizedBy`
+
+Graph-module meta (`gm.meta`):
+
+    q4_passes_run   the names of the passes that have run on this graph, in order (`QPass.__call__`
+                    appends; the verifier checks the invariants those passes declare)
+
+Every node a pass creates goes through `mark_created`, which records its provenance and gives it
+`val` from its op's fake implementation (`set_fake_value`), so later passes and the printer read
+shapes and dtypes of new nodes the same way as of traced ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Iterable
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 
 PROVENANCE = "q4_provenance"
 CALIB = "q4_calib"
@@ -31,6 +45,29 @@ ACT_CLIP = "q4_act_clip"
 MIGRATION = "q4_migration"
 # why insert-quantizers left a linear in float (absent when it was quantized)
 FLOAT_REASON = "q4_float_reason"
+# graph-module meta: the names of the passes that have run on the graph, in order
+PASSES_RUN = "q4_passes_run"
+# the insert-quantizers run that took a linear (rounded or, with rounding=false, not): QuantizedBy
+QUANTIZED = "q4_quantized"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedBy:
+    """What the insert-quantizers run that took a linear did (node meta `q4_quantized`).
+
+    w_bits, a_bits  weight and activation bits (a_bits 16: weight-only, activations stay float)
+    rounded         False for a `rounding=false` run, which takes the linear but inserts nothing
+    weights         how the weight was rounded: "rtn" or "gptq" (what ran, not only what was asked)
+    act_clip        the clipping ratio of the static activation step (None: weight-only or not rounded)
+    run             the run's pass spec with all its options, `insert-quantizers{w-bits=4,...}`
+    """
+
+    w_bits: int
+    a_bits: int
+    rounded: bool
+    weights: str
+    act_clip: float | None
+    run: str
 
 aten = torch.ops.aten
 
@@ -133,18 +170,60 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
 
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, FLOAT_REASON):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, FLOAT_REASON,
+                QUANTIZED):
         if key in old.meta:
             new.meta[key] = old.meta[key]
 
 
 def mark_created(node: fx.Node, pass_name: str, sources: Iterable[fx.Node]) -> fx.Node:
-    """Record which pass created `node` and from which nodes; copy the first source's meta."""
+    """Record which pass created `node` and from which nodes; copy the first source's meta; give
+    it `meta["val"]` (`set_fake_value`). Call it once `node`'s arguments are final."""
     sources = [s for s in sources if isinstance(s, fx.Node)]
     if sources:
         copy_meta(node, sources[0])
     node.meta[PROVENANCE] = {"pass": pass_name, "from": [s.name for s in sources]}
+    set_fake_value(node)
     return node
+
+
+def fake_mode(gm: fx.GraphModule) -> Any:
+    """The FakeTensorMode of the graph's example values (the compile's own while Dynamo compiles);
+    None for a graph traced without them."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode(vals) or detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes])
+
+
+def set_fake_value(node: fx.Node) -> Any:
+    """Set `node.meta["val"]` to what its op's fake implementation gives on its inputs' values
+    (a constant's: its tensor, faked), under the graph's FakeTensorMode; return it. Nothing is set
+    in a graph without fake values, or when an input has none."""
+    gm = node.graph.owning_module
+    mode = fake_mode(gm) if gm is not None else None
+    if mode is None or node.op not in ("get_attr", "call_function"):
+        return None
+    if node.op == "get_attr":
+        value = get_constant(gm, node)
+        if value is None:
+            return None
+        with mode:
+            node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+        return node.meta["val"]
+    missing = []
+
+    def value_of(arg: fx.Node) -> Any:
+        if "val" not in arg.meta and arg.op == "get_attr":
+            set_fake_value(arg)  # a frozen constant traced without one
+        if "val" not in arg.meta:
+            missing.append(arg)
+        return arg.meta.get("val")
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value_of)
+    if missing:
+        return None
+    with mode, torch.no_grad():
+        node.meta["val"] = node.target(*args, **kwargs)
+    return node.meta["val"]
 
 
 def fake_value(node: fx.Node) -> Any:

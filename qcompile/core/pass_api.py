@@ -21,7 +21,18 @@ A pass is a class that subclasses :class:`QPass` and is decorated with :func:`re
 
 The registry is built from these declarations (never from a list kept by hand); the pipeline
 string `my-pass{threshold=0.7,mode=exact}` names the pass and its options, with dataclass field
-names written in kebab-case (`w_bits` <-> `w-bits`).
+names written in kebab-case (`w_bits` <-> `w-bits`). The registry holds what has been registered:
+`import qcompile.passes` declares qcompile's own passes (the front half, the backend and the CLI
+import it; core never does).
+
+A pass also declares its contracts, which the rest of the infrastructure checks:
+
+    after = {"insert-quantizers": "why"}   passes that, when in the same pipeline, must run before
+    before = {"fuse-kernels": "why"}       ... and after it; `parse_pipeline` rejects a pipeline
+                                           that breaks one, naming both passes and the reason
+    invariants = (check, ...)              `check(gm, node) -> str | None`: what holds from this
+                                           pass on; the verifier checks them on every graph this
+                                           pass has run on (`passes_run(gm)`)
 
 A pass is a pure graph transformation: it never reads the environment, never prints, never
 touches the user's module. The pass manager owns printing, dumping, verification, timing and
@@ -34,10 +45,12 @@ import dataclasses
 import re
 import typing
 from collections import Counter
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from qcompile.core import analysis, ir
 
 __all__ = [
     "PassResult",
@@ -48,7 +61,19 @@ __all__ = [
     "registry",
     "get_pass_class",
     "PipelineError",
+    "Invariant",
+    "passes_run",
+    "markdown_table",
+    "in_pipeline_order",
 ]
+
+# A postcondition: what is wrong at `node` of `gm`, or None.
+Invariant = Callable[[GraphModule, Node], "str | None"]
+
+
+def passes_run(gm: GraphModule) -> list[str]:
+    """The names of the passes that have run on `gm` (recorded by `QPass.__call__`), in order."""
+    return list(gm.meta.get(ir.PASSES_RUN, ()))
 
 KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
@@ -110,12 +135,30 @@ class QPass(PassBase):
     summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     statistics: ClassVar[tuple[str, ...]] = ()
+    # ordering constraints: {other pass: why}; checked when a pipeline is parsed
+    after: ClassVar[Mapping[str, str]] = {}
+    before: ClassVar[Mapping[str, str]] = {}
+    # postconditions this pass establishes, checked by the verifier from then on
+    invariants: ClassVar[tuple[Invariant, ...]] = ()
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()
         self.stats: Counter[str] = Counter({s: 0 for s in self.statistics})
         # The node `nodes()` last handed out: the pass manager names it when the pass fails.
         self.current_node: Node | None = None
+
+    def __call__(self, graph_module: GraphModule) -> PassResult | None:
+        """Run the pass (`requires` -> `call` -> `ensures`); then record on the graph that it ran
+        (the verifier checks this pass's invariants from now on) and, when it changed the graph,
+        drop the analyses cached for it: done here, so a pass run without a manager is safe too."""
+        result = super().__call__(graph_module)
+        if isinstance(result, PassResult):
+            gm = result.graph_module
+            gm.meta[ir.PASSES_RUN] = [*passes_run(gm), self.name]
+            if result.modified or gm is not graph_module:
+                analysis.invalidate(gm)
+                analysis.invalidate(graph_module)
+        return result
 
     def nodes(self, graph_module: GraphModule) -> Iterator[Node]:
         """Iterate a snapshot of the graph's nodes (safe to edit the graph meanwhile), keeping
@@ -199,6 +242,12 @@ def register_pass(cls: type[QPass]) -> type[QPass]:
     for stat in cls.statistics:
         if not KEBAB.match(stat):
             raise TypeError(f"pass {name!r}: statistic {stat!r} must be kebab-case")
+    for kind in ("after", "before"):
+        constraints = getattr(cls, kind)
+        if not isinstance(constraints, Mapping) or not all(KEBAB.match(k) and v for k, v in constraints.items()):
+            raise TypeError(f"pass {name!r}: {kind} must map pass names to the reason, got {constraints!r}")
+    if not all(callable(check) for check in cls.invariants):
+        raise TypeError(f"pass {name!r}: invariants must be functions check(gm, node) -> str | None")
     previous = _REGISTRY.get(name)
     if previous is not None and previous.__qualname__ != cls.__qualname__:
         raise TypeError(
@@ -209,9 +258,8 @@ def register_pass(cls: type[QPass]) -> type[QPass]:
 
 
 def registry() -> dict[str, type[QPass]]:
-    """All declared passes, by name: qcompile's own plus any registered by user code."""
-    import qcompile.passes  # noqa: F401  (importing the package declares the built-in passes)
-
+    """Every registered pass, by name (qcompile's own once `qcompile.passes` is imported, plus any
+    registered by user code)."""
     return dict(_REGISTRY)
 
 
@@ -221,3 +269,50 @@ def get_pass_class(name: str) -> type[QPass]:
         valid = ", ".join(sorted(passes))
         raise PipelineError(f"unknown pass {name!r}; registered passes: {valid}")
     return passes[name]
+
+
+# --- the table of passes/README.md -------------------------------------------------------------------
+
+
+def in_pipeline_order(passes: Mapping[str, type[QPass]]) -> list[str]:
+    """The names of `passes` in an order that keeps every declared ordering constraint among them
+    (a topological order; ties by name)."""
+    preds: dict[str, set[str]] = {name: set() for name in passes}
+    for name, cls in passes.items():
+        preds[name] |= {other for other in cls.after if other in passes}
+        for other in cls.before:
+            if other in passes:
+                preds[other].add(name)
+    order: list[str] = []
+    while preds:
+        ready = sorted(name for name, before in preds.items() if not before)
+        if not ready:
+            raise PipelineError(f"the ordering constraints of {', '.join(sorted(preds))} form a cycle")
+        order.append(ready[0])
+        del preds[ready[0]]
+        for before in preds.values():
+            before.discard(ready[0])
+    return order
+
+
+def markdown_table(passes: Mapping[str, type[QPass]]) -> str:
+    """The Markdown table of `passes`: name with default options, summary, statistics, ordering
+    (declared by either pass) and declared invariants, one row per pass in pipeline order.
+    `passes/README.md` holds it for qcompile's own passes."""
+    rows = ["| pass | summary | statistics | runs after | runs before | invariants |", "|---|---|---|---|---|---|"]
+    order = in_pipeline_order(passes)
+    after = {name: {*cls.after} | {o for o, c in passes.items() if name in c.before} for name, cls in passes.items()}
+    before = {name: {*cls.before} | {o for o, c in passes.items() if name in c.after} for name, cls in passes.items()}
+
+    def names(items) -> str:
+        return ", ".join(f"`{item}`" for item in sorted(items, key=order.index) if item in passes) or "-"
+
+    for name in order:
+        cls = passes[name]
+        defaults = ",".join(f"{key}={default}" for key, _, default, _ in cls.describe_options())
+        spec = f"{name}{{{defaults}}}" if defaults else name
+        summary = cls.summary.strip().replace("|", "\\|")
+        stats = ", ".join(f"`{stat}`" for stat in cls.statistics) or "-"
+        checks = ", ".join(f"`{check.__name__.replace('_', '-')}`" for check in cls.invariants) or "-"
+        rows.append(f"| `{spec}` | {summary} | {stats} | {names(after[name])} | {names(before[name])} | {checks} |")
+    return "\n".join(rows) + "\n"

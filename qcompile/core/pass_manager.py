@@ -8,7 +8,9 @@
 The manager owns everything cross-cutting (MLIR habit): a pass only transforms the graph and
 reports whether it changed it; printing, dumping, verification, timing and statistics are
 instruments (`qcompile.core.instrument`) the manager calls around each pass. Each `run` instantiates
-the pipeline afresh, so statistics never leak between runs.
+the pipeline afresh, so statistics never leak between runs. Calling a pass (`QPass.__call__`)
+records on the graph that it ran and, when it reports a change, drops the analyses cached for the
+graph (`qcompile.core.analysis`), so the manager and a pass called directly behave alike.
 
 When a pass fails (raises, returns something other than a PassResult, or leaves a graph the
 verifier rejects) the manager raises `PassFailure`, whose message names the pass and its options,

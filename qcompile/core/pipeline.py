@@ -19,8 +19,14 @@ Grammar (values may be empty, e.g. `skip=`, and may contain `=`)::
 
 Parsing also validates against the pass registry (`qcompile.core.pass_api.registry()`): an unknown
 pass lists the registered ones, an unknown option key or a bad value gives the error of
-`QPass.parse_options` (which lists the valid keys or values). Every error shows the text with a
-caret under the position at fault.
+`QPass.parse_options` (which lists the valid keys or values), and a pass placed against an ordering
+constraint a pass declares (`QPass.after` / `QPass.before`) names both passes and the reason:
+
+    fuse-kernels,insert-quantizers
+    -> 'fuse-kernels' must run after 'insert-quantizers' (fuse-kernels declares after=insert-quantizers:
+       it fuses the fake-quantized linears insert-quantizers leaves; ...)
+
+Every error shows the text with a caret under the position at fault.
 """
 
 from __future__ import annotations
@@ -125,7 +131,30 @@ def parse_pipeline(text: str) -> Pipeline:
             spec.options  # parse the typed options now: a bad value fails here, not mid-run
         except PipelineError as e:
             raise parser.error(str(e), position) from None
+    broken = ordering_violation([spec.name for spec, _ in specs])
+    if broken is not None:
+        index, message = broken
+        raise parser.error(message, specs[index][1])
     return Pipeline(spec for spec, _ in specs)
+
+
+def ordering_violation(names: list[str]) -> tuple[int, str] | None:
+    """The first ordering constraint the pass sequence `names` breaks, as (index of the pass placed
+    wrongly, message); None when all hold. A constraint binds only passes both in the pipeline,
+    and every run of each (insert-quantizers may run twice)."""
+    for i, name in enumerate(names):
+        cls = get_pass_class(name)
+        for other, why in cls.after.items():
+            later = [j for j in range(i + 1, len(names)) if names[j] == other]
+            if later:
+                return later[0], (f"{name!r} must run after {other!r} ({name} declares after={other}: {why}); "
+                                  f"here {other!r} comes after it")
+        for other, why in cls.before.items():
+            earlier = [j for j in range(i) if names[j] == other]
+            if earlier:
+                return i, (f"{name!r} must run before {other!r} ({name} declares before={other}: {why}); "
+                           f"here {other!r} comes before it")
+    return None
 
 
 # Characters that end a name or key; a value may contain "=".

@@ -35,7 +35,7 @@ How to read it:
   `...weight:migrated`), otherwise the attribute name (`rotation_576_0`). A one-element constant
   also shows its value.
 - A quantized linear is ONE line, `linear FORMAT(%x: TYPE, w[N, K], bias TYPE) {scales}`, whatever
-  nodes it is made of:
+  nodes it is made of (the forms `qcompile.core.qlinear.match` recognizes):
 
       W4A4 int / W4A8 int   q4.linear_w4a4 (the integer kernel) on codes of q4.quantize_per_tensor
                             with 4 / 8 bits
@@ -50,8 +50,7 @@ How to read it:
   linears read it (q/k/v share one): the line then names the float activation the quantize
   reads, `%x`, and its bits are in the format. A quantize that anything else reads keeps its
   line, and the linears name it (`%quantize_per_tensor_default: i8[...]`) as their input.
-  FP4 (E2M1) has Triton kernels (`kernels/triton_gemm.linear_fp4`) but no op in the IR yet, so no
-  form of it is recognized here.
+  FP4 (E2M1) has no op in the IR yet, so no form of it is recognized (see `qlinear`).
 - Float linears (`aten.linear` with a float weight constant) print as ordinary nodes, with
   why insert-quantizers left them in float (`q4_float_reason`) in their comment.
 - Numbers (steps, float arguments) have 3 significant digits, so the text is stable across
@@ -72,26 +71,20 @@ many were left out: one layer of a big model.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-from qcompile.core import ir
-from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
-from qcompile.kernels import rotation as _rotation  # noqa: F401  (registers q4.rotate)
+from qcompile.core import ir, qlinear
 
 __all__ = ["format_graph"]
-
-q4 = torch.ops.q4
 
 _DTYPES = {
     torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
     torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
     torch.bool: "bool", torch.complex64: "c64", torch.complex128: "c128",
 }
-_FUSED = (q4.linear_w4a4.default, q4.linear_w4a4_triton.default)
 _COMMENT_COLUMN = 80  # where a node line's `# source` comment starts (indentation included)
 
 
@@ -133,11 +126,6 @@ def _type(value: Any) -> str | None:
     if isinstance(value, (bool, int, float)):
         return type(value).__name__
     return None
-
-
-def _retype(text: str | None, dtype: str) -> str | None:
-    """`f32[1, 16, 576]` -> `i8[1, 16, 576]`; None stays None."""
-    return dtype + text[text.index("["):] if text and "[" in text else None
 
 
 def _scalar(value: Any) -> str:
@@ -189,55 +177,12 @@ def _is_linear_module(node: fx.Node) -> bool:
 # --- quantized linears ---------------------------------------------------------------------------
 
 
-def _is(node: Any, op: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
-
-
-@dataclass
-class _QLinear:
-    """A quantized linear and the nodes it is made of (see the module docstring's forms)."""
-
-    node: fx.Node
-    kind: str  # "int", "fake-quant" or "weight-only"
-    a_bits: Any  # int, "?" (codes from elsewhere) or 16
-    x: Any  # what the activation side starts from: codes, dequantized codes or float
-    quant: fx.Node | None  # q4.quantize_per_tensor making the codes
-    x_dq: fx.Node | None  # q4.dequantize_per_tensor (fake-quant)
-    w_dq: fx.Node | None  # q4.dequantize_weight_int4 (fake-quant, weight-only)
-    packed: Any
-    w_step: Any
-    a_step: Any
-    bias: Any
-    k: Any
-
-    @property
-    def form(self) -> str:
-        if self.kind == "weight-only":
-            return "W4A16"
-        return f"W4A{self.a_bits} {self.kind}"
-
-
-def _match_linear(node: fx.Node) -> _QLinear | None:
-    if node.op != "call_function":
-        return None
-    if node.target in _FUSED:
-        x_codes, packed, w_step, a_step, bias = node.args[:5]
-        quant = x_codes if _is(x_codes, q4.quantize_per_tensor.default) else None
-        return _QLinear(node, "int", quant.args[2] if quant is not None else "?", x_codes, quant, None, None,
-                        packed, w_step, a_step, bias, None)
-    if node.target is not ir.aten.linear.default:
-        return None
-    x, w_dq = node.args[0], node.args[1]
-    if not _is(w_dq, q4.dequantize_weight_int4.default):
-        return None
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    packed, w_step, k = w_dq.args[:3]
-    if _is(x, q4.dequantize_per_tensor.default):
-        codes, a_step = x.args[0], x.args[1]
-        quant = codes if _is(codes, q4.quantize_per_tensor.default) else None
-        return _QLinear(node, "fake-quant", quant.args[2] if quant is not None else "?", x, quant, x, w_dq,
-                        packed, w_step, a_step, bias, k)
-    return _QLinear(node, "weight-only", 16, x, None, None, w_dq, packed, w_step, None, bias, k)
+def _format(q: qlinear.QLinear) -> str:
+    """`W4A4 int`, `W4A8 fake-quant`, `W4A16`; `W4A? int` when the codes' bits are unknown."""
+    if q.form == qlinear.WEIGHT_ONLY:
+        return "W4A16"
+    bits = q.a_bits if q.a_bits is not None else "?"
+    return f"W4A{bits} {'int' if q.fused else 'fake-quant'}"
 
 
 # --- the printer ---------------------------------------------------------------------------------
@@ -247,7 +192,8 @@ class _Printer:
     def __init__(self, gm: fx.GraphModule, provenance: bool):
         self.gm, self.provenance = gm, provenance
         self.nodes = list(gm.graph.nodes)
-        self.linears = {n: q for n in self.nodes if (q := _match_linear(n)) is not None}
+        # the quantized linears, each printed as one line
+        self.linears = {n: q for n in self.nodes if (q := qlinear.match(n)) is not None and q.quantized}
         self.hidden = self._folded()
 
     def _folded(self) -> set[fx.Node]:
@@ -258,7 +204,7 @@ class _Printer:
                 if helper is not None and all(user is q.node for user in helper.users):
                     hidden.add(helper)
         for quant in {q.quant for q in self.linears.values() if q.quant is not None}:
-            if all(user in hidden or (user in self.linears and self.linears[user].kind == "int")
+            if all(user in hidden or (user in self.linears and self.linears[user].fused)
                    for user in quant.users):
                 hidden.add(quant)
         return hidden
@@ -314,7 +260,8 @@ class _Printer:
         return str(a)
 
     def type_of(self, node: Any) -> str | None:
-        """The node's type from its fake value; for q4 nodes made without one, from the op."""
+        """The node's type from its fake value (every node a pass creates has one: `ir.mark_created`);
+        a constant's from its tensor."""
         if not isinstance(node, fx.Node):
             return None
         if node.op == "get_attr":
@@ -322,21 +269,7 @@ class _Printer:
                 return _type(ir.get_constant(self.gm, node))
             except AttributeError:
                 return None
-        known = _type(ir.fake_value(node))
-        if known is not None or node.op != "call_function":
-            return known
-        args = node.args
-        if node.target is q4.quantize_per_tensor.default:
-            return _retype(self.type_of(args[0]), "i8")
-        if node.target is q4.dequantize_per_tensor.default:
-            return _retype(self.type_of(args[0]), _dtype(args[2]))
-        if node.target is q4.rotate.default:
-            return self.type_of(args[0])
-        if node.target is q4.dequantize_weight_int4.default:
-            packed = self.type_of(args[0])
-            n = packed[packed.index("[") + 1:].split(",")[0] if packed and "[" in packed else "?"
-            return f"{_dtype(args[3])}[{n}, {args[2]}]"
-        return None
+        return _type(ir.fake_value(node))
 
     def _step_values(self, step: Any) -> torch.Tensor | None:
         try:
@@ -345,9 +278,9 @@ class _Printer:
             return None
         return value.detach().float().reshape(-1) if isinstance(value, torch.Tensor) and value.numel() else None
 
-    def linear_text(self, q: _QLinear) -> str:
+    def linear_text(self, q: qlinear.QLinear) -> str:
         # what the line names as the activation: the float input of a folded quantize
-        x = q.x
+        x = q.input
         if q.x_dq is not None and q.x_dq in self.hidden:
             x = q.quant if q.quant is not None else q.x_dq.args[0]
         if q.quant is not None and q.quant in self.hidden:
@@ -363,7 +296,7 @@ class _Printer:
         n = steps.numel() if steps is not None else (packed.shape[0] if packed is not None else "?")
         k = q.k
         if k is None:  # the fused op: K is the codes' last dimension
-            codes = ir.fake_value(q.x) if isinstance(q.x, fx.Node) else None
+            codes = ir.fake_value(q.input) if isinstance(q.input, fx.Node) else None
             if codes is None and q.quant is not None and isinstance(q.quant.args[0], fx.Node):
                 codes = ir.fake_value(q.quant.args[0])
             k = codes.shape[-1] if isinstance(codes, torch.Tensor) else "?"
@@ -384,7 +317,7 @@ class _Printer:
             a_steps = self._step_values(q.a_step)
             a_text = _num(a_steps[0].item()) if a_steps is not None and a_steps.numel() == 1 else self.arg(q.a_step)
             scales.append(f"a_step {a_text}")
-        return f"linear {q.form}({', '.join(parts)}) {{{', '.join(scales)}}}"
+        return f"linear {_format(q)}({', '.join(parts)}) {{{', '.join(scales)}}}"
 
     def line(self, node: fx.Node) -> str:
         q = self.linears.get(node)
@@ -403,7 +336,7 @@ class _Printer:
             made = node.meta[ir.PROVENANCE]
             sources = made.get("from") or []
             text += f"  [by {made.get('pass')}" + (f" from {', '.join(sources)}]" if sources else "]")
-        is_linear = q is not None or _is(node, ir.aten.linear.default)
+        is_linear = qlinear.is_linear(node)
         comment = [ir.module_path(node)] if is_linear and ir.module_path(node) else []
         if source := _source(node):
             comment.append(source)
@@ -453,8 +386,9 @@ class _Printer:
         floats = 0
         for n in nodes:
             if n in self.linears:
-                forms[self.linears[n].form] = forms.get(self.linears[n].form, 0) + 1
-            elif _is(n, ir.aten.linear.default):
+                form = _format(self.linears[n])
+                forms[form] = forms.get(form, 0) + 1
+            elif qlinear.is_linear(n):
                 floats += 1
         if not forms and not floats:
             return "no linears"

@@ -1,29 +1,28 @@
 """The IR verifier: `verify(gm)` checks torch.fx's own lint and qcompile's invariants.
 
 An invariant is a small function `check(gm, node) -> str | None` that returns what is wrong at
-`node`, or None. They are kept in the list `INVARIANTS`, so a pass or an issue that establishes a
-new invariant adds one function there (no other place to keep in step); its name in errors is the
-function name in kebab-case. The first violation raises `VerificationError` naming the invariant
-and the node with its source line. The pass manager's `VerifyEach` runs `verify` after every pass
-that reported a change (MLIR's --verify-each).
+`node`, or None; its name in errors is the function name in kebab-case. Two kinds:
 
-Checks on q4 ops compare the op's qualified name (`q4.linear_w4a4.default`), not the op object,
-so the verifier works whether or not `qcompile.kernels.ops` has registered `torch.ops.q4` yet.
+- the IR's own, true of every graph, in the list `INVARIANTS` here (provenance, constants, the
+  fused linear's operands);
+- a pass's postconditions, declared by the pass (`QPass.invariants`, e.g. fold-scales'
+  `per-channel-scales-are-folded`) and checked on every graph that pass has run on
+  (`pass_api.passes_run`), collected from the registry: the verifier imports no pass.
+
+The first violation raises `VerificationError` naming the invariant and the node with its source
+line. The pass manager's `VerifyEach` runs `verify` after every pass that reported a change
+(MLIR's --verify-each).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import fx
 
-from qcompile.core import ir
-from qcompile.core.pass_api import registry
+from qcompile.core import ir, qlinear
+from qcompile.core.pass_api import Invariant, passes_run, registry
 
 __all__ = ["VerificationError", "verify", "INVARIANTS", "Invariant"]
-
-Invariant = Callable[[fx.GraphModule, fx.Node], "str | None"]
 
 
 class VerificationError(RuntimeError):
@@ -77,12 +76,14 @@ def get_attr_target_exists(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def linear_w4a4_reads_constants(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """`q4.linear_w4a4(x_q, w_packed, w_step, a_step, ...)` reads its packed uint8 weight and
-    both steps from constants (checked on the module's attributes, not on meta)."""
-    if _op_name(node) != "q4.linear_w4a4.default":
+    """A fused linear (`q4.linear_w4a4(x_q, w_packed, w_step, a_step, ...)`, or its Triton twin)
+    reads its packed uint8 weight and both steps from constants (checked on the module's
+    attributes, not on meta)."""
+    q = qlinear.match(node)
+    if q is None or not q.fused:
         return None
-    for index, role in ((1, "packed weight"), (2, "weight step"), (3, "activation step")):
-        arg = node.args[index] if len(node.args) > index else None
+    for index, role, arg in ((1, "packed weight", q.packed), (2, "weight step", q.w_step),
+                             (3, "activation step", q.a_step)):
         value = _constant(gm, arg)
         if not isinstance(value, torch.Tensor):
             return f"its {role} (argument {index}) is not a get_attr constant tensor: {arg!r}"
@@ -91,48 +92,31 @@ def linear_w4a4_reads_constants(gm: fx.GraphModule, node: fx.Node) -> str | None
     return None
 
 
-def per_channel_scales_are_folded(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """Once fold-scales has run: no constant multiply (other than a norm's own weight) produces a
-    quantized linear's input (through its quantize, rotation and casts) or reads its output; the
-    kernel epilogue is the only per-channel arithmetic left around a quantized linear."""
-    from qcompile.passes.fold_scales import FOLDED, constant_scale, is_norm_weight
-
-    if not gm.meta.get(FOLDED):
-        return None
-    op = _op_name(node)
-    if op == "q4.quantize_per_tensor.default":
-        producer = node.args[0]
-        while isinstance(producer, fx.Node) and (
-            _op_name(producer) in ("q4.rotate.default", "aten._to_copy.default", "aten.to.dtype")
-        ):
-            producer = producer.args[0]
-        if isinstance(producer, fx.Node) and constant_scale(gm, producer) and not is_norm_weight(gm, producer):
-            return f"its input comes from a constant multiply %{producer.name} that fold-scales left"
-    quantized = op == "q4.linear_w4a4.default" or (
-        op == "aten.linear.default" and isinstance(node.args[1], fx.Node)
-        and _op_name(node.args[1]) == "q4.dequantize_weight_int4.default"
-    )
-    if quantized:
-        for user in node.users:
-            if constant_scale(gm, user):
-                return f"its output is multiplied by a constant in %{user.name}, which belongs in the epilogue"
-    return None
-
-
 INVARIANTS: list[Invariant] = [
     provenance_names_a_registered_pass,
     q4_op_has_provenance,
     get_attr_target_exists,
     linear_w4a4_reads_constants,
-    per_channel_scales_are_folded,
 ]
+
+
+def _pass_invariants(gm: fx.GraphModule) -> list[Invariant]:
+    """The invariants declared by the registered passes that have run on `gm`, each once."""
+    passes = registry()
+    found: list[Invariant] = []
+    for name in passes_run(gm):
+        for check in getattr(passes.get(name), "invariants", ()):
+            if check not in found:
+                found.append(check)
+    return found
 
 
 def verify(gm: fx.GraphModule) -> None:
     """Raise `VerificationError` at the first violated invariant; then run `graph.lint()`."""
     # qcompile's invariants first: they name the node and the rule, which lint's messages don't.
+    invariants = [*INVARIANTS, *_pass_invariants(gm)]
     for node in gm.graph.nodes:
-        for invariant in INVARIANTS:
+        for invariant in invariants:
             problem = invariant(gm, node)
             if problem is not None:
                 raise VerificationError(invariant.__name__.replace("_", "-"), node, problem)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.passes.analyze_outliers import outlier_report
 from qcompile.api.testing import capture

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
-from qcompile.passes.fold_scales import FOLDED
+from qcompile.core.pass_api import passes_run
 from qcompile.api.testing import capture
 from qcompile.core.verify import VerificationError, verify
 from tests.passes.test_insert_quantizers import run_pass
@@ -55,7 +56,7 @@ def test_before_after_ir_and_exactness():
     FileCheck().check("norm_weight_folded").check("aten.rms_norm").check_next("aten.linear").run(code)
     after = first_output(result.graph_module, x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert result.graph_module.meta[FOLDED]
+    assert "fold-scales" in passes_run(result.graph_module)
 
 
 @pytest.mark.parametrize("family,rows", [("llama", 0), ("opt", 2)])
@@ -77,7 +78,7 @@ def test_invariant_catches_a_scale_left_in_front_of_a_quantized_linear():
     x = torch.randn(2, 5, 16)
     unfolded = capture(LayerScaled().eval(), x)
     run_pass("insert-quantizers", unfolded)
-    unfolded.meta[FOLDED] = True  # claim fold-scales ran when it did not
+    unfolded.meta[ir.PASSES_RUN] = ["fold-scales", *passes_run(unfolded)]  # claim fold-scales ran when it did not
     with pytest.raises(VerificationError, match="per-channel-scales-are-folded"):
         verify(unfolded)
 

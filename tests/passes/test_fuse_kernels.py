@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from tests.passes.test_insert_quantizers import TwoHeads, run_pass
 
@@ -61,3 +63,18 @@ def test_weight_only_linears_are_left_unfused_and_counted():
     FileCheck().check_not("q4.quantize_per_tensor").check_count("q4.dequantize_weight_int4", 3).run(weight_only.code)
     result, stats = run_pass("fuse-kernels", weight_only)
     assert not result.modified and stats["linears-not-fused"] == 3
+
+
+def test_its_invariant_holds_from_then_on():
+    """fuse-kernels declares `fake-quant-linears-are-fused`; the verifier checks it on every graph
+    fuse-kernels has run on, so a fake-quantized linear made later is reported."""
+    from qcompile.core.verify import VerificationError, verify
+
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    first, _ = run_pass("insert-quantizers", gm, only="^out$")
+    fused, _ = run_pass("fuse-kernels", first.graph_module)
+    verify(fused.graph_module)
+    # run directly, out of order (a pipeline string would be rejected): q and k stay fake-quantized
+    late, _ = run_pass("insert-quantizers", fused.graph_module)
+    with pytest.raises(VerificationError, match="invariant 'fake-quant-linears-are-fused' violated at %linear"):
+        verify(late.graph_module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.kernels import reference
 from qcompile.api.testing import capture
@@ -113,3 +114,31 @@ def test_two_runs_give_different_linears_different_bits():
     quantizers = [n for n in second.graph_module.graph.nodes if n.target is torch.ops.q4.quantize_per_tensor.default]
     assert sorted(n.args[2] for n in quantizers) == [4, 8]  # q/k share one 4-bit quantize; out has 8 bits
     assert not any(ir.FLOAT_REASON in n.meta for n in second.graph_module.graph.nodes)
+
+
+def test_each_linear_records_the_run_that_took_it():
+    """`q4_quantized` meta: bits, rounding, weight method, clipping ratio and the run's full spec."""
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    first, _ = run_pass("insert-quantizers", gm, only="^out$", a_bits=8)
+    second, _ = run_pass("insert-quantizers", first.graph_module, rounding=False)
+    records = {ir.linear_module_path(n): n.meta[ir.QUANTIZED] for n in second.graph_module.graph.nodes
+               if ir.QUANTIZED in n.meta and n.target is ir.aten.linear.default}
+    assert records["out"] == ir.QuantizedBy(
+        w_bits=4, a_bits=8, rounded=True, weights="rtn", act_clip=1.0,
+        run="insert-quantizers{w-bits=4,a-bits=8,skip=lm_head,only=^out$,search-clip=false,"
+            "unmatched=quantize,rounding=true,weights=rtn}")
+    # a rounding=false run takes q and k without changing them: the record says so
+    assert records["q"] == records["k"] == ir.QuantizedBy(4, 4, False, "rtn", None, records["q"].run)
+    assert "rounding=false" in records["q"].run
+    # ... and a weight-only run has no activation clipping ratio
+    weight_only, _ = run_pass("insert-quantizers", capture(TwoHeads().eval(), torch.randn(2, 3, 16)), a_bits=16)
+    assert {n.meta[ir.QUANTIZED].act_clip for n in weight_only.graph_module.graph.nodes
+            if ir.QUANTIZED in n.meta and n.target is ir.aten.linear.default} == {None}
+
+
+def test_fuse_kernels_keeps_the_record():
+    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+    result, _ = run_pass("insert-quantizers", gm, skip="")
+    result, _ = run_pass("fuse-kernels", result.graph_module)
+    fused = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.q4.linear_w4a4.default]
+    assert len(fused) == 3 and all(n.meta[ir.QUANTIZED].rounded for n in fused)

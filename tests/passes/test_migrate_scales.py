@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from tests.conftest import tiny_model
 from tests.passes.test_insert_quantizers import run_pass

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.backends import q4 as q4_backend
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import recipe_pipeline

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.kernels import rotation
 from tests.passes.test_insert_quantizers import run_pass

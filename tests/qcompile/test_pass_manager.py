@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core.config import resolve_options
 from qcompile.core.instrument import DumpIR, PrintIR, Statistics, Timing, VerifyEach
 from qcompile.core.pass_api import PipelineError

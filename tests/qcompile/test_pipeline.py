@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcompile.core.pass_api import PipelineError
-from qcompile.core.pipeline import PassSpec, Pipeline, parse_pipeline
+import qcompile.passes  # noqa: F401  (declares the built-in passes: the registry holds what is imported)
+from qcompile.core.pass_api import PipelineError, registry
+from qcompile.core.pipeline import PassSpec, Pipeline, ordering_violation, parse_pipeline
+from qcompile.core.recipes import RECIPES
 from tests.qcompile import toys
 
 # --- well-formed text round-trips ---------------------------------------------------------------
@@ -179,3 +181,61 @@ def test_without_an_unknown_pass_lists_the_registered_ones():
     with pytest.raises(PipelineError) as e:
         parse_pipeline("test-noop,test-add-node").without(["test-nope"])
     assert "'test-nope'" in str(e.value) and "test-noop" in str(e.value) and "fuse-kernels" in str(e.value)
+
+
+# --- ordering constraints the passes declare ---------------------------------------------------------
+
+
+def test_a_pipeline_against_a_declared_order_is_rejected_when_parsed():
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline("analyze-outliers,fuse-kernels,insert-quantizers")
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("'fuse-kernels' must run after 'insert-quantizers' (fuse-kernels declares "
+                               "after=insert-quantizers: it fuses the fake-quantized linears")
+    # the caret is under the pass placed too late
+    assert lines[1:] == ["  analyze-outliers,fuse-kernels,insert-quantizers",
+                         "                                ^"]
+
+
+def test_a_before_constraint_names_both_passes():
+    with pytest.raises(PipelineError, match=r"'migrate-scales' must run before 'rotate-inputs' "
+                                            r"\(migrate-scales declares before=rotate-inputs: "):
+        parse_pipeline("rotate-inputs,migrate-scales")
+
+
+def test_every_run_of_a_repeated_pass_is_bound():
+    parse_pipeline("insert-quantizers{only=lm_head,skip=},insert-quantizers,fuse-kernels")
+    assert ordering_violation(["insert-quantizers", "fuse-kernels", "insert-quantizers"]) is not None
+    # a constraint binds only passes that are both in the pipeline
+    assert ordering_violation(["fuse-kernels"]) is None and ordering_violation(["rotate-inputs"]) is None
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_keeps_the_declared_order(recipe):
+    assert str(parse_pipeline(RECIPES[recipe])) == RECIPES[recipe]
+
+
+def test_ordering_constraints_name_registered_passes():
+    passes = registry()
+    for name, cls in passes.items():
+        for other in [*cls.after, *cls.before]:
+            assert other in passes, f"{name} declares an order with {other!r}, which is no registered pass"
+
+
+def test_a_pass_registered_outside_qcompile_declares_an_order_too(monkeypatch):
+    monkeypatch.setattr(toys.Noop, "after", {"test-add-node": "it counts the nodes test-add-node adds"})
+    parse_pipeline("test-add-node,test-noop")
+    with pytest.raises(PipelineError, match=r"'test-noop' must run after 'test-add-node' \(test-noop declares "
+                                            r"after=test-add-node: it counts the nodes test-add-node adds\)"):
+        parse_pipeline("test-noop,test-add-node{count=2}")
+
+
+def test_pipeline_order_of_the_declarations_and_a_cycle(monkeypatch):
+    from qcompile.core.pass_api import in_pipeline_order
+
+    monkeypatch.setattr(toys.Noop, "after", {"test-add-node": "why"})
+    passes = {name: cls for name, cls in registry().items() if name in ("test-noop", "test-add-node", "test-fail")}
+    assert in_pipeline_order(passes) == ["test-add-node", "test-fail", "test-noop"]
+    monkeypatch.setattr(toys.AddNode, "after", {"test-noop": "why not"})
+    with pytest.raises(PipelineError, match="test-add-node, test-noop form a cycle"):
+        in_pipeline_order(passes)

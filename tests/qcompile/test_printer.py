@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qcompile.backends.q4 as q4_backend
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import instrument, ir
 from qcompile.core.config import resolve_options
 from qcompile.core.instrument import DumpIR, PrintIR, ir_text

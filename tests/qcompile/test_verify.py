@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import fx
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir, verify as verify_module
+from qcompile.core.pass_api import passes_run
 from qcompile.core.verify import VerificationError, verify
+from qcompile.passes.fold_scales import FoldScales
+from tests.qcompile import toys
 from tests.qcompile.toys import tiny_graph
 
 
-class FakeQ4Op:
-    """Stands in for a `torch.ops.q4` overload: the verifier only reads its qualified name, so the
-    tests do not depend on `qcompile.kernels.ops` (nor register ops in the real q4 namespace)."""
-
-    namespace = "q4"
-
-    def __init__(self, qualified_name: str):
-        self.qualified_name = qualified_name
-        self.__name__ = qualified_name.split(".")[1]
-
-    def __str__(self) -> str:
-        return self.qualified_name
-
-    def __call__(self, *args):
-        raise NotImplementedError
-
-
-LINEAR_W4A4 = FakeQ4Op("q4.linear_w4a4.default")
+LINEAR_W4A4 = torch.ops.q4.linear_w4a4.default
 
 
 def fused_graph(weight_dtype=torch.uint8, step_from_input=False) -> fx.GraphModule:
@@ -111,3 +100,24 @@ def test_invariants_are_an_open_list(monkeypatch):
     monkeypatch.setattr(verify_module, "INVARIANTS", [*verify_module.INVARIANTS, no_relu])
     error = violation(tiny_graph())
     assert error.invariant == "no-relu" and str(error).startswith("invariant 'no-relu' violated at %relu")
+
+
+def no_relu_anywhere(gm, node):
+    return "relu is banned" if node.target is torch.relu else None
+
+
+def test_a_pass_declares_its_invariants_and_they_hold_once_it_ran(monkeypatch):
+    monkeypatch.setattr(toys.Noop, "invariants", (no_relu_anywhere,))
+    gm = tiny_graph()
+    verify(gm)  # test-noop has not run on this graph: its invariant does not apply yet
+    toys.Noop()(gm)
+    assert passes_run(gm) == ["test-noop"]
+    error = violation(gm)
+    assert error.invariant == "no-relu-anywhere" and error.node.name == "relu"
+    assert "relu is banned" in str(error)
+
+
+def test_fold_scales_declares_its_invariant_and_the_verifier_imports_no_pass():
+    assert [check.__name__ for check in FoldScales.invariants] == ["per_channel_scales_are_folded"]
+    source = Path(verify_module.__file__).read_text()
+    assert "qcompile.passes" not in source and "fold_scales" not in source

@@ -1,0 +1,150 @@
+"""The one recognizer of linears in the IR: which form a linear has and what it is made of.
+
+Every pass, the printer and the reports ask `match(node)` instead of looking at op names, so a
+new quantized form is added here once. The forms (`QLinear.form`):
+
+    float        aten.linear(x, w, b)                                  w: a float tensor
+    fake-quant   aten.linear(q4.dequantize_per_tensor(q4.quantize_per_tensor(x, a_step, bits),
+                             a_step, dtype), q4.dequantize_weight_int4(packed, w_step, K, dtype), b)
+                 as insert-quantizers leaves it (W4A4, W4A8, ...)
+    weight-only  aten.linear(x, q4.dequantize_weight_int4(packed, w_step, K, dtype), b)   (W4A16)
+    fused        q4.linear_w4a4(x_codes, packed, w_step, a_step, b, dtype), or its Triton twin
+                 q4.linear_w4a4_triton: the integer kernel, on int4 or int8 codes (W4A4 / W4A8)
+
+FP4 (E2M1, LLM-FP4) has Triton kernels (`kernels/triton_gemm.linear_fp4`) but no op in the IR yet;
+when one lands it becomes a form here (a new `form` value and a branch of `match`), and every user
+of this module sees it.
+
+    q = match(node)
+    if q is not None and q.quantized:
+        q.x, q.a_bits, q.bias          # the float activation entering the quantizer, its bits
+        q.packed, q.w_step             # the weight's nodes
+
+Also here: `constant_weight` (a float linear reading a constant 2-D float weight: what the
+passes rewrite) and `CASTS` (ops that only change the dtype of their first argument).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+
+from qcompile.core import ir
+from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
+
+__all__ = ["QLinear", "match", "constant_weight", "is_linear", "CASTS",
+           "FLOAT", "FAKE_QUANT", "WEIGHT_ONLY", "FUSED", "FUSED_OPS"]
+
+q4 = torch.ops.q4
+aten = torch.ops.aten
+
+FLOAT, FAKE_QUANT, WEIGHT_ONLY, FUSED = "float", "fake-quant", "weight-only", "fused"
+# The integer kernel and its Triton twin (the lowering swaps one for the other): same arguments.
+FUSED_OPS = (q4.linear_w4a4.default, q4.linear_w4a4_triton.default)
+# Ops that only change the dtype of their first argument: a per-channel scale passes through them.
+CASTS = (aten.to.dtype, aten.type_as.default, aten._to_copy.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class QLinear:
+    """A linear of the IR and the nodes it is made of.
+
+    node     the linear itself (aten.linear or the fused op)
+    form     FLOAT, FAKE_QUANT, WEIGHT_ONLY or FUSED
+    input    what the linear node reads as its activation argument: float x, dequantized codes
+             (fake-quant) or the codes (fused)
+    x        the float activation entering the quantizer; `input` when no q4.quantize_per_tensor
+             made the codes (float, weight-only, or codes from elsewhere)
+    a_bits   bits of the activation codes; None when activations are float (float, weight-only)
+             or when the codes' quantize is unknown (`quant` is None)
+    quant    the q4.quantize_per_tensor making the codes, or None
+    x_dq     the q4.dequantize_per_tensor of a fake-quant linear, or None
+    w_dq     the q4.dequantize_weight_int4 of a fake-quant or weight-only linear, or None
+    weight   the float weight argument (FLOAT), else None
+    packed, w_step, a_step, k   the quantized weight's nodes, the activation step, the input width
+             K where the IR states it (None where it does not: the fused op, float)
+    bias     the bias argument, read one way for every form (None: no bias)
+    """
+
+    node: fx.Node
+    form: str
+    input: Any
+    x: Any
+    a_bits: int | None = None
+    quant: fx.Node | None = None
+    x_dq: fx.Node | None = None
+    w_dq: fx.Node | None = None
+    weight: Any = None
+    packed: Any = None
+    w_step: Any = None
+    a_step: Any = None
+    k: Any = None
+    bias: Any = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weight is rounded (stored packed): every form but FLOAT."""
+        return self.form != FLOAT
+
+    @property
+    def fused(self) -> bool:
+        return self.form == FUSED
+
+
+def _is(node: Any, op: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
+
+
+def _arg(node: fx.Node, index: int, name: str) -> Any:
+    """Argument `index` of `node`, positional or by keyword `name`; None when absent."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _codes(codes: Any) -> tuple[Any, int | None, fx.Node | None]:
+    """(float activation, bits, quantize node) behind activation codes."""
+    if _is(codes, q4.quantize_per_tensor.default):
+        return codes.args[0], codes.args[2], codes
+    return codes, None, None
+
+
+def match(node: Any) -> QLinear | None:
+    """The QLinear rooted at `node` (a linear in any form), or None for any other node."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target in FUSED_OPS:
+        codes, packed, w_step, a_step = node.args[:4]
+        x, bits, quant = _codes(codes)
+        return QLinear(node, FUSED, codes, x, bits, quant, packed=packed, w_step=w_step, a_step=a_step,
+                       bias=_arg(node, 4, "bias"))
+    if node.target is not aten.linear.default:
+        return None
+    x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
+    if not _is(weight, q4.dequantize_weight_int4.default):
+        return QLinear(node, FLOAT, x, x, weight=weight, bias=bias)
+    packed, w_step, k = weight.args[:3]
+    if _is(x, q4.dequantize_per_tensor.default):
+        codes, a_step = x.args[0], x.args[1]
+        source, bits, quant = _codes(codes)
+        return QLinear(node, FAKE_QUANT, x, source if quant is not None else x, bits, quant, x_dq=x, w_dq=weight,
+                       packed=packed, w_step=w_step, a_step=a_step, k=k, bias=bias)
+    return QLinear(node, WEIGHT_ONLY, x, x, w_dq=weight, packed=packed, w_step=w_step, k=k, bias=bias)
+
+
+def is_linear(node: Any) -> bool:
+    """Whether `node` is a linear in any form (float, fake-quant, weight-only, fused)."""
+    return match(node) is not None
+
+
+def constant_weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The weight of `node` when it is a float `aten.linear` reading a constant 2-D float weight
+    (what insert-quantizers, migrate-scales, fold-scales and rotate-inputs rewrite); else None."""
+    q = match(node)
+    if q is None or q.form != FLOAT:
+        return None
+    weight = ir.get_constant(gm, q.weight)
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        return None
+    return weight
