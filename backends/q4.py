@@ -88,6 +88,8 @@ class Q4Backend:
                  calibration_cache: CalibrationCache | None = None,
                  stop_after: Literal["prepare", "passes"] | None = None,
                  first_call_after_break: bool = False):
+        if stop_after not in (None, "prepare", "passes"):
+            raise ValueError(f"stop_after must be None, 'prepare' or 'passes', got {stop_after!r}")
         self.options, self.mode, self.instruments, self.on_compiled = options, mode, instruments, on_compiled
         self.calibration_cache = calibration_cache if calibration_cache is not None else _SHARED_CACHE
         self.stop_after, self.first_call_after_break = stop_after, first_call_after_break

@@ -27,10 +27,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import fx
