@@ -41,13 +41,13 @@ from qcompile.backends.lowering import lower
 from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
 from qcompile.core.memo import MEMO, Memo, MemoMiss
-from qcompile.core.pass_manager import PassFailure, PassManager
+from qcompile.core.pass_manager import PassFailure, PassManager, PassManagerResult
 from qcompile.core.pipeline import Pipeline, parse_pipeline
 from qcompile.core.recipes import recipe_pipeline
 from qcompile.frontend.calibrate import CalibrationCache
 from qcompile.frontend.capture import compiled_frame
 from qcompile.frontend.prepare import prepare
-from qcompile.frontend.saved_artifact import ArtifactError, Replay, read_cached
+from qcompile.frontend.saved_artifact import ArtifactError, Replay, SavedArtifact, read_cached
 
 __all__ = ["q4_backend", "Q4Backend", "CompiledGraph", "build_pipeline", "compiled_graphs"]
 
@@ -122,23 +122,29 @@ class Q4Backend:
                 saved.load_kernel_cache()
         memo = frozen.meta[MEMO] = saved.memo() if saved is not None else Memo()
         replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
+        result = _run_passes(manager, frozen, saved)
+        stop = self.stop_after == "passes"
         with torch.no_grad():
-            try:
-                result = manager.run(frozen)
-            except PassFailure as e:
-                if isinstance(e.__cause__, MemoMiss):
-                    raise ArtifactError(
-                        f"artifact {saved.path} does not match this model or pipeline: pass {e.pass_text} "
-                        f"found {e.__cause__}: the results are keyed by the exact bytes of what they were "
-                        "computed from, so another model, pipeline or torch build (whose float arithmetic "
-                        "differs in the last bits) misses them; quantize again here"
-                    ) from e
-                raise
-            stop = self.stop_after == "passes"
             run = None if stop else lower(result.graph_module, inputs, opts.lower, opts.kernels, self.mode)
         graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay)
         self.on_compiled(graph, inputs)
         return gm.forward if stop else graph
+
+
+def _run_passes(manager: PassManager, frozen: fx.GraphModule, saved: SavedArtifact | None) -> PassManagerResult:
+    """Run the pipeline; with a saved artifact, a result it lacks is an ArtifactError."""
+    with torch.no_grad():
+        try:
+            return manager.run(frozen)
+        except PassFailure as e:
+            if isinstance(e.__cause__, MemoMiss):
+                raise ArtifactError(
+                    f"artifact {saved.path} does not match this model or pipeline: pass {e.pass_text} "
+                    f"found {e.__cause__}: the results are keyed by the exact bytes of what they were "
+                    "computed from, so another model, pipeline or torch build (whose float arithmetic "
+                    "differs in the last bits) misses them; quantize again here"
+                ) from e
+            raise
 
 
 # The entry point's state: calibration statistics shared by every q4 compile of the process, and

@@ -13,7 +13,8 @@ with one more instrument in its pass manager (`measure.Recorder`), and stops it 
 passes: it does not lower the final graph and does not compile or run the quantized model; it
 interprets the final graph once on the example inputs (an `fx.Interpreter`) to measure each
 linear. Calibration batches default to the example inputs (one batch), as q4 calibrates on the
-first call's inputs when given none; the statistics go to a calibration cache of explain's own.
+first call's inputs when given none; the statistics go to a calibration cache of explain's own
+(an `artifact` option is ignored: explain calibrates).
 
 How the capture stops: the backend, stopped after the passes, gives Dynamo the captured float
 graph's own `forward`, so the example call then runs that captured float graph once (it is
