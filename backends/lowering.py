@@ -10,7 +10,7 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
     q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
 
     q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes),
-                                            the integer GEMM (`kernels.ops._int_matmul`), and the
+                                            the integer GEMM (`kernels.ops.int_matmul`), and the
                                             epilogue (`kernels.reference.epilogue`), which fuses
                                             with whatever reads the output (a residual add)
 
@@ -36,7 +36,7 @@ import torch
 from torch import fx
 
 from qcompile.kernels import rotation
-from qcompile.kernels.ops import _int_matmul  # importing ops registers torch.ops.q4
+from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops.q4
 from qcompile.kernels.reference import epilogue
 
 q4 = torch.ops.q4
@@ -76,7 +76,7 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     blocks = []
     for start in range(0, n, GEMM_COLUMNS):
         rows = slice(start, start + GEMM_COLUMNS)
-        acc = _int_matmul(x2, unpack_int4_decomposed(w_packed[rows], k))
+        acc = int_matmul(x2, unpack_int4_decomposed(w_packed[rows], k))
         blocks.append(epilogue(acc, a_step, w_step[rows], bias[rows] if bias is not None else None, out_dtype,
                                in_place=False))
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)

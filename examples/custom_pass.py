@@ -69,7 +69,7 @@ def main() -> None:
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0).item()
     from qcompile.backends import q4
 
-    print(f"pipeline: {q4.artifacts()[-1].pipeline}")  # what ran: Q4_PIPELINE / Q4_DISABLE may change it
+    print(f"pipeline: {q4.compiled_graphs()[-1].pipeline}")  # what ran: Q4_PIPELINE / Q4_DISABLE may change it
     print(f"cosine(q4 output, FP32 output) = {cosine:.4f}")
     sys.stderr.flush()
 

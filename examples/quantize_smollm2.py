@@ -67,10 +67,10 @@ def main() -> None:
                                  options={"recipe": args.recipe, "calibration": calibration})
         compiled(input_ids=prompt, use_cache=False)  # the first call captures, calibrates, runs the passes, lowers
         compile_seconds = time.perf_counter() - start
-        artifact = q4_backend.artifacts()[-1]
+        graph = q4_backend.compiled_graphs()[-1]
         q_ppl = perplexity(compiled, evaluation, desc=f"{args.recipe} perplexity")
         rows.append([f"q4 {args.recipe}", q_ppl, q_ppl / fp32_ppl, compile_seconds,
-                     prefill_seconds(compiled, prompt), artifact.quantized_weight_bytes()])
+                     prefill_seconds(compiled, prompt), graph.quantized_weight_bytes()])
 
     print()
     print(f"SmolLM2-135M-Instruct, perplexity on the first {args.tokens} tokens of Pride and Prejudice "
@@ -83,10 +83,10 @@ def main() -> None:
         floatfmt=("", ".2f", ".2f", ".1f", ".3f", ""),
         intfmt=",",
     ))
-    print(f"pipeline: {artifact.pipeline}")
+    print(f"pipeline: {graph.pipeline}")
     print()
     print("Worst activation outliers (input channel absmax / median channel) of the linears:")
-    print(artifact.outlier_report(worst=8))
+    print(graph.outlier_report(worst=8))
 
 
 if __name__ == "__main__":

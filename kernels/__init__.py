@@ -5,6 +5,7 @@
     ops          torch.ops.q4.{quantize_per_tensor, dequantize_per_tensor, dequantize_weight_int4,
                  linear_w4a4, linear_w4a4_triton}: schemas, fake impls, CPU integer kernels, the
                  CUDA kernel of linear_w4a4 (Triton) (import it to register them)
+    checks       argument checks shared by the ops and the Triton launchers (KernelArgumentError)
     rotation     q4.rotate: Kronecker-factored Hadamard-like rotations, and their ATen decomposition
     triton_gemm  Triton GEMMs over packed 4-bit weights: W4A4/W4A8, W4A16, FP4 (imported on first use)
     triton_norm  Triton RMSNorm / LayerNorm fused with the static activation quantize

@@ -8,7 +8,7 @@ copy is kept between calls) and multiplied with `torch._int_mm` (int32 accumulat
 CPU `torch._int_mm` (torch 2.11 - 2.13) takes any M, K, N (M = 1, odd K and N included, no
 padding needed) and any strides, int8 x int8 -> int32. It is fast only through oneDNN, which
 it uses when `torch.backends.mkldnn.enabled` and the CPU has AVX512-VNNI; otherwise it runs a
-scalar triple loop (~100x slower). There, and on other devices, `_int_matmul` multiplies the
+scalar triple loop (~100x slower). There, and on other devices, `int_matmul` multiplies the
 codes in float32 instead: exact, hence bit-identical, while |acc| < 2**24 (int4 x int4: any
 K < 262144), the same bound under which the epilogue's float32(acc) is exact.
 
@@ -24,11 +24,12 @@ as constants. Every op checks its arguments and names the one that is wrong befo
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
+from .checks import KernelArgumentError  # noqa: F401  (the error the ops raise, importable from here)
+from .checks import check_device, check_float_dtype, check_packed, check_step, describe, fail
 from .int4 import unpack_int4
 from .reference import epilogue
 
@@ -41,7 +42,7 @@ def _cpu_int_mm_is_fast() -> bool:
     return bool(is_vnni()) if is_vnni is not None else True
 
 
-def _int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """int32 [M, N] = x [M, K] @ w[N, K].T for int8 x and w."""
     if x.device.type == "cpu" and _cpu_int_mm_is_fast():
         # _int_mm takes mat2 as [K, N]; the transposed view of the row-major weight is the
@@ -50,67 +51,17 @@ def _int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.to(torch.float32), w.to(torch.float32).t()).to(torch.int32)
 
 
-class KernelArgumentError(ValueError):
-    """An argument of a q4 op has the wrong dtype, shape, device or value."""
-
-
-def _fail(op: str, arg: str, expected: str, got: str) -> None:
-    raise KernelArgumentError(f"q4::{op}: argument '{arg}' must be {expected}, got {got}")
-
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
-    return repr(t)
-
-
-def _check_device(op: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
-    for arg, t in others.items():
-        if t is not None and t.device != first.device:
-            _fail(op, arg, f"on {first.device} like the other tensors", _describe(t))
-
-
-def _check_step(op: str, arg: str, step: torch.Tensor, shape: tuple, check_values: bool) -> None:
-    """A float32 step of the given shape; with check_values (real tensors only), finite and > 0."""
-    if step.dtype != torch.float32 or tuple(step.shape) != shape:
-        form = "a 0-dim float32 tensor" if shape == () else f"a float32 tensor of shape {shape}"
-        _fail(op, arg, form, _describe(step))
-    if check_values and step.numel():
-        lo, hi = torch.aminmax(step)  # NaN propagates to both, and fails `> 0`
-        if not (lo.item() > 0 and hi.item() < math.inf):
-            bad = ~((step > 0) & torch.isfinite(step))
-            where = "" if shape == () else f" at index {int(bad.nonzero()[0, 0])}"
-            value = step.reshape(-1)[bad.reshape(-1)][0].item()
-            _fail(op, arg, "finite and > 0", f"{value}{where}")
-
-
-def _check_float_dtype(op: str, arg: str, dtype: torch.dtype) -> None:
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        _fail(op, arg, "float32, float16 or bfloat16", str(dtype))
-
-
-def _check_packed(op: str, w_packed: torch.Tensor, w_step: torch.Tensor, k: int, k_name: str,
-                  check_values: bool) -> None:
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
-        _fail(op, "w_packed", "a 2-D uint8 tensor [N, ceil(K/2)] (see qcompile.kernels.int4)", _describe(w_packed))
-    if w_packed.shape[1] != (k + 1) // 2:
-        _fail(op, "w_packed", f"ceil(K/2) = {(k + 1) // 2} bytes a row for K = {k} ({k_name})",
-              f"{w_packed.shape[1]} bytes a row ({_describe(w_packed)})")
-    _check_step(op, "w_step", w_step, (w_packed.shape[0],), check_values)
-    _check_device(op, w_packed, w_step=w_step)
-
-
 # --- quantize_per_tensor ---------------------------------------------------------------------------
 
 
 def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, check_values: bool) -> None:
     op = "quantize_per_tensor"
     if not x.is_floating_point():
-        _fail(op, "x", "a floating-point tensor", _describe(x))
-    _check_step(op, "step", step, (), check_values)
-    _check_device(op, x, step=step)
+        fail(op, "x", "a floating-point tensor", describe(x))
+    check_step(op, "step", step, (), check_values)
+    check_device(op, x, step=step)
     if not 2 <= bits <= 8:
-        _fail(op, "bits", "an int in 2..8", repr(bits))
+        fail(op, "bits", "an int in 2..8", repr(bits))
 
 
 @torch.library.custom_op("q4::quantize_per_tensor", mutates_args=())
@@ -139,10 +90,10 @@ def _(x, step, bits):
 def _check_dequantize(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, check_values: bool) -> None:
     op = "dequantize_per_tensor"
     if codes.dtype != torch.int8:
-        _fail(op, "codes", "an int8 tensor", _describe(codes))
-    _check_step(op, "step", step, (), check_values)
-    _check_device(op, codes, step=step)
-    _check_float_dtype(op, "dtype", dtype)
+        fail(op, "codes", "an int8 tensor", describe(codes))
+    check_step(op, "step", step, (), check_values)
+    check_device(op, codes, step=step)
+    check_float_dtype(op, "dtype", dtype)
 
 
 @torch.library.custom_op("q4::dequantize_per_tensor", mutates_args=())
@@ -164,9 +115,9 @@ def _(codes, step, dtype):
 def _check_dequantize_weight(w_packed, w_step, k, dtype, check_values: bool) -> None:
     op = "dequantize_weight_int4"
     if k < 0:
-        _fail(op, "k", "an int >= 0 (the weight's K)", repr(k))
-    _check_packed(op, w_packed, w_step, k, "argument 'k'", check_values)
-    _check_float_dtype(op, "dtype", dtype)
+        fail(op, "k", "an int >= 0 (the weight's K)", repr(k))
+    check_packed(op, w_packed, w_step, k, "argument 'k'", check_values)
+    check_float_dtype(op, "dtype", dtype)
 
 
 @torch.library.custom_op("q4::dequantize_weight_int4", mutates_args=())
@@ -191,14 +142,14 @@ def _(w_packed, w_step, k, dtype):
 def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values: bool) -> None:
     op = "linear_w4a4"
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
-        _fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", _describe(x_codes))
-    _check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
-    _check_step(op, "a_step", a_step, (), check_values)
+        fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
+    check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
+    check_step(op, "a_step", a_step, (), check_values)
     n = w_packed.shape[0]
     if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
-        _fail(op, "bias", f"None or a float tensor of shape ({n},)", _describe(bias))
-    _check_device(op, x_codes, w_packed=w_packed, a_step=a_step, bias=bias)
-    _check_float_dtype(op, "out_dtype", out_dtype)
+        fail(op, "bias", f"None or a float tensor of shape ({n},)", describe(bias))
+    check_device(op, x_codes, w_packed=w_packed, a_step=a_step, bias=bias)
+    check_float_dtype(op, "out_dtype", out_dtype)
 
 
 @torch.library.custom_op("q4::linear_w4a4", mutates_args=())
@@ -215,7 +166,7 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     """
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=True)
     k = x_codes.shape[-1]
-    acc = _int_matmul(x_codes.reshape(-1, k), unpack_int4(w_packed, k))
+    acc = int_matmul(x_codes.reshape(-1, k), unpack_int4(w_packed, k))
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 

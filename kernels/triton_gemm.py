@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ops import _check_device, _check_float_dtype, _check_packed, _check_step, _describe, _fail
+from .checks import check_bias, check_contiguous, check_device, check_float_dtype, check_packed, check_step, describe, fail
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -104,7 +104,7 @@ def _load_even_odd(x_ptr, rm, j, M, K):
 
 
 @triton.jit
-def _to_bfloat16_rtne(v):
+def to_bfloat16_rtne(v):
     """float32 -> bfloat16 rounded to nearest even, as torch and GPUs do: the interpreter's own cast
     truncates. Adding 0x7FFF plus the kept lowest bit to the bits carries exactly when it should."""
     bits = v.to(tl.uint32, bitcast=True)
@@ -118,7 +118,7 @@ def _finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if ROUND_BF16:
-        out = _to_bfloat16_rtne(out)
+        out = to_bfloat16_rtne(out)
     else:
         out = out.to(out_ptr.dtype.element_ty)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -229,20 +229,6 @@ _w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_
 _fp4 = triton.autotune(configs=_configs(), key=["M", "N", "KP"], prune_configs_by=_PRUNE)(_fp4_kernel)
 
 
-# --- argument checks -------------------------------------------------------------------------------
-
-
-def _check_contiguous(op: str, **tensors: Optional[torch.Tensor]) -> None:
-    for arg, t in tensors.items():
-        if t is not None and not t.is_contiguous():
-            _fail(op, arg, "contiguous (call .contiguous() first)", f"strides {t.stride()} for {_describe(t)}")
-
-
-def _check_bias(op: str, bias: Optional[torch.Tensor], n: int) -> None:
-    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
-        _fail(op, "bias", f"None or a float tensor of shape ({n},)", _describe(bias))
-
-
 # --- launchers -------------------------------------------------------------------------------------
 
 
@@ -279,14 +265,14 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     """
     op = "linear_w4a4 (triton)"
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
-        _fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", _describe(x_codes))
+        fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
     k = x_codes.shape[-1]
-    _check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
-    _check_step(op, "a_step", a_step, (), check_values=check_values)
-    _check_bias(op, bias, w_packed.shape[0])
-    _check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
-    _check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, bias=bias)
-    _check_float_dtype(op, "out_dtype", out_dtype)
+    check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
+    check_step(op, "a_step", a_step, (), check_values=check_values)
+    check_bias(op, bias, w_packed.shape[0])
+    check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
+    check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, bias=bias)
+    check_float_dtype(op, "out_dtype", out_dtype)
     out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k)
     return out.reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
@@ -297,14 +283,14 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
     (default: x's dtype); y = (x @ codes(w).T) * w_step + bias with fp32 accumulation."""
     op = "linear_w4a16 (triton)"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() < 1:
-        _fail(op, "x", "a float32, float16 or bfloat16 tensor [..., K]", _describe(x))
+        fail(op, "x", "a float32, float16 or bfloat16 tensor [..., K]", describe(x))
     k = x.shape[-1]
-    _check_packed(op, w_packed, w_step, k, "x.shape[-1]", check_values=True)
-    _check_bias(op, bias, w_packed.shape[0])
-    _check_device(op, x, w_packed=w_packed, w_step=w_step, bias=bias)
-    _check_contiguous(op, x=x, w_packed=w_packed, w_step=w_step, bias=bias)
+    check_packed(op, w_packed, w_step, k, "x.shape[-1]", check_values=True)
+    check_bias(op, bias, w_packed.shape[0])
+    check_device(op, x, w_packed=w_packed, w_step=w_step, bias=bias)
+    check_contiguous(op, x=x, w_packed=w_packed, w_step=w_step, bias=bias)
     out_dtype = out_dtype or x.dtype
-    _check_float_dtype(op, "out_dtype", out_dtype)
+    check_float_dtype(op, "out_dtype", out_dtype)
     out = _launch(_w4a16, _rows(x), w_packed, w_step, None, bias, out_dtype, k,
                   WIDEN_X=INTERPRET and x.dtype == torch.bfloat16)
     return out.reshape(*x.shape[:-1], w_packed.shape[0])
@@ -324,18 +310,18 @@ def linear_fp4(x_packed: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Te
     """
     op = "linear_fp4 (triton)"
     if x_packed.dtype != torch.uint8 or x_packed.dim() < 1:
-        _fail(op, "x_packed", "a uint8 tensor [..., ceil(K/2)] of packed E2M1 codes (see fp4.pack_fp4)",
-              _describe(x_packed))
+        fail(op, "x_packed", "a uint8 tensor [..., ceil(K/2)] of packed E2M1 codes (see fp4.pack_fp4)",
+              describe(x_packed))
     kp = x_packed.shape[-1]
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or w_packed.shape[1] != kp:
-        _fail(op, "w_packed", f"a uint8 tensor [N, {kp}] of packed E2M1 codes (as many bytes a row as x_packed)",
-              _describe(w_packed))
-    _check_step(op, "w_scale", w_scale, (w_packed.shape[0],), check_values=True)
-    _check_step(op, "a_scale", a_scale, (), check_values=True)
-    _check_bias(op, bias, w_packed.shape[0])
-    _check_device(op, x_packed, w_packed=w_packed, w_scale=w_scale, a_scale=a_scale, bias=bias)
-    _check_contiguous(op, x_packed=x_packed, w_packed=w_packed, w_scale=w_scale, bias=bias)
-    _check_float_dtype(op, "out_dtype", out_dtype)
+        fail(op, "w_packed", f"a uint8 tensor [N, {kp}] of packed E2M1 codes (as many bytes a row as x_packed)",
+              describe(w_packed))
+    check_step(op, "w_scale", w_scale, (w_packed.shape[0],), check_values=True)
+    check_step(op, "a_scale", a_scale, (), check_values=True)
+    check_bias(op, bias, w_packed.shape[0])
+    check_device(op, x_packed, w_packed=w_packed, w_scale=w_scale, a_scale=a_scale, bias=bias)
+    check_contiguous(op, x_packed=x_packed, w_packed=w_packed, w_scale=w_scale, bias=bias)
+    check_float_dtype(op, "out_dtype", out_dtype)
     out = _launch(_fp4, _rows(x_packed), w_packed, w_scale, a_scale, bias, out_dtype, kp,
                   FP8_DOT=fp8_dot_available(x_packed.device))
     return out.reshape(*x_packed.shape[:-1], w_packed.shape[0])

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ops import _check_device, _check_step, _describe, _fail
-from .triton_gemm import INTERPRET, _check_contiguous, _to_bfloat16_rtne
+from .checks import check_contiguous, check_device, check_step, describe, fail
+from .triton_gemm import INTERPRET, to_bfloat16_rtne
 
 MAX_WIDTH = 65536
 
@@ -58,27 +58,27 @@ def _norm_quantize_kernel(x_ptr, w_ptr, b_ptr, step_ptr, codes_ptr, y_ptr, H, ep
     tl.store(codes_ptr + row * H + cols, codes.to(tl.int8), mask=mask)
     if WRITE_Y:
         if ROUND_BF16:
-            y = _to_bfloat16_rtne(y)
+            y = to_bfloat16_rtne(y)
         tl.store(y_ptr + row * H + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _norm_quantize(op: str, layer: bool, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float, a_step: torch.Tensor, bits: int, return_normalized: bool):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() < 1:
-        _fail(op, "x", "a float32, float16 or bfloat16 tensor [..., H]", _describe(x))
+        fail(op, "x", "a float32, float16 or bfloat16 tensor [..., H]", describe(x))
     h = x.shape[-1]
     if not 1 <= h <= MAX_WIDTH:
-        _fail(op, "x", f"a last dimension in 1..{MAX_WIDTH}", _describe(x))
+        fail(op, "x", f"a last dimension in 1..{MAX_WIDTH}", describe(x))
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is not None and (not t.is_floating_point() or tuple(t.shape) != (h,)):
-            _fail(op, arg, f"None or a float tensor of shape ({h},)", _describe(t))
-    _check_step(op, "a_step", a_step, (), check_values=True)
+            fail(op, arg, f"None or a float tensor of shape ({h},)", describe(t))
+    check_step(op, "a_step", a_step, (), check_values=True)
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        _fail(op, "bits", "an int in 2..8", repr(bits))
+        fail(op, "bits", "an int in 2..8", repr(bits))
     if not eps >= 0:
-        _fail(op, "eps", "a float >= 0", repr(eps))
-    _check_device(op, x, weight=weight, bias=bias, a_step=a_step)
-    _check_contiguous(op, x=x, weight=weight, bias=bias)
+        fail(op, "eps", "a float >= 0", repr(eps))
+    check_device(op, x, weight=weight, bias=bias, a_step=a_step)
+    check_contiguous(op, x=x, weight=weight, bias=bias)
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     y = torch.empty_like(x) if return_normalized else None
     rows = x.numel() // h

@@ -85,13 +85,13 @@ def test_custom_pass_example_runs_and_its_pass_is_listed():
 
 
 def test_quantize_saves_an_artifact(tmp_path):
-    from qcompile.api import artifact
+    from qcompile.frontend import saved_artifact
 
     out = qcompile("quantize", "--recipe", "w4a4-rtn", "--calibration-tokens", "64", "--window", "64",
                    "--lower", "eager", "--out", str(tmp_path / "smollm2")).stdout
     assert "recipe" in out and "w4a4-rtn" in out and "64 tokens of Emma in 1 batches" in out
     assert "load it: qcompile.load(model," in out
-    saved = artifact.read(tmp_path / "smollm2")
+    saved = saved_artifact.read(tmp_path / "smollm2")
     assert saved.manifest["recipe"] == "w4a4-rtn" and "model.layers.29.mlp.down_proj.weight" in saved.manifest["stats"]
 
 

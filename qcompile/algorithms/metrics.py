@@ -1,4 +1,5 @@
-"""Accuracy measurements shared by the examples, the benchmarks and the tests."""
+"""Accuracy measures: perplexity of a language model, SQNR of a quantized tensor (explain's per-linear
+measure). Shared by explain, the accuracy table, the examples and the benchmarks."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def perplexity(model: Callable, windows: Iterable[torch.Tensor], progress: bool 
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
-    reference, approx = reference.double(), approx.double()
-    noise = (reference - approx).pow(2).sum()
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2), in float64;
+    inf when they are equal, -inf when the reference is zero and they differ."""
+    ref = reference.double()
+    signal = ref.square().sum().item()
+    noise = (ref - approx.double()).square().sum().item()
     if noise == 0:
         return math.inf
-    return 10 * math.log10(reference.pow(2).sum().item() / noise.item())
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -1,9 +1,9 @@
 """Calibration: run the frozen ATen graph on calibration batches and observe linear inputs.
 
 For every `aten.linear` whose weight is a frozen constant, an observer records per-input-channel
-statistics of the activation the linear reads (absmax over all tokens). The statistics are keyed
-by the weight's parameter name (`q4_fqn`), so a Dynamo recompile of the same model (a new
-sequence length, say) finds them in the cache and does not calibrate again.
+statistics of the activation the linear reads (`ChannelStats`). The statistics are cached by the
+weight's parameter (`CalibrationCache`), so a Dynamo recompile of the same model (a new
+sequence length, say) finds them and does not calibrate again.
 
 Two ways to observe:
 - `observe(gm, batches)` runs the captured graph itself on graph inputs: used for the first call's
@@ -11,105 +11,32 @@ Two ways to observe:
 - `observe_model(module, batches, watched)` runs the user's module eagerly on calibration batches
   (dicts of keyword arguments or tuples of positional ones) and watches `F.linear` calls by their
   weight: batches of any length calibrate, and one run covers every graph of the model.
+
+`calibrate_graph` is what the backend calls: it picks the way, keeps the statistics in a
+`CalibrationCache` and puts them on the linears (`ir.CALIB`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+from tqdm.auto import tqdm
 
+from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir
+from qcompile.core.config import Q4Options
+from qcompile.frontend.capture import Frame
 
 
 class CalibrationError(ValueError):
     """Calibration data is unusable: empty, non-finite, or not fitting the model's signature."""
-
-
-# The robust range of a channel: this quantile of |x| over the tokens of a batch (99%: with
-# 512-token batches a 99.9% quantile would be the max itself). An outlier
-# channel stands out in absmax *and* in this percentile; a single spike only in absmax.
-ROBUST_QUANTILE = 0.99
-# Token rows kept per activation (a uniform sample over all calibration tokens): passes that
-# search scales or clipping measure a layer's output error on them.
-SAMPLE_ROWS = 256
-
-
-@dataclasses.dataclass
-class ChannelStats:
-    """Statistics of one activation tensor, per channel of its last dimension.
-
-    `absmax` is the max of |x| over all tokens; `robust` the max over batches of the per-batch
-    99th percentile of |x| (a spike in a few tokens does not move it); `samples` up to
-    SAMPLE_ROWS token rows drawn uniformly from all tokens seen (reservoir sampling, seeded).
-    """
-
-    absmax: torch.Tensor  # float32 [channels]
-    robust: torch.Tensor  # float32 [channels]
-    samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, channels]
-    num_tokens: int = 0
-    # sum of x^T x over all tokens, float32 [channels, channels]; only when a pass needs it
-    # (GPTQ weight rounding), as it costs channels**2 floats per linear
-    gram: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        flat = rows.abs()
-        self.absmax = torch.maximum(self.absmax, flat.amax(dim=0))
-        k = max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0]))
-        self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
-        self._sample(rows)
-        if self.gram is not None:
-            self.gram.addmm_(rows.t(), rows)
-        self.num_tokens += flat.shape[0]
-
-    def _sample(self, rows: torch.Tensor) -> None:
-        """Keep a uniform sample of all rows seen: each new row replaces a kept one with
-        probability SAMPLE_ROWS / (rows seen so far), as in reservoir sampling."""
-        g = torch.Generator().manual_seed(self.num_tokens)
-        seen = self.num_tokens + torch.arange(1, rows.shape[0] + 1)
-        keep = torch.rand(rows.shape[0], generator=g) * seen < SAMPLE_ROWS
-        chosen = rows[keep]
-        free = SAMPLE_ROWS - self.samples.shape[0]
-        self.samples = torch.cat([self.samples, chosen[:free]])
-        replace = chosen[free:][-SAMPLE_ROWS:]
-        if replace.shape[0]:
-            slots = torch.randperm(SAMPLE_ROWS, generator=g)[: replace.shape[0]]
-            self.samples[slots] = replace
-
-    @classmethod
-    def empty(cls, channels: int, gram: bool = False) -> "ChannelStats":
-        zeros = torch.zeros(channels, dtype=torch.float32)
-        return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
-                   gram=torch.zeros(channels, channels) if gram else None)
-
-    def rotated(self, factors: list[torch.Tensor]) -> "ChannelStats":
-        """The statistics of x @ R, R = kron(*factors) orthogonal (`kernels/rotation.py`). Samples
-        and the Gram matrix (R^T G R) rotate exactly; per-channel ranges come from the rotated
-        samples, as the full calibration set was only observed unrotated."""
-        from qcompile.kernels.rotation import rotate
-
-        samples = rotate(self.samples, factors) if self.samples.shape[0] else self.samples
-        if samples.shape[0]:
-            flat = samples.abs()
-            absmax = flat.amax(dim=0)
-            robust = flat.kthvalue(max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0])), dim=0).values
-        else:
-            absmax, robust = self.absmax, self.robust
-        gram = None if self.gram is None else rotate(rotate(self.gram, factors).t().contiguous(), factors).t()
-        return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram)
-
-    def scaled(self, scales: torch.Tensor) -> "ChannelStats":
-        """The statistics of x / scales (per channel), as a migration leaves the input."""
-        gram = None if self.gram is None else self.gram / torch.outer(scales, scales)
-        return dataclasses.replace(self, absmax=self.absmax / scales, robust=self.robust / scales,
-                                   samples=self.samples / scales, gram=gram)
 
 
 def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:
@@ -248,3 +175,88 @@ def observe_model(
     if count == 0:
         raise CalibrationError("the calibration iterable is empty: give at least one batch")
     return stats
+
+
+# --- the backend's calibration: cached per weight parameter ---------------------------------------
+
+
+class CalibrationCache:
+    """Calibration statistics by weight parameter, then by calibration data and whether they
+    hold Gram matrices, so that a recompile (a new shape) finds them and does not calibrate again.
+
+    Weights are held weakly: the statistics die with the user's model. An entry holds the
+    calibration object itself: while it does, no other object can reuse its id, so a new
+    calibration list never gets a dead one's statistics.
+    """
+
+    def __init__(self) -> None:
+        # {weight: {(calibration key, gram): (calibration object, ChannelStats)}}
+        self._by_weight: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    @staticmethod
+    def _key(calibration: Any, gram: bool) -> tuple:
+        return ("first-call" if calibration is None else id(calibration), gram)
+
+    def get(self, weight: torch.Tensor, calibration: Any, gram: bool) -> ChannelStats | None:
+        entry = self._by_weight.get(weight, {}).get(self._key(calibration, gram))
+        return entry[1] if entry is not None and entry[0] is calibration else None
+
+    def put(self, weight: torch.Tensor, calibration: Any, gram: bool, stats: ChannelStats) -> None:
+        self._by_weight.setdefault(weight, {})[self._key(calibration, gram)] = (calibration, stats)
+
+
+def calibrate_graph(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
+                    opts: Q4Options, frame: Frame, cache: CalibrationCache, gram: bool) -> None:
+    """Attach calibration stats (from `cache`, or observed and cached) to every observed linear
+    of the frozen graph; with Gram matrices if `gram`. `state`: the frozen inputs
+    {input index: (the user's tensor, fqn)}."""
+    linears = observed_linears(aten_gm)
+    # The cache is keyed by the user's parameter object, which the frozen constant aliases.
+    params = {fqn: tensor for tensor, fqn in state.values()}
+
+    def owner(n: fx.Node) -> torch.Tensor:
+        return params.get(n.args[1].meta.get(ir.FQN), ir.get_constant(aten_gm, n.args[1]))
+
+    if any(cache.get(owner(n), opts.calibration, gram) is None for n in linears):
+        user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
+        for n, s in _observe(aten_gm, linears, params, user_inputs, opts, frame, gram).items():
+            cache.put(owner(n), opts.calibration, gram, s)
+    for n in linears:
+        if (s := cache.get(owner(n), opts.calibration, gram)) is not None:
+            n.meta[ir.CALIB] = s
+
+
+def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, torch.Tensor],
+             user_inputs: list[Any], opts: Q4Options, frame: Frame, gram: bool) -> dict[fx.Node, ChannelStats]:
+    """Run the calibration: the user's module on the batches, or the graph on the first call's
+    inputs. `params` maps weight names to the user's parameters."""
+    total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
+    progress = lambda it: tqdm(it, total=total, desc="q4 calibration", unit="batch",  # noqa: E731
+                               disable=not opts.progress, leave=False)
+    if opts.calibration is None:
+        warnings.warn(
+            "qcompile: no calibration data given (options={'calibration': batches}); "
+            "calibrating static activation scales on the first call's inputs",
+            stacklevel=2,
+        )
+        return observe(aten_gm, [user_inputs], progress, gram)
+
+    module = frame.module
+    if module is None or frame.resumed:
+        raise CalibrationError(
+            "calibration batches need the model's forward: this graph "
+            + ("starts after a graph break" if frame.resumed else "was not captured from an nn.Module's forward")
+            + " (compile the module itself, or leave out 'calibration' to calibrate on the first call)"
+        )
+    watched = {params[n.args[1].meta[ir.FQN]]: n.args[1].meta[ir.FQN] for n in linears
+               if n.args[1].meta.get(ir.FQN) in params}
+    try:
+        by_name = observe_model(module, opts.calibration, watched, progress, gram)
+    except CalibrationError as e:
+        if "empty" in str(e) and iter(opts.calibration) is opts.calibration:
+            raise CalibrationError(
+                f"{e} (the calibration object is an iterator that was already consumed: "
+                "pass a list so recompiles can reuse it)"
+            ) from None
+        raise
+    return {n: by_name[n.args[1].meta[ir.FQN]] for n in linears if n.args[1].meta.get(ir.FQN) in by_name}

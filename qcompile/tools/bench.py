@@ -178,7 +178,7 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
     from pathlib import Path
 
     import qcompile
-    from qcompile.api import artifact
+    from qcompile.frontend import saved_artifact
     from qcompile.tools import zoo
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +196,7 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
         torch.save(prompt, tmp / "prompt.pt")
         without = tmp / "without-kernels"
         shutil.copytree(directory, without)
-        (without / artifact.COMPILED_FILE_NAME).unlink(missing_ok=True)
+        (without / saved_artifact.KERNEL_CACHE_FILE_NAME).unlink(missing_ok=True)
 
         rows = [["quantize (calibrate + passes + compile + first call)", qmodel.seconds, 1.0, "-", "-"]]
         loads = [("load, new process, with the artifact's compiled kernels", directory)]

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+import qcompile.passes  # noqa: F401  (declares the built-in passes `qcompile passes` lists)
+from qcompile.core.pass_api import registry
+from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
+
 
 def list_passes(modules: list[str]) -> str:
-    from qcompile.core.pass_api import registry
-
     for module in modules:
         if module.endswith(".py"):  # a file: import it under its stem
             path = Path(module)
@@ -49,8 +51,6 @@ def list_passes(modules: list[str]) -> str:
 
 
 def list_recipes() -> str:
-    from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
-
     return tabulate([[name + (" (default)" if name == DEFAULT_RECIPE else ""), pipeline]
                      for name, pipeline in RECIPES.items()], headers=["recipe", "pipeline"])
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("recipes", help="list the recipes and their pipelines")
     # these hand the rest of the line to their own parsers (and their own --help)
     delegated = {
-        "quantize": ("qcompile.api.artifact", "quantize a model and save the artifact qcompile.load runs (qcompile quantize --help)"),
-        "explain": ("qcompile.api.explain", "per pass and per linear: what the pipeline did, SQNR (qcompile explain --help)"),
+        "quantize": ("qcompile.tools.quantize", "quantize a model and save the artifact qcompile.load runs (qcompile quantize --help)"),
+        "explain": ("qcompile.tools.explain", "per pass and per linear: what the pipeline did, SQNR (qcompile explain --help)"),
         "eval": ("qcompile.tools.accuracy", "the accuracy table (qcompile eval --help)"),
         "bench": ("qcompile.tools.bench", "the speed tables: bench kernels|prefill|artifact (qcompile bench --help)"),
     }

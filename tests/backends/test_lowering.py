@@ -78,7 +78,7 @@ def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monk
     for lower in ("eager", "inductor"):
         calls.clear()
         _, out, art = compile_and_run(llama, {**options, "lower": lower}, ids(12))
-        assert art.count_ops(q4.linear_w4a4.default) == 14  # the artifact's graph is the pipeline's
+        assert art.count_ops(q4.linear_w4a4.default) == 14  # the compiled graph is the pipeline's
         assert len(calls) == 14, lower
         torch.testing.assert_close(out.logits, cpu_out.logits, rtol=1e-4, atol=1e-4)
         torch._dynamo.reset()

@@ -29,7 +29,7 @@ def compile_and_run(model, options, *args, **kwargs):
     compiled = torch.compile(model, backend="q4", options=options)
     with torch.no_grad():
         out = compiled(*args, **kwargs)
-    return compiled, out, q4_backend.artifacts()[-1]
+    return compiled, out, q4_backend.compiled_graphs()[-1]
 
 
 def linear_modules(model, skip=("lm_head",)):
@@ -52,7 +52,7 @@ def test_fresh_interpreter_finds_backend_without_import(tmp_path):
             with torch.no_grad():
                 out = torch.compile(model, backend="q4", options={"progress": False})(inputs)
             import qcompile.backends.q4 as b
-            art = b.artifacts()[-1]
+            art = b.compiled_graphs()[-1]
             fused = art.count_ops(torch.ops.q4.linear_w4a4.default)
             left = art.count_ops(torch.ops.aten.linear.default)
             print(type(model).__name__, linears, fused, left, bool(torch.isfinite(out[0]).all()))
@@ -152,7 +152,7 @@ def test_recompile_for_new_length_reuses_calibration(llama, monkeypatch):
         compiled(ids(13))
         compiled(ids(21))
     assert len(calls) == 1
-    assert len({a.graph_id for a in q4_backend.artifacts()[-2:]}) == 2  # it did recompile
+    assert len({a.graph_id for a in q4_backend.compiled_graphs()[-2:]}) == 2  # it did recompile
 
 
 def test_first_call_calibration_warns_once(llama):
@@ -293,7 +293,7 @@ def test_failing_pass_names_pass_node_and_reproducer(llama, monkeypatch):
     assert "after passes: analyze-outliers, fold-scales" in message
 
 
-def test_artifact_reports_outliers(llama):
+def test_compiled_graph_reports_outliers(llama):
     _, _, art = compile_and_run(llama, EAGER, ids(8))
     report = art.outlier_report()
     assert len(report.splitlines()) == 2 + 15  # header, rule, one row per linear (the float lm_head too)

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from qcompile.frontend.calibrate import CalibrationError
-from qcompile.api.explain import ExplainReport, LinearRow, explain, main
+from qcompile.api.explain import ExplainReport, LinearRow, explain
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import RECIPES
+from qcompile.tools.explain import main
 from tests.conftest import tiny_bert, tiny_llama
 
 QUIET = {"progress": False}

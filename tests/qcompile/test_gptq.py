@@ -7,7 +7,7 @@ import torch
 
 from qcompile.algorithms import gptq
 from qcompile.core import ir
-from qcompile.frontend.calibrate import ChannelStats
+from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.kernels import int4
 from qcompile.core.pass_api import get_pass_class
 from qcompile.api.testing import capture
@@ -69,7 +69,7 @@ def test_insert_quantizers_asks_for_the_gram_and_uses_it():
     gptq_pass = cls(cls.parse_options({"weights": "gptq"}))
     assert gptq_pass.calibration_needs() == {"gram"} and cls().calibration_needs() == set()
 
-    gm = capture(tiny_model("llama"), inputs(), needs=frozenset({"gram"}))
+    gm = capture(tiny_model("llama"), inputs(), pipeline="insert-quantizers{weights=gptq}")
     linears = [n for n in gm.graph.nodes if n.target is ir.aten.linear.default and ir.CALIB in n.meta]
     assert linears and all(n.meta[ir.CALIB].gram is not None for n in linears)
     result = gptq_pass(gm)
