@@ -8,7 +8,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from qcompile.core import ir
+from qcompile.core import ir, qlinear
 from qcompile.frontend.saved_artifact import Replay
 from qcompile.passes.analyze_outliers import outlier_report
 
@@ -49,15 +49,11 @@ class CompiledGraph:
         float (and why), and what migrate-scales did with it (and why not)."""
         rows = []
         for n in self.graph_module.graph.nodes:
-            if n.op != "call_function":
-                continue
-            fused = n.target is torch.ops.q4.linear_w4a4.default
-            weight = n.args[1] if n.target is torch.ops.aten.linear.default else None
-            fake_quant = isinstance(weight, fx.Node) and weight.target is torch.ops.q4.dequantize_weight_int4.default
-            if not (fused or n.target is torch.ops.aten.linear.default):
+            q = qlinear.match(n)
+            if q is None:
                 continue
             migration = n.meta.get(ir.MIGRATION, {"status": "-", "reason": "no migration pass ran"})
-            form = "fused int4" if fused else "fake-quant" if fake_quant else "float"
+            form = "fused int4" if q.fused else "fake-quant" if q.quantized else "float"
             rows.append([ir.module_path(n) or n.name, form, n.meta.get(ir.FLOAT_REASON, ""),
                          migration["status"], migration["reason"]])
         return tabulate(rows, headers=["linear", "runs as", "why float", "migration", "detail"])

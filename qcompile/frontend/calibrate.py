@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 from qcompile.algorithms.channel_stats import ChannelStats
-from qcompile.core import ir
+from qcompile.core import ir, qlinear
 from qcompile.core.config import Q4Options
 from qcompile.frontend.capture import Frame
 
@@ -41,13 +41,7 @@ class CalibrationError(ValueError):
 
 def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:
     """The linear nodes whose weight is a frozen constant: the ones quantization can touch."""
-    return [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-        and n.target is ir.aten.linear.default
-        and ir.get_constant(gm, n.args[1]) is not None
-    ]
+    return [n for n in gm.graph.nodes if qlinear.constant_weight(gm, n) is not None]
 
 
 class _Observer(fx.Interpreter):

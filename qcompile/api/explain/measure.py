@@ -1,37 +1,30 @@
-"""explain's measurement: which linears each insert-quantizers run took, their float weights just
-before quantization (`Recorder`, an instrument of the pass manager), and one run of the final
-graph that measures every linear's input outliers and local SQNR (`linear_rows`).
+"""explain's measurement: each linear's float weight just before quantization (`Recorder`, an
+instrument of the pass manager), and one run of the final graph that measures every linear's
+input outliers and local SQNR (`linear_rows`).
 
-What a quantized linear looks like (`_probe_input`, `_weight_dequantize`) is read here only; these
-follow the forms insert-quantizers and fuse-kernels make.
+How each linear runs comes from the IR itself: its form from the recognizer
+(`qcompile.core.qlinear`), the insert-quantizers run that took it from the record that pass
+leaves on it (`ir.QUANTIZED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-import qcompile.kernels.ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.algorithms.metrics import sqnr_db
 from qcompile.api.explain.report import LinearRow
-from qcompile.core import ir
+from qcompile.core import ir, qlinear
 from qcompile.core.instrument import Instrument
 from qcompile.core.pass_api import PassResult, QPass
 
 __all__ = ["Recorder", "linear_rows"]
 
-q4 = torch.ops.q4
 _INSERT = "insert-quantizers"
-
-
-def _is_linear(node: fx.Node) -> bool:
-    return node.op == "call_function" and (
-        node.target is ir.aten.linear.default or node.target is q4.linear_w4a4.default)
 
 
 @dataclasses.dataclass
@@ -46,75 +39,36 @@ class _Reference:
 
 class Recorder(Instrument):
     """Snapshots each linear's float weight before the first insert-quantizers pass, then follows
-    every linear through later passes by `q4_provenance` (node name -> its original name), and
-    records which insert-quantizers run rounded it."""
+    every linear through later passes by `q4_provenance` (node name -> its original name)."""
 
     def __init__(self) -> None:
         self.references: dict[str, _Reference] | None = None  # by original node name
         self.origin: dict[str, str] = {}  # node name -> original node name
-        self.quantized_by: dict[str, Any] = {}  # original name -> the insert-quantizers options
-        # original name -> the options of the insert-quantizers{rounding=false} run that took it
-        self.unrounded_by: dict[str, Any] = {}
-        self._stashed: dict[fx.Node, str] = {}
 
     def before_pass(self, index: int, qpass: QPass, gm: fx.GraphModule) -> None:
-        if qpass.name != _INSERT:
-            return
-        if not qpass.options.rounding:
-            # Which linears a rounding=false run takes shows only as the reason it did NOT set
-            # (a later run's skip= sets one on a linear an earlier run took): set reasons aside
-            # for the pass (which never reads them) and put back those it leaves alone.
-            self._stashed = {n: n.meta.pop(ir.FLOAT_REASON) for n in gm.graph.nodes if ir.FLOAT_REASON in n.meta}
-        if self.references is not None:
+        if qpass.name != _INSERT or self.references is not None:
             return
         self.references = {}
         for node in gm.graph.nodes:
-            if not (node.op == "call_function" and node.target is ir.aten.linear.default):
+            q = qlinear.match(node)
+            if q is None or q.form != qlinear.FLOAT:
                 continue
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            bias_value = ir.get_constant(gm, bias) if isinstance(bias, fx.Node) else None
+            bias_value = ir.get_constant(gm, q.bias) if isinstance(q.bias, fx.Node) else None
             self.references[node.name] = _Reference(
-                ir.module_path(node), ir.get_constant(gm, node.args[1]), bias_value,
-                bias is None or bias_value is not None)
+                ir.module_path(node), ir.get_constant(gm, q.weight), bias_value,
+                q.bias is None or bias_value is not None)
             self.origin[node.name] = node.name
 
     def after_pass(self, index: int, qpass: QPass, gm: fx.GraphModule, result: PassResult, seconds: float) -> None:
         if self.references is None:
             return
         for node in gm.graph.nodes:
-            if not _is_linear(node):
+            if node.name in self.origin or not qlinear.is_linear(node):
                 continue
-            if node.name not in self.origin:
-                sources = node.meta.get(ir.PROVENANCE, {}).get("from", [])
-                found = next((self.origin[s] for s in sources if s in self.origin), None)
-                if found is None:
-                    continue
+            sources = node.meta.get(ir.PROVENANCE, {}).get("from", [])
+            found = next((self.origin[s] for s in sources if s in self.origin), None)
+            if found is not None:
                 self.origin[node.name] = found
-            original = self.origin[node.name]
-            if qpass.name == _INSERT and original not in self.quantized_by and _weight_dequantize(node) is not None:
-                self.quantized_by[original] = qpass.options
-        if qpass.name == _INSERT and not qpass.options.rounding:
-            only = re.compile(qpass.options.only) if qpass.options.only else None
-            for node in gm.graph.nodes:
-                original = self.origin.get(node.name)
-                if (original is not None and node.target is ir.aten.linear.default
-                        and ir.FLOAT_REASON not in node.meta and _weight_dequantize(node) is None
-                        and (only is None or only.search(ir.linear_module_path(node)))):
-                    self.unrounded_by.setdefault(original, qpass.options)
-            self._restore()
-
-    def on_failure(self, index: int, qpass: QPass, gm: fx.GraphModule, exc: BaseException) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for node, reason in self._stashed.items():
-            node.meta.setdefault(ir.FLOAT_REASON, reason)
-        self._stashed = {}
-
-
-def _weight_dequantize(node: fx.Node) -> fx.Node | None:
-    w = node.args[1] if node.target is ir.aten.linear.default else None
-    return w if isinstance(w, fx.Node) and w.target is q4.dequantize_weight_int4.default else None
 
 
 @dataclasses.dataclass
@@ -168,20 +122,6 @@ def _outlier_ratio(x: torch.Tensor) -> float | None:
     return absmax.max().item() / median if median > 0 else None
 
 
-def _probe_input(node: fx.Node) -> tuple[fx.Node, int | None, Any]:
-    """(the float activation entering the quantizer, activation bits or None, bias argument)."""
-    if node.target is q4.linear_w4a4.default:
-        x_q = node.args[0]
-        return x_q.args[0], x_q.args[2], node.args[4]
-    x = node.args[0]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if isinstance(x, fx.Node) and x.target is q4.dequantize_per_tensor.default:
-        x_q = x.args[0]
-        if isinstance(x_q, fx.Node) and x_q.target is q4.quantize_per_tensor.default:
-            return x_q.args[0], x_q.args[2], bias
-    return x, None, bias
-
-
 def _float_reason(node: fx.Node, recorder: Recorder) -> str:
     reason = node.meta.get(ir.FLOAT_REASON)
     if reason:
@@ -199,33 +139,30 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
     for name, ref in refs.items():
         by_module.setdefault(ref.module, []).append(name)
     for node in final_gm.graph.nodes:
-        if not _is_linear(node):
+        q = qlinear.match(node)
+        if q is None:
             continue
         module = ir.module_path(node) or node.name
         original = recorder.origin.get(node.name)
         if original is None and len(by_module.get(module, ())) == 1:
             original = by_module[module][0]  # provenance lost: the module path is unambiguous
         reference = refs.get(original) if original is not None else None
-        options = recorder.quantized_by.get(original)
-        x, a_bits, bias = _probe_input(node)
-        fused = node.target is q4.linear_w4a4.default
-        rounded = fused or _weight_dequantize(node) is not None
-        w_bits = options.w_bits if options is not None else None
+        record = node.meta.get(ir.QUANTIZED)  # the insert-quantizers run that took it, if any
+        w_bits = record.w_bits if record is not None else None
         reason = ""
-        if rounded:
-            a_bits = a_bits if a_bits is not None else 16
-            kind = "fused" if fused else "fake-quant" if a_bits != 16 else "weight-only"
+        if q.quantized:
+            a_bits = q.a_bits if q.a_bits is not None else 16
+            kind = "fused" if q.fused else "fake-quant" if a_bits != 16 else "weight-only"
             runs_as = f"W{w_bits if w_bits is not None else '?'}A{a_bits} {kind}"
             w_bits = w_bits if w_bits is not None else 4  # packed int4 storage
-        elif original in recorder.unrounded_by and reference is not None and reference.weight is not None:
-            unrounded = recorder.unrounded_by[original]
-            w_bits, a_bits = unrounded.w_bits, unrounded.a_bits
+        elif record is not None and not record.rounded and reference is not None and reference.weight is not None:
+            a_bits = record.a_bits
             runs_as = f"W{w_bits}A{a_bits} not rounded"
         else:
             runs_as, w_bits, a_bits = "float", None, None
             reason = _float_reason(node, recorder)
         measured = reference if w_bits is not None else None
-        probes[node] = _Probe(node, x, measured, bias)
+        probes[node] = _Probe(node, q.x, measured, q.bias)
         migration = node.meta.get(ir.MIGRATION, {}).get("status", "-")
         outliers = node.meta.get(ir.OUTLIERS)
         described.append((node, dict(graph=graph, module=module, runs_as=runs_as, w_bits=w_bits, a_bits=a_bits,
