@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight transformers models built from configs (no downloads)."""
+"""Session setup and shared fixtures. The helpers they build on live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -15,24 +15,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def tiny_llama(layers: int = 2, seed: int = 0, tie_word_embeddings: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie_word_embeddings)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(layers: int = 2, seed: int = 0):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                        num_attention_heads=4, max_position_embeddings=128)
-    return BertModel(config).eval()
+from qcompile.core import pass_api  # noqa: E402  (after the environment above)
+from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
+from tests.helpers.passes import TOY_PASSES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +28,24 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def pass_registry():
+    """The pass registry as it was before the test, restored after it: a pass a test registers
+    (a toy pass, a user's pass file it imports) is gone for the next test, whatever the order."""
+    registered = pass_api.registry()  # also declares qcompile's own passes, before the snapshot
+    yield
+    pass_api._REGISTRY.clear()
+    pass_api._REGISTRY.update(registered)
+
+
+@pytest.fixture
+def toy_passes(pass_registry):
+    """The toy passes of tests/helpers/passes.py, registered for this test only."""
+    for cls in TOY_PASSES:
+        pass_api.register_pass(cls)
+    return TOY_PASSES
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()
@@ -51,27 +54,3 @@ def llama():
 @pytest.fixture
 def bert():
     return tiny_bert()
-
-
-def tiny_model(family: str, seed: int = 0):
-    """A tiny random-weight model of one architecture family, from its transformers config."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)
-    if family == "llama":
-        return tiny_llama(seed=seed)
-    if family == "bert":
-        return tiny_bert(seed=seed)
-    if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=2)).eval()
-    if family == "gemma":
-        return tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16)).eval()
-    if family == "phi3":
-        return tf.Phi3ForCausalLM(tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)).eval()
-    if family == "opt":
-        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                              num_attention_heads=4, max_position_embeddings=128,
-                                              word_embed_proj_dim=64)).eval()
-    raise ValueError(f"unknown family {family!r}")

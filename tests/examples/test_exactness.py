@@ -11,7 +11,7 @@ import torch
 from qcompile.tools import zoo
 from qcompile.backends import q4 as q4_backend
 from qcompile.tools.accuracy import sentences
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 TOLERANCE = 1e-4
 

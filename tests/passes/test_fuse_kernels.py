@@ -8,7 +8,8 @@ import torch
 from torch.testing import FileCheck
 
 from qcompile.api.testing import capture
-from tests.passes.test_insert_quantizers import TwoHeads, run_pass
+from tests.helpers.models import TwoHeads
+from tests.helpers.passes import run_pass
 
 
 def test_before_after_ir():

@@ -16,7 +16,7 @@ import qcompile
 from qcompile.api import artifact
 from qcompile.frontend import calibrate
 from qcompile.api.artifact import ArtifactError
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 OPTIONS = {"progress": False, "lower": "eager"}
 

@@ -15,7 +15,7 @@ from qcompile.api.explain import ExplainReport, LinearRow, explain, main
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import RECIPES
-from tests.conftest import tiny_bert, tiny_llama
+from tests.helpers.models import tiny_bert, tiny_llama
 
 QUIET = {"progress": False}
 

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.pipeline import PassSpec, Pipeline, parse_pipeline
-from tests.qcompile import toys
+from tests.helpers import passes as toys
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 # --- well-formed text round-trips ---------------------------------------------------------------
 

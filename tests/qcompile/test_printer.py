@@ -16,8 +16,10 @@ from qcompile.core.instrument import DumpIR, PrintIR, ir_text
 from qcompile.core.pass_manager import PassManager
 from qcompile.core.printer import format_graph
 from qcompile.api.testing import capture
-from tests.conftest import tiny_llama
-from tests.qcompile.toys import tiny_graph
+from tests.helpers.models import tiny_llama
+from tests.helpers.passes import tiny_graph
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 q4 = torch.ops.q4
 EAGER = {"lower": "eager", "progress": False}

@@ -8,7 +8,9 @@ from torch import fx
 
 from qcompile.core import ir, verify as verify_module
 from qcompile.core.verify import VerificationError, verify
-from tests.qcompile.toys import tiny_graph
+from tests.helpers.passes import tiny_graph
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 
 class FakeQ4Op:
