@@ -11,6 +11,9 @@ its diff like code:
 
     Q4_UPDATE_GOLDEN=1 python -m pytest tests/examples/test_golden_print.py
 
+Under CI (the `CI` environment variable set) the switch is an error: CI checks the text, it never
+accepts a change.
+
 To keep the test fast and the text stable: the head keeps its first 1024 vocabulary rows (the
 default recipe quantizes the head with GPTQ, which over all 49152 rows takes most of the time;
 the head is not printed), the KV cache is off (`use_cache=False`: the graph has no cache
@@ -25,11 +28,22 @@ import difflib
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "smollm2_decoder_layer.txt"
 UPDATE = "Q4_UPDATE_GOLDEN"
 HEAD_ROWS = 1024
+
+
+def update_requested() -> bool:
+    """Whether the update switch asks to rewrite the golden text; under CI, an AssertionError."""
+    if os.environ.get(UPDATE, "") in ("", "0"):
+        return False
+    if os.environ.get("CI", "") not in ("", "0", "false"):
+        raise AssertionError(f"{UPDATE} is set under CI: CI checks the golden text against {GOLDEN.name}, "
+                             "it does not rewrite it; update it locally and commit the reviewed diff")
+    return True
 
 
 def _two_layer_smollm2():
@@ -46,9 +60,9 @@ def _two_layer_smollm2():
 
 
 def printed_layer() -> str:
-    from qcompile.tools import zoo
     from qcompile.backends import q4
     from qcompile.core.printer import format_graph
+    from qcompile.tools import zoo
 
     model, tokenizer = _two_layer_smollm2()
     calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 128, 64)]
@@ -60,8 +74,9 @@ def printed_layer() -> str:
     return format_graph(q4.artifacts()[-1].graph_module, module="model.layers.0")
 
 
+@pytest.mark.model
 def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch):
-    update = os.environ.get(UPDATE, "") not in ("", "0")
+    update = update_requested()
     for name in [n for n in os.environ if n.startswith("Q4_")]:
         monkeypatch.delenv(name)  # the user's Q4_RECIPE, Q4_PRINT_*... must not change the text
     text = printed_layer()
@@ -78,3 +93,14 @@ def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch):
     # what the golden text shows off: every quantized linear of the layer on one line
     assert text.count("= linear W4A4 int(") == 7
     assert "q4.quantize_per_tensor" not in text and "q4.dequantize" not in text
+
+
+def test_the_update_switch_fails_under_ci(monkeypatch):
+    monkeypatch.setenv(UPDATE, "1")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(AssertionError, match=f"{UPDATE} is set under CI"):
+        update_requested()
+    monkeypatch.delenv("CI")
+    assert update_requested()
+    monkeypatch.setenv(UPDATE, "0")
+    assert not update_requested()

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.core import ir
 from qcompile.api.testing import capture
+from qcompile.core import ir
 from qcompile.core.pass_api import PassResult, QPass, get_pass_class, option
 from tests.helpers.models import tiny_model
 
