@@ -15,7 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qcompile.core import pass_api  # noqa: E402  (after the environment above)
+import qcompile.passes  # noqa: E402, F401  (declares qcompile's own passes, before any registry snapshot)
+from qcompile.core import pass_api  # noqa: E402
 from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
 from tests.helpers.passes import TOY_PASSES  # noqa: E402
 
@@ -32,7 +33,7 @@ def fresh_dynamo():
 def pass_registry():
     """The pass registry as it was before the test, restored after it: a pass a test registers
     (a toy pass, a user's pass file it imports) is gone for the next test, whatever the order."""
-    registered = pass_api.registry()  # also declares qcompile's own passes, before the snapshot
+    registered = dict(pass_api._REGISTRY)
     yield
     pass_api._REGISTRY.clear()
     pass_api._REGISTRY.update(registered)
