@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,6 +22,8 @@ import qcompile.passes  # noqa: E402, F401  (declares qcompile's own passes, bef
 from qcompile.core import pass_api  # noqa: E402
 from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
 from tests.helpers.passes import TOY_PASSES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +60,41 @@ def llama():
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+# --- the real models, each expensive step once per session (tests marked `model`) ----------------
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M, loaded once for the tests that run it in this
+    process. Shared, so read-only: compiling with q4 never writes to it; a test that changes the
+    model itself works on a copy."""
+    from qcompile.tools import zoo
+
+    return zoo.load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def eval_table() -> subprocess.CompletedProcess:
+    """`qcompile eval` on both real models, short (1024 tokens of Pride and Prejudice, 4 batches
+    of Emma, 20 sentences), FP32, w4a4-rtn and w4a4, run once as a user runs it: the accuracy test
+    (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read its table."""
+    return subprocess.run(
+        [sys.executable, "-m", "qcompile", "eval", "--tokens", "1024", "--calibration-batches", "4",
+         "--sentences", "20", "--recipes", "w4a4-rtn,w4a4"],
+        capture_output=True, text=True, timeout=1800, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`qcompile bench artifact` on a short input, run once as a user runs it: SmolLM2 quantized
+    with w4a4 on 128 calibration tokens of Emma (one batch), saved, loaded in a new process. The
+    benchmark's test reads its table; the Triton test compiles from the saved artifact, so GPTQ
+    runs once for both. (process, the artifact's directory)"""
+    directory = tmp_path_factory.mktemp("smollm2-w4a4") / "artifact"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qcompile", "bench", "artifact", "--calibration-tokens", "128",
+         "--prompt-tokens", "24", "--no-compiling-load", "--dir", str(directory)],
+        capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    return proc, directory

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile.tools import zoo
 from qcompile.backends import q4 as q4_backend
+from qcompile.tools import zoo
 from qcompile.tools.accuracy import sentences
 from tests.helpers.models import tiny_model
 
@@ -51,13 +51,15 @@ def test_tiny_models_are_exact_without_rounding(family):
         check_exact(model, calibration, {**run, "use_cache": False}, lambda out: out.logits)
 
 
-def test_smollm2_is_exact_without_rounding():
-    model, tokenizer = zoo.load_smollm2()
+@pytest.mark.model
+def test_smollm2_is_exact_without_rounding(smollm2):
+    model, tokenizer = smollm2
     calibration = [{"input_ids": zoo.token_windows(tokenizer, "emma", 64, 64)[0]}]
     run = {"input_ids": zoo.token_windows(tokenizer, "pride_and_prejudice", 64, 64)[0], "use_cache": False}
     check_exact(model, calibration, run, lambda out: out.logits)
 
 
+@pytest.mark.model
 def test_minilm_is_exact_without_rounding():
     model, tokenizer = zoo.load_minilm()
     calibration = [dict(tokenizer(sentences("emma", 8), padding=True, return_tensors="pt"))]

@@ -24,6 +24,7 @@ options apply. The text holds no absolute path, no address, and numbers with 3 s
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -46,10 +47,9 @@ def update_requested() -> bool:
     return True
 
 
-def _two_layer_smollm2():
-    from qcompile.tools import zoo
-
-    model, tokenizer = zoo.load_smollm2()
+def _two_layer_smollm2(smollm2):
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)  # the session's SmolLM2 is shared: cut a copy
     model.model.layers = model.model.layers[:2]  # LlamaModel runs layers[: config.num_hidden_layers]
     model.config.num_hidden_layers = 2
     model.config.use_cache = False
@@ -59,12 +59,12 @@ def _two_layer_smollm2():
     return model.eval(), tokenizer
 
 
-def printed_layer() -> str:
+def printed_layer(smollm2) -> str:
     from qcompile.backends import q4
     from qcompile.core.printer import format_graph
     from qcompile.tools import zoo
 
-    model, tokenizer = _two_layer_smollm2()
+    model, tokenizer = _two_layer_smollm2(smollm2)
     calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 128, 64)]
     prompt = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
     compiled = torch.compile(model, backend="q4",
@@ -75,11 +75,11 @@ def printed_layer() -> str:
 
 
 @pytest.mark.model
-def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch):
+def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch, smollm2):
     update = update_requested()
     for name in [n for n in os.environ if n.startswith("Q4_")]:
         monkeypatch.delenv(name)  # the user's Q4_RECIPE, Q4_PRINT_*... must not change the text
-    text = printed_layer()
+    text = printed_layer(smollm2)
     if update:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
