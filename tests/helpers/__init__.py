@@ -4,6 +4,8 @@
   qcompile (a test runs it in a fresh interpreter before qcompile is imported);
 - `passes`: toy passes (registered by the `toy_passes` fixture of tests/conftest.py), tiny graphs,
   running one pass the way the pass manager does;
-- `backend`: compiling and running through `torch.compile(..., backend="q4")`;
-- `real_models`: SmolLM2 / MiniLM loaded and quantized once per session (fixtures in conftest).
+- `backend`: compiling and running through `torch.compile(..., backend="q4")`.
+
+Fixtures (the pass registry's restore, the toy passes, the real models' session-wide runs) are in
+tests/conftest.py.
 """
