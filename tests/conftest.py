@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random-weight transformers models built from configs (no downloads)."""
+"""Session setup and shared fixtures. The helpers they build on live in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,24 +18,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import qcompile.passes  # noqa: E402, F401  (declares qcompile's own passes, before any registry snapshot)
+from qcompile.core import pass_api  # noqa: E402
+from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
+from tests.helpers.passes import TOY_PASSES  # noqa: E402
 
-def tiny_llama(layers: int = 2, seed: int = 0, tie_word_embeddings: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie_word_embeddings)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(layers: int = 2, seed: int = 0):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                        num_attention_heads=4, max_position_embeddings=128)
-    return BertModel(config).eval()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +32,24 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def pass_registry():
+    """The pass registry as it was before the test, restored after it: a pass a test registers
+    (a toy pass, a user's pass file it imports) is gone for the next test, whatever the order."""
+    registered = dict(pass_api._REGISTRY)
+    yield
+    pass_api._REGISTRY.clear()
+    pass_api._REGISTRY.update(registered)
+
+
+@pytest.fixture
+def toy_passes(pass_registry):
+    """The toy passes of tests/helpers/passes.py, registered for this test only."""
+    for cls in TOY_PASSES:
+        pass_api.register_pass(cls)
+    return TOY_PASSES
 
 
 @pytest.fixture
@@ -53,25 +62,39 @@ def bert():
     return tiny_bert()
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A tiny random-weight model of one architecture family, from its transformers config."""
-    import transformers as tf
+# --- the real models, each expensive step once per session (tests marked `model`) ----------------
 
-    torch.manual_seed(seed)
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)
-    if family == "llama":
-        return tiny_llama(seed=seed)
-    if family == "bert":
-        return tiny_bert(seed=seed)
-    if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=2)).eval()
-    if family == "gemma":
-        return tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16)).eval()
-    if family == "phi3":
-        return tf.Phi3ForCausalLM(tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)).eval()
-    if family == "opt":
-        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                              num_attention_heads=4, max_position_embeddings=128,
-                                              word_embed_proj_dim=64)).eval()
-    raise ValueError(f"unknown family {family!r}")
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M, loaded once for the tests that run it in this
+    process. Shared, so read-only: compiling with q4 never writes to it; a test that changes the
+    model itself works on a copy."""
+    from qcompile.tools import zoo
+
+    return zoo.load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def eval_table() -> subprocess.CompletedProcess:
+    """`qcompile eval` on both real models, short (1024 tokens of Pride and Prejudice, 4 batches
+    of Emma, 20 sentences), FP32, w4a4-rtn and w4a4, run once as a user runs it: the accuracy test
+    (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read its table."""
+    return subprocess.run(
+        [sys.executable, "-m", "qcompile", "eval", "--tokens", "1024", "--calibration-batches", "4",
+         "--sentences", "20", "--recipes", "w4a4-rtn,w4a4"],
+        capture_output=True, text=True, timeout=1800, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`qcompile bench artifact` on a short input, run once as a user runs it: SmolLM2 quantized
+    with w4a4 on 128 calibration tokens of Emma (one batch), saved, loaded in a new process. The
+    benchmark's test reads its table; the Triton test compiles from the saved artifact, so GPTQ
+    runs once for both. (process, the artifact's directory)"""
+    directory = tmp_path_factory.mktemp("smollm2-w4a4") / "artifact"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qcompile", "bench", "artifact", "--calibration-tokens", "128",
+         "--prompt-tokens", "24", "--no-compiling-load", "--dir", str(directory)],
+        capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    return proc, directory

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from qcompile.core.pass_api import registry
 from qcompile.core.recipes import RECIPES
 
@@ -84,6 +86,7 @@ def test_custom_pass_example_runs_and_its_pass_is_listed():
     assert "remove-eval-dropout  (custom_pass)" in listed
 
 
+@pytest.mark.model
 def test_quantize_saves_an_artifact(tmp_path):
     from qcompile.frontend import saved_artifact
 
@@ -102,9 +105,12 @@ def test_quantize_rejects_bad_input(tmp_path):
     assert proc.returncode != 0 and "no model folder" in proc.stderr
 
 
-def test_eval_runs_on_a_short_input():
-    out = qcompile("eval", "--tokens", "64", "--calibration-batches", "1", "--sentences", "4",
-                   "--recipes", "w4a4-rtn").stdout
+@pytest.mark.model
+def test_eval_runs_on_a_short_input(eval_table):
+    # `qcompile eval --tokens 1024 ...`, run once for this test and tests/examples/test_eval.py
+    assert eval_table.args[1:4] == ["-m", "qcompile", "eval"]
+    assert eval_table.returncode == 0, eval_table.stderr[-4000:]
+    out = eval_table.stdout
     assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-rtn" in out
 
 

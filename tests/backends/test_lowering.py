@@ -9,7 +9,8 @@ from torch.testing import FileCheck
 
 from qcompile.backends import lowering
 from qcompile.kernels import int4, rotation
-from tests.backends.test_q4_backend import compile_and_run, ids
+from tests.helpers.backend import compile_and_run
+from tests.helpers.models import ids
 
 q4 = torch.ops.q4
 

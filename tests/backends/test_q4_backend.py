@@ -7,29 +7,18 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import qcompile.backends.q4 as q4_backend
 from qcompile.kernels import reference
-from tests.conftest import tiny_llama
+from tests.helpers.backend import EAGER, compile_and_run
+from tests.helpers.models import ids, tiny_llama
 
-EAGER = {"lower": "eager", "progress": False}
 # Tests of the pipeline's mechanics read the shortest recipe's stages.
 EAGER_RTN = {**EAGER, "recipe": "w4a4-rtn"}
-
-
-def ids(seq: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, seq), generator=g)
-
-
-def compile_and_run(model, options, *args, **kwargs):
-    compiled = torch.compile(model, backend="q4", options=options)
-    with torch.no_grad():
-        out = compiled(*args, **kwargs)
-    return compiled, out, q4_backend.compiled_graphs()[-1]
 
 
 def linear_modules(model, skip=("lm_head",)):
@@ -42,7 +31,7 @@ def test_fresh_interpreter_finds_backend_without_import(tmp_path):
         """
         import sys, torch
         sys.path.insert(0, %r)
-        from conftest import tiny_bert, tiny_llama
+        from helpers.models import tiny_bert, tiny_llama
         assert "qcompile" not in sys.modules
         results = []
         for make, inputs in ((tiny_llama, torch.randint(0, 256, (1, 12))),
@@ -58,7 +47,7 @@ def test_fresh_interpreter_finds_backend_without_import(tmp_path):
             print(type(model).__name__, linears, fused, left, bool(torch.isfinite(out[0]).all()))
             torch._dynamo.reset()
         """
-    ) % str(sys.modules["tests.conftest"].__file__.rsplit("/", 1)[0])
+    ) % str(Path(__file__).resolve().parents[1])  # tests/, which holds helpers/
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line.split() for line in proc.stdout.strip().splitlines()]

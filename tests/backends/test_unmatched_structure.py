@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.backends.test_q4_backend import EAGER, compile_and_run, ids
-from tests.conftest import tiny_model
+from tests.helpers.backend import EAGER, compile_and_run
+from tests.helpers.models import ids, tiny_model
 
 
 class Unknown(torch.nn.Module):

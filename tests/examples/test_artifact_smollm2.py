@@ -2,22 +2,17 @@
 model's logits equal the quantized model's bit for bit, and the loading process calibrates
 nothing. This is `qcompile bench artifact` on a short input (the benchmark behind the
 "load < 25% of quantize time" figure), run as a user runs it; every process starts with an
-empty Inductor cache of its own."""
+empty Inductor cache of its own. The run is the session's `smollm2_artifact` (tests/conftest.py),
+whose saved artifact the Triton test compiles from."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+import pytest
 
 
-def test_bench_artifact_loads_in_a_new_process_bit_exactly(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "qcompile", "bench", "artifact", "--calibration-tokens", "128",
-         "--prompt-tokens", "24", "--no-compiling-load", "--dir", str(tmp_path / "artifact")],
-        capture_output=True, text=True, timeout=1500, cwd=ROOT)
+@pytest.mark.model
+def test_bench_artifact_loads_in_a_new_process_bit_exactly(smollm2_artifact):
+    proc, directory = smollm2_artifact
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert out.startswith("SmolLM2-135M w4a4, calibration 128 tokens")
@@ -26,4 +21,4 @@ def test_bench_artifact_loads_in_a_new_process_bit_exactly(tmp_path):
     for line in loads:
         cells = line.split()
         assert cells[-2:] == ["yes", "none"], line  # logits bit-exact; no calibration
-    assert (tmp_path / "artifact" / "q4.safetensors").is_file()
+    assert (directory / "q4.safetensors").is_file()

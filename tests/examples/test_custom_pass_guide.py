@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import runpy
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +30,8 @@ def test_custom_pass_guide_names_the_real_pass_and_test():
 
 
 def test_custom_pass_guide_shows_the_template_graph_as_capture_makes_it():
-    from tests.passes.test_pass_template import graph
-
+    # the template is the guide's subject (run as a file, as a reader runs their copy), not a helper
+    graph = runpy.run_path(str(ROOT / "tests" / "passes" / "test_pass_template.py"))["graph"]
     shown = re.search(r"```text\n(def forward.*?)```", GUIDE.read_text(), flags=re.S).group(1)
     code = graph().code
     for line in shown.splitlines():

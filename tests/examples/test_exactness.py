@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile.tools import zoo
 from qcompile.backends import q4 as q4_backend
+from qcompile.tools import zoo
 from qcompile.tools.accuracy import sentences
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 TOLERANCE = 1e-4
 
@@ -30,7 +30,7 @@ def check_exact(model, calibration, run_kwargs, output):
     with torch.no_grad():
         expected = output(model(**run_kwargs))
         got = output(compile_unrounded(model, calibration)(**run_kwargs))
-    (artifact,) = q4_backend.artifacts()[-1:]
+    (artifact,) = q4_backend.compiled_graphs()[-1:]
     # the passes that change constants did run: migrated and rotated weights are in the graph
     assert artifact.count_ops(torch.ops.q4.rotate.default) > 0
     assert any(name.endswith("_migrated") for name, _ in artifact.graph_module.named_buffers())
@@ -51,13 +51,15 @@ def test_tiny_models_are_exact_without_rounding(family):
         check_exact(model, calibration, {**run, "use_cache": False}, lambda out: out.logits)
 
 
-def test_smollm2_is_exact_without_rounding():
-    model, tokenizer = zoo.load_smollm2()
+@pytest.mark.model
+def test_smollm2_is_exact_without_rounding(smollm2):
+    model, tokenizer = smollm2
     calibration = [{"input_ids": zoo.token_windows(tokenizer, "emma", 64, 64)[0]}]
     run = {"input_ids": zoo.token_windows(tokenizer, "pride_and_prejudice", 64, 64)[0], "use_cache": False}
     check_exact(model, calibration, run, lambda out: out.logits)
 
 
+@pytest.mark.model
 def test_minilm_is_exact_without_rounding():
     model, tokenizer = zoo.load_minilm()
     calibration = [dict(tokenizer(sentences("emma", 8), padding=True, return_tensors="pt"))]

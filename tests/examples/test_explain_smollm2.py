@@ -10,18 +10,21 @@ import json
 import math
 import statistics
 
-from qcompile.tools import zoo
+import pytest
+
 from qcompile.api.explain import explain
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import RECIPES
+from qcompile.tools import zoo
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EXPECTED = [f"model.layers.{i}.{name}" for i in range(30) for name in LAYER_LINEARS] + ["lm_head"]
 
 
-def test_explain_smollm2_default_recipe():
-    model, tokenizer = zoo.load_smollm2()
+@pytest.mark.model
+def test_explain_smollm2_default_recipe(smollm2):
+    model, tokenizer = smollm2
     windows = zoo.token_windows(tokenizer, "emma", 128, 64)  # 2 x 64 tokens
     calibration = [{"input_ids": ids, "use_cache": False} for ids in windows]
     pipeline = RECIPES["w4a4"].replace("weights=gptq", "weights=rtn")
@@ -50,6 +53,7 @@ def test_explain_smollm2_default_recipe():
     assert statistics.median(r.outliers_after for r in body) < statistics.median(r.outliers_before for r in body)
 
 
+@pytest.mark.model
 def test_cli_round_to_nearest_with_json(tmp_path, capsys):
     path = tmp_path / "explain.json"
     from qcompile.__main__ import main as qcompile_command  # `qcompile explain ...`, in this process

@@ -11,6 +11,9 @@ its diff like code:
 
     Q4_UPDATE_GOLDEN=1 python -m pytest tests/examples/test_golden_print.py
 
+Under CI (the `CI` environment variable set) the switch is an error: CI checks the text, it never
+accepts a change.
+
 To keep the test fast and the text stable: the head keeps its first 1024 vocabulary rows (the
 default recipe quantizes the head with GPTQ, which over all 49152 rows takes most of the time;
 the head is not printed), the KV cache is off (`use_cache=False`: the graph has no cache
@@ -21,10 +24,12 @@ options apply. The text holds no absolute path, no address, and numbers with 3 s
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "smollm2_decoder_layer.txt"
@@ -32,10 +37,19 @@ UPDATE = "Q4_UPDATE_GOLDEN"
 HEAD_ROWS = 1024
 
 
-def _two_layer_smollm2():
-    from qcompile.tools import zoo
+def update_requested() -> bool:
+    """Whether the update switch asks to rewrite the golden text; under CI, an AssertionError."""
+    if os.environ.get(UPDATE, "") in ("", "0"):
+        return False
+    if os.environ.get("CI", "") not in ("", "0", "false"):
+        raise AssertionError(f"{UPDATE} is set under CI: CI checks the golden text against {GOLDEN.name}, "
+                             "it does not rewrite it; update it locally and commit the reviewed diff")
+    return True
 
-    model, tokenizer = zoo.load_smollm2()
+
+def _two_layer_smollm2(smollm2):
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)  # the session's SmolLM2 is shared: cut a copy
     model.model.layers = model.model.layers[:2]  # LlamaModel runs layers[: config.num_hidden_layers]
     model.config.num_hidden_layers = 2
     model.config.use_cache = False
@@ -45,26 +59,27 @@ def _two_layer_smollm2():
     return model.eval(), tokenizer
 
 
-def printed_layer() -> str:
-    from qcompile.tools import zoo
+def printed_layer(smollm2) -> str:
     from qcompile.backends import q4
     from qcompile.core.printer import format_graph
+    from qcompile.tools import zoo
 
-    model, tokenizer = _two_layer_smollm2()
+    model, tokenizer = _two_layer_smollm2(smollm2)
     calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 128, 64)]
     prompt = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
     compiled = torch.compile(model, backend="q4",
                              options={"calibration": calibration, "progress": False, "lower": "eager"})
     with torch.no_grad():
         compiled(input_ids=prompt)
-    return format_graph(q4.artifacts()[-1].graph_module, module="model.layers.0")
+    return format_graph(q4.compiled_graphs()[-1].graph_module, module="model.layers.0")
 
 
-def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch):
-    update = os.environ.get(UPDATE, "") not in ("", "0")
+@pytest.mark.model
+def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch, smollm2):
+    update = update_requested()
     for name in [n for n in os.environ if n.startswith("Q4_")]:
         monkeypatch.delenv(name)  # the user's Q4_RECIPE, Q4_PRINT_*... must not change the text
-    text = printed_layer()
+    text = printed_layer(smollm2)
     if update:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
@@ -78,3 +93,14 @@ def test_smollm2_decoder_layer_prints_as_the_golden_text(monkeypatch):
     # what the golden text shows off: every quantized linear of the layer on one line
     assert text.count("= linear W4A4 int(") == 7
     assert "q4.quantize_per_tensor" not in text and "q4.dequantize" not in text
+
+
+def test_the_update_switch_fails_under_ci(monkeypatch):
+    monkeypatch.setenv(UPDATE, "1")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(AssertionError, match=f"{UPDATE} is set under CI"):
+        update_requested()
+    monkeypatch.delenv("CI")
+    assert update_requested()
+    monkeypatch.setenv(UPDATE, "0")
+    assert not update_requested()

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.model
 def test_example_prints_its_table():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quantize_smollm2.py"), "--tokens", "1024",

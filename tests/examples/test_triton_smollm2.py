@@ -1,28 +1,36 @@
 """SmolLM2-135M through the Triton GEMM (Triton's interpreter on CPU, the compiled kernel on a GPU)
 gives the logits the CPU integer path gives: the kernels hold up on a real model's operands
-(576 / 1536-wide layers, the 49152-wide W4A8 head), not only on random test shapes."""
+(576 / 1536-wide layers, the 49152-wide W4A8 head), not only on random test shapes.
+
+The quantized model is the w4a4 one `qcompile bench artifact` saved (the session's
+`smollm2_artifact`: 128 calibration tokens of Emma), compiled from that artifact with
+`torch.compile(..., backend="q4", options={"artifact": ...})`: the same graph and weights as
+calibrating here, without running GPTQ over the 211 linears a second time."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
-from qcompile.tools import zoo
 from qcompile.backends import lowering
 from qcompile.backends import q4 as q4_backend
 from qcompile.kernels import triton_gemm
+from qcompile.tools import zoo
 
 
-def test_smollm2_logits_through_the_triton_gemm_match_the_cpu_path(monkeypatch):
-    model, tokenizer = zoo.load_smollm2()
-    calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 128, 128)]
+@pytest.mark.model
+def test_smollm2_logits_through_the_triton_gemm_match_the_cpu_path(monkeypatch, smollm2, smollm2_artifact):
+    proc, directory = smollm2_artifact
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model, tokenizer = smollm2
     prompt = zoo.token_windows(tokenizer, "pride_and_prejudice", 6, 6)[0]
     compiled = torch.compile(model, backend="q4", options={
-        "recipe": "w4a4", "lower": "eager", "progress": False, "calibration": calibration})
+        "recipe": "w4a4", "lower": "eager", "progress": False, "artifact": str(directory)})
     with torch.no_grad():
         cpu_logits = compiled(input_ids=prompt, use_cache=False).logits
-    artifact = q4_backend.artifacts()[-1]
+    artifact = q4_backend.compiled_graphs()[-1]
     fused = artifact.count_ops(torch.ops.q4.linear_w4a4.default)
     assert fused == 30 * 7 + 1  # every decoder linear and the head
 

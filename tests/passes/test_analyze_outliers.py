@@ -8,22 +8,8 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.passes.analyze_outliers import outlier_report
 from qcompile.api.testing import capture
-from tests.passes.test_insert_quantizers import Zero, run_pass
-
-
-class Planted(torch.nn.Module):
-    """Channel 3 of the first linear's input is 300x larger than the rest."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = torch.nn.Linear(16, 8)
-        self.b = torch.nn.Linear(8, 4)
-        self.register_buffer("gain", torch.ones(16))
-        self.gain[3] = 300.0
-
-    def forward(self, x):
-        return self.b(self.a(x * self.gain))
+from tests.helpers.models import Planted, Zero
+from tests.helpers.passes import run_pass
 
 
 def test_finds_the_planted_channel_and_changes_no_node():

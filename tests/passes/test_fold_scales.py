@@ -11,8 +11,8 @@ from qcompile.core import ir
 from qcompile.core.pass_api import passes_run
 from qcompile.api.testing import capture
 from qcompile.core.verify import VerificationError, verify
-from tests.passes.test_insert_quantizers import run_pass
-from tests.passes.test_migrate_scales import capture_family, first_output, inputs
+from tests.helpers.models import inputs
+from tests.helpers.passes import capture_family, first_output, run_pass
 
 
 class LayerScaled(torch.nn.Module):

@@ -10,7 +10,8 @@ from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
-from tests.passes.test_insert_quantizers import TwoHeads, run_pass
+from tests.helpers.models import TwoHeads
+from tests.helpers.passes import run_pass
 
 
 def test_before_after_ir():

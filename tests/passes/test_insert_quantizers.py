@@ -9,30 +9,8 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.kernels import reference
 from qcompile.api.testing import capture
-from qcompile.core.pass_api import get_pass_class
-
-
-class TwoHeads(torch.nn.Module):
-    """A norm feeding two linears (like q/k), and a third reading their sum."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = torch.nn.LayerNorm(16)
-        self.q = torch.nn.Linear(16, 8)
-        self.k = torch.nn.Linear(16, 8, bias=False)
-        self.out = torch.nn.Linear(8, 5)
-
-    def forward(self, x):
-        h = self.norm(x)
-        return self.out(self.q(h) + self.k(h))
-
-
-def run_pass(name: str, gm, **options):
-    cls = get_pass_class(name)
-    qpass = cls(cls.parse_options({k.replace("_", "-"): str(v) for k, v in options.items()}))
-    result = qpass(gm)
-    return result, qpass.stats
+from tests.helpers.models import TwoHeads, Zero
+from tests.helpers.passes import run_pass
 
 
 def test_before_after_ir():
@@ -84,17 +62,6 @@ def test_skip_keeps_matching_linears_in_float():
     result, stats = run_pass("insert-quantizers", gm, skip="^out$")
     assert stats["linears-quantized"] == 2 and stats["linears-left-in-float"] == 1
     FileCheck().check("q4.quantize_per_tensor").check("aten.add").check_not("q4.").run(result.graph_module.code)
-
-
-class Zero(torch.nn.Module):
-    """A linear whose input is all zeros: calibration sees nothing to scale."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.lin(x * 0)
 
 
 def test_all_zero_activation_gets_a_finite_step():

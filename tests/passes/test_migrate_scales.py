@@ -8,29 +8,14 @@ from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
-from tests.conftest import tiny_model
-from tests.passes.test_insert_quantizers import run_pass
-
-
-def inputs(batch=2, seq=11, seed=3):
-    return torch.randint(1, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def first_output(gm, x):
-    out = gm(x)
-    return out[0] if isinstance(out, (tuple, list)) else out
+from tests.helpers.models import Planted, inputs, tiny_model
+from tests.helpers.passes import capture_family, first_output, run_pass
 
 
 # (family, groups migrated per 2 layers: the norms before attention and MLP; down_proj through
 # up_proj rows where the MLP is gated with separate gate and up linears; o_proj through v_proj
 # rows, except Phi-3 whose v is a slice of the fused qkv output)
 FAMILIES = [("llama", 8), ("qwen2", 8), ("gemma", 8), ("phi3", 4), ("opt", 6), ("bert", 2)]
-
-
-def capture_family(family, x):
-    """Decoders without the KV cache: a returned cache is an output the migration must not change."""
-    kwargs = {} if family == "bert" else {"use_cache": False}
-    return capture(tiny_model(family), x, **kwargs)
 
 
 @pytest.mark.parametrize("family,groups", FAMILIES)
@@ -107,8 +92,6 @@ def test_qsm_search_beats_round_to_nearest_on_planted_outliers():
 
     As in real LLMs, the outlier channel's weights are small, so every channel matters to the
     output: round-to-nearest zeroes the 15 ordinary channels, QSM keeps them."""
-    from tests.passes.test_analyze_outliers import Planted
-
     model = Planted().eval()
     with torch.no_grad():
         model.a.weight[:, 3] /= 300

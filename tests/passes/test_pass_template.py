@@ -131,7 +131,7 @@ def test_runs_by_name_in_a_pipeline():
         "rounding": False})  # rounding=False: the compiled graph must compute the model's function
     with torch.no_grad():
         out, expected = compiled(*INPUTS), model(*INPUTS)
-    artifact = q4_backend.artifacts()[-1]
+    artifact = q4_backend.compiled_graphs()[-1]
     assert parse_pipeline(artifact.pipeline).names() == parse_pipeline(PIPELINE).names()
     record = next(r for r in artifact.records if r.name == PASS.name)
     assert record.modified and record.stats == STATS

@@ -10,8 +10,8 @@ from torch.testing import FileCheck
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core import ir
 from qcompile.kernels import rotation
-from tests.passes.test_insert_quantizers import run_pass
-from tests.passes.test_migrate_scales import capture_family, first_output, inputs
+from tests.helpers.models import inputs
+from tests.helpers.passes import capture_family, first_output, run_pass
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3", "opt", "bert"])

@@ -7,7 +7,8 @@ import torch
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from qcompile.core.analysis import ActivationGroups, get_analysis, invalidate
-from tests.passes.test_insert_quantizers import TwoHeads, run_pass
+from tests.helpers.models import TwoHeads
+from tests.helpers.passes import run_pass
 
 
 def two_heads():

@@ -15,7 +15,7 @@ import torch
 import qcompile
 from qcompile.api.artifact import ArtifactError
 from qcompile.frontend import calibrate, saved_artifact
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 OPTIONS = {"progress": False, "lower": "eager"}
 

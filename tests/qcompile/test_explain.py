@@ -16,7 +16,7 @@ from qcompile.core.pass_api import PipelineError
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import RECIPES
 from qcompile.tools.explain import main
-from tests.conftest import tiny_bert, tiny_llama
+from tests.helpers.models import tiny_bert, tiny_llama
 
 QUIET = {"progress": False}
 

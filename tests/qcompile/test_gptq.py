@@ -11,8 +11,7 @@ from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.kernels import int4
 from qcompile.core.pass_api import get_pass_class
 from qcompile.api.testing import capture
-from tests.conftest import tiny_model
-from tests.passes.test_migrate_scales import inputs
+from tests.helpers.models import inputs, tiny_model
 
 
 def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:

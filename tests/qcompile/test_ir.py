@@ -9,7 +9,7 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from qcompile.core import ir
 from qcompile.core.pass_manager import PassManager
-from tests.passes.test_insert_quantizers import TwoHeads
+from tests.helpers.models import TwoHeads
 
 PIPELINE = ("analyze-outliers,migrate-scales{method=smoothquant},fold-scales,rotate-inputs{skip=},"
             "insert-quantizers{skip=},fuse-kernels")

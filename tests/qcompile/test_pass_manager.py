@@ -1,4 +1,4 @@
-"""The pass manager and its instruments, on tiny traced graphs and the toy passes of `toys`."""
+"""The pass manager and its instruments, on tiny traced graphs and the toy passes of `tests.helpers.passes`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from qcompile.core.pass_api import PipelineError
 from qcompile.core.pass_manager import PassFailure, PassManager
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.verify import VerificationError
-from tests.qcompile.toys import tiny_graph
+from tests.helpers.passes import tiny_graph
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 ADD = "test-add-node{count=1,mode=fast,flag=false,label=x}"  # how headers name test-add-node
 
@@ -205,7 +207,7 @@ def test_from_options_defaults_only_verify():
 
 
 def test_a_user_pass_failing_inside_torch_compile_names_itself_and_the_reproducer():
-    # `test-fail` is registered outside qcompile (tests/qcompile/toys.py), like any user's pass.
+    # `test-fail` is registered outside qcompile (tests/helpers/passes.py), like any user's pass.
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
     x = torch.randn(2, 8)
     compiled = torch.compile(model, backend="q4", options={

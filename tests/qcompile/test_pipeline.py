@@ -10,7 +10,9 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes: the registr
 from qcompile.core.pass_api import PipelineError, registry
 from qcompile.core.pipeline import PassSpec, Pipeline, ordering_violation, parse_pipeline
 from qcompile.core.recipes import RECIPES
-from tests.qcompile import toys
+from tests.helpers import passes as toys
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 # --- well-formed text round-trips ---------------------------------------------------------------
 

@@ -17,8 +17,10 @@ from qcompile.core.instrument import DumpIR, PrintIR, ir_text
 from qcompile.core.pass_manager import PassManager
 from qcompile.core.printer import format_graph
 from qcompile.api.testing import capture
-from tests.conftest import tiny_llama
-from tests.qcompile.toys import tiny_graph
+from tests.helpers.models import tiny_llama
+from tests.helpers.passes import tiny_graph
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 q4 = torch.ops.q4
 EAGER = {"lower": "eager", "progress": False}
@@ -45,7 +47,7 @@ def compiled_graph(options: dict, *calls: torch.Tensor, dynamic: bool | None = N
     with torch.no_grad():
         for x in calls or (ids(16),):
             compiled(input_ids=x)
-    return q4_backend.artifacts()[-1].graph_module
+    return q4_backend.compiled_graphs()[-1].graph_module
 
 
 @pytest.fixture(scope="module")

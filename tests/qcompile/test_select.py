@@ -11,8 +11,9 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from qcompile.core import ir, qlinear
 from qcompile.core.select import LinearFilter
-from tests.conftest import tiny_llama
-from tests.passes.test_insert_quantizers import TwoHeads, run_pass
+from tests.helpers.models import tiny_llama
+from tests.helpers.models import TwoHeads
+from tests.helpers.passes import run_pass
 
 
 @pytest.fixture(scope="module")

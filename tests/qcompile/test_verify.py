@@ -13,8 +13,10 @@ from qcompile.core import ir, verify as verify_module
 from qcompile.core.pass_api import passes_run
 from qcompile.core.verify import VerificationError, verify
 from qcompile.passes.fold_scales import FoldScales
-from tests.qcompile import toys
-from tests.qcompile.toys import tiny_graph
+from tests.helpers import passes as toys
+from tests.helpers.passes import tiny_graph
+
+pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registered for each test
 
 
 LINEAR_W4A4 = torch.ops.q4.linear_w4a4.default

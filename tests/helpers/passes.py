@@ -1,5 +1,9 @@
-"""Toy passes and graphs for the pass infrastructure tests (names start with `test-`, so they
-cannot collide with qcompile's passes)."""
+"""Toy passes and graphs for the pass infrastructure tests, and running one pass as the pass
+manager does.
+
+The toy passes' names start with `test-`, so they cannot collide with qcompile's passes. They are
+not registered when this module is imported: a test that names them in a pipeline uses the
+`toy_passes` fixture (tests/conftest.py), which registers `TOY_PASSES` for that test only."""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qcompile.api.testing import capture
 from qcompile.core import ir
-from qcompile.core.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.pass_api import PassResult, QPass, get_pass_class, option
+from tests.helpers.models import tiny_model
 
 SOURCE = 'File "model.py", line 12, in forward\n    return torch.relu(x) + 1\n'
 
@@ -26,7 +32,6 @@ def tiny_graph() -> fx.GraphModule:
     return gm
 
 
-@register_pass
 class Noop(QPass):
     name = "test-noop"
     summary = "Look at every node, change nothing."
@@ -46,7 +51,6 @@ class AddNodeOptions:
     label: str = "x"
 
 
-@register_pass
 class AddNode(QPass):
     name = "test-add-node"
     summary = "Negate the output `count` times (each a new node with provenance)."
@@ -70,7 +74,6 @@ class BreakOptions:
     modified: bool = False
 
 
-@register_pass
 class BreakProvenance(QPass):
     name = "test-break-provenance"
     summary = "Stamp provenance naming an unregistered pass on the relu (breaks an invariant)."
@@ -87,7 +90,6 @@ class FailOptions:
     at: str = "relu"
 
 
-@register_pass
 class Fail(QPass):
     name = "test-fail"
     summary = "Raise when reaching the node named `at`."
@@ -100,10 +102,32 @@ class Fail(QPass):
         return PassResult(gm, False)
 
 
-@register_pass
 class ReturnsNone(QPass):
     name = "test-returns-none"
     summary = "Forget to return a PassResult."
 
     def call(self, gm):
         return None
+
+
+TOY_PASSES = (Noop, AddNode, BreakProvenance, Fail, ReturnsNone)
+
+
+def run_pass(name: str, gm, **options):
+    """(PassResult, statistics) of one run of the registered pass `name`; options as keyword
+    arguments (`alpha=0.8`), parsed as a pipeline's `{...}` would be."""
+    cls = get_pass_class(name)
+    qpass = cls(cls.parse_options({k.replace("_", "-"): str(v) for k, v in options.items()}))
+    result = qpass(gm)
+    return result, qpass.stats
+
+
+def capture_family(family, x):
+    """Decoders without the KV cache: a returned cache is an output the migration must not change."""
+    kwargs = {} if family == "bert" else {"use_cache": False}
+    return capture(tiny_model(family), x, **kwargs)
+
+
+def first_output(gm, x):
+    out = gm(x)
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,17 @@
+"""Compile and run through the public door, `torch.compile(model, backend="q4", options=...)`."""
+
+from __future__ import annotations
+
+import torch
+
+import qcompile.backends.q4 as q4_backend
+
+EAGER = {"lower": "eager", "progress": False}
+
+
+def compile_and_run(model, options, *args, **kwargs):
+    """(compiled model, its output on the arguments, the compiled graph's artifact)."""
+    compiled = torch.compile(model, backend="q4", options=options)
+    with torch.no_grad():
+        out = compiled(*args, **kwargs)
+    return compiled, out, q4_backend.compiled_graphs()[-1]

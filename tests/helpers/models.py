@@ -1,0 +1,102 @@
+"""Tiny random-weight transformers models built from configs (no downloads), small modules that
+hold one structure a pass rewrites, and token ids. Imports nothing of qcompile."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, tie_word_embeddings: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=tie_word_embeddings)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(layers: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                        num_attention_heads=4, max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny random-weight model of one architecture family, from its transformers config."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if family == "llama":
+        return tiny_llama(seed=seed)
+    if family == "bert":
+        return tiny_bert(seed=seed)
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=2)).eval()
+    if family == "gemma":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16)).eval()
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)).eval()
+    if family == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=128,
+                                              word_embed_proj_dim=64)).eval()
+    raise ValueError(f"unknown family {family!r}")
+
+
+def ids(seq: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    """Token ids for the tiny models: (batch, seq) in [0, 256)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, seq), generator=g)
+
+
+def inputs(batch=2, seq=11, seed=3):
+    """Token ids for the tiny models, without the padding id 0: (batch, seq) in [1, 256)."""
+    return torch.randint(1, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+class TwoHeads(torch.nn.Module):
+    """A norm feeding two linears (like q/k), and a third reading their sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(16)
+        self.q = torch.nn.Linear(16, 8)
+        self.k = torch.nn.Linear(16, 8, bias=False)
+        self.out = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.out(self.q(h) + self.k(h))
+
+
+class Zero(torch.nn.Module):
+    """A linear whose input is all zeros: calibration sees nothing to scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x * 0)
+
+
+class Planted(torch.nn.Module):
+    """Channel 3 of the first linear's input is 300x larger than the rest."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 8)
+        self.b = torch.nn.Linear(8, 4)
+        self.register_buffer("gain", torch.ones(16))
+        self.gain[3] = 300.0
+
+    def forward(self, x):
+        return self.b(self.a(x * self.gain))
