@@ -166,6 +166,3 @@ def compiled_graphs() -> list[CompiledGraph]:
     alive = [g for g in (r() for r in _COMPILED) if g is not None]
     _COMPILED[:] = [weakref.ref(g) for g in alive]
     return alive
-
-
-artifacts = compiled_graphs  # the former name, still used by tests/passes and tests/qcompile/test_printer.py

@@ -32,7 +32,8 @@ MAX_HADAMARD_LOG2 = 6  # Sylvester factors of at most 64 x 64
 GEMM_FACTOR_MIN = 64  # rotate_decomposed: a last factor at least this large runs as a GEMM
 
 
-def _sylvester(size: int) -> torch.Tensor:
+def sylvester(size: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order `size` (a power of two)."""
     h = torch.ones(1, 1)
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -52,7 +53,7 @@ def rotation_factors(n: int) -> list[torch.Tensor]:
         factors.append((q * torch.sign(torch.diagonal(r))).float().contiguous())  # sign-fixed: unique given the seed
     count = -(-power // MAX_HADAMARD_LOG2)  # as few factors of <= 64 as will do, balanced
     for i in range(count):
-        factors.append(_sylvester(2 ** ((power + i) // count)))
+        factors.append(sylvester(2 ** ((power + i) // count)))
     return factors or [torch.ones(1, 1)]
 
 

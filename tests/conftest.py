@@ -38,10 +38,8 @@ def fresh_dynamo():
 def pass_registry():
     """The pass registry as it was before the test, restored after it: a pass a test registers
     (a toy pass, a user's pass file it imports) is gone for the next test, whatever the order."""
-    registered = dict(pass_api._REGISTRY)
-    yield
-    pass_api._REGISTRY.clear()
-    pass_api._REGISTRY.update(registered)
+    with pass_api.registry_restored():
+        yield
 
 
 @pytest.fixture

@@ -54,11 +54,6 @@ class QuantizedModel:
         self.seconds = seconds
 
     @property
-    def artifacts(self) -> list[CompiledGraph]:
-        """The compiled graphs, by their former name (`graphs`)."""
-        return self.graphs
-
-    @property
     def pipeline(self) -> str:
         return self.info["pipeline"]
 

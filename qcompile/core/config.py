@@ -26,7 +26,7 @@ import typing
 import warnings
 from typing import Any, Iterable, Mapping
 
-from qcompile.core.pass_api import _parse_value
+from qcompile.core.pass_api import parse_value
 from qcompile.core.recipes import DEFAULT_RECIPE
 
 __all__ = ["Q4Options", "resolve_options", "ENV_PREFIX", "env_names"]
@@ -71,7 +71,7 @@ class Q4Options:
     kernels: str = _field("auto", choices=("auto", "triton"))
     progress: bool = True  # tqdm progress bars
     # a directory saved by qcompile.quantize(...).save(dir): its statistics replace calibration
-    # and its pipeline replays with the saved results of its expensive steps (qcompile/artifact.py)
+    # and its pipeline replays with the saved results of its expensive steps (qcompile/frontend/saved_artifact.py)
     artifact: str | None = None
 
 
@@ -89,7 +89,7 @@ def _from_text(name: str, text: str, where: str) -> Any:
     """Convert environment text to the type of field `name`."""
     typ = _TYPES[name]
     if typ is bool:
-        return _parse_value(text, bool, where)
+        return parse_value(text, bool, where)
     if typ == _STRINGS:
         return _split(text)
     return text

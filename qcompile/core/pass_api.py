@@ -41,6 +41,7 @@ statistics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -101,7 +102,8 @@ def _field_type(options_cls: type, field: dataclasses.Field) -> type:
     return hints[field.name]
 
 
-def _parse_value(text: str, typ: type, where: str) -> Any:
+def parse_value(text: str, typ: type, where: str) -> Any:
+    """`text` (from a pipeline string or a `Q4_*` variable) as a value of `typ`; errors name `where`."""
     if typ is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -206,7 +208,7 @@ class QPass(PassBase):
                 )
             field = fields[key]
             where = f"option {key!r} of pass {cls.name!r}"
-            value = _parse_value(text, _field_type(cls.Options, field), where)
+            value = parse_value(text, _field_type(cls.Options, field), where)
             choices = field.metadata.get("choices")
             if choices is not None and value not in choices:
                 valid = ", ".join(format_value(c) for c in choices)
@@ -261,6 +263,18 @@ def registry() -> dict[str, type[QPass]]:
     """Every registered pass, by name (qcompile's own once `qcompile.passes` is imported, plus any
     registered by user code)."""
     return dict(_REGISTRY)
+
+
+@contextlib.contextmanager
+def registry_restored() -> Iterator[None]:
+    """The registry as it was before the block, restored after it: passes registered inside the
+    block (a test's toy pass, a user's pass file tried in a notebook) are gone afterwards."""
+    saved = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def get_pass_class(name: str) -> type[QPass]:

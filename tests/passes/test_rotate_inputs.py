@@ -77,7 +77,7 @@ def test_splitting_the_hadamard_part_does_not_change_the_rotation():
     # 1536 = 3 * 512: factors [3, 16, 32]; kron(H16, H32) is the Sylvester matrix H512 itself
     odd, *hadamard = rotation.rotation_factors(1536)
     assert odd.shape[0] == 3 and [h.shape[0] for h in hadamard] == [16, 32]
-    torch.testing.assert_close(torch.kron(*hadamard), rotation._sylvester(512), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.kron(*hadamard), rotation.sylvester(512), rtol=0, atol=1e-6)
 
 
 def test_rotation_spreads_an_outlier_channel():
