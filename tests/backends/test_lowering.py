@@ -31,6 +31,7 @@ def test_rotate_decomposition_compiled_by_inductor_matches_the_op(n):
     torch.testing.assert_close(compiled(x, factors), q4.rotate(x, factors), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inductor_sees_every_q4_op_as_aten_and_the_integer_gemm_stays(llama):
     _, eager_out, art = compile_and_run(llama, {"lower": "eager", "progress": False, "recipe": "w4a4",
                                                 "calibration": [(ids(16, seed=2),)]}, ids(12))
@@ -64,6 +65,7 @@ def test_linear_decomposition_compiled_by_inductor_is_the_op_bit_exactly(m, k, n
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monkeypatch):
     """Q4_KERNELS=triton: the integer GEMMs run through the Triton kernel (the interpreter on CPU)
     and the model computes what it computes through the CPU kernels."""

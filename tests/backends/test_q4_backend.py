@@ -25,6 +25,7 @@ def linear_modules(model, skip=("lm_head",)):
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in skip]
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_finds_backend_without_import(tmp_path):
     """The entry point registers `q4`: no `import qcompile` before torch.compile."""
     script = textwrap.dedent(
@@ -128,6 +129,7 @@ def test_quantized_weights_hold_at_most_a_seventh_of_fp32():
                        for h in held), name
 
 
+@pytest.mark.slow
 def test_recompile_for_new_length_reuses_calibration(llama, monkeypatch):
     from qcompile.frontend import calibrate
 
@@ -144,6 +146,7 @@ def test_recompile_for_new_length_reuses_calibration(llama, monkeypatch):
     assert len({a.graph_id for a in q4_backend.compiled_graphs()[-2:]}) == 2  # it did recompile
 
 
+@pytest.mark.slow
 def test_first_call_calibration_warns_once(llama):
     compiled = torch.compile(llama, backend="q4", options=EAGER)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -154,6 +157,7 @@ def test_first_call_calibration_warns_once(llama):
     assert len(messages) == 1 and "first call" in messages[0]
 
 
+@pytest.mark.slow
 def test_positional_and_keyword_batches_both_bind(llama):
     for batch in ((ids(8),), {"input_ids": ids(8)}):
         torch._dynamo.reset()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,6 +17,7 @@ def run(*args: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_kernels_prints_its_table():
     out = run("-m", "qcompile.tools.bench", "kernels", "--shapes", "256x128,257x100", "--m", "1,3,64", "--repeats", "2")
     assert "q4 W4A4 (CPU) speedup" in out and "FP32 F.linear ms" in out
@@ -30,6 +33,7 @@ def test_bench_kernels_rejects_a_malformed_shape():
     assert proc.returncode == 2 and "KxN pairs" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_prefill_prints_its_table():
     out = run(str(ROOT / "benchmarks" / "bench_prefill_cpu.py"), "--tiny", "--tokens", "32", "--repeats", "2")
     rows = [line.split()[:3] for line in out.splitlines()]
