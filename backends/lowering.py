@@ -30,7 +30,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import weakref
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import fx

@@ -16,9 +16,9 @@ import torch
 from tabulate import tabulate
 
 import qcompile.backends.q4 as q4_backend
-from qcompile.tools import zoo
 from qcompile.algorithms.metrics import perplexity
 from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
+from qcompile.tools import zoo
 
 
 def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:

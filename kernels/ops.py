@@ -28,8 +28,15 @@ from typing import Optional
 
 import torch
 
-from .checks import KernelArgumentError  # noqa: F401  (the error the ops raise, importable from here)
-from .checks import check_device, check_float_dtype, check_packed, check_step, describe, fail
+from .checks import (
+    KernelArgumentError,  # noqa: F401  (the error the ops raise, importable from here)
+    check_device,
+    check_float_dtype,
+    check_packed,
+    check_step,
+    describe,
+    fail,
+)
 from .int4 import unpack_int4
 from .reference import epilogue
 

@@ -41,7 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_bias, check_contiguous, check_device, check_float_dtype, check_packed, check_step, describe, fail
+from .checks import (
+    check_bias,
+    check_contiguous,
+    check_device,
+    check_float_dtype,
+    check_packed,
+    check_step,
+    describe,
+    fail,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

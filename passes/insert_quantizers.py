@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.algorithms import gptq, scale_search as search
+from qcompile.algorithms import gptq
+from qcompile.algorithms import scale_search as search
 from qcompile.core import ir, qlinear
 from qcompile.core.memo import memoized, replaying
 from qcompile.core.pass_api import PassResult, QPass, option, register_pass

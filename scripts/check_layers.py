@@ -43,9 +43,8 @@ def layer_of(module: str, layers: list[str]) -> str:
 
 def import_counts(root: Path) -> str:
     """A table: for each layer, how many import statements of its modules name each other layer."""
-    import tomllib
-
     import grimp
+    import tomllib
     from tabulate import tabulate
 
     with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:

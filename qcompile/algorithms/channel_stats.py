@@ -66,12 +66,12 @@ class ChannelStats:
             self.samples[slots] = replace
 
     @classmethod
-    def empty(cls, channels: int, gram: bool = False) -> "ChannelStats":
+    def empty(cls, channels: int, gram: bool = False) -> ChannelStats:
         zeros = torch.zeros(channels, dtype=torch.float32)
         return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
                    gram=torch.zeros(channels, channels) if gram else None)
 
-    def rotated(self, factors: list[torch.Tensor]) -> "ChannelStats":
+    def rotated(self, factors: list[torch.Tensor]) -> ChannelStats:
         """The statistics of x @ R, R = kron(*factors) orthogonal (`kernels/rotation.py`). Samples
         and the Gram matrix (R^T G R) rotate exactly; per-channel ranges come from the rotated
         samples, as the full calibration set was only observed unrotated."""
@@ -85,7 +85,7 @@ class ChannelStats:
         gram = None if self.gram is None else rotate(rotate(self.gram, factors).t().contiguous(), factors).t()
         return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram)
 
-    def scaled(self, scales: torch.Tensor) -> "ChannelStats":
+    def scaled(self, scales: torch.Tensor) -> ChannelStats:
         """The statistics of x / scales (per channel), as a migration leaves the input."""
         gram = None if self.gram is None else self.gram / torch.outer(scales, scales)
         return dataclasses.replace(self, absmax=self.absmax / scales, robust=self.robust / scales,

@@ -4,7 +4,7 @@ measure). Shared by explain, the accuracy table, the examples and the benchmarks
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm

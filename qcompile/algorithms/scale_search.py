@@ -7,7 +7,7 @@ token samples is closest to the float output. Everything here is plain torch on 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -24,7 +24,8 @@ import difflib
 import os
 import typing
 import warnings
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from qcompile.core.pass_api import parse_value
 from qcompile.core.recipes import DEFAULT_RECIPE

@@ -25,8 +25,9 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import TextIO
 
 from tabulate import tabulate
 from torch import fx

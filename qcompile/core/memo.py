@@ -23,7 +23,8 @@ Without a memo in `gm.meta` (a pass run on its own, in a test), `memoized` just 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx

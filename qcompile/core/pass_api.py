@@ -46,7 +46,8 @@ import dataclasses
 import re
 import typing
 from collections import Counter
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
 
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Iterable, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 from torch import fx
 

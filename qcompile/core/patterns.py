@@ -44,7 +44,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from torch import fx
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters

@@ -32,8 +32,9 @@ Every error shows the text with a caret under the position at fault.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from functools import cached_property
-from typing import Any, Iterable
+from typing import Any
 
 from qcompile.core.pass_api import PipelineError, QPass, format_value, get_pass_class, registry, to_kebab
 
@@ -127,8 +128,7 @@ def parse_pipeline(text: str) -> Pipeline:
     specs = parser.pipeline()
     for spec, position in specs:
         try:
-            spec.pass_class
-            spec.options  # parse the typed options now: a bad value fails here, not mid-run
+            _ = spec.pass_class, spec.options  # look up and parse now: a bad value fails here, not mid-run
         except PipelineError as e:
             raise parser.error(str(e), position) from None
     broken = ordering_violation([spec.name for spec, _ in specs])

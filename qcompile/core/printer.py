@@ -66,7 +66,7 @@ How to read it:
 `[by fuse-kernels from linear_default_1, dequantize_per_tensor_default_1, ...]`. `module=` prints
 only the nodes whose module path is that module or inside it, after a first line saying how
 many were left out: one layer of a big model.
-"""
+"""  # noqa: E501 (the example is the printer's own output, one line per node)
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

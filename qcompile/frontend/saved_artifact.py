@@ -28,8 +28,9 @@ import dataclasses
 import hashlib
 import json
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import fx

@@ -18,9 +18,9 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from qcompile.tools import zoo
 from qcompile.algorithms.metrics import perplexity
 from qcompile.core.recipes import RECIPES
+from qcompile.tools import zoo
 
 
 def sentences(name: str, count: int, skip: int = 0) -> list[str]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
@@ -115,7 +115,7 @@ def bench_kernels(shapes: list[tuple[int, int]], m_values: list[int], repeats: i
                 seconds = side_by_side_seconds(list(variants.values()), repeats, torch.cuda.synchronize)
             else:
                 x, w = torch.randn(m, k), torch.randn(n, k)
-                variants = {"FP32 F.linear": lambda: torch.nn.functional.linear(x, w),
+                variants = {"FP32 F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w),
                             "q4 W4A4 (CPU)": _cpu_q4_linear(x, packed, w_step)}
                 seconds = side_by_side_seconds(list(variants.values()), repeats)
             base = seconds[0]
@@ -255,7 +255,8 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     try:
         return [(int(k), int(n)) for k, n in (s.lower().split("x") for s in text.split(",") if s)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shapes are KxN pairs separated by commas (4096x11008), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"shapes are KxN pairs separated by commas (4096x11008), got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
+from qcompile.api.testing import capture
 from qcompile.core import ir
 from qcompile.passes.analyze_outliers import outlier_report
-from qcompile.api.testing import capture
 from tests.helpers.models import Planted, Zero
 from tests.helpers.passes import run_pass
 

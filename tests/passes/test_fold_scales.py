@@ -7,9 +7,9 @@ import torch
 from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
+from qcompile.api.testing import capture
 from qcompile.core import ir
 from qcompile.core.pass_api import passes_run
-from qcompile.api.testing import capture
 from qcompile.core.verify import VerificationError, verify
 from tests.helpers.models import inputs
 from tests.helpers.passes import capture_family, first_output, run_pass

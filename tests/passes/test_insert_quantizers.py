@@ -6,9 +6,9 @@ import torch
 from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
+from qcompile.api.testing import capture
 from qcompile.core import ir
 from qcompile.kernels import reference
-from qcompile.api.testing import capture
 from tests.helpers.models import TwoHeads, Zero
 from tests.helpers.passes import run_pass
 

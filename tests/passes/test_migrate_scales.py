@@ -11,7 +11,6 @@ from qcompile.api.testing import capture
 from tests.helpers.models import Planted, inputs, tiny_model
 from tests.helpers.passes import capture_family, first_output, run_pass
 
-
 # (family, groups migrated per 2 layers: the norms before attention and MLP; down_proj through
 # up_proj rows where the MLP is gated with separate gate and up linears; o_proj through v_proj
 # rows, except Phi-3 whose v is a slice of the fused qkv output)
@@ -110,8 +109,8 @@ def test_qsm_search_beats_round_to_nearest_on_planted_outliers():
 
 
 def test_qsm_leaves_its_clipping_ratio_for_insert_quantizers():
-    from qcompile.core import ir
     from qcompile.algorithms.scale_search import CLIPS
+    from qcompile.core import ir
 
     gm = capture(tiny_model("llama"), inputs())
     run_pass("migrate-scales", gm)

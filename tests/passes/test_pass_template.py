@@ -24,10 +24,10 @@ import torch
 from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
+from qcompile.api.testing import capture
 from qcompile.backends import q4 as q4_backend
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import recipe_pipeline
-from qcompile.api.testing import capture
 
 ROOT = Path(__file__).resolve().parents[2]
 

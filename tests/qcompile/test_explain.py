@@ -10,11 +10,11 @@ import statistics
 import pytest
 import torch
 
-from qcompile.frontend.calibrate import CalibrationError
 from qcompile.api.explain import ExplainReport, LinearRow, explain
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import RECIPES
+from qcompile.frontend.calibrate import CalibrationError
 from qcompile.tools.explain import main
 from tests.helpers.models import tiny_bert, tiny_llama
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from qcompile.algorithms import gptq
-from qcompile.core import ir
 from qcompile.algorithms.channel_stats import ChannelStats
-from qcompile.kernels import int4
-from qcompile.core.pass_api import get_pass_class
 from qcompile.api.testing import capture
+from qcompile.core import ir
+from qcompile.core.pass_api import get_pass_class
+from qcompile.kernels import int4
 from tests.helpers.models import inputs, tiny_model
 
 

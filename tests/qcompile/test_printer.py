@@ -11,12 +11,12 @@ import torch
 
 import qcompile.backends.q4 as q4_backend
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
+from qcompile.api.testing import capture
 from qcompile.core import instrument, ir
 from qcompile.core.config import resolve_options
 from qcompile.core.instrument import DumpIR, PrintIR, ir_text
 from qcompile.core.pass_manager import PassManager
 from qcompile.core.printer import format_graph
-from qcompile.api.testing import capture
 from tests.helpers.models import tiny_llama
 from tests.helpers.passes import tiny_graph
 

@@ -11,8 +11,7 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
 from qcompile.core import ir, qlinear
 from qcompile.core.select import LinearFilter
-from tests.helpers.models import tiny_llama
-from tests.helpers.models import TwoHeads
+from tests.helpers.models import TwoHeads, tiny_llama
 from tests.helpers.passes import run_pass
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
-from qcompile.core import ir, verify as verify_module
+from qcompile.core import ir
+from qcompile.core import verify as verify_module
 from qcompile.core.pass_api import passes_run
 from qcompile.core.verify import VerificationError, verify
 from qcompile.passes.fold_scales import FoldScales
