@@ -43,27 +43,13 @@ from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
 from qcompile.core.memo import MEMO, Memo, MemoMiss
 from qcompile.core.pass_manager import PassFailure, PassManager, PassManagerResult
-from qcompile.core.pipeline import Pipeline, parse_pipeline
-from qcompile.core.recipes import recipe_pipeline
+from qcompile.core.pipeline import parse_pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
 from qcompile.frontend.capture import compiled_frame
 from qcompile.frontend.prepare import prepare
 from qcompile.frontend.saved_artifact import ArtifactError, Replay, SavedArtifact, read_cached
 
-__all__ = ["q4_backend", "Q4Backend", "CompiledGraph", "build_pipeline", "compiled_graphs"]
-
-
-def build_pipeline(opts: Q4Options) -> Pipeline:
-    """The pipeline `opts` asks for: the recipe's (or `opts.pipeline`), minus `opts.disable`, with
-    the `rounding` and `unmatched` options applied to insert-quantizers."""
-    pipeline = parse_pipeline(opts.pipeline if opts.pipeline is not None else recipe_pipeline(opts.recipe))
-    if opts.disable:
-        pipeline = pipeline.without(opts.disable)
-    if not opts.rounding:
-        pipeline = pipeline.with_option("insert-quantizers", "rounding", "false")
-    if opts.unmatched != "quantize":
-        pipeline = pipeline.with_option("insert-quantizers", "unmatched", opts.unmatched)
-    return pipeline
+__all__ = ["q4_backend", "Q4Backend", "CompiledGraph", "compiled_graphs"]
 
 
 class Q4Backend:
@@ -107,7 +93,7 @@ class Q4Backend:
             opts = dataclasses.replace(opts, dump_dir=f"{opts.dump_dir}/graph-{graph_id}")
         saved = read_cached(opts.artifact) if opts.artifact is not None else None
         # a saved artifact's own pipeline, replayed on its statistics and results
-        pipeline = parse_pipeline(saved.pipeline) if saved is not None else build_pipeline(opts)
+        pipeline = parse_pipeline(saved.pipeline) if saved is not None else pipeline_for(opts)
         base = PassManager.from_options(pipeline, opts, stream=sys.stderr)
         manager = PassManager(pipeline, [*base.instruments, *self.instruments()], stream=sys.stderr)
         prepared = prepare(gm, example_inputs, opts, frame, None if saved is not None else self.calibration_cache,

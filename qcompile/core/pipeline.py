@@ -36,9 +36,11 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import Any
 
+from qcompile.core.config import Q4Options
 from qcompile.core.pass_api import PipelineError, QPass, format_value, get_pass_class, registry, to_kebab
+from qcompile.core.recipes import recipe_pipeline
 
-__all__ = ["PassSpec", "Pipeline", "parse_pipeline"]
+__all__ = ["PassSpec", "Pipeline", "parse_pipeline", "pipeline_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,3 +237,16 @@ class _Parser:
                 if char == "}":
                     break
         return PassSpec(name, options), start
+
+
+def pipeline_for(opts: Q4Options) -> Pipeline:
+    """The pipeline `opts` asks for: the recipe's (or `opts.pipeline`), minus `opts.disable`, with
+    the `rounding` and `unmatched` options applied to insert-quantizers."""
+    pipeline = parse_pipeline(opts.pipeline if opts.pipeline is not None else recipe_pipeline(opts.recipe))
+    if opts.disable:
+        pipeline = pipeline.without(opts.disable)
+    if not opts.rounding:
+        pipeline = pipeline.with_option("insert-quantizers", "rounding", "false")
+    if opts.unmatched != "quantize":
+        pipeline = pipeline.with_option("insert-quantizers", "unmatched", opts.unmatched)
+    return pipeline

@@ -13,10 +13,10 @@ from torch._dynamo.exc import BackendCompilerFailed
 
 from qcompile.api.explain.measure import Recorder, linear_rows
 from qcompile.api.explain.report import ExplainReport, GraphReport, PassRow
-from qcompile.backends.q4 import CompiledGraph, Q4Backend, build_pipeline
+from qcompile.backends.q4 import CompiledGraph, Q4Backend
 from qcompile.core.config import resolve_options
 from qcompile.core.instrument import Instrument
-from qcompile.core.pipeline import Pipeline
+from qcompile.core.pipeline import Pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
 
 __all__ = ["explain"]
@@ -79,7 +79,7 @@ def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> Expl
                       "measurements random); call model.eval() first", stacklevel=2)
     # explain calibrates: a saved artifact's statistics are not what it measures
     opts = dataclasses.replace(resolve_options(options), artifact=None)
-    pipeline = build_pipeline(opts)  # an unknown recipe or a bad pipeline fails here, not in Dynamo
+    pipeline = pipeline_for(opts)  # an unknown recipe or a bad pipeline fails here, not in Dynamo
     default_calibration = opts.calibration is None
     if default_calibration:
         opts = dataclasses.replace(opts, calibration=[kwargs if kwargs else args])
