@@ -60,6 +60,7 @@ def test_recipes_lists_every_recipe_and_marks_the_default():
     assert all(name in out for name in RECIPES) and "w4a4 (default)" in out
 
 
+@pytest.mark.slow
 def test_bench_and_eval_take_their_own_arguments():
     out = qcompile("bench", "kernels", "--shapes", "64x32", "--m", "1", "--repeats", "1").stdout
     assert "q4 W4A4 (CPU) speedup" in out
@@ -72,6 +73,7 @@ def test_the_installed_script_runs():
     assert proc.returncode == 0 and "passes" in proc.stdout
 
 
+@pytest.mark.slow
 def test_custom_pass_example_runs_and_its_pass_is_listed():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pass.py")], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)

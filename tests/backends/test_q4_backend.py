@@ -117,6 +117,7 @@ def test_compiled_bert_matches_fake_quant_reference(bert):
     assert cosine > 0.9999, cosine
 
 
+@pytest.mark.slow
 def test_quantized_weights_hold_at_most_a_seventh_of_fp32():
     model = tiny_llama()
     fp32 = sum(model.get_submodule(n).weight.numel() * 4 for n in linear_modules(model, skip=()))
