@@ -1,5 +1,6 @@
-"""Accuracy measures: perplexity of a language model, SQNR of a quantized tensor (explain's per-linear
-measure). Shared by explain, the accuracy table, the examples and the benchmarks."""
+"""Accuracy measures: perplexity of a language model, cosine similarity of embeddings, SQNR of a
+quantized tensor (explain's per-linear measure). Shared by explain, the accuracy table, the
+examples and the benchmarks."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ def perplexity(model: Callable, windows: Iterable[torch.Tensor], progress: bool 
             nll += loss.item()
             count += ids.shape[1] - 1
     return math.exp(nll / count)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the cosine similarity of L2-normalized rows `a` and `b` (sentence
+    embeddings against their FP32 reference)."""
+    return (a * b).sum(-1).mean().item()
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from qcompile.algorithms.metrics import perplexity
+from qcompile.algorithms.metrics import mean_cosine, perplexity
 from qcompile.core.recipes import RECIPES
 from qcompile.tools import zoo
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["all-MiniLM-L6-v2", "FP32", "cosine to FP32", 1.0, None, None])
     for recipe in recipes:
         compiled, seconds = compile_q4(bert, recipe, calib, calib[0])
-        cosine = (embed(compiled, bert_tokenizer, held_out) * reference).sum(-1).mean().item()
+        cosine = mean_cosine(embed(compiled, bert_tokenizer, held_out), reference)
         rows.append(["all-MiniLM-L6-v2", recipe, "cosine to FP32", cosine, None, seconds])
 
     print()
