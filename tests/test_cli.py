@@ -100,6 +100,7 @@ def test_quantize_saves_an_artifact(tmp_path):
     assert saved.manifest["recipe"] == "w4a4-rtn" and "model.layers.29.mlp.down_proj.weight" in saved.manifest["stats"]
 
 
+@pytest.mark.slow
 def test_quantize_rejects_bad_input(tmp_path):
     proc = qcompile("quantize", "--out", str(tmp_path), "--recipe", "w3a3", check=False)
     assert proc.returncode == 2 and "invalid choice: 'w3a3'" in proc.stderr
@@ -116,6 +117,7 @@ def test_eval_runs_on_a_short_input(eval_table):
     assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-rtn" in out
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_help():
     for command in ("quantize", "explain", "passes", "recipes", "eval", "bench"):
         proc = qcompile(command, "--help")

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_non_editable_install_from_outside_the_repo(tmp_path):
     target = tmp_path / "site"
     subprocess.run(

@@ -60,6 +60,7 @@ def test_fresh_interpreter_finds_backend_without_import(tmp_path):
     assert bert[1:] == ["13", "13", "0", "True"]
 
 
+@pytest.mark.slow
 def test_user_parameters_unchanged_byte_for_byte(llama):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     grads = {k: p.requires_grad for k, p in llama.named_parameters()}
@@ -313,6 +314,7 @@ def test_smoothquant_recipe_runs_end_to_end(llama):
 
 
 # (fused linears, fake-quantized linears): w4a4 quantizes the head too (8-bit activations)
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,fused,fake_quant", [("w4a4", 15, 0), ("w4a8", 14, 0), ("w4a16", 0, 14)])
 def test_every_recipe_runs_end_to_end(llama, recipe, fused, fake_quant):
     run = ids(12, seed=9)

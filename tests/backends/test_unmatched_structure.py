@@ -3,6 +3,7 @@ those linears are quantized without migration or kept in float, and the report s
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers.backend import EAGER, compile_and_run
@@ -40,6 +41,7 @@ def test_unknown_structure_compiles_and_the_option_decides():
     assert art.migration_report().count("unmatched=float") == 2
 
 
+@pytest.mark.slow
 def test_post_norm_bert_keeps_unmatched_linears_in_float_on_request():
     model = tiny_model("bert")
     calibration = [{"input_ids": ids(12, seed=4, batch=2)}]

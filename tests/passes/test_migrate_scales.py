@@ -36,6 +36,7 @@ def test_post_norm_residual_is_left_alone_and_counted():
     assert stats["activations-shared-with-non-linear"] >= 4  # LayerNorm outputs feed residuals too
 
 
+@pytest.mark.slow
 def test_value_rows_are_left_alone_when_the_kv_cache_is_returned():
     """With use_cache, v also flows into the returned cache: scaling v_proj would change an output."""
     _, with_cache = run_pass("migrate-scales", capture(tiny_model("llama"), inputs()))
