@@ -41,7 +41,7 @@ from qcompile.backends.compiled_graph import CompiledGraph
 from qcompile.backends.lowering import lower
 from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
-from qcompile.core.memo import MEMO, Memo, MemoMiss
+from qcompile.core.memo import MEMO, MemoMiss
 from qcompile.core.pass_manager import PassFailure, PassManager, PassManagerResult
 from qcompile.core.pipeline import parse_pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
@@ -107,7 +107,9 @@ class Q4Backend:
             saved.attach_stats(frozen)
             if opts.lower == "inductor":
                 saved.load_kernel_cache()
-        memo = frozen.meta[MEMO] = saved.memo() if saved is not None else Memo()
+        # the memo of expensive results is the model's: a recompile (decode after prefill) reuses it
+        memo = frozen.meta[MEMO] = saved.memo() if saved is not None else self.calibration_cache.memo_for(
+            prepared.parameters, opts.calibration)
         replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
         result = _run_passes(manager, frozen, saved)
         stop = self.stop_after == "passes"

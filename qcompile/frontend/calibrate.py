@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir, qlinear
 from qcompile.core.config import Q4Options
+from qcompile.core.memo import Memo
 from qcompile.frontend.capture import Frame
 
 
@@ -155,7 +156,9 @@ def observe_model(
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
                     raise CalibrationError(f"calibration batch {index}: argument {name!r} holds NaN or inf")
             try:
-                with observer:
+                # force_eager: a compiled forward (model.forward = torch.compile(...)) runs as
+                # the user's own code, not back into this compile
+                with observer, torch.compiler.set_stance("force_eager"):
                     module(*args, **kwargs)
             except CalibrationError as e:
                 raise CalibrationError(f"calibration batch {index}: {e}") from None
@@ -176,8 +179,11 @@ def observe_model(
 
 
 class CalibrationCache:
-    """Calibration statistics by weight parameter, then by calibration data and whether they
-    hold Gram matrices, so that a recompile (a new shape) finds them and does not calibrate again.
+    """What a recompile of the same model reuses: calibration statistics by weight parameter,
+    then by calibration data and whether they hold Gram matrices, and the results of the
+    pipeline's expensive steps (`memo_for`). A generating model compiles several graphs (the
+    prompt, the first decode step, the decode steps after it): each finds the statistics and the
+    GPTQ / search results of the first, and neither calibrates nor searches again.
 
     Weights are held weakly: the statistics die with the user's model. An entry holds the
     calibration object itself: while it does, no other object can reuse its id, so a new
@@ -187,6 +193,18 @@ class CalibrationCache:
     def __init__(self) -> None:
         # {weight: {(calibration key, gram): (calibration object, ChannelStats)}}
         self._by_weight: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._memos: WeakIdKeyDictionary = WeakIdKeyDictionary()  # {weight: {calibration key: (calibration, Memo)}}
+
+    def memo_for(self, weights: Sequence[torch.Tensor], calibration: Any) -> Memo:
+        """The memo shared by the graphs reading any of `weights` and calibrated on `calibration`
+        (a new one if none is). Its keys hash each step's tensor inputs, not the statistics, so
+        it is shared only by graphs with the same calibration."""
+        key = self._key(calibration, False)
+        found = (self._memos.get(w, {}).get(key) for w in weights)
+        memo = next((m for c, m in filter(None, found) if c is calibration), None) or Memo()
+        for w in weights:
+            self._memos.setdefault(w, {})[key] = (calibration, memo)
+        return memo
 
     @staticmethod
     def _key(calibration: Any, gram: bool) -> tuple:

@@ -22,6 +22,7 @@ class Prepared:
 
     graph_module: fx.GraphModule
     keep: list[int]  # indices of the graph inputs that stay inputs (the rest were frozen)
+    parameters: list[torch.Tensor]  # the user's parameters and buffers frozen into it
 
 
 def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, frame: Frame,
@@ -40,4 +41,5 @@ def prepare(gm: fx.GraphModule, example_inputs: list[Any], opts: Q4Options, fram
         on_stage("freeze", aten_gm)
         if cache is not None:
             calibrate_graph(aten_gm, example_inputs, state, opts, frame, cache, "gram" in needs)
-    return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state])
+    return Prepared(aten_gm, [i for i in range(len(example_inputs)) if i not in state],
+                    [tensor for tensor, _ in state.values()])
