@@ -58,19 +58,12 @@ from qcompile.kernels.rotation import rotation_factors
 # Layout ops between attention heads and flat channels, and those of repeat_kv (GQA).
 LAYOUT = {ir.aten.view.default, ir.aten.reshape.default, ir.aten._unsafe_view.default,
           ir.aten.transpose.int, ir.aten.contiguous.default, ir.aten.clone.default}
-REPEAT = {ir.aten.expand.default, ir.aten.unsqueeze.default, ir.aten.slice.Tensor}
+# The scale site of o_proj's input: one multiply by 1/s, inserted before the linears.
+EXPLICIT = "explicit"
 
 
 def _op(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else node.op
-
-
-def _full_slice(node: fx.Node) -> bool:
-    """aten.slice(x, dim, start, end[, step]) that keeps everything (repeat_kv's x[:, :, None])."""
-    start = node.args[2] if len(node.args) > 2 else 0
-    end = node.args[3] if len(node.args) > 3 else None
-    step = node.args[4] if len(node.args) > 4 else 1
-    return start in (0, None) and (end is None or end >= 2**62) and step == 1
 
 
 @dataclass(frozen=True)
@@ -126,7 +119,7 @@ class MigrateScales(QPass):
             for lin in linears:
                 lin.meta[ir.MIGRATION] = {"status": "migrated", "reason": f"{self.options.method} scales, "
                                           f"shared by {len(linears)} linear(s)"}
-            self._migrate(gm, *found, linears)
+            self._migrate(gm, activation, found, linears)
             self.count("groups-migrated")
             self.count("linears-migrated", len(linears))
             modified = True
@@ -144,11 +137,10 @@ class MigrateScales(QPass):
 
     # --- structure ---------------------------------------------------------------------------------
 
-    def _scale_sites(self, gm: fx.GraphModule, activation: fx.Node) -> tuple[list[tuple[fx.Node, int]], torch.Tensor | None] | None:
+    def _scale_sites(self, gm: fx.GraphModule, activation: fx.Node) -> list[tuple[fx.Node, int]] | str | None:
         """Where 1/s can go: (node, arg index) of constants whose dim 0 runs over the activation's
-        channels, such that dividing them by s divides the activation by s; and the map from
-        activation channel to constant row when it is not the identity (attention heads sharing
-        a KV head share one row). None if nowhere."""
+        channels, such that dividing them by s divides the activation by s; EXPLICIT for
+        attention's output (a multiply of its own); None if nowhere."""
         # Walk up through dtype casts; below the activation each step must have no other reader.
         node = activation
         while node.op == "call_function" and node.target in CASTS and isinstance(node.args[0], fx.Node):
@@ -161,56 +153,29 @@ class MigrateScales(QPass):
             bias = node.args[3] if len(node.args) > 3 else None
             if ir.get_constant(gm, weight) is None:
                 return None
-            return [(node, 2)] + ([(node, 3)] if ir.get_constant(gm, bias) is not None else []), None
+            return [(node, 2)] + ([(node, 3)] if ir.get_constant(gm, bias) is not None else [])
         if node.target is ir.aten.mul.Tensor:
             for i, arg in enumerate(node.args[:2]):
                 value = ir.constant_value(gm, arg)
                 if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == channels:
                     other = node.args[1 - i]
                     if isinstance(other, fx.Node) and ir.constant_value(gm, other) is None:
-                        return [(node, i)], None  # a norm's per-channel weight
+                        return [(node, i)]  # a norm's per-channel weight
             for arg in node.args[:2]:
                 rows = self._producing_linear(gm, arg, channels)
                 if rows is not None:
-                    return rows, None  # a gated MLP: act(gate(x)) * up(x) -> up's output rows
-        return self._attention_value_rows(gm, activation, channels)
+                    return rows  # a gated MLP: act(gate(x)) * up(x) -> up's output rows
+        return EXPLICIT if self._is_attention_output(activation) else None
 
-    def _attention_value_rows(self, gm: fx.GraphModule, activation: fx.Node, channels: int):
-        """o_proj's input is sdpa(q, k, v) with heads flattened: its channel (h, d) is linear in
-        channel (h // group, d) of v_proj's output, so v_proj's rows take the scale, one per KV
-        head row, shared by the query heads of its group (grouped-query attention)."""
-        node, transposes = activation, []
+    @staticmethod
+    def _is_attention_output(activation: fx.Node) -> bool:
+        """o_proj's input: sdpa(q, k, v) with its heads flattened (through layout ops only)."""
+        node = activation
         while node.op == "call_function" and node.target in LAYOUT:
-            if node.target is ir.aten.transpose.int:
-                transposes.append(tuple(sorted(node.args[1:3])))
             node = node.args[0]
             if not isinstance(node, fx.Node) or len(node.users) != 1:
-                return None
-        if node.target is not ir.aten.scaled_dot_product_attention.default or transposes != [(1, 2)]:
-            return None
-        _, heads, _, head_dim = ir.fake_value(node).shape
-        if heads * head_dim != channels:
-            return None
-        value, transposes = node.args[2], []
-        while isinstance(value, fx.Node) and value.op == "call_function" and value.target in LAYOUT | REPEAT:
-            if len(value.users) != 1:
-                return None
-            if value.target is ir.aten.transpose.int:
-                transposes.append(tuple(sorted(value.args[1:3])))
-            if value.target is ir.aten.slice.Tensor and not _full_slice(value):
-                return None
-            value = value.args[0]
-        if transposes != [(1, 2)] or not isinstance(value, fx.Node):
-            return None
-        weight = qlinear.constant_weight(gm, value)
-        if weight is None or weight.shape[0] % head_dim or heads % (weight.shape[0] // head_dim):
-            return None
-        rows = self._producing_linear(gm, value, weight.shape[0])
-        if rows is None:
-            return None
-        group = heads // (weight.shape[0] // head_dim)
-        index = ((torch.arange(heads) // group)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-        return rows, index
+                return False
+        return node.op == "call_function" and node.target is ir.aten.scaled_dot_product_attention.default
 
     @staticmethod
     def _producing_linear(gm: fx.GraphModule, node: object, channels: int) -> list[tuple[fx.Node, int]] | None:
@@ -245,34 +210,37 @@ class MigrateScales(QPass):
 
     # --- rewrite -----------------------------------------------------------------------------------
 
-    def _migrate(self, gm: fx.GraphModule, sites: list[tuple[fx.Node, int]], index: torch.Tensor | None,
+    def _migrate(self, gm: fx.GraphModule, activation: fx.Node, sites: list[tuple[fx.Node, int]] | str,
                  linears: list[fx.Node]) -> None:
         act = linears[0].meta[ir.CALIB]
         weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
-        act_absmax = act.absmax
         weight_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
-        if index is not None:  # one scale per site row: the max over the channels mapped to it
-            rows = int(index.max()) + 1
-            act_absmax = torch.zeros(rows).scatter_reduce(0, index, act_absmax, "amax")
-            weight_absmax = torch.zeros(rows).scatter_reduce(0, index, weight_absmax, "amax")
-        expand = (lambda t: t[index]) if index is not None else (lambda t: t)
         if self.options.method == "smoothquant":
-            t = smoothquant_scales(act_absmax, weight_absmax, self.options.alpha)
+            s = smoothquant_scales(act.absmax, weight_absmax, self.options.alpha)
         else:
-            row_candidates = [smoothquant_scales(act_absmax, weight_absmax, a) for a in ALPHAS]
+            candidates = [smoothquant_scales(act.absmax, weight_absmax, a) for a in ALPHAS]
             name = linears[0].args[1].meta.get(ir.FQN, linears[0].name)
-            k, clip = self._search(gm, name, act, [expand(r) for r in row_candidates], weights)
-            t = row_candidates[k]
+            k, clip = self._search(gm, name, act, candidates, weights)
+            s = candidates[k]
             for lin in linears:
                 lin.meta[ir.ACT_CLIP] = clip
-        s = expand(t)  # per activation channel; t per site row
 
         graph = gm.graph
+        if sites == EXPLICIT:  # x -> x * (1 / s), which the linears (its only readers) read instead
+            with graph.inserting_after(activation):
+                inverse = graph.get_attr(ir.add_constant(gm, f"{activation.name}_migration_inverse",
+                                                         (1 / s).to(ir.fake_value(activation).dtype)))
+            with graph.inserting_after(inverse):
+                scaled = graph.call_function(ir.aten.mul.Tensor, (activation, inverse))
+            ir.mark_created(inverse, self.name, [activation])
+            ir.mark_created(scaled, self.name, [activation])
+            activation.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+            sites = []
         for site, i in sites:
             old = site.args[i]
             value = ir.constant_value(gm, old)
             stem = getattr(old, "meta", {}).get(ir.FQN) or f"{site.name}_arg{i}"
-            per_row = t.to(value.dtype).view(-1, *[1] * (value.dim() - 1))  # dim 0 runs over site rows
+            per_row = s.to(value.dtype).view(-1, *[1] * (value.dim() - 1))  # dim 0 runs over channels
             with graph.inserting_before(site):
                 new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / per_row).contiguous()))
             ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [site])
