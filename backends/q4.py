@@ -37,6 +37,7 @@ import torch
 from torch import fx
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes the pipelines name)
+from qcompile.backends import generation
 from qcompile.backends.compiled_graph import CompiledGraph
 from qcompile.backends.lowering import lower
 from qcompile.core.config import Q4Options, resolve_options
@@ -147,6 +148,13 @@ def q4_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | No
     """Dynamo backend entry point (`backend="q4"`): compile one captured graph."""
     remember = lambda graph, _inputs: _COMPILED.append(weakref.ref(graph))  # noqa: E731
     return Q4Backend(options, mode=mode, on_compiled=remember)(gm, example_inputs)
+
+
+def _is_q4_backend(fn: Any) -> bool:
+    return fn is q4_backend or isinstance(fn, Q4Backend)
+
+
+generation.install(_is_q4_backend)  # torch.compile(model, backend="q4").generate(...) quantizes
 
 
 def compiled_graphs() -> list[CompiledGraph]:

@@ -65,6 +65,10 @@ class QuantizedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.compiled(*args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's `generate()`, every step quantized (`qcompile.backends.generation`)."""
+        return self.compiled.generate(*args, **kwargs)
+
     def save(self, directory: str | Path) -> Path:
         """Write the artifact to `directory` (created if needed); returns the file written."""
         replays = [g.replay for g in self.graphs if g.replay is not None]
