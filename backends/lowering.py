@@ -184,6 +184,10 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
     import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
+    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16")) for node in gm.graph.nodes):
+        # a cached compile (Inductor's FX graph cache, a saved artifact) runs code calling q4_cpu ops
+        # without tracing the decompositions that load them: load them first (0.1 s once built)
+        cpu_kernels.load()
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     with torch._inductor.config.patch(patches):
         return compile_fx(gm, example_inputs)  # with DECOMPOSITIONS, registered above

@@ -185,3 +185,34 @@ def test_fake_impls_give_shapes_and_check_arguments():
         assert out16.shape == (2, 3, 4)
         with pytest.raises(KernelArgumentError, match="argument 'w_packed' must be ceil"):
             torch.ops.q4_cpu.linear_w4a16(torch.zeros(2, 12), packed, w_step, None, torch.float32)
+
+
+CACHED_COMPILE = """
+import torch
+from qcompile.backends import lowering
+from qcompile.kernels import int4
+q4 = torch.ops.q4
+packed = int4.pack_int4(torch.ones(9, 64, dtype=torch.int8))
+w_step, a_step, x = torch.ones(9), torch.tensor(1.0), torch.ones(1, 64, dtype=torch.int8)
+f = lambda x: q4.linear_w4a4(x, packed, w_step, a_step, None, torch.float32)
+c = torch.compile(f, backend=lambda gm, ex: lowering.lower(gm, ex, "inductor", "auto", None), dynamic=False)
+assert torch.equal(c(x), torch.full((1, 9), 64.0))
+from torch._dynamo.utils import counters
+print(dict(counters["inductor"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_cached_compile_in_a_fresh_process_finds_the_q4_cpu_ops(tmp_path):
+    """Inductor's FX graph cache (and a saved artifact) replays code calling q4_cpu ops without
+    tracing the decomposition that loads them: `lowering.lower` loads them first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", CACHED_COMPILE], env=env, capture_output=True, text=True)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "fxgraph_cache_miss" in runs[0].stdout and "fxgraph_cache_hit" in runs[1].stdout, runs[1].stdout
