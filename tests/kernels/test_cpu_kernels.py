@@ -4,6 +4,8 @@ lowering, and their argument checks. The extension builds once (cached on disk a
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -216,3 +218,22 @@ def test_a_cached_compile_in_a_fresh_process_finds_the_q4_cpu_ops(tmp_path):
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
     assert "fxgraph_cache_miss" in runs[0].stdout and "fxgraph_cache_hit" in runs[1].stdout, runs[1].stdout
+
+
+def test_a_failed_build_warns_once_and_the_ops_fall_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'q4_cpu_kernels': c++: not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    with pytest.warns(RuntimeWarning, match="q4_cpu C\\+\\+ kernels could not be built .*c\\+\\+: not found"):
+        assert not cpu_kernels.load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_kernels.use_for(1)  # no second build attempt, no second warning
+    packed, w_step, g = make_weight(33, 5, seed=8)
+    x = torch.randint(-8, 8, (1, 33), dtype=torch.int8, generator=g)
+    got = q4.linear_w4a4(x, packed, w_step, torch.tensor(0.1), None, torch.float32)
+    assert torch.equal(got, reference.linear_w4a4_ref(x, packed, w_step, torch.tensor(0.1), None, torch.float32))
