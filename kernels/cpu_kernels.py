@@ -24,7 +24,9 @@ W4A16 kernel sign-extends the nibbles to float32 and uses FMA.
 Dispatch: the AVX512-VNNI code is compiled with target attributes and chosen at run time
 (`__builtin_cpu_supports`); a portable scalar loop runs elsewhere, or when forced (the op's
 `force_scalar` argument; Q4_CPU_KERNELS=scalar sets `FORCE_SCALAR`, the value the q4 ops and the
-lowering pass). The callers use these kernels for M <= SMALL_M = 256 rows, below the crossover
+lowering pass; Q4_CPU_KERNELS=off skips the extension: every caller keeps its portable path).
+
+Threshold: the callers use these kernels for M <= SMALL_M = 256 rows, below the crossover
 against the unpack + oneDNN int8 GEMM path (the Inductor lowering, 2 threads of an AVX512-VNNI
 EPYC, 4096 x 4096: 46 vs 65 ms at M = 256, 87 vs 85 at 512, 170 vs 121 at 1024); larger or
 symbolic M (prefill) keeps the GEMM path, which gains from oneDNN's blocking at large M.

@@ -116,6 +116,17 @@ def test_q4_ops_take_the_kernel_for_small_m_and_agree_on_either_side(m, monkeypa
     assert calls == [m <= cpu_kernels.SMALL_M] * 2
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (3, 65, 9), (16, 1000, 33), (0, 10, 4)])
+def test_q4_linear_w4a4_without_the_kernel_is_the_same_op(m, k, n, monkeypatch):
+    """The unpack + integer GEMM path (prefill, or no compiler) at the shapes the kernel takes."""
+    monkeypatch.setattr(cpu_kernels, "SMALL_M", -1)
+    packed, w_step, g = make_weight(k, n, seed=m + k)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    a_step, b = torch.tensor(0.02), torch.randn(n, generator=g)
+    assert torch.equal(q4.linear_w4a4(x, packed, w_step, a_step, b, torch.bfloat16),
+                       torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, a_step, b, torch.bfloat16))
+
+
 @pytest.mark.parametrize("shape", [(1, 576), (1, 1, 1000), (3, 65)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_inductor_lowering_at_decode_calls_the_kernel_and_equals_the_eager_op(shape, bias):
