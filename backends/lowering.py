@@ -13,6 +13,13 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
                                             the integer GEMM (`kernels.ops.int_matmul`), and the
                                             epilogue (`kernels.reference.epilogue`), which fuses
                                             with whatever reads the output (a residual add)
+    q4.linear_w4a16(x, w_packed, ...)    -> the weight dequantized (one fused loop) and aten.linear
+
+At decode, where M (the rows: x's leading dims) is a static int <= cpu_kernels.SMALL_M, both
+linears instead call the q4_cpu C++ kernels (`kernels/cpu_kernels.py`), which read the packed
+weight directly: unpacking a 4096 x 4096 weight costs more than the whole product at M = 1. The
+call from Inductor's wrapper is a registered C++ op (a few µs). A symbolic M is prefill: it keeps
+the GEMM decomposition.
 
 so `rms_norm -> rotate -> quantize` becomes a few fused loops instead of six ops with
 transposing copies in between, and a linear's epilogue costs no pass of its own. The
@@ -36,7 +43,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.kernels import rotation
+from qcompile.kernels import cpu_kernels, rotation
 from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops.q4
 from qcompile.kernels.reference import epilogue
 
@@ -84,17 +91,53 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     return out.reshape(*x_codes.shape[:-1], n)
 
 
-def linear_w4a4_decomposed_on_cpu(x_codes: torch.Tensor, *args: Any) -> Any:
-    """The CPU decomposition; on other devices the op stays (its Triton kernel)."""
+def static_rows(x: torch.Tensor) -> int | None:
+    """M = the product of x's leading dims when every one is a concrete int (static shapes); else None."""
+    m = 1
+    for d in x.shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        m *= d
+    return m
+
+
+def linear_w4a4_decomposed_on_cpu(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
+                                  a_step: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> Any:
+    """The CPU decomposition: the q4_cpu kernel at decode, else the GEMM one; on other devices the
+    op stays (its Triton kernel)."""
     if x_codes.device.type != "cpu":
         return NotImplemented
-    return linear_w4a4_decomposed(x_codes, *args)
+    if cpu_kernels.use_for(static_rows(x_codes)):
+        return torch.ops.q4_cpu.linear_w4a4.default(x_codes, w_packed, w_step, a_step, bias, out_dtype,
+                                                    cpu_kernels.FORCE_SCALAR)
+    return linear_w4a4_decomposed(x_codes, w_packed, w_step, a_step, bias, out_dtype)
+
+
+def linear_w4a16_decomposed(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """`q4::linear_w4a16` as its unfused form: the weight dequantized in x's dtype (one loop
+    Inductor generates from the packed bytes), then aten.linear (the same values as the op's
+    own fallback, `kernels.ops.linear_w4a16_dequantized`)."""
+    codes = unpack_int4_decomposed(w_packed, x.shape[-1])
+    w = (codes.to(torch.float32) * w_step[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias).to(out_dtype)
+
+
+def linear_w4a16_decomposed_on_cpu(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
+                                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> Any:
+    """The CPU decomposition of the weight-only linear: q4_cpu at decode, else dequantize + linear."""
+    if x.device.type != "cpu":
+        return NotImplemented
+    if cpu_kernels.use_for(static_rows(x)):
+        return torch.ops.q4_cpu.linear_w4a16.default(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR)
+    return linear_w4a16_decomposed(x, w_packed, w_step, bias, out_dtype)
 
 
 DECOMPOSITIONS: dict[Any, Callable] = {
     q4.rotate.default: rotation.rotate_decomposed,
     q4.quantize_per_tensor.default: quantize_per_tensor_decomposed,
     q4.linear_w4a4.default: linear_w4a4_decomposed_on_cpu,
+    q4.linear_w4a16.default: linear_w4a16_decomposed_on_cpu,
 }
 
 
@@ -141,6 +184,10 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
     import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
+    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16")) for node in gm.graph.nodes):
+        # a cached compile (Inductor's FX graph cache, a saved artifact) runs code calling q4_cpu ops
+        # without tracing the decompositions that load them: load them first (0.1 s once built)
+        cpu_kernels.load()
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     with torch._inductor.config.patch(patches):
         return compile_fx(gm, example_inputs)  # with DECOMPOSITIONS, registered above

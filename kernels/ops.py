@@ -17,6 +17,12 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
     q4::dequantize_weight_int4(w_packed, w_step, k, dtype) -> [N, k] codes * w_step[:, None]
     q4::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype)
                                                       -> (x_codes @ codes(w).T) * (a_step * w_step) + bias
+    q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype)
+                                                      -> F.linear(x, codes(w) * w_step[:, None], bias)
+
+At decode (M <= cpu_kernels.SMALL_M rows) the CPU kernels call the q4_cpu C++ ops instead
+(kernels/cpu_kernels.py), which read the packed weight directly: same values (linear_w4a4 bit
+for bit), no unpacked copy of the weight at all.
 
 Steps are float32 tensors (0-dim per tensor, [N] per output channel) so they live in the graph
 as constants. Every op checks its arguments and names the one that is wrong before computing.
@@ -28,8 +34,10 @@ from typing import Optional
 
 import torch
 
+from . import cpu_kernels
 from .checks import (
     KernelArgumentError,  # noqa: F401  (the error the ops raise, importable from here)
+    check_bias,
     check_device,
     check_float_dtype,
     check_packed,
@@ -172,6 +180,9 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     > 0; bias float [N] or None. Leading dims of x_codes are kept, M = prod(leading) may be 0 or 1.
     """
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=True)
+    if x_codes.device.type == "cpu" and cpu_kernels.use_for(_rows(x_codes)):  # decode: read the packed weight
+        return torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype,
+                                            cpu_kernels.FORCE_SCALAR)
     k = x_codes.shape[-1]
     acc = int_matmul(x_codes.reshape(-1, k), unpack_int4(w_packed, k))
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
@@ -181,6 +192,59 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
 def _linear_w4a4_fake(x_codes, w_packed, w_step, a_step, bias, out_dtype):
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=False)
     return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+
+def _rows(x: torch.Tensor):
+    """M = the product of x's leading dims (a SymInt under dynamic shapes)."""
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    return m
+
+
+# --- linear_w4a16 ----------------------------------------------------------------------------------
+
+
+def _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values: bool) -> None:
+    op = "linear_w4a16"
+    if not x.is_floating_point() or x.dim() < 1:
+        fail(op, "x", "a float tensor [..., K]", describe(x))
+    check_packed(op, w_packed, w_step, x.shape[-1], "x.shape[-1]", check_values)
+    check_bias(op, bias, w_packed.shape[0])
+    check_device(op, x, w_packed=w_packed, bias=bias)
+    check_float_dtype(op, "out_dtype", out_dtype)
+
+
+def linear_w4a16_dequantized(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
+                             bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """The weight-only linear as its unfused form computes it: dequantize in x's dtype, F.linear."""
+    w = (unpack_int4(w_packed, x.shape[-1]).to(torch.float32) * w_step[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias).to(out_dtype)
+
+
+@torch.library.custom_op("q4::linear_w4a16", mutates_args=())
+def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: Optional[torch.Tensor],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only linear (float activations, packed int4 weight), [..., N] in out_dtype:
+
+        y = F.linear(x, codes(w) * w_step[:, None], bias)
+
+    x float [..., K]; w_packed uint8 [N, ceil(K/2)]; w_step float32 [N], finite and > 0; bias
+    float [N] or None. On CPU at M <= cpu_kernels.SMALL_M the q4_cpu kernel computes it in
+    float32 from the packed bytes: (sum_k float32(x) * code) * w_step + bias, cast to out_dtype.
+    Otherwise the weight is dequantized to x's dtype and multiplied with F.linear (the values of
+    the unfused aten.linear(x, q4.dequantize_weight_int4(...), bias) it replaces).
+    """
+    _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values=True)
+    if x.device.type == "cpu" and cpu_kernels.use_for(_rows(x)):
+        return torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR)
+    return linear_w4a16_dequantized(x, w_packed, w_step, bias, out_dtype)
+
+
+@linear_w4a16.register_fake
+def _(x, w_packed, w_step, bias, out_dtype):
+    _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values=False)
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
 
 # --- the Triton route ------------------------------------------------------------------------------

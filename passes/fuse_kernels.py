@@ -1,4 +1,5 @@
-"""fuse-kernels: a fake-quantized linear becomes one integer kernel, `q4.linear_w4a4`.
+"""fuse-kernels: a fake-quantized linear becomes one integer kernel, `q4.linear_w4a4`; a weight-only
+linear becomes `q4.linear_w4a16`.
 
 Matches the form `insert-quantizers` leaves (int4 activation codes dequantized per tensor, int4
 weights dequantized per output channel, a float linear) and replaces it with the fused op, which
@@ -16,8 +17,21 @@ After:
     linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32)
 
 The kernel multiplies any int8 activation codes exactly, so W4A8 linears (8-bit codes) fuse
-the same way. Weight-only linears (float activations) stay in their fake-quantized form and are
-counted in `linears-not-fused`.
+the same way.
+
+Weight-only linears (float activations, `insert-quantizers{a-bits=16}`) fuse into the
+weight-only kernel, which reads the packed weight (on CPU at decode: directly, no dequantized
+copy of the weight; see kernels/cpu_kernels.py):
+
+Before:
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32)
+    linear = aten.linear(x, w_dq, b)
+
+After:
+    linear = q4.linear_w4a16(x, w_packed, w_step, b, f32)
+
+A fake-quantized linear whose codes do not come from a q4.quantize_per_tensor is left as it is
+and counted in `linears-not-fused`.
 
 Declared invariant, checked from this pass on: `fake-quant-linears-are-fused` (no fake-quantized
 linear whose codes come from a q4.quantize_per_tensor is left; insert-quantizers, which makes
@@ -46,7 +60,8 @@ def fake_quant_linears_are_fused(gm: fx.GraphModule, node: fx.Node) -> str | Non
 @register_pass
 class FuseKernels(QPass):
     name = "fuse-kernels"
-    summary = "Replace quantize -> linear -> dequantize with the fused integer kernel q4.linear_w4a4."
+    summary = ("Replace quantize -> linear -> dequantize with the fused integer kernel q4.linear_w4a4, "
+               "a weight-only linear with q4.linear_w4a16.")
     statistics = ("linears-fused", "linears-not-fused")
     after = {"insert-quantizers": "it fuses the fake-quantized linears insert-quantizers leaves; "
                                   "run before them it finds nothing to fuse"}
@@ -57,19 +72,24 @@ class FuseKernels(QPass):
         modified = False
         for node in self.nodes(gm):
             q = qlinear.match(node)
-            if q is None or q.form not in (qlinear.FAKE_QUANT, qlinear.WEIGHT_ONLY):
-                continue
-            if q.form == qlinear.WEIGHT_ONLY or q.quant is None:  # float activations: no kernel yet
+            if q is None or q.form not in (qlinear.FAKE_QUANT, qlinear.WEIGHT_ONLY) or q.w_dq is None:
+                continue  # not a quantized linear, or already the fused weight-only op
+            if q.form == qlinear.WEIGHT_ONLY:
+                dtype = q.w_dq.args[3]  # the weight's dtype, which aten.linear gives its output
+                target, args, sources = q4.linear_w4a16.default, (q.x, q.packed, q.w_step, q.bias, dtype), [node, q.w_dq]
+            elif q.quant is None:  # codes from elsewhere: no activation step to fuse with
                 self.count("linears-not-fused")
                 continue
-            dtype = q.x_dq.args[2]
+            else:
+                dtype = q.x_dq.args[2]
+                target, args = q4.linear_w4a4.default, (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype)
+                sources = [node, q.x_dq, q.w_dq]
             with graph.inserting_before(node):
-                fused = graph.call_function(
-                    q4.linear_w4a4.default, (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype))
-            ir.mark_created(fused, self.name, [node, q.x_dq, q.w_dq])
+                fused = graph.call_function(target, args)
+            ir.mark_created(fused, self.name, sources)
             node.replace_all_uses_with(fused)
             graph.erase_node(node)
-            for dead in (q.x_dq, q.w_dq):
+            for dead in sources[1:]:
                 if not dead.users:
                     graph.erase_node(dead)
             self.count("linears-fused")

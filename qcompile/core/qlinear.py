@@ -8,6 +8,8 @@ new quantized form is added here once. The forms (`QLinear.form`):
                              a_step, dtype), q4.dequantize_weight_int4(packed, w_step, K, dtype), b)
                  as insert-quantizers leaves it (W4A4, W4A8, ...)
     weight-only  aten.linear(x, q4.dequantize_weight_int4(packed, w_step, K, dtype), b)   (W4A16)
+                 or, fused by fuse-kernels, q4.linear_w4a16(x, packed, w_step, b, dtype): the same
+                 form in one op (w_dq and k None; `fused` stays False: it reads float activations)
     fused        q4.linear_w4a4(x_codes, packed, w_step, a_step, b, dtype), or its Triton twin
                  q4.linear_w4a4_triton: the integer kernel, on int4 or int8 codes (W4A4 / W4A8)
 
@@ -36,7 +38,7 @@ from qcompile.core import ir
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 
 __all__ = ["QLinear", "match", "constant_weight", "is_linear", "CASTS",
-           "FLOAT", "FAKE_QUANT", "WEIGHT_ONLY", "FUSED", "FUSED_OPS"]
+           "FLOAT", "FAKE_QUANT", "WEIGHT_ONLY", "FUSED", "FUSED_OPS", "WEIGHT_ONLY_OPS"]
 
 q4 = torch.ops.q4
 aten = torch.ops.aten
@@ -44,6 +46,8 @@ aten = torch.ops.aten
 FLOAT, FAKE_QUANT, WEIGHT_ONLY, FUSED = "float", "fake-quant", "weight-only", "fused"
 # The integer kernel and its Triton twin (the lowering swaps one for the other): same arguments.
 FUSED_OPS = (q4.linear_w4a4.default, q4.linear_w4a4_triton.default)
+# The fused weight-only linear (float activations): a WEIGHT_ONLY form with no w_dq node.
+WEIGHT_ONLY_OPS = (q4.linear_w4a16.default,)
 # Ops that only change the dtype of their first argument: a per-channel scale passes through them.
 CASTS = (aten.to.dtype, aten.type_as.default, aten._to_copy.default)
 
@@ -119,6 +123,9 @@ def match(node: Any) -> QLinear | None:
         x, bits, quant = _codes(codes)
         return QLinear(node, FUSED, codes, x, bits, quant, packed=packed, w_step=w_step, a_step=a_step,
                        bias=_arg(node, 4, "bias"))
+    if node.target in WEIGHT_ONLY_OPS:
+        x, packed, w_step = node.args[:3]
+        return QLinear(node, WEIGHT_ONLY, x, x, packed=packed, w_step=w_step, bias=_arg(node, 3, "bias"))
     if node.target is not aten.linear.default:
         return None
     x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")

@@ -5,9 +5,14 @@
     python -m qcompile.tools.bench artifact [--recipe w4a4] [--calibration-tokens 4096] [--prompt-tokens 256]
 
 kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
-  CPU: FP32 `F.linear` against the q4 CPU path as a compiled model runs it: the static
-  activation quantize and `q4.linear_w4a4` from a float input to a float output, lowered
-  through the backend's Inductor lowering (unpack, oneDNN int8 GEMM, fused epilogue).
+  CPU: FP32 `F.linear` against the q4 CPU paths as a compiled model runs them, lowered through
+  the backend's Inductor lowering: W4A4 is the static activation quantize and `q4.linear_w4a4`
+  from a float input to a float output, W4A16 is `q4.linear_w4a16` (float input). Up to
+  cpu_kernels.SMALL_M rows both call the q4_cpu C++ kernels, which read the packed weight
+  (the `path` column); above, unpack + oneDNN int8 GEMM + fused epilogue (W4A16: dequantize +
+  FP32 GEMM). On cores shared with another busy process, OpenMP's spin-waiting makes each small
+  parallel loop wait for a descheduled thread (M = 1: 0.3 ms becomes ~7 ms, FP32 too): measure
+  there with OMP_WAIT_POLICY=PASSIVE.
   CUDA: FP16 `torch.matmul` (cuBLAS) against the Triton W4A4 GEMM (int8 codes in), the Triton
   W4A16 GEMM (FP16 in), and torchao's int4 weight-only linear when torchao is importable.
 prefill: SmolLM2-135M (or a tiny random Llama) prefill of one sequence: FP32 eager, FP32 +
@@ -80,6 +85,21 @@ def _cpu_q4_linear(x: torch.Tensor, packed: torch.Tensor, w_step: torch.Tensor) 
     return lambda: run(*args)
 
 
+def _cpu_q4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, w_step: torch.Tensor
+                               ) -> Callable[[], torch.Tensor]:
+    """linear_w4a16 from float x, lowered the way the backend lowers a graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qcompile.backends.lowering import lower
+
+    def q4_linear(x, packed, w_step):
+        return torch.ops.q4.linear_w4a16(x, packed, w_step, None, torch.float32)
+
+    args = [x, packed, w_step]
+    run = lower(make_fx(q4_linear)(*args), args, "inductor", "auto", None)
+    return lambda: run(*args)
+
+
 def _cuda_variants(x16: torch.Tensor, k: int, n: int, packed: torch.Tensor, w_step: torch.Tensor) -> dict:
     from qcompile.kernels import triton_gemm
 
@@ -114,14 +134,20 @@ def bench_kernels(shapes: list[tuple[int, int]], m_values: list[int], repeats: i
                 variants = _cuda_variants(x16, k, n, packed, w_step)
                 seconds = side_by_side_seconds(list(variants.values()), repeats, torch.cuda.synchronize)
             else:
+                from qcompile.kernels import cpu_kernels
+
                 x, w = torch.randn(m, k), torch.randn(n, k)
                 variants = {"FP32 F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w),
-                            "q4 W4A4 (CPU)": _cpu_q4_linear(x, packed, w_step)}
+                            "q4 W4A4 (CPU)": _cpu_q4_linear(x, packed, w_step),
+                            "q4 W4A16 (CPU)": _cpu_q4_weight_only_linear(x, packed, w_step)}
                 seconds = side_by_side_seconds(list(variants.values()), repeats)
+                path = "q4_cpu" if cpu_kernels.use_for(m) else "GEMM"
             base = seconds[0]
             names = list(variants)
-            headers = headers or ["K", "N", "M", *(f"{v} ms" for v in names), *(f"{v} speedup" for v in names[1:])]
-            rows.append([k, n, m, *(s * 1e3 for s in seconds), *(base / s for s in seconds[1:])])
+            headers = headers or ["K", "N", "M", *(["path"] if device != "cuda" else []),
+                                  *(f"{v} ms" for v in names), *(f"{v} speedup" for v in names[1:])]
+            rows.append([k, n, m, *([path] if device != "cuda" else []), *(s * 1e3 for s in seconds),
+                         *(base / s for s in seconds[1:])])
     return tabulate(rows, headers=headers, floatfmt=".3f")
 
 

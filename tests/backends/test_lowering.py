@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
 from qcompile.backends import lowering
-from qcompile.kernels import int4, rotation
+from qcompile.kernels import cpu_kernels, int4, rotation
 from tests.helpers.backend import compile_and_run
 from tests.helpers.models import ids
 
@@ -32,14 +32,21 @@ def test_rotate_decomposition_compiled_by_inductor_matches_the_op(n):
 
 
 @pytest.mark.slow
-def test_inductor_sees_every_q4_op_as_aten_and_the_integer_gemm_stays(llama):
+def test_inductor_sees_every_q4_op_as_aten_and_the_integer_gemm_stays(llama, monkeypatch):
     _, eager_out, art = compile_and_run(llama, {"lower": "eager", "progress": False, "recipe": "w4a4",
                                                 "calibration": [(ids(16, seed=2),)]}, ids(12))
     gm = art.graph_module
     FileCheck().check("q4.rotate").check("q4.quantize_per_tensor").run(gm.code)
+    # 12 static rows: decode-sized, the linears call the q4_cpu kernel
     lowered = make_fx(gm, decomposition_table=lowering.DECOMPOSITIONS)(ids(12))
-    assert "q4." not in lowered.code, lowered.code
+    assert "q4." not in lowered.code and "_int_mm" not in lowered.code, lowered.code
+    FileCheck().check("q4_cpu.linear_w4a4").run(lowered.code)
+    # above the threshold (prefill), the unpack + integer GEMM decomposition
+    monkeypatch.setattr(cpu_kernels, "SMALL_M", 8)
+    lowered = make_fx(gm, decomposition_table=lowering.DECOMPOSITIONS)(ids(12))
+    assert "q4." not in lowered.code and "q4_cpu" not in lowered.code, lowered.code
     FileCheck().check("aten._int_mm").run(lowered.code)
+    monkeypatch.undo()
 
     _, inductor_out, _ = compile_and_run(llama, {"lower": "inductor", "progress": False, "recipe": "w4a4",
                                                  "calibration": [(ids(16, seed=2),)]}, ids(12))

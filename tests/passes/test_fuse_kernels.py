@@ -58,12 +58,27 @@ def test_no_change_on_a_float_graph():
     assert not result.modified and stats["linears-fused"] == 0
 
 
-def test_weight_only_linears_are_left_unfused_and_counted():
-    gm = capture(TwoHeads().eval(), torch.randn(2, 3, 16))
+def test_weight_only_linears_fuse_into_the_weight_only_kernel_and_compute_the_same():
+    x = torch.randn(2, 3, 16)
+    gm = capture(TwoHeads().eval(), x)
     weight_only = run_pass("insert-quantizers", gm, a_bits=16)[0].graph_module
     FileCheck().check_not("q4.quantize_per_tensor").check_count("q4.dequantize_weight_int4", 3).run(weight_only.code)
+    expected = copy.deepcopy(weight_only)(x)[0]
     result, stats = run_pass("fuse-kernels", weight_only)
-    assert not result.modified and stats["linears-not-fused"] == 3
+    assert result.modified and stats["linears-fused"] == 3 and stats["linears-not-fused"] == 0
+    (FileCheck()
+        .check_count("q4.linear_w4a16.default", 3, exactly=True)
+        .check_not("aten.linear")
+        .check_not("dequantize")
+        .run(result.graph_module.code))
+    torch.testing.assert_close(result.graph_module(x)[0], expected, rtol=1e-5, atol=1e-5)
+    # the recognizer still reads them as weight-only linears; a second run changes nothing
+    from qcompile.core import qlinear
+
+    forms = {q.form for n in result.graph_module.graph.nodes if (q := qlinear.match(n)) is not None}
+    assert forms == {qlinear.WEIGHT_ONLY}
+    again, stats = run_pass("fuse-kernels", result.graph_module)
+    assert not again.modified and stats["linears-fused"] == 0 and stats["linears-not-fused"] == 0
 
 
 def test_its_invariant_holds_from_then_on():

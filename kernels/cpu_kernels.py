@@ -1,0 +1,126 @@
+"""CPU decode kernels over packed int4 weights: the `q4_cpu::` ops, a C++ extension built on first use.
+
+Why: at decode (M = 1..16 rows) a linear is bound by reading its weight. The `q4::linear_w4a4`
+CPU path unpacks the whole int4 weight to int8 every call (twice the bytes, written and read
+again) before `torch._int_mm`; these kernels read the packed bytes once, straight into the dot
+products.
+
+    torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False)
+        the same values as `q4::linear_w4a4`, bit for bit (int32 accumulation, then the epilogue of
+        reference.epilogue in the same float32 order)
+    torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar=False)
+        F.linear(x, dequantized weight) in float32 (up to summation order): sum_k x * code, then
+        * w_step[n] + bias[n]
+
+Layout and the VNNI trick (csrc/q4_cpu.cpp): the packed weight is uint8 [N, ceil(K/2)], the low
+nibble of byte j holds code k=2j, the high nibble k=2j+1 (int4.py). `vpdpbusd` multiplies
+unsigned bytes by signed ones: XOR 0x88 makes both nibbles code + 8 (0..15, unsigned); they are
+split with an and / a shift and multiplied against the activation codes de-interleaved once per
+call into even-k and odd-k int8 vectors (zero padded to 64 bytes); the dot product is the sum
+minus 8 * sum(x) of the row. A tile of 4 weight columns is unpacked once per K step for up to 4
+activation rows in registers, so the weight is read from memory once per call for any M. The
+W4A16 kernel sign-extends the nibbles to float32 and uses FMA.
+
+Dispatch: the AVX512-VNNI code is compiled with target attributes and chosen at run time
+(`__builtin_cpu_supports`); a portable scalar loop runs elsewhere, or when forced (the op's
+`force_scalar` argument; Q4_CPU_KERNELS=scalar sets `FORCE_SCALAR`, the value the q4 ops and the
+lowering pass; Q4_CPU_KERNELS=off skips the extension: every caller keeps its portable path).
+
+Threshold: the callers use these kernels for M <= SMALL_M = 256 rows, below the crossover
+against the unpack + oneDNN int8 GEMM path (the Inductor lowering, 2 threads of an AVX512-VNNI
+EPYC, 4096 x 4096: 46 vs 65 ms at M = 256, 87 vs 85 at 512, 170 vs 121 at 1024); larger or
+symbolic M (prefill) keeps the GEMM path, which gains from oneDNN's blocking at large M.
+
+Build: `torch.utils.cpp_extension.load` compiles csrc/q4_cpu.cpp on first use (-O3
+-ffp-contract=off: the epilogue must round like the reference) into torch's extensions
+directory, where later processes find it cached. The ops are registered in C++ (TORCH_LIBRARY),
+so a call from Inductor's generated wrapper costs a few µs, not the ~30 µs of a Python custom
+op; their fake implementations are registered here. If the build fails (no compiler), `load()`
+warns once and returns False, and every caller keeps its portable path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checks import check_bias, check_float_dtype, check_packed, check_step, describe, fail
+
+SMALL_M = 256  # rows up to which the q4 ops and the lowering call these kernels (the measured crossover)
+FORCE_SCALAR = os.environ.get("Q4_CPU_KERNELS", "") == "scalar"  # test the portable loop on any CPU
+
+_SOURCE = Path(__file__).parent / "csrc" / "q4_cpu.cpp"
+_lock = threading.Lock()
+_loaded: Optional[bool] = None
+
+
+def load() -> bool:
+    """Build (first time) and load the extension; True when `torch.ops.q4_cpu` is usable."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _build()
+    return _loaded
+
+
+def _build() -> bool:
+    if os.environ.get("Q4_CPU_KERNELS", "") == "off":
+        return False
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        load_extension(name="q4_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"],
+                       is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler or a failed build: the portable paths still work
+        warnings.warn(f"qcompile: the q4_cpu C++ kernels could not be built ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); CPU linears fall back to "
+                      f"unpacking the int4 weight every call (slower at decode). Set Q4_CPU_KERNELS=off to silence.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    _register_fakes()
+    return True
+
+
+def available() -> bool:
+    """Whether the q4_cpu ops can run here (builds them on the first call)."""
+    return load()
+
+
+def use_for(m: object) -> bool:
+    """Whether a CPU linear over `m` rows (a concrete int; a symbolic M is prefill) takes q4_cpu."""
+    return isinstance(m, int) and m <= SMALL_M and load()
+
+
+# --- fake implementations (shapes and argument checks, as the q4:: ops report them) --------------
+
+
+def _check_cpu_linear(op: str, x, x_name: str, w_packed, w_step, bias, out_dtype) -> None:
+    if x.dim() < 1:
+        fail(op, x_name, "a tensor [..., K]", describe(x))
+    check_packed(op, w_packed, w_step, x.shape[-1], f"{x_name}.shape[-1]", check_values=False)
+    check_bias(op, bias, w_packed.shape[0])
+    check_float_dtype(op, "out_dtype", out_dtype)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("q4_cpu::linear_w4a4")
+    def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False):
+        if x_codes.dtype != torch.int8:
+            fail("linear_w4a4", "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
+        check_step("linear_w4a4", "a_step", a_step, (), check_values=False)
+        _check_cpu_linear("linear_w4a4", x_codes, "x_codes", w_packed, w_step, bias, out_dtype)
+        return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("q4_cpu::linear_w4a16")
+    def _(x, w_packed, w_step, bias, out_dtype, force_scalar=False):
+        if not x.is_floating_point():
+            fail("linear_w4a16", "x", "a float tensor [..., K]", describe(x))
+        _check_cpu_linear("linear_w4a16", x, "x", w_packed, w_step, bias, out_dtype)
+        return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
