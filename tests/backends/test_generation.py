@@ -1,0 +1,88 @@
+"""generate() on a q4-compiled tiny Llama: every form users write quantizes, and nothing else changes.
+
+The real model's generation (accuracy through the cache, compile counts, left padding) is tested
+in tests/examples/test_generate_smollm2.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.backends.q4 import Q4Backend
+from tests.helpers.models import ids, tiny_llama
+
+GENERATE = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+
+
+def _calibration() -> list[dict]:
+    return [{"input_ids": ids(32, seed=s)} for s in range(2)]
+
+
+def _options(calibration: list) -> dict:
+    return {"recipe": "w4a4-rtn", "calibration": calibration, "progress": False}
+
+
+def _counting_backend(options: dict) -> tuple[Q4Backend, list]:
+    graphs: list = []
+    return Q4Backend(options, on_compiled=lambda graph, _inputs: graphs.append(graph)), graphs
+
+
+@pytest.mark.slow
+def test_torch_compile_module_generate_quantizes_like_the_compiled_forward():
+    """`torch.compile(model, backend="q4").generate(...)` compiles q4 graphs (torch alone would
+    generate in float with the uncompiled original) and gives the tokens of the documented
+    `model.forward = torch.compile(model.forward, ...)` form; the model is left as it was."""
+    model, calibration, prompt = tiny_llama(), _calibration(), ids(10, seed=9)
+    with torch.no_grad():
+        float_tokens = model.generate(prompt, **GENERATE)
+        backend, graphs = _counting_backend(_options(calibration))
+        tokens = torch.compile(model, backend=backend).generate(prompt, **GENERATE)
+    assert len(graphs) >= 2  # the prompt and the decode steps
+    assert all(g.count_ops(torch.ops.q4.linear_w4a4) > 0 for g in graphs)
+    assert "forward" not in model.__dict__  # the original's forward is its own again
+    assert not torch.equal(tokens, float_tokens)
+
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="q4", options=_options(calibration))
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **GENERATE), tokens)
+
+
+def test_other_backends_keep_torchs_generate():
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="eager")
+    assert compiled.generate.__func__ is type(model).generate
+
+
+@pytest.mark.slow
+def test_quantized_model_generates_through_its_compiled_forward():
+    model, calibration, prompt = tiny_llama(), _calibration(), ids(10, seed=9)
+    qmodel = qcompile.quantize(model, calibration, recipe="w4a4-rtn", progress=False)
+    before = len(qmodel.graphs)
+    with torch.no_grad():
+        tokens = qmodel.generate(prompt, **GENERATE)
+        logits = qmodel(tokens, use_cache=False).logits
+    assert len(qmodel.graphs) > before  # decode graphs, quantized like the first
+    # greedy: each new token is the argmax of the quantized model's own logits at its position
+    assert torch.equal(logits[0, 9:-1].argmax(-1), tokens[0, 10:])
+
+
+@pytest.mark.slow
+def test_transformers_compile_hook_with_the_q4_backend():
+    """transformers compiles the decode steps itself when `generation_config.compile_config`
+    asks (a static cache; on CPU only with `_compile_all_devices`); the prompt runs uncompiled.
+    The cache holds the model's own values either way (o_proj's migration is a multiply of its
+    own, not v_proj's rows), so the float prompt and the q4 decode steps fit together."""
+    from transformers import CompileConfig
+
+    model, calibration, prompt = tiny_llama(), _calibration(), ids(10, seed=9)
+    backend, graphs = _counting_backend(_options(calibration))
+    config = CompileConfig(backend=backend, mode=None, fullgraph=False)
+    config._compile_all_devices = True
+    model.generation_config.compile_config = config
+    with torch.no_grad():
+        tokens = model.generate(prompt, cache_implementation="static", **GENERATE)
+    assert tokens.shape == (1, 16)
+    assert graphs and all(g.count_ops(torch.ops.q4.linear_w4a4) > 0 for g in graphs)
