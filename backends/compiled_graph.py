@@ -10,6 +10,7 @@ from tabulate import tabulate
 from torch import fx
 
 from qcompile.core import ir, qlinear
+from qcompile.frontend.capture import PromptLimit
 from qcompile.frontend.saved_artifact import Replay
 from qcompile.passes.analyze_outliers import outlier_report
 
@@ -20,7 +21,7 @@ class CompiledGraph:
     for it (None when the graph was loaded from a saved artifact)."""
 
     def __init__(self, graph_module: fx.GraphModule, pipeline: str, records: list, run: Callable | None,
-                 keep: list[int], graph_id: str, replay: Replay | None = None):
+                 keep: list[int], graph_id: str, replay: Replay | None = None, limit: PromptLimit | None = None):
         self.graph_module = graph_module
         self.pipeline = pipeline
         self.records = records
@@ -28,8 +29,11 @@ class CompiledGraph:
         self.replay = replay
         self._run = run  # None when the backend stopped before lowering (`Q4Backend(stop_after=...)`)
         self._keep = keep  # the graph inputs that stay inputs (the rest were frozen)
+        self._limit = limit  # a static KV cache's length, checked at each call
 
     def __call__(self, *args: Any) -> Any:
+        if self._limit is not None:
+            self._limit.check(args)
         with torch.no_grad():
             return self._run(*[args[i] for i in self._keep])
 

@@ -46,7 +46,7 @@ from qcompile.core.memo import MEMO, MemoMiss
 from qcompile.core.pass_manager import PassFailure, PassManager, PassManagerResult
 from qcompile.core.pipeline import parse_pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
-from qcompile.frontend.capture import compiled_frame
+from qcompile.frontend.capture import compiled_frame, prompt_limit
 from qcompile.frontend.prepare import prepare
 from qcompile.frontend.saved_artifact import ArtifactError, Replay, SavedArtifact, read_cached
 
@@ -86,6 +86,9 @@ class Q4Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         opts = self.options if isinstance(self.options, Q4Options) else resolve_options(self.options)
         frame = compiled_frame()
+        limit = prompt_limit(example_inputs, frame)
+        if limit is not None:
+            limit.check(example_inputs)  # before calibrating a graph that cannot run
         if frame.resumed and self.first_call_after_break:
             opts = dataclasses.replace(opts, calibration=None)
         example_inputs = list(example_inputs)
@@ -116,7 +119,8 @@ class Q4Backend:
         stop = self.stop_after == "passes"
         with torch.no_grad():
             run = None if stop else lower(result.graph_module, inputs, opts.lower, opts.kernels, self.mode)
-        graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay)
+        graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay,
+                              limit)
         self.on_compiled(graph, inputs)
         return gm.forward if stop else graph
 

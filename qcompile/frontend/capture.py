@@ -9,7 +9,9 @@ Dynamo passes parameters and buffers as graph inputs; their sources name them
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
+import sys
 from typing import Any
 
 import torch
@@ -81,3 +83,62 @@ def graph_state(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, tupl
         for i, (n, v) in enumerate(zip(placeholders, example_inputs))
         if is_state(n, v)
     }
+
+
+# --- a static KV cache's length -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLimit:
+    """A graph that writes into a static KV cache: the graph input holding the tokens (ids or
+    embeddings, [batch, length, ...]) and the length the cache holds. A longer input would write
+    past the cache's end, which compiled code reports as an out-of-bounds index at best."""
+
+    input_index: int
+    max_cache_len: int
+
+    def check(self, inputs: list[Any]) -> None:
+        length = inputs[self.input_index].shape[1]
+        if length > self.max_cache_len:
+            raise ValueError(
+                f"the input has {length} tokens but the static KV cache holds {self.max_cache_len} "
+                f"(max_cache_len): give a cache of at least {length} (StaticCache(config, max_cache_len=...)), "
+                "or let generate() size it (cache_implementation='static')"
+            )
+
+
+def _static_cache_length(value: Any) -> int | None:
+    """The length of a transformers static cache's full-attention layers (sliding-window layers
+    roll over and never overflow); None for any other value."""
+    cache_utils = sys.modules.get("transformers.cache_utils")  # not imported: no HF cache exists
+    if cache_utils is None or not isinstance(value, cache_utils.Cache):
+        return None
+    lengths = [layer.max_cache_len for layer in value.layers if isinstance(layer, cache_utils.StaticLayer)
+               and not isinstance(layer, cache_utils.StaticSlidingWindowLayer)]
+    return min(lengths) if lengths else None
+
+
+def _named_arguments(frame: Frame) -> dict[str, Any]:
+    """The arguments of the forward Dynamo is compiling, by name: its own locals, or those of the
+    decorator wrapping it (`wrapped_func(*args, **kwargs)`), positional ones bound to the module's
+    forward signature."""
+    named = {k: v for k, v in frame.locals.items() if k not in ("args", "kwargs", "self")}
+    kwargs, args, module = frame.locals.get("kwargs"), frame.locals.get("args"), frame.module
+    if isinstance(kwargs, dict):
+        named.update(kwargs)
+    if isinstance(args, tuple) and args and module is not None:
+        positional = args[1:] if args[0] is module else args
+        try:
+            named.update(inspect.signature(type(module).forward).bind_partial(module, *positional).arguments)
+        except TypeError:  # not the module's forward after all: keep what the names say
+            pass
+    return named
+
+
+def prompt_limit(example_inputs: list[Any], frame: Frame) -> PromptLimit | None:
+    """The PromptLimit of a graph Dynamo captured from a forward called with a static cache."""
+    named = _named_arguments(frame)
+    lengths = [n for n in map(_static_cache_length, named.values()) if n is not None]
+    tokens = next((named[k] for k in ("input_ids", "inputs_embeds") if isinstance(named.get(k), torch.Tensor)), None)
+    index = next((i for i, v in enumerate(example_inputs) if v is tokens), None)
+    return PromptLimit(index, min(lengths)) if lengths and index is not None else None

@@ -86,3 +86,21 @@ def test_transformers_compile_hook_with_the_q4_backend():
         tokens = model.generate(prompt, cache_implementation="static", **GENERATE)
     assert tokens.shape == (1, 16)
     assert graphs and all(g.count_ops(torch.ops.q4.linear_w4a4) > 0 for g in graphs)
+
+
+def test_a_prompt_longer_than_the_static_cache_is_a_clear_error():
+    """Found when the graph is compiled (before calibrating), and at each call of a graph
+    compiled for shorter prompts, never an out-of-bounds index deep in compiled code."""
+    from transformers import StaticCache
+
+    model = tiny_llama()
+    model.forward = torch.compile(model.forward, backend="q4",
+                                  options={**_options(_calibration()), "lower": "eager"})
+    with torch.no_grad():
+        with pytest.raises(Exception, match="the input has 12 tokens but the static KV cache holds 8"):
+            model.generate(ids(12, seed=9), past_key_values=StaticCache(config=model.config, max_cache_len=8),
+                           **GENERATE)
+        for length in (5, 7):  # a graph for every prompt length (dynamic), within a cache of 16
+            model(ids(length, seed=9), past_key_values=StaticCache(config=model.config, max_cache_len=16))
+        with pytest.raises(Exception, match="the input has 20 tokens but the static KV cache holds 16"):
+            model(ids(20, seed=9), past_key_values=StaticCache(config=model.config, max_cache_len=16))
