@@ -104,3 +104,14 @@ def test_a_prompt_longer_than_the_static_cache_is_a_clear_error():
             model(ids(length, seed=9), past_key_values=StaticCache(config=model.config, max_cache_len=16))
         with pytest.raises(Exception, match="the input has 20 tokens but the static KV cache holds 16"):
             model(ids(20, seed=9), past_key_values=StaticCache(config=model.config, max_cache_len=16))
+
+
+@pytest.mark.slow
+def test_generate_with_another_models_artifact_is_an_artifact_error(tmp_path):
+    model, other = tiny_llama(), tiny_llama(seed=1)
+    qcompile.quantize(model, _calibration(), recipe="w4a4-rtn", progress=False, lower="eager").save(tmp_path / "a")
+    compiled = torch.compile(other, backend="q4", options={"artifact": str(tmp_path / "a"), "lower": "eager"})
+    with pytest.raises(Exception, match=r"different model: parameter '.*' differs") as raised, torch.no_grad():
+        compiled.generate(ids(10, seed=9), **GENERATE)
+    # as for a plain call: Dynamo's BackendCompilerFailed around the backend's ArtifactError
+    assert isinstance(getattr(raised.value, "inner_exception", raised.value), qcompile.ArtifactError)
