@@ -1,6 +1,7 @@
 """Compile options: `torch.compile(..., options={...})` and `Q4_*` environment variables.
 
-This is the ONLY module of qcompile that reads the environment. Passes take typed options from
+This is the ONLY module of qcompile that reads the environment for compile options (the
+kernels read one build switch of their own, `PROCESS_VARIABLES`). Passes take typed options from
 the pipeline string and the pass manager takes its instruments from a `Q4Options`, so nothing
 downstream depends on process globals.
 
@@ -33,6 +34,9 @@ from qcompile.core.recipes import DEFAULT_RECIPE
 __all__ = ["Q4Options", "resolve_options", "ENV_PREFIX", "env_names"]
 
 ENV_PREFIX = "Q4_"
+# Read below this module, once per process, by the kernels it switches (not a compile option):
+# Q4_CPU_KERNELS=off|scalar (kernels/cpu_kernels.py: skip the C++ decode kernels, or force their portable loop)
+PROCESS_VARIABLES = ("Q4_CPU_KERNELS",)
 
 
 def _field(default: Any, *, choices: tuple | None = None, env: bool = True) -> Any:
@@ -144,7 +148,7 @@ def resolve_options(options: Mapping[str, Any] | None = None, environ: Mapping[s
 
     env = {key: text for key, text in environ.items() if key.startswith(ENV_PREFIX)}  # one snapshot
     names = env_names()
-    strays = sorted(key for key in env if key not in names)
+    strays = sorted(key for key in env if key not in names and key not in PROCESS_VARIABLES)
     if strays:
         warnings.warn(
             f"ignoring unknown environment variable {_named(strays, names)}; "
