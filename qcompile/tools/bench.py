@@ -2,6 +2,8 @@
 
     python -m qcompile.tools.bench kernels [--m 1,16,128,2048,8192] [--shapes 4096x4096,...] [--repeats R]
     python -m qcompile.tools.bench prefill [--tokens 512] [--recipes w4a4,w4a4-rtn] [--repeats 5] [--tiny]
+    python -m qcompile.tools.bench decode [--prompt-tokens 64] [--new-tokens 128] [--batch 1,4]
+                                          [--recipes w4a4,w4a8,w4a16] [--repeats 3] [--calibration-batches 2] [--tiny]
     python -m qcompile.tools.bench artifact [--recipe w4a4] [--calibration-tokens 4096] [--prompt-tokens 256]
 
 kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
@@ -16,7 +18,18 @@ kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   CUDA: FP16 `torch.matmul` (cuBLAS) against the Triton W4A4 GEMM (int8 codes in), the Triton
   W4A16 GEMM (FP16 in), and torchao's int4 weight-only linear when torchao is importable.
 prefill: SmolLM2-135M (or a tiny random Llama) prefill of one sequence: FP32 eager, FP32 +
-  Inductor, and q4 recipes; the target for q4 `w4a4` on CPU is 2x FP32 eager.
+  Inductor, torchao int8 dynamic-activation + Inductor (when torchao is importable: the extra
+  `qcompile[peers]`) and q4 recipes, each called bare (`use_cache=False`) and as the default call
+  that also fills a KV cache; the target for q4 `w4a4` on CPU is 2x FP32 eager and at least torchao.
+decode: greedy `generate()` of SmolLM2-135M (or a tiny random Llama) at each batch size: decode
+  tokens/s, time to first token, the linears' weight bytes and peak memory of FP32 eager (dynamic
+  cache), FP32 + Inductor, torchao int8-dynamic / int8 and int4 weight-only + Inductor (when
+  importable; a config that fails on this torch says why in its row) and q4 recipes, the compiled
+  ones with a static cache and `dynamic=False`. Each row runs in a fresh process, so its peak
+  memory is its own (the rows run one after another, not interleaved); targets for q4 `w4a4` at
+  batch 1: 5x FP32 eager, 1.5x FP32 + Inductor, 1.3x torchao int8-dynamic. On cores shared with
+  another busy process, measure with OMP_WAIT_POLICY=PASSIVE (see kernels): a decode step is
+  hundreds of small parallel loops, each of which can wait on a descheduled spinning thread.
 
 artifact: how long `qcompile.quantize` takes (calibration, passes, compile, first call) against
   `qcompile.load` of its saved artifact in fresh processes (no calibration; with and without the
@@ -36,6 +49,8 @@ from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
+
+from qcompile.core.recipes import RECIPES
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288))  # (K, N)
 M_VALUES = (1, 16, 128, 2048, 8192)
@@ -154,15 +169,37 @@ def bench_kernels(shapes: list[tuple[int, int]], m_values: list[int], repeats: i
 # --- prefill -------------------------------------------------------------------------------------
 
 
+def _tiny_llama():
+    """A tiny random-weight Llama (for tests of the tables, not for speed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def _torchao_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` with torchao's int8 dynamic-activation, int8-weight linears."""
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    copied = copy.deepcopy(model)
+    quantize_(copied, Int8DynamicActivationInt8WeightConfig())
+    return copied
+
+
+def torchao_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
 def bench_prefill(tokens: int, recipes: list[str], repeats: int, tiny: bool) -> str:
     from qcompile.tools import zoo
 
     if tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+        model = _tiny_llama()
         prompt = torch.randint(0, 256, (1, tokens))
         calibration = [{"input_ids": torch.randint(0, 256, (1, tokens))}]
         name = "tiny Llama"
@@ -173,17 +210,237 @@ def bench_prefill(tokens: int, recipes: list[str], repeats: int, tiny: bool) -> 
         name = "SmolLM2-135M"
 
     variants = {"FP32 eager": model, "FP32 + Inductor": torch.compile(model)}
+    if torchao_available():
+        variants["torchao int8-dynamic + Inductor"] = torch.compile(_torchao_int8_dynamic(model))
     for recipe in recipes:
         variants[f"q4 {recipe}"] = torch.compile(
             model, backend="q4", options={"recipe": recipe, "calibration": calibration, "progress": False})
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(variants))
-    fns = [lambda m=m: m(input_ids=prompt, use_cache=False) for m in variants.values()]
+    # the bare forward (use_cache=False) and the default call, which also fills a new KV cache
+    fns = [lambda m=m, c=cache: m(input_ids=prompt, use_cache=c) for cache in (False, True) for m in variants.values()]
     seconds = side_by_side_seconds(fns, repeats)
-    rows = [[label, s, seconds[0] / s] for label, s in zip(variants, seconds)]
-    title = (f"{name} prefill of {tokens} tokens (use_cache=False), {torch.get_num_threads()} CPU threads, "
-             f"median of {repeats} side-by-side repetitions; q4 calibrated on {len(calibration)} batches")
-    return title + "\n" + tabulate(rows, headers=["variant", "seconds", "speedup vs FP32 eager"],
-                                   floatfmt=("", ".4f", ".2f"))
+    bare, cached = seconds[:len(variants)], seconds[len(variants):]
+    rows = [[label, b, bare[0] / b, c, cached[0] / c] for label, b, c in zip(variants, bare, cached)]
+    title = (f"{name} prefill of {tokens} tokens, {torch.get_num_threads()} CPU threads, "
+             f"median of {repeats} side-by-side repetitions; q4 calibrated on {len(calibration)} batches"
+             + ("" if torchao_available() else "; torchao not installed (pip install 'qcompile[peers]')"))
+    return title + "\n" + tabulate(rows, headers=["variant", "use_cache=False s", "speedup vs FP32 eager",
+                                                  "use_cache=True s", "speedup vs FP32 eager"],
+                                   floatfmt=("", ".4f", ".2f", ".4f", ".2f"))
+
+
+# --- decode --------------------------------------------------------------------------------------
+
+TORCHAO_CONFIGS = {  # row label -> the torchao config's constructor, for CPU
+    "torchao int8-dynamic": lambda ao: ao.Int8DynamicActivationInt8WeightConfig(),
+    "torchao int8 weight-only": lambda ao: ao.Int8WeightOnlyConfig(),
+    "torchao int4 weight-only": lambda ao: ao.Int4WeightOnlyConfig(group_size=128),
+}
+
+
+def decode_variants(recipes: list[str]) -> list[str]:
+    """The rows of `bench decode`, in order (torchao's only when torchao is importable)."""
+    return ["FP32 eager", "FP32 + Inductor", *(TORCHAO_CONFIGS if torchao_available() else ()),
+            *(f"q4 {r}" for r in recipes)]
+
+
+def _storage_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    """Bytes of the plain tensors behind `t` (a tensor subclass's inner tensors, recursively),
+    each storage counted once."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_storage_bytes(getattr(t, n), seen) for n in names)
+    if t.data_ptr() in seen:
+        return 0
+    seen.add(t.data_ptr())
+    return t.numel() * t.element_size()
+
+
+def _linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the nn.Linear weights as the model holds them (tensor subclasses: their inner tensors)."""
+    seen: set[int] = set()
+    return sum(_storage_bytes(m.weight, seen) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _q4_weight_bytes(graphs: list) -> int:
+    """Bytes of the linears' weights in q4's compiled graphs: the constants q4 ops read (packed
+    int4 weights and their steps, `CompiledGraph.quantized_weight_bytes`) plus the weights of
+    linears left in float; a storage shared by several graphs (prefill, decode) counted once."""
+    from qcompile.core import ir, qlinear
+
+    seen: set[int] = set()
+    total = 0
+    for graph in graphs:
+        gm = graph.graph_module
+        for n in gm.graph.nodes:
+            q = qlinear.match(n)
+            reads = []
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "q4":
+                reads = list(n.args)
+            elif q is not None and q.form == qlinear.FLOAT:
+                reads = [q.weight]
+            for arg in reads:
+                t = ir.get_constant(gm, arg)
+                if t is not None:
+                    total += _storage_bytes(t, seen)
+    return total
+
+
+def _peak_rss_reset() -> bool:
+    """Reset this process's peak resident set (Linux: /proc/self/clear_refs); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set since the last reset (VmHWM), or since the start (ru_maxrss) without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _decode_inputs(spec: dict):
+    """(model, prompts by batch size, calibration batches, pad token id) for a decode row."""
+    from qcompile.tools import zoo
+
+    if spec["tiny"]:
+        model = _tiny_llama()
+        gen = torch.Generator().manual_seed(1)
+        prompts = {b: torch.randint(0, 256, (b, spec["prompt_tokens"]), generator=gen) for b in spec["batches"]}
+        calibration = [{"input_ids": torch.randint(0, 256, (1, 64), generator=gen)}
+                       for _ in range(spec["calibration_batches"])]
+        return model, prompts, calibration, 0
+    model, tokenizer = zoo.load_smollm2()
+    p, most = spec["prompt_tokens"], max(spec["batches"])
+    windows = zoo.token_windows(tokenizer, "pride_and_prejudice", p * most, p)  # one passage per sequence
+    prompts = {b: torch.cat(windows[:b]) for b in spec["batches"]}
+    calibration = [{"input_ids": ids}
+                   for ids in zoo.token_windows(tokenizer, "emma", 512 * spec["calibration_batches"], 512)]
+    return model, prompts, calibration, tokenizer.eos_token_id
+
+
+def _decode_variant(variant: str, model: torch.nn.Module, calibration: list) -> tuple[bool, Callable[[], int]]:
+    """Make `model` the row's variant, in place: (static cache?, weight bytes once warmed up)."""
+    if variant == "FP32 eager":
+        return False, lambda: _linear_weight_bytes(model)
+    if variant == "FP32 + Inductor":
+        model.forward = torch.compile(model.forward, dynamic=False)
+        return True, lambda: _linear_weight_bytes(model)
+    if variant in TORCHAO_CONFIGS:
+        import torchao.quantization as ao
+
+        ao.quantize_(model, TORCHAO_CONFIGS[variant](ao))
+        model.forward = torch.compile(model.forward, dynamic=False)
+        return True, lambda: _linear_weight_bytes(model)
+    from qcompile.backends import q4 as q4_backend
+
+    recipe = variant.removeprefix("q4 ")
+    model.forward = torch.compile(model.forward, backend="q4", dynamic=False,
+                                  options={"recipe": recipe, "calibration": calibration, "progress": False})
+    return True, lambda: _q4_weight_bytes(q4_backend.compiled_graphs())
+
+
+def decode_row(spec: dict) -> dict:
+    """One row of `bench decode`, in this (fresh) process: build the variant, then per batch size
+    a warm-up generate (compiles) and `repeats` timed ones. Errors become the row's `error`."""
+    from qcompile.tools.generate import timed_generate
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model, prompts, calibration, pad = _decode_inputs(spec)
+    result: dict = {"variant": spec["variant"], "batches": {}}
+    try:
+        static, weight_bytes = _decode_variant(spec["variant"], model, calibration)
+        for batch, ids in prompts.items():
+            run = lambda ids=ids: timed_generate(model.generate, ids, spec["new_tokens"], static, pad)  # noqa: E731
+            run()  # warm-up: compiles (and for q4, quantizes) at these shapes
+            resettable = _peak_rss_reset()
+            times = [run()[1:] for _ in range(spec["repeats"])]
+            result["batches"][batch] = {
+                "ttft": statistics.median(t[0] for t in times),
+                "decode": statistics.median(t[1] for t in times),
+                "peak_rss": _peak_rss_bytes(), "peak_reset": resettable}
+        result["weight_bytes"] = weight_bytes()
+    except Exception as e:  # noqa: BLE001 - the row says why it has no numbers
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:70] if str(e) else ''}"
+    return result
+
+
+def _run_decode_row(spec: dict) -> dict:
+    """`decode_row` in a fresh Python process (its own peak memory, compile caches and torch state)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        proc = subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "decode-row", json.dumps(spec), out],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"variant": spec["variant"], "batches": {}, "error": f"process failed ({proc.returncode}): {last[:70]}"}
+        with open(out) as f:
+            result = json.load(f)
+    result["batches"] = {int(b): v for b, v in result["batches"].items()}
+    return result
+
+
+def bench_decode(prompt_tokens: int, new_tokens: int, batches: list[int], recipes: list[str], repeats: int,
+                 calibration_batches: int, tiny: bool) -> str:
+    import sys
+
+    spec = {"tiny": tiny, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batches": batches,
+            "repeats": repeats, "calibration_batches": calibration_batches}
+    results = []
+    for variant in decode_variants(recipes):
+        print(f"bench decode: {variant} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        results.append(_run_decode_row({**spec, "variant": variant}))
+        print(f"bench decode: {variant} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    eager = results[0]["batches"]
+    rows = []
+    for batch in batches:
+        for r in results:
+            label = r["variant"] + ("" if "error" in r or r["variant"] == "FP32 eager" else " (static cache)")
+            m = r["batches"].get(batch)
+            if m is None:
+                rows.append([label, batch, r.get("error", "no result"), *[""] * 5])
+                continue
+            tps = batch * (new_tokens - 1) / m["decode"]
+            base = eager.get(batch)
+            base_tps = batch * (new_tokens - 1) / base["decode"] if base else None
+            weight = r.get("weight_bytes")
+            rows.append([label, batch, f"{tps:.1f}", f"{tps / base_tps:.2f}" if base else "",
+                         f"{m['ttft'] * 1e3:.1f}", f"{base['ttft'] / m['ttft']:.2f}" if base else "",
+                         f"{weight / 2**20:.2f}" if weight else "", f"{m['peak_rss'] / 2**20:.0f}"
+                         + ("" if m["peak_reset"] else " (whole process)")])
+    name = "tiny random Llama" if tiny else "SmolLM2-135M"
+    title = (f"{name} greedy generate: {prompt_tokens}-token prompt, {new_tokens} new tokens (min = max), "
+             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, median of {repeats} after a "
+             f"warm-up generate at the same shapes; each row in a fresh process; q4 calibrated on "
+             f"{calibration_batches} batches"
+             + ("" if torchao_available() else "; torchao not installed (pip install 'qcompile[peers]')"))
+    notes = ("decode tok/s = batch x (new tokens - 1) / time from the first new token to the last; "
+             "TTFT = generate() call to the first new token; weight MiB = the linears' weights as the model "
+             "holds them (FP32: nn.Linear weights; torchao: the tensor subclasses' inner tensors; q4: packed "
+             "int4 weights + steps in the compiled graphs + linears left in float), tied storage counted once; "
+             "peak RSS = the process's peak resident memory during the timed generates (VmHWM after a reset), "
+             "which includes torch itself and, for q4, the float model the compiled graphs were made from")
+    table = tabulate(rows, headers=["variant", "batch", "decode tok/s", "decode vs FP32 eager", "TTFT ms", "TTFT vs FP32 eager",
+                                    "weight MiB", "peak RSS MiB"], disable_numparse=True)
+    import textwrap
+
+    return title + "\n" + table + "\n" + textwrap.fill(notes, 120)
 
 
 # --- artifact ------------------------------------------------------------------------------------
@@ -299,6 +556,18 @@ def main(argv: list[str] | None = None) -> None:
     prefill.add_argument("--recipes", default="w4a4,w4a4-rtn", help="q4 recipes (comma list)")
     prefill.add_argument("--repeats", type=int, default=5)
     prefill.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama instead of SmolLM2")
+    decode = sub.add_parser("decode", help="greedy generate: decode tokens/s, TTFT, weight bytes, peak memory "
+                                           "of FP32, torchao and q4 recipes")
+    decode.add_argument("--prompt-tokens", type=int, default=64)
+    decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated (min = max)")
+    decode.add_argument("--batch", type=_ints, default=[1, 4], help="batch sizes (comma list, default 1,4)")
+    decode.add_argument("--recipes", default="w4a4,w4a8,w4a16", help="q4 recipes (comma list)")
+    decode.add_argument("--repeats", type=int, default=3)
+    decode.add_argument("--calibration-batches", type=int, default=2, help="512-token windows of Emma for q4")
+    decode.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama instead of SmolLM2")
+    row = sub.add_parser("decode-row", help="(internal) one row of `bench decode`, in a fresh process")
+    row.add_argument("spec", help="the row as JSON")
+    row.add_argument("out", help="where to write the result as JSON")
     artifact = sub.add_parser("artifact", help="SmolLM2: quantize time against loading the saved artifact in a new process")
     artifact.add_argument("--recipe", default="w4a4")
     artifact.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of Emma (512-token batches)")
@@ -317,6 +586,22 @@ def main(argv: list[str] | None = None) -> None:
                              not args.no_compiling_load))
     elif args.command == "load-artifact":
         load_artifact(args.directory, args.work, args.prompt)
+    elif args.command == "decode":
+        recipes = [r for r in args.recipes.split(",") if r]
+        unknown = [r for r in recipes if r not in RECIPES]
+        if unknown:
+            parser.error(f"unknown recipes {unknown}; known recipes: {', '.join(RECIPES)}")
+        if min([args.prompt_tokens, args.new_tokens - 1, args.repeats, args.calibration_batches, *args.batch]) < 1:
+            parser.error("--prompt-tokens, --batch, --repeats, --calibration-batches must be positive and "
+                         "--new-tokens at least 2 (decode speed counts the tokens after the first)")
+        print(bench_decode(args.prompt_tokens, args.new_tokens, args.batch, recipes, args.repeats,
+                           args.calibration_batches, args.tiny))
+    elif args.command == "decode-row":
+        import json
+
+        result = decode_row(json.loads(args.spec))
+        with open(args.out, "w") as f:
+            json.dump(result, f)
     elif args.command == "kernels":
         where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         print(f"q4 linear vs {'FP16 cuBLAS' if args.device == 'cuda' else 'FP32'} on {where}, torch {torch.__version__}, "

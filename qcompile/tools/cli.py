@@ -5,7 +5,8 @@
     qcompile passes [--import MODULE|FILE.py ...]   every registered pass: summary, options, statistics
     qcompile recipes                         every recipe and its pipeline string
     qcompile eval [...]                      the accuracy table (`python -m qcompile.tools.accuracy --help`)
-    qcompile bench kernels|prefill|artifact [...]   the speed tables (`python -m qcompile.tools.bench --help`)
+    qcompile bench kernels|prefill|decode|artifact [...]   the speed tables (`python -m qcompile.tools.bench --help`)
+    qcompile generate --prompt TEXT [...]    quantize, generate greedily, print the text and tokens/s (`--help`)
 
 `passes --import my_package.my_passes` imports modules first, so passes they register (with
 `qcompile.core.pass_api.register_pass`) are listed beside qcompile's own.
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         "quantize": ("qcompile.tools.quantize", "quantize a model and save the artifact qcompile.load runs (qcompile quantize --help)"),
         "explain": ("qcompile.tools.explain", "per pass and per linear: what the pipeline did, SQNR (qcompile explain --help)"),
         "eval": ("qcompile.tools.accuracy", "the accuracy table (qcompile eval --help)"),
-        "bench": ("qcompile.tools.bench", "the speed tables: bench kernels|prefill|artifact (qcompile bench --help)"),
+        "bench": ("qcompile.tools.bench", "the speed tables: bench kernels|prefill|decode|artifact (qcompile bench --help)"),
+        "generate": ("qcompile.tools.generate", "quantize a model, generate from a prompt, print text and tokens/s "
+                                                "(qcompile generate --help)"),
     }
     for command, (_, text) in delegated.items():
         sub.add_parser(command, help=text, add_help=False)
