@@ -24,7 +24,8 @@ def test_bench_kernels_prints_its_table():
     rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert [(r[0], r[1], r[2]) for r in rows] == [(k, n, m) for k, n in (("256", "128"), ("257", "100"))
                                                   for m in ("1", "3", "64")]
-    assert all(float(v) > 0 for r in rows for v in r[3:])
+    assert [r[3] for r in rows] == ["q4_cpu"] * 6  # M <= 256: the C++ kernels reading packed weights
+    assert all(float(v) > 0 for r in rows for v in r[4:])
 
 
 def test_bench_kernels_rejects_a_malformed_shape():
