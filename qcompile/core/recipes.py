@@ -28,10 +28,10 @@ RECIPES: dict[str, str] = {
     # the activation clipping ratio searched against the layer-output error.
     "w4a4-qsm": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},fold-scales,"
     "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
-    # The same as w4a4 with 8-bit static activations; no fused kernel yet, so it runs fake-quantized.
+    # The same as w4a4 with 8-bit static activations (the fused W4A4 kernel multiplies any int8 codes).
     "w4a8": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs,"
     "insert-quantizers{w-bits=4,a-bits=8,search-clip=true,weights=gptq},fuse-kernels",
-    # Weight-only int4 with GPTQ (activations stay in float); fake-quantized until its kernel lands.
+    # Weight-only int4 with GPTQ (activations stay in float): the fused q4.linear_w4a16.
     "w4a16": "analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=16,weights=gptq},fuse-kernels",
 }
 
