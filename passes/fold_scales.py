@@ -13,7 +13,8 @@ function: the constant broadcasts along the last dimension only (shape [C], [1] 
 the folded-away node has no other reader, and a multiply feeding linears is folded into them
 only when every reader is a linear with a constant weight. A norm's own weight (`weight * h`
 after the RMS normalization, or layer_norm's weight) stays where it is: it is where migrated
-scales live, and folding it into the linears would undo the migration.
+scales live, and folding it into the linears would undo the migration; so does the multiply
+migrate-scales puts on attention's output (`ir.MIGRATION_SCALE`).
 
 Before:
     h = aten.mul(w_norm, normalized)             # the norm's weight: kept
@@ -90,6 +91,12 @@ def is_norm_weight(gm: fx.GraphModule, node: fx.Node) -> bool:
     return found is not None and is_normalized(gm, found[0])
 
 
+def is_kept_scale(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A multiply where migrated scales live: a norm's own weight, or the one migrate-scales put
+    on attention's output (folding it into the reading linear would undo the migration)."""
+    return is_norm_weight(gm, node) or bool(node.meta.get(ir.MIGRATION_SCALE))
+
+
 _ROTATE = torch.ops.q4.rotate.default
 
 
@@ -103,7 +110,7 @@ def per_channel_scales_are_folded(gm: fx.GraphModule, node: fx.Node) -> str | No
             producer.target in CASTS or producer.target is _ROTATE
         ):
             producer = producer.args[0]
-        if isinstance(producer, fx.Node) and constant_scale(gm, producer) and not is_norm_weight(gm, producer):
+        if isinstance(producer, fx.Node) and constant_scale(gm, producer) and not is_kept_scale(gm, producer):
             return f"its input comes from a constant multiply %{producer.name} that fold-scales left"
     q = qlinear.match(node)
     if q is not None and q.quantized:
@@ -127,7 +134,7 @@ class FoldScales(QPass):
             if node.op != "call_function" or not node.users:
                 continue
             found = constant_scale(gm, node)
-            if found is None or is_norm_weight(gm, node):
+            if found is None or is_kept_scale(gm, node):
                 continue
             x, c = found
             channels = ir.fake_value(node).shape[-1] if ir.fake_value(node) is not None else None

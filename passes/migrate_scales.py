@@ -228,12 +228,13 @@ class MigrateScales(QPass):
         graph = gm.graph
         if sites == EXPLICIT:  # x -> x * (1 / s), which the linears (its only readers) read instead
             with graph.inserting_after(activation):
-                inverse = graph.get_attr(ir.add_constant(gm, f"{activation.name}_migration_inverse",
+                inverse = graph.get_attr(ir.add_constant(gm, f"{activation.name}_inverse_scale_migrated",
                                                          (1 / s).to(ir.fake_value(activation).dtype)))
             with graph.inserting_after(inverse):
                 scaled = graph.call_function(ir.aten.mul.Tensor, (activation, inverse))
             ir.mark_created(inverse, self.name, [activation])
             ir.mark_created(scaled, self.name, [activation])
+            scaled.meta[ir.MIGRATION_SCALE] = True  # fold-scales keeps it, as it keeps a norm's weight
             activation.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
             sites = []
         for site, i in sites:

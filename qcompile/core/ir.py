@@ -44,6 +44,8 @@ OUTLIERS = "q4_outliers"
 ACT_CLIP = "q4_act_clip"
 # what migrate-scales did for a linear: {"status": "migrated" | "unmatched", "reason": str}
 MIGRATION = "q4_migration"
+# on a multiply migrate-scales inserted (o_proj's input * 1/s): where a migrated scale lives, never folded
+MIGRATION_SCALE = "q4_migration_scale"
 # why insert-quantizers left a linear in float (absent when it was quantized)
 FLOAT_REASON = "q4_float_reason"
 # graph-module meta: the names of the passes that have run on the graph, in order

@@ -118,3 +118,13 @@ def test_qsm_leaves_its_clipping_ratio_for_insert_quantizers():
     run_pass("migrate-scales", gm)
     clips = [n.meta[ir.ACT_CLIP] for n in gm.graph.nodes if ir.ACT_CLIP in n.meta]
     assert len(clips) == 14 and all(c in CLIPS for c in clips)  # every linear of both layers
+
+
+def test_fold_scales_keeps_the_attention_output_scale():
+    """fold-scales folds constant multiplies into the reading linear, except where migrated scales
+    live: folding o_proj's 1/s back into its weight would undo the migration."""
+    gm = capture_family("llama", inputs())
+    run_pass("migrate-scales", gm, method="smoothquant")
+    result, stats = run_pass("fold-scales", gm)
+    kept = [n for n in result.graph_module.graph.nodes if n.meta.get("q4_migration_scale")]
+    assert len(kept) == 2 and all(n.users for n in kept)  # one a layer, still read by o_proj
