@@ -23,9 +23,10 @@ Structure comes from the graph, not from module names:
   (`weight * h`), Gemma's `h * (1 + weight)`;
 - a gated MLP's down_proj input `act(gate(x)) * up(x)`: the scale goes into up_proj's output rows
   (the product is elementwise, so scaling `up` scales the activation);
-- o_proj's input `sdpa(q, k, v)` with heads flattened: the scale goes into v_proj's rows, one per
-  KV-head row, shared by the query heads of its group (attention is linear in v); not when v
-  also flows into a returned KV cache, which is an output;
+- o_proj's input `sdpa(q, k, v)` with heads flattened: a multiply of its own, `x * (1 / s)`
+  (`ir.MIGRATION_SCALE`, which fold-scales keeps and Inductor fuses into the rotation and
+  quantize). Not v_proj's rows: v also flows into the KV cache, which must keep the model's own
+  values so that prefill and decode graphs (and a prompt run uncompiled) agree;
 - dtype casts between the producer and the linears are looked through;
 - when `a` also feeds anything but a quantizable linear (BERT's post-norm residual, say), the
   migration would change that other use: it is left alone and counted.
