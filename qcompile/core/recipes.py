@@ -15,7 +15,7 @@ RECIPES: dict[str, str] = {
     "w4a4-smoothquant": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,"
     "insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
     # The default: migrate half of each channel's range into the weights (alpha 0.5, into the
-    # norms, up_proj rows and v_proj rows), rotate every linear's input by a Hadamard-like
+    # norms, up_proj rows and a multiply on o_proj's input), rotate every linear's input by a Hadamard-like
     # matrix (the weights absorb it), search each layer's activation clipping ratio on
     # calibration samples, and round weights with GPTQ. The language-model head gets 4-bit
     # weights too, with 8-bit activations: in float it was a quarter of SmolLM2's prefill time.
