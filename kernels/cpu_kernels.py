@@ -88,11 +88,6 @@ def _build() -> bool:
     return True
 
 
-def available() -> bool:
-    """Whether the q4_cpu ops can run here (builds them on the first call)."""
-    return load()
-
-
 def use_for(m: object) -> bool:
     """Whether a CPU linear over `m` rows (a concrete int; a symbolic M is prefill) takes q4_cpu."""
     return isinstance(m, int) and m <= SMALL_M and load()
