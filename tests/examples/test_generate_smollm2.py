@@ -1,0 +1,197 @@
+"""generate() on the real SmolLM2-135M, in every form users write it, with w4a4, w4a8 and w4a16.
+
+What must hold (issue 13): greedy generation through the KV cache, dynamic or static, gives the
+tokens the compiled model's own no-cache logits pick at every step (the cache holds the model's
+own values: o_proj's migration is a multiply of its own, not folded into v_proj's rows); a
+left-padded batch gives each row the tokens it gets alone; a long generation over many prompt
+lengths compiles a bounded number of graphs and calibrates once.
+
+Not here yet (issue 13 stays open on them): the same argmax check with w4a8, which missed one
+token of 32 in its first run (not yet traced: a near-tie, or a difference between the decode and
+no-cache paths), and the perplexity through a static cache against the no-cache one on 2048
+tokens, measured 0.68% apart (33.05 against 32.82) where the issue asks 0.5%.
+
+Cost: each SmolLM2 graph takes about a minute to compile through Inductor on 2 cores, and w4a4's
+GPTQ about as long (once per recipe and calibration: `CalibrationCache` shares it between the
+graphs). The w4a4 accuracy tests run Inductor's lowering, as users get it; the tests of the
+other forms and recipes lower with `lower="eager"` (the same graphs and ops, run op by op;
+tests/backends/test_lowering.py checks the Inductor lowering against the ops), which takes a
+third of the time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.backends.q4 import Q4Backend
+from qcompile.tools import zoo
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ("It is a truth universally acknowledged, that a single man",
+           "Elizabeth was",
+           "Mr. Darcy walked towards",
+           "The weather at Netherfield had been")
+
+
+@pytest.fixture(scope="module")
+def calibration(smollm2) -> list[dict]:
+    """Two 256-token windows of Emma: one object for the whole module, so every compile of one
+    recipe finds the statistics and GPTQ results of the first."""
+    _, tokenizer = smollm2
+    return [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 512, 256)]
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2) -> dict:
+    """The four prompts, left-padded to one batch (what generate() wants for a decoder)."""
+    _, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    return dict(tokenizer(list(PROMPTS), return_tensors="pt", padding=True))
+
+
+def q4(**options) -> tuple[Q4Backend, list]:
+    """The q4 backend (what `backend="q4", options=...` makes) and the list of the graphs it compiles."""
+    graphs: list = []
+    return Q4Backend({"progress": False, **options}, on_compiled=lambda graph, _: graphs.append(graph)), graphs
+
+
+@contextlib.contextmanager
+def compiled_forward(model: torch.nn.Module, **options):
+    """The documented form, `model.forward = torch.compile(model.forward, backend="q4", ...)`,
+    undone afterwards (the session's model is shared); yields the list of compiled graphs."""
+    backend, graphs = q4(**options)
+    model.forward = torch.compile(model.forward, backend=backend)
+    try:
+        yield graphs
+    finally:
+        del model.forward  # the class's forward again
+
+
+def greedy(generate, batch: dict, new_tokens: int, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        pad_token_id=0, **kwargs)
+
+
+def no_cache_argmax(model: torch.nn.Module, batch: dict, sequences: torch.Tensor) -> torch.Tensor:
+    """The token the model's own no-cache logits pick at each generated position. The positions
+    are generate()'s: counted from each row's first real token (left padding shifts them)."""
+    prompt = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(sequences[:, prompt:])], 1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    return logits[:, prompt - 1:-1].argmax(-1)
+
+
+def all_quantized(graphs: list) -> bool:
+    return bool(graphs) and all(g.count_ops(torch.ops.q4.linear_w4a4) + g.count_ops(torch.ops.q4.linear_w4a16) > 0
+                                for g in graphs)
+
+
+@pytest.mark.parametrize(("recipe", "new_tokens", "lower"), [
+    ("w4a4", 64, "inductor"),
+    ("w4a16", 8, "eager"),
+])
+def test_greedy_generation_through_the_cache_is_the_no_cache_argmax(smollm2, calibration, prompts, recipe,
+                                                                       new_tokens, lower):
+    """4 left-padded prompts, the default dynamic cache and a static one: every new token is
+    the argmax of the compiled model's own no-cache logits at its position."""
+    model, _ = smollm2
+    with compiled_forward(model, recipe=recipe, calibration=calibration, lower=lower) as graphs:
+        dynamic = greedy(model.generate, prompts, new_tokens)
+        static = greedy(model.generate, prompts, new_tokens, cache_implementation="static")
+        expected = no_cache_argmax(model, prompts, dynamic)
+    assert all_quantized(graphs)
+    prompt = prompts["input_ids"].shape[1]
+    assert torch.equal(dynamic[:, prompt:], expected)
+    assert torch.equal(static, dynamic)
+
+
+def test_left_padded_rows_get_the_tokens_they_get_alone(smollm2, calibration, prompts):
+    model, tokenizer = smollm2
+    with compiled_forward(model, recipe="w4a4", calibration=calibration, lower="eager") as graphs:
+        batched = greedy(model.generate, prompts, 8)
+        for row, text in enumerate(PROMPTS):
+            alone = greedy(model.generate, dict(tokenizer([text], return_tensors="pt")), 8)
+            assert torch.equal(batched[row, -8:], alone[0, -8:]), text
+    assert all_quantized(graphs)
+
+
+def test_generation_over_many_prompt_lengths_compiles_a_bounded_number_of_graphs_and_calibrates_once(
+        smollm2, monkeypatch):
+    """Prompts of 8 to 512 tokens and a 256-token generation: a prompt graph and decode graphs
+    that generalize (Dynamo's automatic dynamic shapes), not one per length or token; the
+    calibration batches are observed once, by the first graph."""
+    from qcompile.frontend import calibrate
+
+    observed = []
+    observe = calibrate._observe
+    monkeypatch.setattr(calibrate, "_observe", lambda *a, **k: observed.append(1) or observe(*a, **k))
+    model, tokenizer = smollm2
+    text = zoo.text("emma")
+    calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 256, 256)]  # fresh: not cached
+    with compiled_forward(model, recipe="w4a4", calibration=calibration, lower="eager") as graphs:
+        for length in (8, 24, 100, 333, 512):
+            ids = tokenizer(text[2000:6000], return_tensors="pt").input_ids[:, :length]
+            greedy(model.generate, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 4)
+        ids = tokenizer(text[:200], return_tensors="pt").input_ids[:, :16]
+        out = greedy(model.generate, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 256)
+    assert all_quantized(graphs)
+    assert out.shape[1] == 16 + 256
+    assert len(observed) == 1
+    # the first prompt and decode step (static shapes), then each generalized: 4 to 6 graphs
+    assert len(graphs) <= 6, [g.graph_id for g in graphs]
+
+
+def test_torch_compile_of_the_module_generates_quantized(smollm2, calibration, prompts):
+    """The trap: `torch.compile(model, backend="q4").generate(...)` quantizes (torch alone would
+    hand generate() to the uncompiled original and run FP32), with the documented form's tokens."""
+    model, _ = smollm2
+    options = {"recipe": "w4a8", "calibration": calibration, "lower": "eager"}
+    backend, graphs = q4(**options)
+    tokens = greedy(torch.compile(model, backend=backend).generate, prompts, 4)
+    assert all_quantized(graphs) and len(graphs) >= 2  # the prompt and the decode steps
+    assert "forward" not in model.__dict__  # the original's forward is its own again
+    torch._dynamo.reset()
+    with compiled_forward(model, **options):
+        assert torch.equal(greedy(model.generate, prompts, 4), tokens)
+
+
+def test_transformers_compile_hook_compiles_the_decode_steps_with_q4(smollm2, calibration, prompts):
+    """`generation_config.compile_config` with the q4 backend: transformers compiles the decode
+    steps itself (static cache; on CPU only when `_compile_all_devices` is set) and runs the prompt
+    uncompiled, in float, so the first new token is the float model's."""
+    from transformers import CompileConfig
+
+    model, _ = smollm2
+    backend, graphs = q4(recipe="w4a16", calibration=calibration, lower="eager")
+    config = CompileConfig(backend=backend, mode=None, fullgraph=False)
+    config._compile_all_devices = True
+    saved = model.generation_config.compile_config
+    model.generation_config.compile_config = config
+    try:
+        tokens = greedy(model.generate, prompts, 4, cache_implementation="static")
+    finally:
+        model.generation_config.compile_config = saved
+    assert all_quantized(graphs)
+    float_tokens = greedy(model.generate, prompts, 1)
+    assert torch.equal(tokens[:, :-3], float_tokens)
+
+
+def test_quantized_and_loaded_models_generate(smollm2, calibration, prompts, tmp_path):
+    """`qcompile.quantize(...)` and `qcompile.load(...)` models generate, the loaded one the
+    same tokens as the one saved."""
+    model, _ = smollm2
+    quantized = qcompile.quantize(model, calibration, recipe="w4a4", progress=False, lower="eager")
+    tokens = greedy(quantized.generate, prompts, 4)
+    quantized.save(tmp_path / "w4a4")
+    torch._dynamo.reset()
+    loaded = qcompile.load(model, tmp_path / "w4a4", lower="eager")
+    assert torch.equal(greedy(loaded.generate, prompts, 4), tokens)
+    assert all(g.count_ops(torch.ops.q4.linear_w4a4) > 0 for g in loaded.graphs)
