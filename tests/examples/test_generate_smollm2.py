@@ -49,10 +49,14 @@ def calibration(smollm2) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prompts(smollm2) -> dict:
-    """The four prompts, left-padded to one batch (what generate() wants for a decoder)."""
+    """The four prompts, left-padded to one batch (what generate() wants for a decoder). The
+    session's tokenizer is shared: its padding side is put back."""
     _, tokenizer = smollm2
-    tokenizer.padding_side = "left"
-    return dict(tokenizer(list(PROMPTS), return_tensors="pt", padding=True))
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return dict(tokenizer(list(PROMPTS), return_tensors="pt", padding=True))
+    finally:
+        tokenizer.padding_side = side
 
 
 def q4(**options) -> tuple[Q4Backend, list]:
