@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.backends.q4 import Q4Backend
+from tests.helpers.backend import counting_backend
 from tests.helpers.models import ids, tiny_llama
 
 GENERATE = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
@@ -24,11 +24,6 @@ def _options(calibration: list) -> dict:
     return {"recipe": "w4a4-rtn", "calibration": calibration, "progress": False}
 
 
-def _counting_backend(options: dict) -> tuple[Q4Backend, list]:
-    graphs: list = []
-    return Q4Backend(options, on_compiled=lambda graph, _inputs: graphs.append(graph)), graphs
-
-
 @pytest.mark.slow
 def test_torch_compile_module_generate_quantizes_like_the_compiled_forward():
     """`torch.compile(model, backend="q4").generate(...)` compiles q4 graphs (torch alone would
@@ -37,7 +32,7 @@ def test_torch_compile_module_generate_quantizes_like_the_compiled_forward():
     model, calibration, prompt = tiny_llama(), _calibration(), ids(10, seed=9)
     with torch.no_grad():
         float_tokens = model.generate(prompt, **GENERATE)
-        backend, graphs = _counting_backend(_options(calibration))
+        backend, graphs = counting_backend(_options(calibration))
         tokens = torch.compile(model, backend=backend).generate(prompt, **GENERATE)
     assert len(graphs) >= 2  # the prompt and the decode steps
     assert all(g.count_ops(torch.ops.q4.linear_w4a4) > 0 for g in graphs)
@@ -78,7 +73,7 @@ def test_transformers_compile_hook_with_the_q4_backend():
     from transformers import CompileConfig
 
     model, calibration, prompt = tiny_llama(), _calibration(), ids(10, seed=9)
-    backend, graphs = _counting_backend(_options(calibration))
+    backend, graphs = counting_backend(_options(calibration))
     config = CompileConfig(backend=backend, mode=None, fullgraph=False)
     config._compile_all_devices = True
     model.generation_config.compile_config = config

@@ -30,6 +30,7 @@ import torch
 import qcompile
 from qcompile.backends.q4 import Q4Backend
 from qcompile.tools import zoo
+from tests.helpers.backend import counting_backend
 
 pytestmark = pytest.mark.model
 
@@ -60,9 +61,8 @@ def prompts(smollm2) -> dict:
 
 
 def q4(**options) -> tuple[Q4Backend, list]:
-    """The q4 backend (what `backend="q4", options=...` makes) and the list of the graphs it compiles."""
-    graphs: list = []
-    return Q4Backend({"progress": False, **options}, on_compiled=lambda graph, _: graphs.append(graph)), graphs
+    """The q4 backend with these options (no progress bars) and the list of the graphs it compiles."""
+    return counting_backend({"progress": False, **options})
 
 
 @contextlib.contextmanager

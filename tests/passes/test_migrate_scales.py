@@ -123,8 +123,10 @@ def test_qsm_leaves_its_clipping_ratio_for_insert_quantizers():
 def test_fold_scales_keeps_the_attention_output_scale():
     """fold-scales folds constant multiplies into the reading linear, except where migrated scales
     live: folding o_proj's 1/s back into its weight would undo the migration."""
+    from qcompile.core import ir
+
     gm = capture_family("llama", inputs())
     run_pass("migrate-scales", gm, method="smoothquant")
     result, stats = run_pass("fold-scales", gm)
-    kept = [n for n in result.graph_module.graph.nodes if n.meta.get("q4_migration_scale")]
+    kept = [n for n in result.graph_module.graph.nodes if n.meta.get(ir.MIGRATION_SCALE)]
     assert len(kept) == 2 and all(n.users for n in kept)  # one a layer, still read by o_proj
