@@ -76,8 +76,8 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        load_extension(name="q4_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"],
-                       is_python_module=False, verbose=False)
+        load_extension(name="q4_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler or a failed build: the portable paths still work
         warnings.warn(f"qcompile: the q4_cpu C++ kernels could not be built ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); CPU linears fall back to "
