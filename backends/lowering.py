@@ -15,9 +15,9 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
                                             with whatever reads the output (a residual add)
     q4.linear_w4a16(x, w_packed, ...)    -> the weight dequantized (one fused loop) and aten.linear
 
-At decode, where M (the rows: x's leading dims) is a static int <= cpu_kernels.SMALL_M, both
-linears instead call the q4_cpu C++ kernels (`kernels/cpu_kernels.py`), which read the packed
-weight directly: unpacking a 4096 x 4096 weight costs more than the whole product at M = 1. The
+At decode, where M (the rows: x's leading dims) is a static int <= cpu_kernels.SMALL_M (W4A16:
+SMALL_M_W4A16), both linears instead call the q4_cpu C++ kernels (`kernels/cpu_kernels.py`),
+which read the packed weight directly: unpacking a 4096 x 4096 weight costs more than the whole product at M = 1. The
 call from Inductor's wrapper is a registered C++ op (a few µs). A symbolic M is prefill: it keeps
 the GEMM decomposition.
 
@@ -107,7 +107,7 @@ def linear_w4a4_decomposed_on_cpu(x_codes: torch.Tensor, w_packed: torch.Tensor,
     op stays (its Triton kernel)."""
     if x_codes.device.type != "cpu":
         return NotImplemented
-    if cpu_kernels.use_for(static_rows(x_codes)):
+    if cpu_kernels.use_for(static_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4.default(x_codes, w_packed, w_step, a_step, bias, out_dtype,
                                                     cpu_kernels.FORCE_SCALAR)
     return linear_w4a4_decomposed(x_codes, w_packed, w_step, a_step, bias, out_dtype)
@@ -128,7 +128,7 @@ def linear_w4a16_decomposed_on_cpu(x: torch.Tensor, w_packed: torch.Tensor, w_st
     """The CPU decomposition of the weight-only linear: q4_cpu at decode, else dequantize + linear."""
     if x.device.type != "cpu":
         return NotImplemented
-    if cpu_kernels.use_for(static_rows(x)):
+    if cpu_kernels.use_for(static_rows(x), cpu_kernels.SMALL_M_W4A16):
         return torch.ops.q4_cpu.linear_w4a16.default(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR)
     return linear_w4a16_decomposed(x, w_packed, w_step, bias, out_dtype)
 

@@ -40,6 +40,7 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes the pipeline
 from qcompile.backends import generation
 from qcompile.backends.compiled_graph import CompiledGraph
 from qcompile.backends.lowering import lower
+from qcompile.core import ir
 from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
 from qcompile.core.memo import MEMO, MemoMiss
@@ -119,6 +120,12 @@ class Q4Backend:
         stop = self.stop_after == "passes"
         with torch.no_grad():
             run = None if stop else lower(result.graph_module, inputs, opts.lower, opts.kernels, self.mode)
+        if not stop:
+            # the statistics the passes left on the linears (rotated and rescaled copies, Gram
+            # matrices included: ~0.4 GB a SmolLM2 graph) are not read again; `replay` and the
+            # calibration cache keep the originals
+            for node in result.graph_module.graph.nodes:
+                node.meta.pop(ir.CALIB, None)
         graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay,
                               limit)
         self.on_compiled(graph, inputs)

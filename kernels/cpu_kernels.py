@@ -26,14 +26,21 @@ Dispatch: the AVX512-VNNI code is compiled with target attributes and chosen at 
 `force_scalar` argument; Q4_CPU_KERNELS=scalar sets `FORCE_SCALAR`, the value the q4 ops and the
 lowering pass; Q4_CPU_KERNELS=off skips the extension: every caller keeps its portable path).
 
-Threshold: the callers use these kernels for M <= SMALL_M = 256 rows, below the crossover
-against the unpack + oneDNN int8 GEMM path (the Inductor lowering, 2 threads of an AVX512-VNNI
-EPYC, 4096 x 4096: 46 vs 65 ms at M = 256, 87 vs 85 at 512, 170 vs 121 at 1024); larger or
-symbolic M (prefill) keeps the GEMM path, which gains from oneDNN's blocking at large M.
+Threshold: the callers use these kernels for M <= SMALL_M = 64 rows; larger or symbolic M
+(prefill) takes the unpack + oneDNN int8 GEMM path, which gains from oneDNN's blocking. The
+crossover depends on the weight's size (2 threads of an AVX512-VNNI EPYC, the kernel called
+alone against unpack + `torch._int_mm`, at commit 95fcb0c): SmolLM2's 576 x 1536 takes 0.18 against
+0.26 ms at M = 32, 0.36 against 0.31 at 64, 0.70 against 0.45 at 128; Llama-2-7B's 4096 x 4096
+takes 5.1 against 9.3 ms at M = 64, 8.8 against 10.3 at 128, 18.1 against 17.1 at 256. 64 is
+where the small model's linears cross; a 7B model's linears at M = 65..200 give up 1.2x
+(4096 x 4096, M = 128) to 1.8x (4096 x 11008). W4A16 keeps the kernel up to SMALL_M_W4A16 = 256
+rows: its other path dequantizes the whole weight to float every call (4096 x 4096 at M = 128:
+66 ms against FP32's 36; the kernel's 1.02x of FP32 there, in the README's earlier table).
 
 Build: `torch.utils.cpp_extension.load` compiles csrc/q4_cpu.cpp on first use (-O3
--ffp-contract=off: the epilogue must round like the reference) into torch's extensions
-directory, where later processes find it cached. The ops are registered in C++ (TORCH_LIBRARY),
+-ffp-contract=off: the epilogue must round like the reference; -fopenmp: ATen's `parallel_for`
+is inline code that runs on one thread without it) into torch's extensions directory, where
+later processes find it cached. The OpenMP runtime is the one torch already loaded (libgomp.so.1). The ops are registered in C++ (TORCH_LIBRARY),
 so a call from Inductor's generated wrapper costs a few µs, not the ~30 µs of a Python custom
 op; their fake implementations are registered here. If the build fails (no compiler), `load()`
 warns once and returns False, and every caller keeps its portable path.
@@ -51,7 +58,8 @@ import torch
 
 from .checks import check_bias, check_float_dtype, check_packed, check_step, describe, fail
 
-SMALL_M = 256  # rows up to which the q4 ops and the lowering call these kernels (the measured crossover)
+SMALL_M = 64  # rows up to which the q4 ops and the lowering call the W4A4 kernel (the measured crossover)
+SMALL_M_W4A16 = 256  # ... and the W4A16 one: its other path dequantizes the whole weight to float
 FORCE_SCALAR = os.environ.get("Q4_CPU_KERNELS", "") == "scalar"  # test the portable loop on any CPU
 
 _SOURCE = Path(__file__).parent / "csrc" / "q4_cpu.cpp"
@@ -88,9 +96,10 @@ def _build() -> bool:
     return True
 
 
-def use_for(m: object) -> bool:
-    """Whether a CPU linear over `m` rows (a concrete int; a symbolic M is prefill) takes q4_cpu."""
-    return isinstance(m, int) and m <= SMALL_M and load()
+def use_for(m: object, limit: int) -> bool:
+    """Whether a CPU linear over `m` rows (a concrete int; a symbolic M is prefill) takes q4_cpu:
+    `limit` is SMALL_M (W4A4) or SMALL_M_W4A16."""
+    return isinstance(m, int) and m <= limit and load()
 
 
 # --- fake implementations (shapes and argument checks, as the q4:: ops report them) --------------

@@ -20,7 +20,7 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
     q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype)
                                                       -> F.linear(x, codes(w) * w_step[:, None], bias)
 
-At decode (M <= cpu_kernels.SMALL_M rows) the CPU kernels call the q4_cpu C++ ops instead
+At decode (M <= cpu_kernels.SMALL_M rows; W4A16: SMALL_M_W4A16) the CPU kernels call the q4_cpu C++ ops instead
 (kernels/cpu_kernels.py), which read the packed weight directly: same values (linear_w4a4 bit
 for bit), no unpacked copy of the weight at all.
 
@@ -180,7 +180,8 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     > 0; bias float [N] or None. Leading dims of x_codes are kept, M = prod(leading) may be 0 or 1.
     """
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=True)
-    if x_codes.device.type == "cpu" and cpu_kernels.use_for(_rows(x_codes)):  # decode: read the packed weight
+    # decode: read the packed weight
+    if x_codes.device.type == "cpu" and cpu_kernels.use_for(_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype,
                                             cpu_kernels.FORCE_SCALAR)
     k = x_codes.shape[-1]
@@ -230,13 +231,13 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
         y = F.linear(x, codes(w) * w_step[:, None], bias)
 
     x float [..., K]; w_packed uint8 [N, ceil(K/2)]; w_step float32 [N], finite and > 0; bias
-    float [N] or None. On CPU at M <= cpu_kernels.SMALL_M the q4_cpu kernel computes it in
+    float [N] or None. On CPU at M <= cpu_kernels.SMALL_M_W4A16 the q4_cpu kernel computes it in
     float32 from the packed bytes: (sum_k float32(x) * code) * w_step + bias, cast to out_dtype.
     Otherwise the weight is dequantized to x's dtype and multiplied with F.linear (the values of
     the unfused aten.linear(x, q4.dequantize_weight_int4(...), bias) it replaces).
     """
     _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values=True)
-    if x.device.type == "cpu" and cpu_kernels.use_for(_rows(x)):
+    if x.device.type == "cpu" and cpu_kernels.use_for(_rows(x), cpu_kernels.SMALL_M_W4A16):
         return torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR)
     return linear_w4a16_dequantized(x, w_packed, w_step, bias, out_dtype)
 

@@ -10,9 +10,9 @@ kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   CPU: FP32 `F.linear` against the q4 CPU paths as a compiled model runs them, lowered through
   the backend's Inductor lowering: W4A4 is the static activation quantize and `q4.linear_w4a4`
   from a float input to a float output, W4A16 is `q4.linear_w4a16` (float input). Up to
-  cpu_kernels.SMALL_M rows both call the q4_cpu C++ kernels, which read the packed weight
-  (the `path` column); above, unpack + oneDNN int8 GEMM + fused epilogue (W4A16: dequantize +
-  FP32 GEMM). On cores shared with another busy process, OpenMP's spin-waiting makes each small
+  cpu_kernels.SMALL_M rows (W4A16: SMALL_M_W4A16) they call the q4_cpu C++ kernels, which read
+  the packed weight (the `path` column); above, unpack + oneDNN int8 GEMM + fused epilogue
+  (W4A16: dequantize + FP32 GEMM). On cores shared with another busy process, OpenMP's spin-waiting makes each small
   parallel loop wait for a descheduled thread (M = 1: 0.3 ms becomes ~7 ms, FP32 too): measure
   there with OMP_WAIT_POLICY=PASSIVE.
   CUDA: FP16 `torch.matmul` (cuBLAS) against the Triton W4A4 GEMM (int8 codes in), the Triton
@@ -156,10 +156,11 @@ def bench_kernels(shapes: list[tuple[int, int]], m_values: list[int], repeats: i
                             "q4 W4A4 (CPU)": _cpu_q4_linear(x, packed, w_step),
                             "q4 W4A16 (CPU)": _cpu_q4_weight_only_linear(x, packed, w_step)}
                 seconds = side_by_side_seconds(list(variants.values()), repeats)
-                path = "q4_cpu" if cpu_kernels.use_for(m) else "GEMM"
+                path = "/".join("q4_cpu" if cpu_kernels.use_for(m, limit) else "GEMM"
+                                for limit in (cpu_kernels.SMALL_M, cpu_kernels.SMALL_M_W4A16))
             base = seconds[0]
             names = list(variants)
-            headers = headers or ["K", "N", "M", *(["path"] if device != "cuda" else []),
+            headers = headers or ["K", "N", "M", *(["path W4A4/W4A16"] if device != "cuda" else []),
                                   *(f"{v} ms" for v in names), *(f"{v} speedup" for v in names[1:])]
             rows.append([k, n, m, *([path] if device != "cuda" else []), *(s * 1e3 for s in seconds),
                          *(base / s for s in seconds[1:])])

@@ -19,12 +19,13 @@ def run(*args: str, timeout: int = 600) -> str:
 
 @pytest.mark.slow
 def test_bench_kernels_prints_its_table():
-    out = run("-m", "qcompile.tools.bench", "kernels", "--shapes", "256x128,257x100", "--m", "1,3,64", "--repeats", "2")
+    out = run("-m", "qcompile.tools.bench", "kernels", "--shapes", "256x128,257x100", "--m", "1,3,65", "--repeats", "2")
     assert "q4 W4A4 (CPU) speedup" in out and "FP32 F.linear ms" in out
     rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert [(r[0], r[1], r[2]) for r in rows] == [(k, n, m) for k, n in (("256", "128"), ("257", "100"))
-                                                  for m in ("1", "3", "64")]
-    assert [r[3] for r in rows] == ["q4_cpu"] * 6  # M <= 256: the C++ kernels reading packed weights
+                                                  for m in ("1", "3", "65")]
+    # up to 64 rows (W4A16: 256) the C++ kernels reading packed weights; W4A4 at 65 the GEMM
+    assert [r[3] for r in rows] == ["q4_cpu/q4_cpu", "q4_cpu/q4_cpu", "GEMM/q4_cpu"] * 2
     assert all(float(v) > 0 for r in rows for v in r[4:])
 
 

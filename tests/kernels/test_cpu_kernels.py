@@ -101,19 +101,19 @@ def test_leading_dims_are_kept():
 # --- the q4 ops and the lowering use the kernels ------------------------------------------------
 
 
-@pytest.mark.parametrize("m", [1, 16, cpu_kernels.SMALL_M + 1])
+@pytest.mark.parametrize("m", [1, 16, cpu_kernels.SMALL_M + 1, cpu_kernels.SMALL_M_W4A16 + 1])
 def test_q4_ops_take_the_kernel_for_small_m_and_agree_on_either_side(m, monkeypatch):
     packed, w_step, g = make_weight(130, 11, seed=m)
     x = torch.randint(-8, 8, (m, 130), dtype=torch.int8, generator=g)
     xf, a_step, b = torch.randn(m, 130, generator=g), torch.tensor(0.05), torch.randn(11, generator=g)
     calls = []
-    monkeypatch.setattr(cpu_kernels, "use_for", lambda rows, original=cpu_kernels.use_for: calls.append(
-        original(rows)) or calls[-1])
+    monkeypatch.setattr(cpu_kernels, "use_for", lambda rows, limit, original=cpu_kernels.use_for: calls.append(
+        original(rows, limit)) or calls[-1])
     got = q4.linear_w4a4(x, packed, w_step, a_step, b, torch.float32)
     assert torch.equal(got, reference.linear_w4a4_ref(x, packed, w_step, a_step, b, torch.float32))
     got16 = q4.linear_w4a16(xf, packed, w_step, b, torch.float32)
     torch.testing.assert_close(got16, reference.linear_w4a16_ref(xf, packed, w_step, b), rtol=1e-5, atol=1e-4)
-    assert calls == [m <= cpu_kernels.SMALL_M] * 2
+    assert calls == [m <= cpu_kernels.SMALL_M, m <= cpu_kernels.SMALL_M_W4A16]
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 7, 5), (3, 65, 9), (16, 1000, 33), (0, 10, 4)])
@@ -152,6 +152,7 @@ def test_inductor_lowering_at_decode_calls_the_kernel_and_equals_the_eager_op(sh
 
 def test_inductor_lowering_above_the_threshold_keeps_the_gemm_decomposition(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "SMALL_M", 2)
+    monkeypatch.setattr(cpu_kernels, "SMALL_M_W4A16", 2)
     packed, w_step, g = make_weight(64, 9, seed=5)
     x, xf = torch.randint(-8, 8, (3, 64), dtype=torch.int8, generator=g), torch.randn(3, 64, generator=g)
     a_step = torch.tensor(0.07)
@@ -243,7 +244,7 @@ def test_a_failed_build_warns_once_and_the_ops_fall_back(monkeypatch):
         assert not cpu_kernels.load()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not cpu_kernels.use_for(1)  # no second build attempt, no second warning
+        assert not cpu_kernels.use_for(1, cpu_kernels.SMALL_M)  # no second build attempt, no second warning
     packed, w_step, g = make_weight(33, 5, seed=8)
     x = torch.randint(-8, 8, (1, 33), dtype=torch.int8, generator=g)
     got = q4.linear_w4a4(x, packed, w_step, torch.tensor(0.1), None, torch.float32)
