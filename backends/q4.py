@@ -122,8 +122,8 @@ class Q4Backend:
             run = None if stop else lower(result.graph_module, inputs, opts.lower, opts.kernels, self.mode)
         if not stop:
             # the statistics the passes left on the linears (rotated and rescaled copies, Gram
-            # matrices included: ~0.4 GB a SmolLM2 graph) are not read again; `replay` and the
-            # calibration cache keep the originals
+            # matrices included) are not read again; `replay` and the calibration cache keep the
+            # originals
             for node in result.graph_module.graph.nodes:
                 node.meta.pop(ir.CALIB, None)
         graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay,
