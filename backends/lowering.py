@@ -17,8 +17,9 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
 
 At decode, where M (the rows: x's leading dims) is a static int <= cpu_kernels.SMALL_M (W4A16:
 SMALL_M_W4A16), both linears instead call the q4_cpu C++ kernels (`kernels/cpu_kernels.py`),
-which read the packed weight directly: unpacking a 4096 x 4096 weight costs more than the whole product at M = 1. The
-call from Inductor's wrapper is a registered C++ op (a few µs). A symbolic M is prefill: it keeps
+which read the packed weight directly: unpacking a 4096 x 4096 weight costs more than the whole
+product at M = 1. The call from Inductor's wrapper is a registered C++ op (a few µs). A
+symbolic M is prefill: it keeps
 the GEMM decomposition.
 
 so `rms_norm -> rotate -> quantize` becomes a few fused loops instead of six ops with

@@ -29,8 +29,8 @@ lowering pass; Q4_CPU_KERNELS=off skips the extension: every caller keeps its po
 Threshold: the callers use these kernels for M <= SMALL_M = 64 rows; larger or symbolic M
 (prefill) takes the unpack + oneDNN int8 GEMM path, which gains from oneDNN's blocking. The
 crossover depends on the weight's size (2 threads of an AVX512-VNNI EPYC, the kernel called
-alone against unpack + `torch._int_mm`, at commit 95fcb0c): SmolLM2's 576 x 1536 takes 0.18 against
-0.26 ms at M = 32, 0.36 against 0.31 at 64, 0.70 against 0.45 at 128; Llama-2-7B's 4096 x 4096
+alone against unpack + `torch._int_mm`, at commit 95fcb0c): SmolLM2's 576 x 1536 takes 0.18
+against 0.26 ms at M = 32, 0.36 against 0.31 at 64, 0.70 against 0.45 at 128; Llama-2-7B's 4096 x 4096
 takes 5.1 against 9.3 ms at M = 64, 8.8 against 10.3 at 128, 18.1 against 17.1 at 256. 64 is
 where the small model's linears cross; a 7B model's linears at M = 65..200 give up 1.2x
 (4096 x 4096, M = 128) to 1.8x (4096 x 11008). W4A16 keeps the kernel up to SMALL_M_W4A16 = 256
@@ -40,7 +40,8 @@ rows: its other path dequantizes the whole weight to float every call (4096 x 40
 Build: `torch.utils.cpp_extension.load` compiles csrc/q4_cpu.cpp on first use (-O3
 -ffp-contract=off: the epilogue must round like the reference; -fopenmp: ATen's `parallel_for`
 is inline code that runs on one thread without it) into torch's extensions directory, where
-later processes find it cached. The OpenMP runtime is the one torch already loaded (libgomp.so.1). The ops are registered in C++ (TORCH_LIBRARY),
+later processes find it cached. The OpenMP runtime is the one torch already loaded
+(libgomp.so.1). The ops are registered in C++ (TORCH_LIBRARY),
 so a call from Inductor's generated wrapper costs a few µs, not the ~30 µs of a Python custom
 op; their fake implementations are registered here. If the build fails (no compiler), `load()`
 warns once and returns False, and every caller keeps its portable path.
@@ -84,8 +85,9 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        load_extension(name="q4_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        load_extension(name="q4_cpu_kernels", sources=[str(_SOURCE)],
+                       extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler or a failed build: the portable paths still work
         warnings.warn(f"qcompile: the q4_cpu C++ kernels could not be built ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); CPU linears fall back to "

@@ -20,9 +20,9 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
     q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype)
                                                       -> F.linear(x, codes(w) * w_step[:, None], bias)
 
-At decode (M <= cpu_kernels.SMALL_M rows; W4A16: SMALL_M_W4A16) the CPU kernels call the q4_cpu C++ ops instead
-(kernels/cpu_kernels.py), which read the packed weight directly: same values (linear_w4a4 bit
-for bit), no unpacked copy of the weight at all.
+At decode (M <= cpu_kernels.SMALL_M rows; W4A16: SMALL_M_W4A16) the CPU kernels call the
+q4_cpu C++ ops instead (kernels/cpu_kernels.py), which read the packed weight directly: same
+values (linear_w4a4 bit for bit), no unpacked copy of the weight at all.
 
 Steps are float32 tensors (0-dim per tensor, [N] per output channel) so they live in the graph
 as constants. Every op checks its arguments and names the one that is wrong before computing.

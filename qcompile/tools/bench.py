@@ -12,9 +12,9 @@ kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   from a float input to a float output, W4A16 is `q4.linear_w4a16` (float input). Up to
   cpu_kernels.SMALL_M rows (W4A16: SMALL_M_W4A16) they call the q4_cpu C++ kernels, which read
   the packed weight (the `path` column); above, unpack + oneDNN int8 GEMM + fused epilogue
-  (W4A16: dequantize + FP32 GEMM). On cores shared with another busy process, OpenMP's spin-waiting makes each small
-  parallel loop wait for a descheduled thread (M = 1: 0.3 ms becomes ~7 ms, FP32 too): measure
-  there with OMP_WAIT_POLICY=PASSIVE.
+  (W4A16: dequantize + FP32 GEMM). On cores shared with another busy process, OpenMP's
+  spin-waiting makes each small parallel loop wait for a descheduled thread (M = 1: 0.3 ms
+  becomes ~7 ms, FP32 too): measure there with OMP_WAIT_POLICY=PASSIVE.
   CUDA: FP16 `torch.matmul` (cuBLAS) against the Triton W4A4 GEMM (int8 codes in), the Triton
   W4A16 GEMM (FP16 in), and torchao's int4 weight-only linear when torchao is importable.
 prefill: SmolLM2-135M (or a tiny random Llama) prefill of one sequence: FP32 eager, FP32 +
