@@ -5,8 +5,9 @@ mode. Inductor cannot look inside a custom op, so every one would run as an opaq
 its own passes over memory. The lowering gives Inductor a decomposition into ATen ops for the
 ops that are cheap elementwise or small-reduction work, so they fuse with their neighbours:
 
-    q4.rotate(x, factors)                -> kernels.rotation.rotate_decomposed (multiply + sum
-                                            per factor, or one GEMM for a last factor >= 64)
+    q4.rotate(x, factors)                -> kernels.rotation.rotate_decomposed (the Hadamard part
+                                            as q4_cpu's Walsh-Hadamard transform on CPU at
+                                            prefill, the odd factor as multiply + sum)
     q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
 
     q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes),

@@ -1,4 +1,5 @@
-"""CPU decode kernels over packed int4 weights: the `q4_cpu::` ops, a C++ extension built on first use.
+"""CPU kernels: decode linears over packed int4 weights and the Walsh-Hadamard transform of the
+activation rotations; the `q4_cpu::` ops, a C++ extension built on first use.
 
 Why: at decode (M = 1..16 rows) a linear is bound by reading its weight. The `q4::linear_w4a4`
 CPU path unpacks the whole int4 weight to int8 every call (twice the bytes, written and read
@@ -11,6 +12,10 @@ products.
     torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar=False)
         F.linear(x, dequantized weight) in float32 (up to summation order): sum_k x * code, then
         * w_step[n] + bias[n]
+    torch.ops.q4_cpu.hadamard(x, n, force_scalar=False)
+        float32 x [..., K] with every block of n (a power of two) consecutive values multiplied by
+        the normalized Sylvester-Hadamard matrix: a fast Walsh-Hadamard transform, the power-of-two
+        part of an activation rotation (kernels/rotation.py) at prefill
 
 Layout and the VNNI trick (csrc/q4_cpu.cpp): the packed weight is uint8 [N, ceil(K/2)], the low
 nibble of byte j holds code k=2j, the high nibble k=2j+1 (int4.py). `vpdpbusd` multiplies
@@ -130,3 +135,11 @@ def _register_fakes() -> None:
             fail("linear_w4a16", "x", "a float tensor [..., K]", describe(x))
         _check_cpu_linear("linear_w4a16", x, "x", w_packed, w_step, bias, out_dtype)
         return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("q4_cpu::hadamard")
+    def _(x, n, force_scalar=False):
+        if x.dtype != torch.float32 or x.dim() < 1:
+            fail("hadamard", "x", "a float32 tensor [..., K]", describe(x))
+        if n < 1 or n & (n - 1) or x.shape[-1] % n:
+            fail("hadamard", "n", f"a power of two dividing K = {x.shape[-1]}", repr(n))
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

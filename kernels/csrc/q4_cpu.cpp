@@ -2,6 +2,7 @@
 //
 //   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar)
 //   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar)
+//   q4_cpu::hadamard(x, n, force_scalar)
 //
 // Packed layout: uint8 [N, Kp = ceil(K/2)], byte j of row n holds code k=2j in its low nibble
 // and k=2j+1 in its high nibble, 4-bit two's complement.
@@ -26,6 +27,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -347,6 +349,83 @@ at::Tensor linear_w4a16(const at::Tensor& x_in, const at::Tensor& w_packed, cons
   return finish(out32, x_in, n, out_dtype);
 }
 
+// ---- Walsh-Hadamard transform: the power-of-two factor of a rotation (kernels/rotation.py) ----
+//
+// y = x @ (H_n / sqrt(n)) on every block of n consecutive floats of x, H_n the Sylvester
+// Hadamard matrix (symmetric): log2(n) passes of butterflies (a, b) -> (a + b, a - b), then one
+// multiply by 1/sqrt(n). n log2(n) additions a block instead of the n * n multiply-adds of a
+// GEMM with H_n. The AVX512 code runs the passes with h < 16 inside each 16-float vector
+// (v' = swap_h(v) + sign_h * v) and computes every value with the same two operands as the
+// scalar loop, so both give the same bits.
+
+void hadamard_scalar(const float* src, float* v, int64_t n, float norm) {
+  std::memcpy(v, src, static_cast<size_t>(n) * sizeof(float));
+  for (int64_t h = 1; h < n; h *= 2) {
+    for (int64_t i = 0; i < n; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) v[j] *= norm;
+}
+
+__attribute__((target("avx512f"))) void hadamard_avx512(const float* src, float* v, int64_t n, float norm) {  // n >= 16
+  __m512i swap[4];
+  __m512 sign[4];
+  for (int s = 0; s < 4; ++s) {
+    alignas(64) int32_t idx[16];
+    alignas(64) float sg[16];
+    for (int i = 0; i < 16; ++i) {
+      idx[i] = i ^ (1 << s);
+      sg[i] = (i & (1 << s)) ? -1.0f : 1.0f;
+    }
+    swap[s] = _mm512_load_si512(idx);
+    sign[s] = _mm512_load_ps(sg);
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 x = _mm512_loadu_ps(src + i);
+    for (int s = 0; s < 4; ++s) x = _mm512_add_ps(_mm512_permutexvar_ps(swap[s], x), _mm512_mul_ps(sign[s], x));
+    _mm512_storeu_ps(v + i, x);
+  }
+  for (int64_t h = 16; h < n; h *= 2) {
+    for (int64_t i = 0; i < n; i += 2 * h) {
+      for (int64_t j = i; j < i + h; j += 16) {
+        const __m512 a = _mm512_loadu_ps(v + j), b = _mm512_loadu_ps(v + j + h);
+        _mm512_storeu_ps(v + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(v + j + h, _mm512_sub_ps(a, b));
+      }
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(norm);
+  for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(v + j, _mm512_mul_ps(_mm512_loadu_ps(v + j), scale));
+}
+
+at::Tensor hadamard(const at::Tensor& x, int64_t n, bool force_scalar) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "q4_cpu::hadamard: argument 'x' must be a float32 "
+              "tensor [..., K], got ", x.scalar_type(), " tensor of shape ", x.sizes());
+  TORCH_CHECK(n >= 1 && (n & (n - 1)) == 0 && x.size(-1) % n == 0, "q4_cpu::hadamard: argument 'n' must be a power "
+              "of two dividing K = ", x.size(-1), ", got ", n);
+  TORCH_CHECK(x.device().is_cpu(), "q4_cpu::hadamard: argument 'x' must be on the CPU, got ", x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t blocks = y.numel() / n;
+  const float* src = xc.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
+  const bool simd = n >= 16 && has_avx512() && !force_scalar;
+  const int64_t grain = std::max<int64_t>(1, 16384 / n);  // >= ~64 KB of floats a task
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (simd) hadamard_avx512(src + b * n, dst + b * n, n, norm);
+      else hadamard_scalar(src + b * n, dst + b * n, n, norm);
+    }
+  });
+  return y;
+}
+
 std::string isa() { return has_vnni() ? "avx512vnni" : "scalar"; }
 
 }  // namespace
@@ -356,10 +435,12 @@ TORCH_LIBRARY(q4_cpu, m) {
         "ScalarType out_dtype, bool force_scalar=False) -> Tensor");
   m.def("linear_w4a16(Tensor x, Tensor w_packed, Tensor w_step, Tensor? bias, ScalarType out_dtype, "
         "bool force_scalar=False) -> Tensor");
+  m.def("hadamard(Tensor x, int n, bool force_scalar=False) -> Tensor");
   m.def("isa() -> str", [] { return isa(); });
 }
 
 TORCH_LIBRARY_IMPL(q4_cpu, CPU, m) {
   m.impl("linear_w4a4", &linear_w4a4);
   m.impl("linear_w4a16", &linear_w4a16);
+  m.impl("hadamard", &hadamard);
 }

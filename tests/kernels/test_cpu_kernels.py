@@ -11,7 +11,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.backends import lowering
-from qcompile.kernels import cpu_kernels, int4, reference
+from qcompile.kernels import cpu_kernels, int4, reference, rotation
 from qcompile.kernels.ops import KernelArgumentError
 
 q4 = torch.ops.q4
@@ -169,6 +169,48 @@ def test_inductor_lowering_above_the_threshold_keeps_the_gemm_decomposition(monk
 # --- arguments ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("shape,n", [((1, 1), 1), ((3, 2), 2), ((5, 48), 16), ((2, 3, 576), 64), ((7, 1536), 512),
+                                     ((0, 64), 64), ((1, 4096), 4096)])
+def test_hadamard_is_the_sylvester_matrix_product_within_float32_rounding(shape, n, force_scalar):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(*shape, generator=g)
+    dense = torch.kron(torch.eye(shape[-1] // n), rotation.sylvester(n).double())
+    expected = (x.double() @ dense).float()
+    got = torch.ops.q4_cpu.hadamard(x, n, force_scalar)
+    assert got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hadamard_simd_and_scalar_give_the_same_bits_and_read_strided_input():
+    x = torch.randn(64, 9 * 128).t()  # non-contiguous: [1152, 64] read as rows of 64
+    simd, scalar = torch.ops.q4_cpu.hadamard(x, 64, False), torch.ops.q4_cpu.hadamard(x, 64, True)
+    assert torch.equal(simd, scalar)
+    assert torch.equal(simd, torch.ops.q4_cpu.hadamard(x.contiguous(), 64, False))
+
+
+def test_hadamard_bad_arguments_are_named():
+    with pytest.raises(RuntimeError, match="argument 'n' must be a power of two dividing K = 12, got 8"):
+        torch.ops.q4_cpu.hadamard(torch.zeros(2, 12), 8)
+    with pytest.raises(RuntimeError, match="argument 'n' must be a power of two"):
+        torch.ops.q4_cpu.hadamard(torch.zeros(2, 12), 3)
+    with pytest.raises(RuntimeError, match="argument 'x' must be a float32 tensor"):
+        torch.ops.q4_cpu.hadamard(torch.zeros(2, 16, dtype=torch.bfloat16), 16)
+
+
+def test_rotate_decomposed_takes_the_hadamard_kernel_at_prefill_and_loops_at_decode():
+    factors = rotation.rotation_factors(576)  # 9 x 9, 64
+    prefill = make_fx(rotation.rotate_decomposed)(torch.randn(40, 576), factors)
+    assert "q4_cpu.hadamard" in prefill.code and "aten.mm" not in prefill.code, prefill.code
+    decode = make_fx(rotation.rotate_decomposed)(torch.randn(1, 576), factors)
+    assert "q4_cpu.hadamard" not in decode.code, decode.code
+
+
+def test_rotate_refuses_a_power_of_two_factor_that_is_not_sylvester():
+    factors = rotation.rotation_factors(24)  # 3 x 3, 8
+    with pytest.raises(ValueError, match="factor of size 8 .* must be the normalized Sylvester-Hadamard"):
+        q4.rotate(torch.randn(2, 24), [factors[0], -factors[1]])
+
 def test_bad_arguments_are_named():
     packed, w_step, _ = make_weight(10, 4, seed=6)
     x = torch.zeros(1, 10, dtype=torch.int8)
@@ -199,6 +241,9 @@ def test_fake_impls_give_shapes_and_check_arguments():
         assert out16.shape == (2, 3, 4)
         with pytest.raises(KernelArgumentError, match="argument 'w_packed' must be ceil"):
             torch.ops.q4_cpu.linear_w4a16(torch.zeros(2, 12), packed, w_step, None, torch.float32)
+        assert torch.ops.q4_cpu.hadamard(torch.zeros(2, 3, 576), 64).shape == (2, 3, 576)
+        with pytest.raises(KernelArgumentError, match="q4::hadamard: argument 'n' must be a power of two dividing K = 12"):
+            torch.ops.q4_cpu.hadamard(torch.zeros(2, 12), 8)
 
 
 CACHED_COMPILE = """
