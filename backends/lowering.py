@@ -37,15 +37,18 @@ in Triton's interpreter on CPU, with the graph otherwise lowered as usual.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from qcompile.kernels import cpu_kernels, rotation
+from qcompile.kernels import cpu_kernels, ops, reference, rotation
 from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops.q4
 from qcompile.kernels.reference import epilogue
 
@@ -176,6 +179,26 @@ def use_triton_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+class SourceStamp(CustomGraphPass):
+    """A post-grad pass that changes nothing, for its uuid: a hash of the sources that decide the
+    code Inductor generates from a q4 graph (these decompositions and the kernels they call).
+    Inductor's and AOTAutograd's cache keys hash the graph before the decompositions run, so
+    without it an edited decomposition would replay code compiled from the old one (seen while
+    benchmarking this module); the uuid is part of both keys."""
+
+    SOURCES = (__file__, rotation.__file__, cpu_kernels.__file__, ops.__file__, reference.__file__,
+               str(cpu_kernels.SOURCE))
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        digest = hashlib.sha256()
+        for path in self.SOURCES:
+            digest.update(Path(path).read_bytes())
+        return digest.hexdigest()
+
+
 def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str, mode: str | None) -> Callable:
     """The callable that runs the final graph: `how` is "inductor" or "eager"; `kernels` "auto"
     (the integer GEMMs decomposed for Inductor on CPU, Triton kernels on CUDA) or "triton"."""
@@ -186,7 +209,7 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
     import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
-    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16")) for node in gm.graph.nodes):
+    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16", "q4.rotate")) for node in gm.graph.nodes):
         # a cached compile (Inductor's FX graph cache, a saved artifact) runs code calling q4_cpu ops
         # without tracing the decompositions that load them: load them first (0.1 s once built)
         cpu_kernels.load()
@@ -194,5 +217,7 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
     # no stride asserts in the generated wrapper: Dynamo's guards check the inputs already, and a
     # SmolLM2 decode step made ~1000 of them (0.4 µs each, 0.4 ms of an 11.6 ms step)
     patches["size_asserts"] = False
+    if torch._inductor.config.post_grad_custom_post_pass is None:  # a user's own pass stays
+        patches["post_grad_custom_post_pass"] = SourceStamp()
     with torch._inductor.config.patch(patches):
         return compile_fx(gm, example_inputs)  # with DECOMPOSITIONS, registered above

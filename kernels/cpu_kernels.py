@@ -68,7 +68,7 @@ SMALL_M = 64  # rows up to which the q4 ops and the lowering call the W4A4 kerne
 SMALL_M_W4A16 = 256  # ... and the W4A16 one: its other path dequantizes the whole weight to float
 FORCE_SCALAR = os.environ.get("Q4_CPU_KERNELS", "") == "scalar"  # test the portable loop on any CPU
 
-_SOURCE = Path(__file__).parent / "csrc" / "q4_cpu.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "q4_cpu.cpp"
 _lock = threading.Lock()
 _loaded: Optional[bool] = None
 
@@ -90,7 +90,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        load_extension(name="q4_cpu_kernels", sources=[str(_SOURCE)],
+        load_extension(name="q4_cpu_kernels", sources=[str(SOURCE)],
                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler or a failed build: the portable paths still work

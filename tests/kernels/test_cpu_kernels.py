@@ -256,6 +256,12 @@ w_step, a_step, x = torch.ones(9), torch.tensor(1.0), torch.ones(1, 64, dtype=to
 f = lambda x: q4.linear_w4a4(x, packed, w_step, a_step, None, torch.float32)
 c = torch.compile(f, backend=lambda gm, ex: lowering.lower(gm, ex, "inductor", "auto", None), dynamic=False)
 assert torch.equal(c(x), torch.full((1, 9), 64.0))
+from qcompile.kernels import rotation
+factors = rotation.rotation_factors(576)
+r = torch.compile(lambda x: q4.rotate(x, factors), backend=lambda gm, ex: lowering.lower(gm, ex, "inductor", "auto", None),
+                  dynamic=False)
+x = torch.randn(32, 576)
+torch.testing.assert_close(r(x), rotation.rotate_reference(x, factors), rtol=1e-5, atol=1e-5)
 from torch._dynamo.utils import counters
 print(dict(counters["inductor"]))
 """
@@ -274,7 +280,19 @@ def test_a_cached_compile_in_a_fresh_process_finds_the_q4_cpu_ops(tmp_path):
             for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
-    assert "fxgraph_cache_miss" in runs[0].stdout and "fxgraph_cache_hit" in runs[1].stdout, runs[1].stdout
+    assert "fxgraph_cache_miss" in runs[0].stdout and "'fxgraph_cache_hit': 2" in runs[1].stdout, runs[1].stdout
+
+
+def test_inductor_cache_keys_change_with_the_lowering_sources(tmp_path, monkeypatch):
+    """`lowering.SourceStamp`'s uuid (part of Inductor's and AOTAutograd's cache keys) is a hash
+    of the decompositions' and kernels' sources: an edit to one is a new key, not stale code."""
+    source = tmp_path / "decomposition.py"
+    source.write_text("def f(x): return x\n")
+    monkeypatch.setattr(lowering.SourceStamp, "SOURCES", (str(source),))
+    before = lowering.SourceStamp().uuid()
+    assert lowering.SourceStamp().uuid() == before
+    source.write_text("def f(x): return x + 1\n")
+    assert lowering.SourceStamp().uuid() != before
 
 
 def test_a_failed_build_warns_once_and_the_ops_fall_back(monkeypatch):
