@@ -24,6 +24,7 @@ prefill, as a GEMM or loops elsewhere.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,6 +44,15 @@ def sylvester(size: int) -> torch.Tensor:
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(size)
+
+
+def _is_power_of_two(d: int) -> bool:
+    return d > 1 and d & (d - 1) == 0
+
+
+@functools.cache
+def _sylvester_cached(size: int) -> torch.Tensor:
+    return sylvester(size)  # for q4::rotate's check of its factors, every call
 
 
 def rotation_factors(n: int) -> list[torch.Tensor]:
@@ -89,7 +99,7 @@ def rotate(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
                          f"factor sizes {sizes}), got shape {tuple(x.shape)}")
     for f in factors:
         d = f.shape[0]
-        if d > 1 and d & (d - 1) == 0 and not torch.equal(f.cpu(), sylvester(d).to(f.dtype)):
+        if _is_power_of_two(d) and not torch.equal(f, _sylvester_cached(d).to(f.device, f.dtype)):
             raise ValueError(f"q4::rotate: a factor of size {d} (a power of two) must be the normalized "
                              f"Sylvester-Hadamard matrix `rotation.sylvester({d})`, as `rotation_factors` makes it")
     lead = x.shape[:-1]
@@ -133,7 +143,7 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     m = y.shape[0]
     few_rows = isinstance(m, int) and m <= GEMM_MIN_ROWS
     sylvester_from = len(sizes)  # the trailing power-of-two factors start here
-    while sylvester_from > 0 and sizes[sylvester_from - 1] > 1 and sizes[sylvester_from - 1] & (sizes[sylvester_from - 1] - 1) == 0:
+    while sylvester_from > 0 and _is_power_of_two(sizes[sylvester_from - 1]):
         sylvester_from -= 1
     hadamard_size = math.prod(sizes[sylvester_from:])
     if (not few_rows and hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32
