@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -36,6 +37,9 @@ MAX_HADAMARD_LOG2 = 6  # Sylvester factors of at most 64 x 64
 GEMM_FACTOR_MIN = 64  # rotate_decomposed: a last factor at least this large runs as a GEMM...
 GEMM_MIN_ROWS = 8  # ...unless x has at most this many rows, known at trace time (decode): then loops
 HADAMARD_MIN = 16  # on CPU, a Sylvester part at least this large runs as q4_cpu's Walsh-Hadamard transform
+# Off by default: the prompt then rounds unlike the decode steps' loops, which flips the w4a4
+# 64-token greedy check of tests/examples/test_generate_smollm2.py (README, issue 13).
+USE_HADAMARD = os.environ.get("Q4_HADAMARD", "") == "1"
 
 
 def sylvester(size: int) -> torch.Tensor:
@@ -146,7 +150,7 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     while sylvester_from > 0 and _is_power_of_two(sizes[sylvester_from - 1]):
         sylvester_from -= 1
     hadamard_size = math.prod(sizes[sylvester_from:])
-    if (not few_rows and hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32
+    if (USE_HADAMARD and not few_rows and hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32
             and cpu_kernels.load()):
         y = torch.ops.q4_cpu.hadamard.default(y, hadamard_size, cpu_kernels.FORCE_SCALAR)
         sizes, factors = sizes[:sylvester_from], factors[:sylvester_from]

@@ -45,7 +45,7 @@ def test_inductor_sees_every_q4_op_as_aten_and_the_integer_gemm_stays(llama, mon
     monkeypatch.setattr(cpu_kernels, "SMALL_M", 8)
     lowered = make_fx(gm, decomposition_table=lowering.DECOMPOSITIONS)(ids(12))
     assert "q4." not in lowered.code and "q4_cpu.linear" not in lowered.code, lowered.code
-    FileCheck().check("q4_cpu.hadamard").check("aten._int_mm").run(lowered.code)  # the rotation's 2**k part
+    FileCheck().check("aten._int_mm").run(lowered.code)
     monkeypatch.undo()
 
     _, inductor_out, _ = compile_and_run(llama, {"lower": "inductor", "progress": False, "recipe": "w4a4",

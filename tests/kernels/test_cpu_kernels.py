@@ -198,7 +198,8 @@ def test_hadamard_bad_arguments_are_named():
         torch.ops.q4_cpu.hadamard(torch.zeros(2, 16, dtype=torch.bfloat16), 16)
 
 
-def test_rotate_decomposed_takes_the_hadamard_kernel_at_prefill_and_loops_at_decode():
+def test_rotate_decomposed_takes_the_hadamard_kernel_at_prefill_and_loops_at_decode(monkeypatch):
+    monkeypatch.setattr(rotation, "USE_HADAMARD", True)
     factors = rotation.rotation_factors(576)  # 9 x 9, 64
     prefill = make_fx(rotation.rotate_decomposed)(torch.randn(40, 576), factors)
     assert "q4_cpu.hadamard" in prefill.code and "aten.mm" not in prefill.code, prefill.code
@@ -275,7 +276,7 @@ def test_a_cached_compile_in_a_fresh_process_finds_the_q4_cpu_ops(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "Q4_HADAMARD": "1"}
     runs = [subprocess.run([sys.executable, "-c", CACHED_COMPILE], env=env, capture_output=True, text=True)
             for _ in range(2)]
     for run in runs:
