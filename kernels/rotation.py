@@ -126,7 +126,8 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
 
     With x viewed as [M, a, d, b] around factor F (d x d; a, b the sizes of the axes before and
     after it), y[m, a, i, b] = sum_j x[m, a, j, b] * F[j, i]: a broadcast multiply and a sum.
-    On CPU (float32, q4_cpu built) the trailing power-of-two factors, Sylvester matrices by
+    With USE_HADAMARD (Q4_HADAMARD=1; off by default), on CPU (float32, q4_cpu built) the trailing
+    power-of-two factors, Sylvester matrices by
     `rotation_factors`' contract, whose Kronecker product is the Sylvester matrix H of their
     product size, run as one Walsh-Hadamard transform over the contiguous last axis
     (`torch.ops.q4_cpu.hadamard`: n log2 n additions for the n * n multiply-adds of a GEMM; a
