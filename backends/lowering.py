@@ -6,8 +6,8 @@ its own passes over memory. The lowering gives Inductor a decomposition into ATe
 ops that are cheap elementwise or small-reduction work, so they fuse with their neighbours:
 
     q4.rotate(x, factors)                -> kernels.rotation.rotate_decomposed (the Hadamard part
-                                            as q4_cpu's Walsh-Hadamard transform on CPU at
-                                            prefill, the odd factor as multiply + sum)
+                                            as q4_cpu's Walsh-Hadamard transform on CPU, the odd
+                                            factor as multiply + sum)
     q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
 
     q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes),
@@ -27,6 +27,11 @@ so `rms_norm -> rotate -> quantize` becomes a few fused loops instead of six ops
 transposing copies in between, and a linear's epilogue costs no pass of its own. The
 decompositions compute the same values as the ops (the rotation up to float summation order);
 `tests/backends/test_lowering.py` checks them against each other.
+
+Attention on CPU (float32) is not ATen's: `use_cpu_attention` swaps
+`aten.scaled_dot_product_attention` for `q4_cpu.attention`, whose rows round the same way at
+any length, so that generate() through the KV cache computes what the no-cache forward computes,
+bit for bit (with the rotation's transform, the same at any M, and the integer GEMMs, exact).
 
 On CUDA the integer GEMM is not decomposed: `q4.linear_w4a4` runs its CUDA kernel, the Triton
 GEMM of `kernels/triton_gemm.py` (rotation and quantize still fuse, as Inductor's own Triton
@@ -179,6 +184,53 @@ def use_triton_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _fake(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _attention_on_cpu_kernel(node: fx.Node) -> dict | None:
+    """The arguments of `q4_cpu.attention` for an `aten.scaled_dot_product_attention` node it
+    computes (CPU, float32, [batch, heads, length, dim], no dropout), else None."""
+    from torch.fx.operator_schemas import normalize_function
+
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:
+        return None
+    a = normalized.kwargs
+    q, k, v, mask = (_fake(a.get(name)) for name in ("query", "key", "value", "attn_mask"))
+    if any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 for t in (q, k, v)):
+        return None
+    if a.get("attn_mask") is not None and (mask is None or mask.dtype not in (torch.bool, torch.float32)):
+        return None
+    heads_fit = q.shape[1] == k.shape[1] or (a.get("enable_gqa", False) and q.shape[1] % k.shape[1] == 0)
+    if a.get("dropout_p", 0.0) != 0.0 or not heads_fit:
+        return None
+    return {"query": a["query"], "key": a["key"], "value": a["value"], "attn_mask": a.get("attn_mask"),
+            "is_causal": a.get("is_causal", False), "scale": a.get("scale"), "force_scalar": cpu_kernels.FORCE_SCALAR}
+
+
+def use_cpu_attention(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph module like `gm` (sharing its constants) whose CPU float32 attention calls
+    `q4_cpu.attention` instead of ATen's (`aten.scaled_dot_product_attention`): the same values
+    up to float rounding, but every query row rounds the same way at any sequence length
+    (kernels/cpu_kernels.py), so a prompt, each decode step through the KV cache and the
+    no-cache forward agree bit for bit. ATen's flash attention blocks by the call's length; at
+    4-bit activations one flipped code changes every later token (issue 13: perplexity through
+    the cache 0.68% from no-cache before). `gm` itself if there is none or q4_cpu is not built."""
+    target = torch.ops.aten.scaled_dot_product_attention.default
+    rewrites = {n.name: args for n in gm.graph.nodes
+                if n.op == "call_function" and n.target is target and (args := _attention_on_cpu_kernel(n)) is not None}
+    if not rewrites or not cpu_kernels.load():
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}  # the copy's nodes for the original's
+    for name, args in rewrites.items():
+        node = by_name[name]
+        node.target, node.args = torch.ops.q4_cpu.attention.default, ()
+        node.kwargs = {key: by_name[value.name] if isinstance(value, fx.Node) else value for key, value in args.items()}
+    return fx.GraphModule(gm, graph)
+
+
 class SourceStamp(CustomGraphPass):
     """A post-grad pass that changes nothing, for its uuid: a hash of the sources that decide the
     code Inductor generates from a q4 graph (these decompositions and the kernels they call).
@@ -206,10 +258,12 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
         gm = use_triton_kernels(gm)
     if how == "eager":
         return gm
+    gm = use_cpu_attention(gm)
     import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
-    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16", "q4.rotate")) for node in gm.graph.nodes):
+    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16", "q4.rotate", "q4_cpu."))
+           for node in gm.graph.nodes):
         # a cached compile (Inductor's FX graph cache, a saved artifact) runs code calling q4_cpu ops
         # without tracing the decompositions that load them: load them first (0.1 s once built)
         cpu_kernels.load()

@@ -1,5 +1,6 @@
-"""CPU kernels: decode linears over packed int4 weights and the Walsh-Hadamard transform of the
-activation rotations; the `q4_cpu::` ops, a C++ extension built on first use.
+"""CPU kernels: decode linears over packed int4 weights, the Walsh-Hadamard transform of the
+activation rotations and a batch-invariant attention; the `q4_cpu::` ops, a C++ extension built
+on first use.
 
 Why: at decode (M = 1..16 rows) a linear is bound by reading its weight. The `q4::linear_w4a4`
 CPU path unpacks the whole int4 weight to int8 every call (twice the bytes, written and read
@@ -15,7 +16,17 @@ products.
     torch.ops.q4_cpu.hadamard(x, n, force_scalar=False)
         float32 x [..., K] with every block of n (a power of two) consecutive values multiplied by
         the normalized Sylvester-Hadamard matrix: a fast Walsh-Hadamard transform, the power-of-two
-        part of an activation rotation (kernels/rotation.py) at prefill
+        part of an activation rotation (kernels/rotation.py)
+    torch.ops.q4_cpu.attention(query, key, value, attn_mask=None, is_causal=False, scale=None, force_scalar=False)
+        float32 softmax(q k^T * scale + mask) v over [batch, heads, length, dim] (key and value
+        heads may divide the query's: grouped queries), like ATen's scaled_dot_product_attention
+        up to float rounding, but batch-invariant: each output row goes through the same float
+        operations whatever the query count, key count past its allowed ones, or batch, so a
+        decode step at position i gives the bits of row i of the prompt. The Inductor lowering
+        uses it on CPU (backends/lowering.py). Fixed summation orders and an exp polynomial of
+        its own, in csrc/q4_cpu.cpp. At SmolLM2's shapes (2 threads, 9 query heads, 3 key/value
+        heads, 64 dims) it is as fast as ATen's flash attention at 512 tokens (4.8 ms each,
+        causal) and faster at decode (1 query against 600 keys: 0.040 against 0.065 ms).
 
 Layout and the VNNI trick (csrc/q4_cpu.cpp): the packed weight is uint8 [N, ceil(K/2)], the low
 nibble of byte j holds code k=2j, the high nibble k=2j+1 (int4.py). `vpdpbusd` multiplies
@@ -143,3 +154,14 @@ def _register_fakes() -> None:
         if n < 1 or n & (n - 1) or x.shape[-1] % n:
             fail("hadamard", "n", f"a power of two dividing K = {x.shape[-1]}", repr(n))
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("q4_cpu::attention")
+    def _(query, key, value, attn_mask=None, is_causal=False, scale=None, force_scalar=False):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != torch.float32 or t.dim() != 4:
+                fail("attention", name, "a float32 tensor [batch, heads, length, dim]", describe(t))
+        b, h, lq, d = query.shape
+        if key.shape[0] != b or key.shape[3] != d or value.shape[:3] != key.shape[:3] or h % max(key.shape[1], 1):
+            fail("attention", "key", f"[{b}, heads dividing {h}, length, {d}] with value [{b}, the same heads, the "
+                 "same length, value dim]", f"key {tuple(key.shape)} and value {tuple(value.shape)}")
+        return query.new_empty((b, h, lq, value.shape[-1]))

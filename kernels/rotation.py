@@ -18,15 +18,14 @@ copy per factor) and `rotate_decomposed`, the form the Inductor lowering traces 
 applies the odd factor as a broadcast multiply and a sum over that factor's axis, which
 Inductor compiles into loops fused with the rotation's producer and consumer (the activation
 quantize), with no transposing copies; the Sylvester factors, together one Hadamard matrix, run
-as a fast Walsh-Hadamard transform (`q4_cpu::hadamard`, kernels/cpu_kernels.py) on CPU at
-prefill, as a GEMM or loops elsewhere.
+as a fast Walsh-Hadamard transform (`q4_cpu::hadamard`, kernels/cpu_kernels.py) on CPU, as a GEMM
+or loops elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -37,9 +36,6 @@ MAX_HADAMARD_LOG2 = 6  # Sylvester factors of at most 64 x 64
 GEMM_FACTOR_MIN = 64  # rotate_decomposed: a last factor at least this large runs as a GEMM...
 GEMM_MIN_ROWS = 8  # ...unless x has at most this many rows, known at trace time (decode): then loops
 HADAMARD_MIN = 16  # on CPU, a Sylvester part at least this large runs as q4_cpu's Walsh-Hadamard transform
-# Off by default: the prompt then rounds unlike the decode steps' loops, which flips the w4a4
-# 64-token greedy check of tests/examples/test_generate_smollm2.py (README, issue 13).
-USE_HADAMARD = os.environ.get("Q4_HADAMARD", "") == "1"
 
 
 def sylvester(size: int) -> torch.Tensor:
@@ -126,17 +122,17 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
 
     With x viewed as [M, a, d, b] around factor F (d x d; a, b the sizes of the axes before and
     after it), y[m, a, i, b] = sum_j x[m, a, j, b] * F[j, i]: a broadcast multiply and a sum.
-    With USE_HADAMARD (Q4_HADAMARD=1; off by default), on CPU (float32, q4_cpu built) the trailing
-    power-of-two factors, Sylvester matrices by
+    On CPU (float32, q4_cpu built) the trailing power-of-two factors, Sylvester matrices by
     `rotation_factors`' contract, whose Kronecker product is the Sylvester matrix H of their
     product size, run as one Walsh-Hadamard transform over the contiguous last axis
     (`torch.ops.q4_cpu.hadamard`: n log2 n additions for the n * n multiply-adds of a GEMM; a
     512 x 1536 activation (3 x 512) rotated in 0.47 against 0.92 ms, 512 x 576 (9 x 64) in 0.26
-    against 0.39 ms, compiled alone, 2 threads).
+    against 0.39 ms, compiled alone, 2 threads). At any M: a row goes through the same
+    additions in a prompt and in a decode step, so both round alike (a GEMM or loops at one and
+    not the other flip 4-bit codes between the KV cache path and the no-cache forward).
     Elsewhere a last factor of GEMM_FACTOR_MIN or more multiplies the contiguous last axis as one
-    GEMM. Both except for a static M of GEMM_MIN_ROWS or fewer (a decode step), where the loops
-    fuse with the quantize and skip a call (SmolLM2, 576 = 9 x 64, M = 1: 25.8 against 30.3 µs
-    a rotation compiled alone).
+    GEMM, except for a static M of GEMM_MIN_ROWS or fewer (a decode step), where the loops
+    fuse with the quantize and skip a call.
     The factors act on different axes, so they commute; the first (the odd one) goes last: the
     step fused with x's producer then reads 16 or more of its values, which makes Inductor
     compute the producer once into a buffer instead of again for each read (3 reads of
@@ -151,8 +147,7 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     while sylvester_from > 0 and _is_power_of_two(sizes[sylvester_from - 1]):
         sylvester_from -= 1
     hadamard_size = math.prod(sizes[sylvester_from:])
-    if (USE_HADAMARD and not few_rows and hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32
-            and cpu_kernels.load()):
+    if hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load():
         y = torch.ops.q4_cpu.hadamard.default(y, hadamard_size, cpu_kernels.FORCE_SCALAR)
         sizes, factors = sizes[:sylvester_from], factors[:sylvester_from]
     elif sizes[-1] >= GEMM_FACTOR_MIN and not few_rows:

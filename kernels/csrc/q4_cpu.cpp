@@ -3,6 +3,7 @@
 //   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar)
 //   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar)
 //   q4_cpu::hadamard(x, n, force_scalar)
+//   q4_cpu::attention(query, key, value, attn_mask, is_causal, scale, force_scalar)
 //
 // Packed layout: uint8 [N, Kp = ceil(K/2)], byte j of row n holds code k=2j in its low nibble
 // and k=2j+1 in its high nibble, 4-bit two's complement.
@@ -30,6 +31,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -426,6 +429,408 @@ at::Tensor hadamard(const at::Tensor& x, int64_t n, bool force_scalar) {
   return y;
 }
 
+// ---- attention ---------------------------------------------------------------------------------
+//
+// softmax(q k^T * scale + mask) v, computed so that every output row goes through the same float
+// operations whatever else is in the call: how many query rows, how many keys past the row's
+// last allowed one, which batch. So a prompt's row i and a decode step at position i (one query
+// row against a cache of i + 1 keys, or a static cache of more, masked) give the same bits, and
+// a quantized model's generate() rounds exactly like its no-cache forward. ATen's flash attention
+// blocks queries and keys by the call's sizes: its rows round differently at each length.
+//
+// A row i: scores s_j = (q_i . k_j) * scale (+ the float mask's value) for the allowed keys j
+// (the bool mask's True, the float mask's finite entries, j <= i when causal); m = max s_j;
+// p_j = exp(s_j - m); l = sum p_j; out_i = (sum_j p_j v_j) / l, all in float32. Fixed orders:
+//   q . k   lane t of 16 sums the products of d = t (mod 16) over d ascending (fma from 0), then
+//           the lanes as a tree: (t, t+8), then (t, t+4), (t, t+2), (t, t+1) (tree16);
+//   l       the same: lane t sums p_j of j = t (mod 16) over j ascending, then tree16;
+//   p v     per output column, an fma chain over j ascending, keys with p_j = 0 skipped.
+// Keys outside a row's allowed range add exact zeros or are skipped, so they change nothing.
+// exp is Cephes' expf polynomial (a few ulp), in the same operations in both paths. The AVX512
+// code and the scalar loop give the same bits (tested). A row with no allowed key is zeros.
+
+constexpr float kExpMin = -87.0f;  // exp below this is 0 (2**-126 is the smallest normal float)
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = hi + lo, hi exact in few bits
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float exp_scalar(float x) {
+  if (!(x >= kExpMin)) return 0.0f;
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fmaf(n, -kLn2Hi, x);
+  r = std::fmaf(n, -kLn2Lo, r);
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = std::fmaf(p, r, kExpPoly[i]);
+  const float y = std::fmaf(p, r * r, r) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return y * two_n;
+}
+
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(bits));
+}
+
+__attribute__((target("avx512f"))) void exp16_avx512(float* x) {
+  _mm512_storeu_ps(x, exp_avx512(_mm512_loadu_ps(x)));
+}
+
+inline float tree16(const float* v) {
+  float t8[8], t4[4], t2[2];
+  for (int i = 0; i < 8; ++i) t8[i] = v[i] + v[i + 8];
+  for (int i = 0; i < 4; ++i) t4[i] = t8[i] + t8[i + 4];
+  for (int i = 0; i < 2; ++i) t2[i] = t4[i] + t4[i + 2];
+  return t2[0] + t2[1];
+}
+
+// The call: tensors, sizes and strides (in elements; q, k, v over batch, head, length; the
+// mask, expanded to [batch, heads, lq, lk], over all four).
+struct AttentionCall {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  const char* mask;  // nullptr: none
+  int64_t mask_elem;  // bytes an element
+  bool mask_is_bool, causal;
+  int64_t h, hk, lq, lk, d, dv;
+  int64_t qs[3], ks[3], vs[3], ms[4];
+  float scale;
+};
+
+// One query row: where its q, keys, values, mask row and output start; its allowed keys lie in
+// [lo, hi).
+struct AttentionRow {
+  const float* q;
+  const float* k;
+  const float* v;
+  const char* mask;
+  float* out;
+  int64_t i, lo, hi;
+};
+
+// Whether key j is allowed for the row, and the float mask's value to add (0 without one).
+inline bool allowed(const AttentionCall& c, const AttentionRow& row, int64_t j, float* add) {
+  *add = 0.0f;
+  if (j < row.lo || j >= row.hi || (c.causal && j > row.i)) return false;
+  if (row.mask == nullptr) return true;
+  const char* e = row.mask + j * c.ms[3] * c.mask_elem;
+  if (c.mask_is_bool) return *reinterpret_cast<const bool*>(e);
+  *add = *reinterpret_cast<const float*>(e);
+  return *add != -std::numeric_limits<float>::infinity();
+}
+
+// The row's allowed range: [first allowed key, last allowed key + 1), empty when none.
+void find_range(const AttentionCall& c, AttentionRow* row) {
+  int64_t lo = 0, hi = c.causal ? std::min(c.lk, row->i + 1) : c.lk;
+  row->lo = lo, row->hi = hi;
+  if (row->mask != nullptr && c.mask_is_bool && c.ms[3] == 1) {  // HF's mask: a plain scan of the bytes
+    const char* m = row->mask;
+    while (lo < hi && !m[lo]) ++lo;
+    while (hi > lo && !m[hi - 1]) --hi;
+  } else {
+    float add;
+    while (lo < hi && !allowed(c, *row, lo, &add)) ++lo;
+    while (hi > lo && !allowed(c, *row, hi - 1, &add)) --hi;
+  }
+  row->lo = lo, row->hi = hi;
+}
+
+inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+
+// Scalar path. Scores of the row's chunks into buf (-inf where not allowed); returns their max.
+float row_scores_scalar(const AttentionCall& c, const AttentionRow& row, float* buf) {
+  float m = neg_inf();
+  for (int64_t j0 = row.lo / 16 * 16; j0 < row.hi; j0 += 16) {
+    for (int64_t t = 0; t < 16; ++t) {
+      float lane[16] = {0};
+      if (j0 + t < row.hi) {
+        const float* k = c.k == nullptr ? nullptr : row.k + (j0 + t) * c.ks[2];
+        for (int64_t d0 = 0; d0 < c.d; d0 += 16) {
+          for (int64_t l = 0; l < 16; ++l) {
+            const bool in = d0 + l < c.d;
+            lane[l] = std::fmaf(in ? row.q[d0 + l] : 0.0f, in ? k[d0 + l] : 0.0f, lane[l]);
+          }
+        }
+      }
+      float add;
+      const float s = tree16(lane);
+      buf[j0 + t] = allowed(c, row, j0 + t, &add) ? s * c.scale + add : neg_inf();
+      m = std::max(m, buf[j0 + t]);
+    }
+  }
+  return m;
+}
+
+// p = exp(s - m) over the row's chunks, in place; returns l = sum p (lane t: j = t mod 16, tree16).
+float row_softmax_scalar(const AttentionRow& row, float* buf, float m) {
+  float lane[16] = {0};
+  for (int64_t j0 = row.lo / 16 * 16; j0 < row.hi; j0 += 16) {
+    for (int64_t t = 0; t < 16; ++t) {
+      buf[j0 + t] = exp_scalar(buf[j0 + t] - m);
+      lane[t] = lane[t] + buf[j0 + t];
+    }
+  }
+  return tree16(lane);
+}
+
+// out_r = sum_j p_r[j] v_j / l_r for the tile's rows, each over its own range, keys of p = 0 skipped.
+void tile_values_scalar(const AttentionCall& c, const AttentionRow* rows, int nrows, float* const* p,
+                        const float* l) {
+  for (int r = 0; r < nrows; ++r) {
+    const AttentionRow& row = rows[r];
+    for (int64_t col = 0; col < c.dv; ++col) row.out[col] = 0.0f;
+    for (int64_t j = row.lo; j < row.hi; ++j) {
+      if (p[r][j] == 0.0f) continue;
+      const float* v = row.v + j * c.vs[2];
+      for (int64_t col = 0; col < c.dv; ++col) row.out[col] = std::fmaf(p[r][j], v[col], row.out[col]);
+    }
+    for (int64_t col = 0; col < c.dv; ++col) row.out[col] = row.out[col] / l[r];
+  }
+}
+
+// AVX512 path: the same values, bit for bit.
+
+__attribute__((target("avx512f"))) inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// q . k for keys [j0, j0 + count) (count <= 16; the other lanes 0): tree16 of each key's lane
+// sums, all 16 at once by a transposing network that adds the same pairs as tree16.
+__attribute__((target("avx512f"))) __m512 scores16_avx512(const AttentionCall& c, const AttentionRow& row, int64_t j0,
+                                                          int64_t count) {
+  __m512 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < c.d; d0 += 16) {
+    const __mmask16 in = first_lanes(c.d - d0);
+    const __m512 qv = _mm512_maskz_loadu_ps(in, row.q + d0);
+    const float* k = row.k + j0 * c.ks[2] + d0;
+    for (int t = 0; t < 16; ++t) {
+      if (t < count) acc[t] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(in, k + t * c.ks[2]), acc[t]);
+    }
+  }
+  __m512 w[8], x[4], y[2];
+  for (int u = 0; u < 8; ++u) {  // lanes 0-7: key 2u's (t, t+8) sums; lanes 8-15: key 2u+1's
+    const __m512 a = acc[2 * u], b = acc[2 * u + 1];
+    w[u] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int u = 0; u < 4; ++u) {  // 128-bit block b: key 4u+b's (t, t+4) sums
+    const __m512 a = w[2 * u], b = w[2 * u + 1];
+    x[u] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int u = 0; u < 2; ++u) {  // block b: key 8u+b's (t, t+2) sums in lanes 0-1, key 8u+4+b's in 2-3
+    const __m512 a = x[2 * u], b = x[2 * u + 1];
+    y[u] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),  // block b lane g: key 4g+b
+                                 _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), z);
+}
+
+// The allowed lanes of keys [j0, j0 + 16) and the float mask's values (0 elsewhere / without one).
+__attribute__((target("avx512f"))) __mmask16 allowed16_avx512(const AttentionCall& c, const AttentionRow& row,
+                                                              int64_t j0, __m512* add) {
+  const __mmask16 range = static_cast<__mmask16>(first_lanes(row.hi - j0) & ~first_lanes(row.lo - j0));
+  *add = _mm512_setzero_ps();
+  if (row.mask == nullptr) return range;  // causal: hi <= i + 1 already
+  if (c.ms[3] == 1 && c.mask_is_bool) {
+    alignas(16) uint8_t bytes[16] = {0};
+    if (range == 0xFFFF) std::memcpy(bytes, row.mask + j0, 16);
+    else for (int t = 0; t < 16; ++t) if ((range >> t) & 1) bytes[t] = row.mask[j0 + t];
+    const __m512i b32 = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    return range & _mm512_test_epi32_mask(b32, b32);
+  }
+  if (c.ms[3] == 1) {
+    *add = _mm512_maskz_loadu_ps(range, reinterpret_cast<const float*>(row.mask) + j0);
+    return range & _mm512_cmp_ps_mask(*add, _mm512_set1_ps(neg_inf()), _CMP_NEQ_UQ);
+  }
+  alignas(64) float values[16];
+  __mmask16 ok = 0;
+  for (int t = 0; t < 16; ++t) {
+    if (allowed(c, row, j0 + t, &values[t])) ok |= static_cast<__mmask16>(1u << t);
+  }
+  *add = _mm512_load_ps(values);
+  return ok;
+}
+
+__attribute__((target("avx512f"))) float row_scores_avx512(const AttentionCall& c, const AttentionRow& row,
+                                                           float* buf) {
+  __m512 m = _mm512_set1_ps(neg_inf());
+  const __m512 scale = _mm512_set1_ps(c.scale);
+  for (int64_t j0 = row.lo / 16 * 16; j0 < row.hi; j0 += 16) {
+    const __m512 s = scores16_avx512(c, row, j0, std::min<int64_t>(16, row.hi - j0));
+    __m512 add;
+    const __mmask16 ok = allowed16_avx512(c, row, j0, &add);
+    const __m512 v = _mm512_mask_add_ps(_mm512_set1_ps(neg_inf()), ok, _mm512_mul_ps(s, scale), add);
+    _mm512_storeu_ps(buf + j0, v);
+    m = _mm512_max_ps(m, v);
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+__attribute__((target("avx512f"))) float row_softmax_avx512(const AttentionRow& row, float* buf, float m) {
+  __m512 lane = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t j0 = row.lo / 16 * 16; j0 < row.hi; j0 += 16) {
+    const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(buf + j0), mv));
+    _mm512_storeu_ps(buf + j0, p);
+    lane = _mm512_add_ps(lane, p);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, lane);
+  return tree16(lanes);
+}
+
+// Columns [col0, col0 + 64) of the tile's R rows: R x 4 accumulators, each value loaded once for
+// all rows; a row whose p is 0 at a key skips it, as alone.
+template <int R>
+__attribute__((target("avx512f"))) void tile_values64_avx512(const AttentionCall& c, const AttentionRow* rows,
+                                                             float* const* p, const float* l, int64_t col0,
+                                                             int64_t lo, int64_t hi) {
+  __m512 acc[R][4];
+  __mmask16 in[4];
+  for (int u = 0; u < 4; ++u) in[u] = first_lanes(c.dv - col0 - 16 * u);
+  for (int r = 0; r < R; ++r) for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t j = lo; j < hi; ++j) {
+    const float* v = rows[0].v + j * c.vs[2] + col0;
+    __m512 vv[4];
+    for (int u = 0; u < 4; ++u) vv[u] = _mm512_maskz_loadu_ps(in[u], v + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const float pj = j >= rows[r].lo && j < rows[r].hi ? p[r][j] : 0.0f;
+      if (pj == 0.0f) continue;
+      const __m512 pv = _mm512_set1_ps(pj);
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_fmadd_ps(pv, vv[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 lv = _mm512_set1_ps(l[r]);
+    for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(rows[r].out + col0 + 16 * u, in[u], _mm512_div_ps(acc[r][u], lv));
+  }
+}
+
+void tile_values_avx512(const AttentionCall& c, const AttentionRow* rows, int nrows, float* const* p,
+                        const float* l) {
+  int64_t lo = rows[0].lo, hi = rows[0].hi;
+  for (int r = 1; r < nrows; ++r) {
+    lo = std::min(lo, rows[r].lo);
+    hi = std::max(hi, rows[r].hi);
+  }
+  for (int64_t col0 = 0; col0 < c.dv; col0 += 64) {
+    switch (nrows) {
+      case 1: tile_values64_avx512<1>(c, rows, p, l, col0, lo, hi); break;
+      case 2: tile_values64_avx512<2>(c, rows, p, l, col0, lo, hi); break;
+      case 3: tile_values64_avx512<3>(c, rows, p, l, col0, lo, hi); break;
+      default: tile_values64_avx512<4>(c, rows, p, l, col0, lo, hi); break;
+    }
+  }
+}
+
+constexpr int kTileRows = 4;  // query rows sharing each value load
+
+// Rows [i0, i0 + nrows) of one (batch, head); buf: kTileRows x round_up(lk, 16) floats.
+void attention_tile(const AttentionCall& c, int64_t bi, int64_t head, int64_t i0, int nrows, bool simd, float* buf) {
+  const int64_t kh = head / (c.h / c.hk), stride = round_up(c.lk, 16);
+  AttentionRow rows[kTileRows];
+  float* p[kTileRows];
+  float l[kTileRows];
+  int live = 0;  // rows with an allowed key, first; the others are zeros
+  for (int r = 0; r < nrows; ++r) {
+    AttentionRow row;
+    row.i = i0 + r;
+    row.q = c.q + bi * c.qs[0] + head * c.qs[1] + row.i * c.qs[2];
+    row.k = c.k + bi * c.ks[0] + kh * c.ks[1];
+    row.v = c.v + bi * c.vs[0] + kh * c.vs[1];
+    row.mask = c.mask == nullptr ? nullptr
+                                 : c.mask + (bi * c.ms[0] + head * c.ms[1] + row.i * c.ms[2]) * c.mask_elem;
+    row.out = c.out + ((bi * c.h + head) * c.lq + row.i) * c.dv;
+    find_range(c, &row);
+    float* pr = buf + live * stride;
+    const float m = row.lo == row.hi ? neg_inf() : simd ? row_scores_avx512(c, row, pr) : row_scores_scalar(c, row, pr);
+    if (m == neg_inf()) {
+      for (int64_t col = 0; col < c.dv; ++col) row.out[col] = 0.0f;
+      continue;
+    }
+    l[live] = simd ? row_softmax_avx512(row, pr, m) : row_softmax_scalar(row, pr, m);
+    p[live] = pr;
+    rows[live++] = row;
+  }
+  if (live == 0) return;
+  if (simd) tile_values_avx512(c, rows, live, p, l);
+  else tile_values_scalar(c, rows, live, p, l);
+}
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const c10::optional<at::Tensor>& attn_mask, bool is_causal, c10::optional<double> scale,
+                     bool force_scalar) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"query", &q_in}, {"key", &k_in},
+                                {"value", &v_in}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4, "q4_cpu::attention: argument '", name,
+                "' must be a float32 tensor [batch, heads, length, dim], got ", t->scalar_type(), " tensor of shape ",
+                t->sizes());
+    TORCH_CHECK(t->device().is_cpu(), "q4_cpu::attention: argument '", name, "' must be on the CPU, got ",
+                t->device());
+  }
+  const int64_t b = q_in.size(0), h = q_in.size(1), lq = q_in.size(2), d = q_in.size(3);
+  const int64_t hk = k_in.size(1), lk = k_in.size(2), dv = v_in.size(3);
+  TORCH_CHECK(k_in.size(0) == b && v_in.size(0) == b && k_in.size(3) == d && v_in.size(1) == hk &&
+                  v_in.size(2) == lk && hk >= 1 && h % hk == 0,
+              "q4_cpu::attention: key ", k_in.sizes(), " and value ", v_in.sizes(), " must match query ",
+              q_in.sizes(), ": the same batch, key and value the same heads (dividing the query's) and length, key "
+              "the query's dim");
+  // the last dim contiguous (rows of q, k, v read as float vectors); other strides as they come
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  at::Tensor mask;
+  if (attn_mask.has_value()) {
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == at::kFloat,
+                "q4_cpu::attention: argument 'attn_mask' must be a bool or float32 tensor, got ",
+                attn_mask->scalar_type());
+    TORCH_CHECK(attn_mask->device().is_cpu(), "q4_cpu::attention: argument 'attn_mask' must be on the CPU");
+    mask = attn_mask->expand({b, h, lq, lk});  // a view: broadcast dims get stride 0
+  }
+  at::Tensor out = at::empty({b, h, lq, dv}, q.options());
+  if (out.numel() == 0) return out;
+  AttentionCall c;
+  c.q = q.data_ptr<float>();
+  c.k = k.data_ptr<float>();
+  c.v = v.data_ptr<float>();
+  c.out = out.data_ptr<float>();
+  c.mask = mask.defined() ? static_cast<const char*>(mask.data_ptr()) : nullptr;
+  c.mask_elem = mask.defined() ? static_cast<int64_t>(mask.element_size()) : 0;
+  c.mask_is_bool = mask.defined() && mask.scalar_type() == at::kBool;
+  c.causal = is_causal;
+  c.h = h, c.hk = hk, c.lq = lq, c.lk = lk, c.d = d, c.dv = dv;
+  for (int i = 0; i < 3; ++i) c.qs[i] = q.stride(i), c.ks[i] = k.stride(i), c.vs[i] = v.stride(i);
+  for (int i = 0; i < 4; ++i) c.ms[i] = mask.defined() ? mask.stride(i) : 0;
+  c.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d)));
+  const bool simd = has_avx512() && !force_scalar;
+  const int64_t tiles = (lq + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, b * h * tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(static_cast<size_t>(kTileRows * round_up(lk, 16)));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t % tiles * kTileRows;
+      attention_tile(c, t / (h * tiles), t / tiles % h, i0, static_cast<int>(std::min<int64_t>(kTileRows, lq - i0)),
+                     simd, buf.data());
+    }
+  });
+  return out;
+}
+
 std::string isa() { return has_vnni() ? "avx512vnni" : "scalar"; }
 
 }  // namespace
@@ -436,6 +841,8 @@ TORCH_LIBRARY(q4_cpu, m) {
   m.def("linear_w4a16(Tensor x, Tensor w_packed, Tensor w_step, Tensor? bias, ScalarType out_dtype, "
         "bool force_scalar=False) -> Tensor");
   m.def("hadamard(Tensor x, int n, bool force_scalar=False) -> Tensor");
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
+        "float? scale=None, bool force_scalar=False) -> Tensor");
   m.def("isa() -> str", [] { return isa(); });
 }
 
@@ -443,4 +850,5 @@ TORCH_LIBRARY_IMPL(q4_cpu, CPU, m) {
   m.impl("linear_w4a4", &linear_w4a4);
   m.impl("linear_w4a16", &linear_w4a16);
   m.impl("hadamard", &hadamard);
+  m.impl("attention", &attention);
 }

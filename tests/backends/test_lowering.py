@@ -92,3 +92,38 @@ def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monk
         assert len(calls) == 14, lower
         torch.testing.assert_close(out.logits, cpu_out.logits, rtol=1e-4, atol=1e-4)
         torch._dynamo.reset()
+
+
+def attention_graph(*inputs) -> torch.fx.GraphModule:
+    """A graph of three ATen attention calls, with the shapes Inductor's lowering sees: float32
+    with grouped key/value heads and a bool mask; float16; with dropout."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+
+    def f(q, k, v, mask):
+        grouped = sdpa(q, k, v, mask, scale=0.2, enable_gqa=True)
+        half = sdpa(q.half(), k.half(), v.half(), enable_gqa=True)
+        dropped = sdpa(q, k, v, None, 0.5, enable_gqa=True)
+        return grouped, half, dropped
+
+    gm = torch.fx.symbolic_trace(f)
+    FakeTensorProp(gm).propagate(*inputs)
+    return gm
+
+
+def test_cpu_attention_replaces_aten_attention_where_it_computes_it():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 6, 9, 32, generator=g), torch.randn(1, 2, 9, 32, generator=g), torch.randn(1, 2, 9, 32, generator=g)
+    mask = torch.rand(1, 1, 9, 9, generator=g) > 0.3
+    mask[..., 0] = True
+    gm = attention_graph(q, k, v, mask)
+    rewritten = lowering.use_cpu_attention(gm)
+    targets = [str(n.target) for n in rewritten.graph.nodes if "attention" in str(n.target)]
+    assert targets == ["q4_cpu.attention.default", "aten.scaled_dot_product_attention.default",
+                       "aten.scaled_dot_product_attention.default"], targets
+    assert [str(n.target) for n in gm.graph.nodes if "attention" in str(n.target)].count("q4_cpu.attention.default") == 0
+    grouped = rewritten(q, k, v, mask)[0]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=0.2, enable_gqa=True)
+    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grouped, torch.ops.q4_cpu.attention(q, k, v, mask, False, 0.2))

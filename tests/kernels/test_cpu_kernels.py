@@ -198,13 +198,111 @@ def test_hadamard_bad_arguments_are_named():
         torch.ops.q4_cpu.hadamard(torch.zeros(2, 16, dtype=torch.bfloat16), 16)
 
 
-def test_rotate_decomposed_takes_the_hadamard_kernel_at_prefill_and_loops_at_decode(monkeypatch):
-    monkeypatch.setattr(rotation, "USE_HADAMARD", True)
+def test_rotate_decomposed_takes_the_hadamard_kernel_at_any_number_of_rows():
+    """Prefill and a decode step rotate through the same transform: each row then rounds the same
+    way at any M (a decode step must equal the no-cache forward's row bit for bit)."""
     factors = rotation.rotation_factors(576)  # 9 x 9, 64
-    prefill = make_fx(rotation.rotate_decomposed)(torch.randn(40, 576), factors)
-    assert "q4_cpu.hadamard" in prefill.code and "aten.mm" not in prefill.code, prefill.code
-    decode = make_fx(rotation.rotate_decomposed)(torch.randn(1, 576), factors)
-    assert "q4_cpu.hadamard" not in decode.code, decode.code
+    for rows in (40, 1):
+        graph = make_fx(rotation.rotate_decomposed)(torch.randn(rows, 576), factors)
+        assert "q4_cpu.hadamard" in graph.code and "aten.mm" not in graph.code, graph.code
+    x = torch.randn(40, 576)
+    compiled = torch.compile(rotation.rotate_decomposed, dynamic=False)
+    whole = compiled(x, factors)
+    assert all(torch.equal(compiled(x[i:i + 1], factors), whole[i:i + 1]) for i in (0, 17, 39))
+
+
+def sdpa(q, k, v, mask=None, is_causal=False, scale=None):
+    """The reference: ATen's attention in float64, key and value heads repeated for grouped queries."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.double()
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                            is_causal=is_causal, scale=scale).float()
+
+
+ATTENTION_SHAPES = [  # batch, heads, key/value heads, query rows, keys, dim, value dim
+    (1, 4, 4, 7, 7, 64, 64), (2, 6, 2, 13, 29, 40, 24), (1, 2, 1, 1, 33, 17, 70), (1, 9, 3, 50, 50, 64, 64),
+    (3, 1, 1, 5, 16, 1, 1), (1, 2, 2, 3, 130, 96, 130)]
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masking", ["causal", "bool", "float", "none"])
+def test_attention_equals_sdpa_within_float32_rounding(shape, masking, force_scalar):
+    b, h, hk, lq, lk, d, dv = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q, k, v = torch.randn(b, h, lq, d, generator=g), torch.randn(b, hk, lk, d, generator=g), torch.randn(b, hk, lk, dv, generator=g)
+    allowed = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+    allowed[..., 0] = True
+    mask, is_causal, scale = None, False, None
+    if masking == "causal":
+        is_causal = True
+    elif masking == "bool":
+        mask = allowed
+    elif masking == "float":  # per head, with -inf where not allowed
+        mask, scale = torch.randn(b, h, lq, lk, generator=g).masked_fill(~allowed, float("-inf")), 0.3
+    got = torch.ops.q4_cpu.attention(q, k, v, mask, is_causal, scale, force_scalar)
+    assert got.shape == (b, h, lq, dv) and got.is_contiguous()
+    torch.testing.assert_close(got, sdpa(q, k, v, mask, is_causal, scale), rtol=1e-5, atol=2e-6)
+
+
+def test_attention_simd_and_scalar_give_the_same_bits_and_read_strided_input():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 20, 6, 72, generator=g).transpose(1, 2)  # [2, 6, 20, 72]: HF's layout, strided
+    k, v = torch.randn(2, 2, 33, 72, generator=g), torch.randn(2, 33, 2, 72, generator=g).transpose(1, 2)
+    mask = (torch.rand(2, 1, 20, 33, generator=g) > 0.2)
+    for is_causal, m in ((True, None), (False, mask), (False, torch.zeros(2, 6, 20, 33).masked_fill(~mask, float("-inf")))):
+        simd = torch.ops.q4_cpu.attention(q, k, v, m, is_causal, None, False)
+        assert torch.equal(simd, torch.ops.q4_cpu.attention(q, k, v, m, is_causal, None, True))
+        assert torch.equal(simd, torch.ops.q4_cpu.attention(q.contiguous(), k, v.contiguous(), m, is_causal, None))
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+def test_attention_rows_round_alike_at_any_length_cache_and_batch(force_scalar):
+    """Row i of a causal prompt = a decode step at position i against a dynamic cache (i + 1
+    keys), a static one (more keys, masked) and as one row of a left-padded batch, bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 9, 70, 64, generator=g) for _ in range(3))
+    kv = k[:, ::3], v[:, ::3]  # 3 key/value heads
+    prompt = torch.ops.q4_cpu.attention(q, *kv, None, True, None, force_scalar)
+    static_k, static_v = torch.zeros(1, 3, 100, 64), torch.zeros(1, 3, 100, 64)
+    static_k[:, :, :70], static_v[:, :, :70] = kv
+    padded_k, padded_v = torch.randn(2, 3, 75, 64, generator=g), torch.randn(2, 3, 75, 64, generator=g)
+    padded_k[1, :, 5:], padded_v[1, :, 5:] = kv[0][0], kv[1][0]  # row 1: 5 padding keys first
+    for i in (0, 1, 15, 16, 17, 40, 69):
+        dynamic = torch.ops.q4_cpu.attention(q[:, :, i:i + 1], k[:, ::3, :i + 1], v[:, ::3, :i + 1], None, False, None,
+                                             force_scalar)
+        static_mask = (torch.arange(100) <= i)[None, None, None]
+        static = torch.ops.q4_cpu.attention(q[:, :, i:i + 1], static_k, static_v, static_mask, False, None, force_scalar)
+        padded_mask = torch.zeros(2, 1, 1, 75, dtype=torch.bool)
+        padded_mask[0, ..., : 5 + i + 1] = True
+        padded_mask[1, ..., 5: 5 + i + 1] = True
+        padded_q = torch.cat([torch.randn(1, 9, 1, 64, generator=g), q[:, :, i:i + 1]])
+        padded = torch.ops.q4_cpu.attention(padded_q, padded_k, padded_v, padded_mask, False, None, force_scalar)[1:]
+        for other in (dynamic, static, padded):
+            assert torch.equal(other, prompt[:, :, i:i + 1]), i
+
+
+def test_attention_row_without_an_allowed_key_is_zeros():
+    q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16)
+    mask = torch.tensor([[True] * 4, [False] * 4, [True, False, False, False]])[None, None]
+    out = torch.ops.q4_cpu.attention(q, k, v, mask, False, None)
+    assert torch.equal(out[0, 0, 1], torch.zeros(16)) and torch.equal(out[0, 0, 2], v[0, 0, 0] / 1.0)
+    float_mask = torch.zeros(1, 1, 3, 4).masked_fill(~mask, float("-inf"))
+    assert torch.equal(torch.ops.q4_cpu.attention(q, k, v, float_mask, False, None), out)
+
+
+def test_attention_bad_arguments_are_named():
+    q, kv = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="argument 'query' must be a float32 tensor \\[batch, heads, length, dim\\]"):
+        torch.ops.q4_cpu.attention(q[0], kv, kv)
+    with pytest.raises(RuntimeError, match="argument 'key' must be a float32 tensor"):
+        torch.ops.q4_cpu.attention(q, kv.double(), kv)
+    with pytest.raises(RuntimeError, match="must match query"):
+        torch.ops.q4_cpu.attention(q, torch.zeros(1, 3, 5, 8), torch.zeros(1, 3, 5, 8))
+    with pytest.raises(RuntimeError, match="argument 'attn_mask' must be a bool or float32 tensor"):
+        torch.ops.q4_cpu.attention(q, kv, kv, torch.zeros(3, 5, dtype=torch.int32))
 
 
 def test_rotate_refuses_a_power_of_two_factor_that_is_not_sylvester():
@@ -245,6 +343,10 @@ def test_fake_impls_give_shapes_and_check_arguments():
         assert torch.ops.q4_cpu.hadamard(torch.zeros(2, 3, 576), 64).shape == (2, 3, 576)
         with pytest.raises(KernelArgumentError, match="q4::hadamard: argument 'n' must be a power of two dividing K = 12"):
             torch.ops.q4_cpu.hadamard(torch.zeros(2, 12), 8)
+        q, kv = torch.zeros(2, 6, 5, 16), torch.zeros(2, 3, 9, 16)
+        assert torch.ops.q4_cpu.attention(q, kv, torch.zeros(2, 3, 9, 24)).shape == (2, 6, 5, 24)
+        with pytest.raises(KernelArgumentError, match="q4::attention: argument 'key' must be a float32 tensor"):
+            torch.ops.q4_cpu.attention(q, kv[0], kv)
 
 
 CACHED_COMPILE = """
@@ -276,7 +378,7 @@ def test_a_cached_compile_in_a_fresh_process_finds_the_q4_cpu_ops(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "Q4_HADAMARD": "1"}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", CACHED_COMPILE], env=env, capture_output=True, text=True)
             for _ in range(2)]
     for run in runs:
