@@ -610,16 +610,22 @@ __attribute__((target("avx512f"))) inline __mmask16 first_lanes(int64_t n) {
 // sums, all 16 at once by a transposing network that adds the same pairs as tree16.
 __attribute__((target("avx512f"))) __m512 scores16_avx512(const AttentionCall& c, const AttentionRow& row, int64_t j0,
                                                           int64_t count) {
-  __m512 acc[16];
-  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  // 16 accumulators, named: an array of 16 vectors would live on the stack (GCC does not split
+  // aggregates that large into registers). Keys past `count` load nothing (masked loads do not
+  // touch memory) and stay 0.
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+  const int64_t ks = c.ks[2];
   for (int64_t d0 = 0; d0 < c.d; d0 += 16) {
     const __mmask16 in = first_lanes(c.d - d0);
     const __m512 qv = _mm512_maskz_loadu_ps(in, row.q + d0);
-    const float* k = row.k + j0 * c.ks[2] + d0;
-    for (int t = 0; t < 16; ++t) {
-      if (t < count) acc[t] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(in, k + t * c.ks[2]), acc[t]);
-    }
+    const float* k = row.k + j0 * ks + d0;
+#define Q4_KEY(t) a##t = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(t < count ? in : __mmask16(0), k + t * ks), a##t)
+    Q4_KEY(0); Q4_KEY(1); Q4_KEY(2); Q4_KEY(3); Q4_KEY(4); Q4_KEY(5); Q4_KEY(6); Q4_KEY(7);
+    Q4_KEY(8); Q4_KEY(9); Q4_KEY(10); Q4_KEY(11); Q4_KEY(12); Q4_KEY(13); Q4_KEY(14); Q4_KEY(15);
+#undef Q4_KEY
   }
+  const __m512 acc[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
   __m512 w[8], x[4], y[2];
   for (int u = 0; u < 8; ++u) {  // lanes 0-7: key 2u's (t, t+8) sums; lanes 8-15: key 2u+1's
     const __m512 a = acc[2 * u], b = acc[2 * u + 1];
@@ -695,53 +701,84 @@ __attribute__((target("avx512f"))) float row_softmax_avx512(const AttentionRow& 
   return tree16(lanes);
 }
 
-// Columns [col0, col0 + 64) of the tile's R rows: R x 4 accumulators, each value loaded once for
-// all rows; a row whose p is 0 at a key skips it, as alone.
+// Columns [col0, col0 + 64) of out_r = sum_j p_r[j] v_j / l_r, j in [lo, hi): 4 accumulators a row
+// (named: GCC keeps arrays of vectors this large on the stack), each value loaded once for all the
+// rows; a row whose p is 0 at a key leaves its accumulators as they are (masked fma), as alone.
+#define Q4_ROW_ACC(r) __m512 r##0 = _mm512_setzero_ps(), r##1 = r##0, r##2 = r##0, r##3 = r##0
+#define Q4_ROW_FMA(r, pr)                                            \
+  do {                                                               \
+    const float pj = (pr)[j];                                        \
+    const __mmask16 live = pj != 0.0f ? __mmask16(0xFFFF) : 0;      \
+    const __m512 pv = _mm512_set1_ps(pj);                            \
+    r##0 = _mm512_mask3_fmadd_ps(pv, v0, r##0, live);                \
+    r##1 = _mm512_mask3_fmadd_ps(pv, v1, r##1, live);                \
+    r##2 = _mm512_mask3_fmadd_ps(pv, v2, r##2, live);                \
+    r##3 = _mm512_mask3_fmadd_ps(pv, v3, r##3, live);                \
+  } while (0)
+#define Q4_ROW_STORE(r, out, l)                                                      \
+  do {                                                                               \
+    const __m512 lv = _mm512_set1_ps(l);                                             \
+    _mm512_mask_storeu_ps((out) + col0, in0, _mm512_div_ps(r##0, lv));               \
+    _mm512_mask_storeu_ps((out) + col0 + 16, in1, _mm512_div_ps(r##1, lv));          \
+    _mm512_mask_storeu_ps((out) + col0 + 32, in2, _mm512_div_ps(r##2, lv));          \
+    _mm512_mask_storeu_ps((out) + col0 + 48, in3, _mm512_div_ps(r##3, lv));          \
+  } while (0)
+
+// rows: 1 or 4 (a tile of 2 or 3 rows passes zero weights and scratch outputs for the rest)
 template <int R>
-__attribute__((target("avx512f"))) void tile_values64_avx512(const AttentionCall& c, const AttentionRow* rows,
-                                                             float* const* p, const float* l, int64_t col0,
-                                                             int64_t lo, int64_t hi) {
-  __m512 acc[R][4];
-  __mmask16 in[4];
-  for (int u = 0; u < 4; ++u) in[u] = first_lanes(c.dv - col0 - 16 * u);
-  for (int r = 0; r < R; ++r) for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+__attribute__((target("avx512f"))) void values64_avx512(const float* values, int64_t sv, int64_t dv,
+                                                        const float* const* p, float* const* out, const float* l,
+                                                        int64_t col0, int64_t lo, int64_t hi) {
+  static_assert(R == 1 || R == 4, "values64_avx512: 1 or 4 rows");
+  const __mmask16 in0 = first_lanes(dv - col0), in1 = first_lanes(dv - col0 - 16), in2 = first_lanes(dv - col0 - 32),
+                  in3 = first_lanes(dv - col0 - 48);
+  Q4_ROW_ACC(a);
+  Q4_ROW_ACC(b);
+  Q4_ROW_ACC(c);
+  Q4_ROW_ACC(d);
   for (int64_t j = lo; j < hi; ++j) {
-    const float* v = rows[0].v + j * c.vs[2] + col0;
-    __m512 vv[4];
-    for (int u = 0; u < 4; ++u) vv[u] = _mm512_maskz_loadu_ps(in[u], v + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const float pj = j >= rows[r].lo && j < rows[r].hi ? p[r][j] : 0.0f;
-      if (pj == 0.0f) continue;
-      const __m512 pv = _mm512_set1_ps(pj);
-      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_fmadd_ps(pv, vv[u], acc[r][u]);
+    const float* v = values + j * sv + col0;
+    const __m512 v0 = _mm512_maskz_loadu_ps(in0, v), v1 = _mm512_maskz_loadu_ps(in1, v + 16),
+                 v2 = _mm512_maskz_loadu_ps(in2, v + 32), v3 = _mm512_maskz_loadu_ps(in3, v + 48);
+    Q4_ROW_FMA(a, p[0]);
+    if (R == 4) {
+      Q4_ROW_FMA(b, p[1]);
+      Q4_ROW_FMA(c, p[2]);
+      Q4_ROW_FMA(d, p[3]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m512 lv = _mm512_set1_ps(l[r]);
-    for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(rows[r].out + col0 + 16 * u, in[u], _mm512_div_ps(acc[r][u], lv));
+  Q4_ROW_STORE(a, out[0], l[0]);
+  if (R == 4) {
+    Q4_ROW_STORE(b, out[1], l[1]);
+    Q4_ROW_STORE(c, out[2], l[2]);
+    Q4_ROW_STORE(d, out[3], l[3]);
   }
 }
+#undef Q4_ROW_ACC
+#undef Q4_ROW_FMA
+#undef Q4_ROW_STORE
 
+// p of each row is 0 outside its own chunks within [lo, hi) (tile_values_avx512 clears it there).
 void tile_values_avx512(const AttentionCall& c, const AttentionRow* rows, int nrows, float* const* p,
-                        const float* l) {
-  int64_t lo = rows[0].lo, hi = rows[0].hi;
-  for (int r = 1; r < nrows; ++r) {
-    lo = std::min(lo, rows[r].lo);
-    hi = std::max(hi, rows[r].hi);
+                        const float* l, int64_t lo, int64_t hi, float* zeros, float* scratch) {
+  const float* pp[4];
+  float* out[4];
+  float ll[4];
+  for (int r = 0; r < 4; ++r) {
+    pp[r] = r < nrows ? p[r] : zeros;
+    out[r] = r < nrows ? rows[r].out : scratch;
+    ll[r] = r < nrows ? l[r] : 1.0f;
   }
   for (int64_t col0 = 0; col0 < c.dv; col0 += 64) {
-    switch (nrows) {
-      case 1: tile_values64_avx512<1>(c, rows, p, l, col0, lo, hi); break;
-      case 2: tile_values64_avx512<2>(c, rows, p, l, col0, lo, hi); break;
-      case 3: tile_values64_avx512<3>(c, rows, p, l, col0, lo, hi); break;
-      default: tile_values64_avx512<4>(c, rows, p, l, col0, lo, hi); break;
-    }
+    if (nrows == 1) values64_avx512<1>(rows[0].v, c.vs[2], c.dv, pp, out, ll, col0, lo, hi);
+    else values64_avx512<4>(rows[0].v, c.vs[2], c.dv, pp, out, ll, col0, lo, hi);
   }
 }
 
 constexpr int kTileRows = 4;  // query rows sharing each value load
 
-// Rows [i0, i0 + nrows) of one (batch, head); buf: kTileRows x round_up(lk, 16) floats.
+// Rows [i0, i0 + nrows) of one (batch, head); buf: (kTileRows + 1) x round_up(lk, 16) + dv floats,
+// the last round_up(lk, 16) + dv of them zeros.
 void attention_tile(const AttentionCall& c, int64_t bi, int64_t head, int64_t i0, int nrows, bool simd, float* buf) {
   const int64_t kh = head / (c.h / c.hk), stride = round_up(c.lk, 16);
   AttentionRow rows[kTileRows];
@@ -769,8 +806,21 @@ void attention_tile(const AttentionCall& c, int64_t bi, int64_t head, int64_t i0
     rows[live++] = row;
   }
   if (live == 0) return;
-  if (simd) tile_values_avx512(c, rows, live, p, l);
-  else tile_values_scalar(c, rows, live, p, l);
+  if (!simd) {
+    tile_values_scalar(c, rows, live, p, l);
+    return;
+  }
+  int64_t lo = rows[0].lo / 16 * 16, hi = round_up(rows[0].hi, 16);  // the rows' chunks, together
+  for (int r = 1; r < live; ++r) {
+    lo = std::min(lo, rows[r].lo / 16 * 16);
+    hi = std::max(hi, round_up(rows[r].hi, 16));
+  }
+  for (int r = 0; r < live; ++r) {  // p = 0 outside the row's own chunks (inside them: exp(-inf) = 0)
+    std::fill(p[r] + lo, p[r] + rows[r].lo / 16 * 16, 0.0f);
+    std::fill(p[r] + round_up(rows[r].hi, 16), p[r] + hi, 0.0f);
+  }
+  float* zeros = buf + kTileRows * stride;  // stride floats of 0, then dv of scratch output
+  tile_values_avx512(c, rows, live, p, l, lo, std::min(hi, c.lk), zeros, zeros + stride);
 }
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -821,7 +871,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   const bool simd = has_avx512() && !force_scalar;
   const int64_t tiles = (lq + kTileRows - 1) / kTileRows;
   at::parallel_for(0, b * h * tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(static_cast<size_t>(kTileRows * round_up(lk, 16)));
+    // kTileRows rows of p, a row of zeros, a scratch output row
+    std::vector<float> buf(static_cast<size_t>((kTileRows + 1) * round_up(lk, 16) + dv), 0.0f);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t % tiles * kTileRows;
       attention_tile(c, t / (h * tiles), t / tiles % h, i0, static_cast<int>(std::min<int64_t>(kTileRows, lq - i0)),
