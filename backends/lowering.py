@@ -188,6 +188,30 @@ def _fake(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def _repeated_heads_source(node: Any) -> fx.Node | None:
+    """X when `node` is transformers' `repeat_kv(X)`: reshape(expand(unsqueeze(X, 2), [b, h, g, L, d]),
+    [b, h * g, L, d]), a copy of each key/value head for its g query heads (q4_cpu's attention
+    reads X's heads directly: grouped queries)."""
+    aten = torch.ops.aten
+    if not (isinstance(node, fx.Node) and node.target in (aten.reshape.default, aten.view.default)):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target is aten.expand.default):
+        return None
+    unsqueeze = expand.args[0]
+    if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target is aten.unsqueeze.default and unsqueeze.args[1] == 2):
+        return None
+    source, out = unsqueeze.args[0], _fake(node)
+    x = _fake(source)
+    if x is None or out is None or x.dim() != 4 or out.dim() != 4:
+        return None
+    b, h, length, d = x.shape
+    groups = out.shape[1] // h if h else 0
+    if tuple(out.shape) != (b, h * groups, length, d) or list(expand.args[1]) != [b, h, groups, length, d]:
+        return None
+    return source
+
+
 def _attention_on_cpu_kernel(node: fx.Node) -> dict | None:
     """The arguments of `q4_cpu.attention` for an `aten.scaled_dot_product_attention` node it
     computes (CPU, float32, [batch, heads, length, dim], no dropout), else None."""
@@ -205,7 +229,11 @@ def _attention_on_cpu_kernel(node: fx.Node) -> dict | None:
     heads_fit = q.shape[1] == k.shape[1] or (a.get("enable_gqa", False) and q.shape[1] % k.shape[1] == 0)
     if a.get("dropout_p", 0.0) != 0.0 or not heads_fit:
         return None
-    return {"query": a["query"], "key": a["key"], "value": a["value"], "attn_mask": a.get("attn_mask"),
+    key, value = a["key"], a["value"]
+    grouped = _repeated_heads_source(key), _repeated_heads_source(value)
+    if all(grouped) and _fake(grouped[0]).shape[1] == _fake(grouped[1]).shape[1]:
+        key, value = grouped  # not the 3 -> 9 head copies of every layer and step (SmolLM2)
+    return {"query": a["query"], "key": key, "value": value, "attn_mask": a.get("attn_mask"),
             "is_causal": a.get("is_causal", False), "scale": a.get("scale"), "force_scalar": cpu_kernels.FORCE_SCALAR}
 
 
@@ -216,7 +244,9 @@ def use_cpu_attention(gm: fx.GraphModule) -> fx.GraphModule:
     (kernels/cpu_kernels.py), so a prompt, each decode step through the KV cache and the
     no-cache forward agree bit for bit. ATen's flash attention blocks by the call's length; at
     4-bit activations one flipped code changes every later token (issue 13: perplexity through
-    the cache 0.68% from no-cache before). `gm` itself if there is none or q4_cpu is not built."""
+    the cache 0.68% from no-cache before). Keys and values that transformers' `repeat_kv` copied
+    for grouped queries are read from the copy's source instead. `gm` itself if there is no
+    attention to swap or q4_cpu is not built."""
     target = torch.ops.aten.scaled_dot_product_attention.default
     rewrites = {n.name: args for n in gm.graph.nodes
                 if n.op == "call_function" and n.target is target and (args := _attention_on_cpu_kernel(n)) is not None}
