@@ -188,6 +188,12 @@ def _fake(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def _is_whole(node: fx.Node) -> bool:
+    """A slice taking its whole axis (start 0, no end, step 1)."""
+    start, end, step = (list(node.args[2:]) + [0, None, 1][len(node.args) - 2:])[:3]
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= sys.maxsize)) and step == 1
+
+
 def _repeated_heads_source(node: Any) -> fx.Node | None:
     """X when `node` is transformers' `repeat_kv(X)`: reshape(expand(unsqueeze(X, 2), [b, h, g, L, d]),
     [b, h * g, L, d]), a copy of each key/value head for its g query heads (q4_cpu's attention
@@ -199,15 +205,22 @@ def _repeated_heads_source(node: Any) -> fx.Node | None:
     if not (isinstance(expand, fx.Node) and expand.target is aten.expand.default):
         return None
     unsqueeze = expand.args[0]
+    while isinstance(unsqueeze, fx.Node) and unsqueeze.target is aten.slice.Tensor and _is_whole(unsqueeze):
+        unsqueeze = unsqueeze.args[0]  # x[:, :, None, :, :] traces as unsqueeze + whole-axis slices
     if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target is aten.unsqueeze.default and unsqueeze.args[1] == 2):
         return None
-    source, out = unsqueeze.args[0], _fake(node)
-    x = _fake(source)
-    if x is None or out is None or x.dim() != 4 or out.dim() != 4:
+    source = unsqueeze.args[0]
+    x, expanded, out = _fake(source), _fake(expand), _fake(node)
+    if x is None or expanded is None or out is None or (x.dim(), expanded.dim(), out.dim()) != (4, 5, 4):
         return None
-    b, h, length, d = x.shape
-    groups = out.shape[1] // h if h else 0
-    if tuple(out.shape) != (b, h * groups, length, d) or list(expand.args[1]) != [b, h, groups, length, d]:
+    groups = expanded.shape[2]
+
+    def same(a, b) -> bool:  # sizes, symbolic ones by their expression (no guard)
+        return str(a) == str(b)
+
+    if not (isinstance(groups, int) and isinstance(x.shape[1], int) and out.shape[1] == x.shape[1] * groups
+            and all(same(expanded.shape[i], x.shape[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3)))
+            and all(same(out.shape[i], x.shape[i]) for i in (0, 2, 3))):
         return None
     return source
 

@@ -127,3 +127,25 @@ def test_cpu_attention_replaces_aten_attention_where_it_computes_it():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=0.2, enable_gqa=True)
     torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(grouped, torch.ops.q4_cpu.attention(q, k, v, mask, False, 0.2))
+
+
+def test_cpu_attention_reads_repeated_key_value_heads_from_their_source():
+    """transformers' repeat_kv (unsqueeze, expand, reshape: a copy of each key/value head for its
+    query heads) feeds q4_cpu.attention's grouped heads directly; the copies become dead code."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    def f(q, k, v):
+        def repeat(x):  # x[:, :, None, :, :].expand(...).reshape(...), as traced: whole-axis slices too
+            x = torch.ops.aten.slice.Tensor(torch.ops.aten.unsqueeze.default(x, 2), 3, 0, 9223372036854775807)
+            return torch.ops.aten.reshape.default(torch.ops.aten.expand.default(x, [1, 2, 3, 9, 32]), [1, 6, 9, 32])
+        return torch.ops.aten.scaled_dot_product_attention.default(q, repeat(k), repeat(v), is_causal=True)
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 6, 9, 32, generator=g), torch.randn(1, 2, 9, 32, generator=g), torch.randn(1, 2, 9, 32, generator=g)
+    gm = torch.fx.symbolic_trace(f)
+    FakeTensorProp(gm).propagate(q, k, v)
+    rewritten = lowering.use_cpu_attention(gm)
+    (attention,) = [n for n in rewritten.graph.nodes if n.target is torch.ops.q4_cpu.attention.default]
+    assert attention.kwargs["key"].name == "k" and attention.kwargs["value"].name == "v"
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(rewritten(q, k, v), expected, rtol=1e-5, atol=1e-5)
