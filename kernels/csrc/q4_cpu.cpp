@@ -534,7 +534,7 @@ inline bool allowed(const AttentionCall& c, const AttentionRow& row, int64_t j, 
 // The row's allowed range: [first allowed key, last allowed key + 1), empty when none.
 void find_range(const AttentionCall& c, AttentionRow* row) {
   int64_t lo = 0, hi = c.causal ? std::min(c.lk, row->i + 1) : c.lk;
-  row->lo = lo, row->hi = hi;
+  row->lo = lo, row->hi = hi;  // allowed() reads them
   if (row->mask != nullptr && c.mask_is_bool && c.ms[3] == 1) {  // HF's mask: a plain scan of the bytes
     const char* m = row->mask;
     while (lo < hi && !m[lo]) ++lo;
@@ -556,7 +556,7 @@ float row_scores_scalar(const AttentionCall& c, const AttentionRow& row, float* 
     for (int64_t t = 0; t < 16; ++t) {
       float lane[16] = {0};
       if (j0 + t < row.hi) {
-        const float* k = c.k == nullptr ? nullptr : row.k + (j0 + t) * c.ks[2];
+        const float* k = row.k + (j0 + t) * c.ks[2];
         for (int64_t d0 = 0; d0 < c.d; d0 += 16) {
           for (int64_t l = 0; l < 16; ++l) {
             const bool in = d0 + l < c.d;
