@@ -53,6 +53,7 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from qcompile.core import ir
 from qcompile.kernels import cpu_kernels, ops, reference, rotation
 from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops.q4
 from qcompile.kernels.reference import epilogue
@@ -184,10 +185,6 @@ def use_triton_kernels(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def _fake(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _is_whole(node: fx.Node) -> bool:
     """A slice taking its whole axis (start 0, no end, step 1)."""
     start, end, step = (list(node.args[2:]) + [0, None, 1][len(node.args) - 2:])[:3]
@@ -210,7 +207,7 @@ def _repeated_heads_source(node: Any) -> fx.Node | None:
     if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target is aten.unsqueeze.default and unsqueeze.args[1] == 2):
         return None
     source = unsqueeze.args[0]
-    x, expanded, out = _fake(source), _fake(expand), _fake(node)
+    x, expanded, out = ir.fake_value(source), ir.fake_value(expand), ir.fake_value(node)
     if x is None or expanded is None or out is None or (x.dim(), expanded.dim(), out.dim()) != (4, 5, 4):
         return None
     groups = expanded.shape[2]
@@ -234,7 +231,7 @@ def _attention_on_cpu_kernel(node: fx.Node) -> dict | None:
     if normalized is None:
         return None
     a = normalized.kwargs
-    q, k, v, mask = (_fake(a.get(name)) for name in ("query", "key", "value", "attn_mask"))
+    q, k, v, mask = (ir.fake_value(a.get(name)) for name in ("query", "key", "value", "attn_mask"))
     if any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 for t in (q, k, v)):
         return None
     if a.get("attn_mask") is not None and (mask is None or mask.dtype not in (torch.bool, torch.float32)):
@@ -244,7 +241,7 @@ def _attention_on_cpu_kernel(node: fx.Node) -> dict | None:
         return None
     key, value = a["key"], a["value"]
     grouped = _repeated_heads_source(key), _repeated_heads_source(value)
-    if all(grouped) and _fake(grouped[0]).shape[1] == _fake(grouped[1]).shape[1]:
+    if all(grouped) and ir.fake_value(grouped[0]).shape[1] == ir.fake_value(grouped[1]).shape[1]:
         key, value = grouped  # not the 3 -> 9 head copies of every layer and step (SmolLM2)
     return {"query": a["query"], "key": key, "value": value, "attn_mask": a.get("attn_mask"),
             "is_causal": a.get("is_causal", False), "scale": a.get("scale"), "force_scalar": cpu_kernels.FORCE_SCALAR}

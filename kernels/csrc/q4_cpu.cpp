@@ -482,10 +482,6 @@ __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(bits));
 }
 
-__attribute__((target("avx512f"))) void exp16_avx512(float* x) {
-  _mm512_storeu_ps(x, exp_avx512(_mm512_loadu_ps(x)));
-}
-
 inline float tree16(const float* v) {
   float t8[8], t4[4], t2[2];
   for (int i = 0; i < 8; ++i) t8[i] = v[i] + v[i + 8];
@@ -520,6 +516,8 @@ struct AttentionRow {
   int64_t i, lo, hi;
 };
 
+inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
+
 // Whether key j is allowed for the row, and the float mask's value to add (0 without one).
 inline bool allowed(const AttentionCall& c, const AttentionRow& row, int64_t j, float* add) {
   *add = 0.0f;
@@ -528,7 +526,7 @@ inline bool allowed(const AttentionCall& c, const AttentionRow& row, int64_t j, 
   const char* e = row.mask + j * c.ms[3] * c.mask_elem;
   if (c.mask_is_bool) return *reinterpret_cast<const bool*>(e);
   *add = *reinterpret_cast<const float*>(e);
-  return *add != -std::numeric_limits<float>::infinity();
+  return *add != neg_inf();
 }
 
 // The row's allowed range: [first allowed key, last allowed key + 1), empty when none.
@@ -546,8 +544,6 @@ void find_range(const AttentionCall& c, AttentionRow* row) {
   }
   row->lo = lo, row->hi = hi;
 }
-
-inline float neg_inf() { return -std::numeric_limits<float>::infinity(); }
 
 // Scalar path. Scores of the row's chunks into buf (-inf where not allowed); returns their max.
 float row_scores_scalar(const AttentionCall& c, const AttentionRow& row, float* buf) {

@@ -229,6 +229,7 @@ def set_fake_value(node: fx.Node) -> Any:
     return node.meta["val"]
 
 
-def fake_value(node: fx.Node) -> Any:
-    """The example value (FakeTensor) torch recorded for a node, if any."""
-    return node.meta.get("val")
+def fake_value(arg: Any) -> Any:
+    """The example value (FakeTensor) torch recorded for a node, if any; None for anything that is
+    not a node (a constant argument, None)."""
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else None

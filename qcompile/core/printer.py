@@ -296,8 +296,8 @@ class _Printer:
         n = steps.numel() if steps is not None else (packed.shape[0] if packed is not None else "?")
         k = q.k
         if k is None:  # the fused op: K is the codes' last dimension
-            codes = ir.fake_value(q.input) if isinstance(q.input, fx.Node) else None
-            if codes is None and q.quant is not None and isinstance(q.quant.args[0], fx.Node):
+            codes = ir.fake_value(q.input)
+            if codes is None and q.quant is not None:
                 codes = ir.fake_value(q.quant.args[0])
             k = codes.shape[-1] if isinstance(codes, torch.Tensor) else "?"
         parts = [x_text, f"w[{n}, {k}]"]
