@@ -9,8 +9,11 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
                                             as q4_cpu's Walsh-Hadamard transform on CPU, the odd
                                             factor as multiply + sum)
     q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
+                                            (a 4-bit float format: `formats.round_to_format`, a few
+                                            compares more)
 
-    q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes),
+    q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes; a
+                                            4-bit float weight adds a 16-entry table lookup),
                                             the integer GEMM (`kernels.ops.int_matmul`), and the
                                             epilogue (`kernels.reference.epilogue`), which fuses
                                             with whatever reads the output (a residual add)
@@ -54,27 +57,31 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from qcompile.core import ir
-from qcompile.kernels import cpu_kernels, ops, reference, rotation
+from qcompile.kernels import cpu_kernels, formats, ops, reference, rotation
 from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops.q4
 from qcompile.kernels.reference import epilogue
 
 q4 = torch.ops.q4
 
 
-def quantize_per_tensor_decomposed(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """`q4::quantize_per_tensor` in ATen ops (same rounding: half to even)."""
-    qmax = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x.to(torch.float32) / step), -qmax - 1, qmax).to(torch.int8)
+def quantize_per_tensor_decomposed(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int") -> torch.Tensor:
+    """`q4::quantize_per_tensor` in ATen ops: the op's own rounding (`formats.round_to_format` is
+    elementwise ATen: half to even, a few compares for a 4-bit float's binades)."""
+    return formats.round_to_format(x.to(torch.float32) / step, format, bits).to(torch.int8)
 
 
-def unpack_int4_decomposed(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """`kernels.int4.unpack_int4` as one elementwise loop Inductor can generate: every byte is
+def unpack_decomposed(packed: torch.Tensor, k: int, fmt: str = "int") -> torch.Tensor:
+    """`kernels.formats.unpack` as one elementwise loop Inductor can generate: every byte is
     read twice (a broadcast), shifted left by 4 for its even k and 0 for its odd k, then right
-    by 4 (arithmetic, on int8: the sign extension)."""
+    by 4 (arithmetic, on int8: the sign extension, int4's value). A 4-bit float's value is then
+    looked up in its 16-entry table (an int8 constant) by the nibble, code & 15."""
     n, kp = packed.shape
     pairs = packed.view(torch.int8)[:, :, None].expand(n, kp, 2)
     left = 4 - 4 * torch.arange(2, dtype=torch.int8, device=packed.device)  # [4, 0]
     codes = torch.bitwise_right_shift(torch.bitwise_left_shift(pairs, left), 4).reshape(n, 2 * kp)
+    if fmt != formats.INT:
+        table = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8, device=packed.device)
+        codes = table[torch.bitwise_and(codes, 15).to(torch.int64)]
     return codes if 2 * kp == k else codes[:, :k]
 
 
@@ -82,7 +89,7 @@ GEMM_COLUMNS = 8192  # wider linears run in column blocks of this many outputs
 
 
 def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                           bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                           bias: torch.Tensor | None, out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
     """`q4::linear_w4a4` as unpack + integer GEMM + the one epilogue.
 
     A wide linear (a language-model head: N = 49152) runs in blocks of GEMM_COLUMNS outputs,
@@ -95,7 +102,7 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     blocks = []
     for start in range(0, n, GEMM_COLUMNS):
         rows = slice(start, start + GEMM_COLUMNS)
-        acc = int_matmul(x2, unpack_int4_decomposed(w_packed[rows], k))
+        acc = int_matmul(x2, unpack_decomposed(w_packed[rows], k, w_format))
         blocks.append(epilogue(acc, a_step, w_step[rows], bias[rows] if bias is not None else None, out_dtype,
                                in_place=False))
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
@@ -113,15 +120,16 @@ def static_rows(x: torch.Tensor) -> int | None:
 
 
 def linear_w4a4_decomposed_on_cpu(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
-                                  a_step: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> Any:
+                                  a_step: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                                  w_format: str = "int") -> Any:
     """The CPU decomposition: the q4_cpu kernel at decode, else the GEMM one; on other devices the
     op stays (its Triton kernel)."""
     if x_codes.device.type != "cpu":
         return NotImplemented
     if cpu_kernels.use_for(static_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4.default(x_codes, w_packed, w_step, a_step, bias, out_dtype,
-                                                    cpu_kernels.FORCE_SCALAR)
-    return linear_w4a4_decomposed(x_codes, w_packed, w_step, a_step, bias, out_dtype)
+                                                    cpu_kernels.FORCE_SCALAR, ops.nibble_table(w_format))
+    return linear_w4a4_decomposed(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format)
 
 
 def linear_w4a16_decomposed(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
@@ -129,7 +137,7 @@ def linear_w4a16_decomposed(x: torch.Tensor, w_packed: torch.Tensor, w_step: tor
     """`q4::linear_w4a16` as its unfused form: the weight dequantized in x's dtype (one loop
     Inductor generates from the packed bytes), then aten.linear (the same values as the op's
     own fallback, `kernels.ops.linear_w4a16_dequantized`)."""
-    codes = unpack_int4_decomposed(w_packed, x.shape[-1])
+    codes = unpack_decomposed(w_packed, x.shape[-1])
     w = (codes.to(torch.float32) * w_step[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias).to(out_dtype)
 
@@ -278,7 +286,7 @@ class SourceStamp(CustomGraphPass):
     without it an edited decomposition would replay code compiled from the old one (seen while
     benchmarking this module); the uuid is part of both keys."""
 
-    SOURCES = (__file__, rotation.__file__, cpu_kernels.__file__, ops.__file__, reference.__file__,
+    SOURCES = (__file__, rotation.__file__, cpu_kernels.__file__, ops.__file__, reference.__file__, formats.__file__,
                str(cpu_kernels.SOURCE))
 
     def __call__(self, graph: fx.Graph) -> None:

@@ -1,7 +1,7 @@
 """The q4 custom ops (torch.library) and their kernels: CPU integer, Triton, and plain-torch references.
 
     int4         the packed int4 weight format: pack_int4 / unpack_int4 / quantize_weight_per_channel
-    fp4          the FP4 (E2M1) format: quantize / decode / pack / unpack
+    formats      number formats of codes: int, and the 4-bit floats E2M1 / E3M0 / E1M2 (LLM-FP4)
     ops          torch.ops.q4.{quantize_per_tensor, dequantize_per_tensor, dequantize_weight_int4,
                  linear_w4a4, linear_w4a16, linear_w4a4_triton}: schemas, fake impls, CPU integer
                  kernels, the CUDA kernel of linear_w4a4 (Triton) (import it to register them)
@@ -9,7 +9,7 @@
                  built on first use (csrc/q4_cpu.cpp)
     checks       argument checks shared by the ops and the Triton launchers (KernelArgumentError)
     rotation     q4.rotate: Kronecker-factored Hadamard-like rotations, and their ATen decomposition
-    triton_gemm  Triton GEMMs over packed 4-bit weights: W4A4/W4A8, W4A16, FP4 (imported on first use)
+    triton_gemm  Triton GEMMs over packed 4-bit weights: W4A4/W4A8/FP4, W4A16 (imported on first use)
     triton_norm  Triton RMSNorm / LayerNorm fused with the static activation quantize
     reference    plain-torch twins of every op and kernel (an independent integer route)
 """

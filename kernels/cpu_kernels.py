@@ -7,9 +7,11 @@ CPU path unpacks the whole int4 weight to int8 every call (twice the bytes, writ
 again) before `torch._int_mm`; these kernels read the packed bytes once, straight into the dot
 products.
 
-    torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False)
+    torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False,
+                                 w_values=None)
         the same values as `q4::linear_w4a4`, bit for bit (int32 accumulation, then the epilogue of
-        reference.epilogue in the same float32 order)
+        reference.epilogue in the same float32 order); `w_values` is the weight format's nibble
+        table (formats.nibble_values: None is int4's), so FP4 weights run here too
     torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar=False)
         F.linear(x, dequantized weight) in float32 (up to summation order): sum_k x * code, then
         * w_step[n] + bias[n]
@@ -30,10 +32,11 @@ products.
 
 Layout and the VNNI trick (csrc/q4_cpu.cpp): the packed weight is uint8 [N, ceil(K/2)], the low
 nibble of byte j holds code k=2j, the high nibble k=2j+1 (int4.py). `vpdpbusd` multiplies
-unsigned bytes by signed ones: XOR 0x88 makes both nibbles code + 8 (0..15, unsigned); they are
-split with an and / a shift and multiplied against the activation codes de-interleaved once per
-call into even-k and odd-k int8 vectors (zero padded to 64 bytes); the dot product is the sum
-minus 8 * sum(x) of the row. A tile of 4 weight columns is unpacked once per K step for up to 4
+unsigned bytes by signed ones: the nibbles, split with an and / a shift, are looked up by a byte
+shuffle in the format's table shifted to be unsigned (value + offset, offset 8 for int4, 12 for
+E2M1, 64 for E3M0), and multiplied against the activation codes de-interleaved once per call
+into even-k and odd-k int8 vectors (zero padded to 64 bytes); the dot product is the sum minus
+offset * sum(x) of the row. A tile of 4 weight columns is unpacked once per K step for up to 4
 activation rows in registers, so the weight is read from memory once per call for any M. The
 W4A16 kernel sign-extends the nibbles to float32 and uses FMA.
 
@@ -133,7 +136,9 @@ def _check_cpu_linear(op: str, x, x_name: str, w_packed, w_step, bias, out_dtype
 
 def _register_fakes() -> None:
     @torch.library.register_fake("q4_cpu::linear_w4a4")
-    def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False):
+    def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False, w_values=None):
+        if w_values is not None and len(w_values) != 16:
+            fail("linear_w4a4", "w_values", "None or 16 ints (each nibble's value)", repr(w_values))
         if x_codes.dtype != torch.int8:
             fail("linear_w4a4", "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
         check_step("linear_w4a4", "a_step", a_step, (), check_values=False)

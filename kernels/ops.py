@@ -12,10 +12,10 @@ scalar triple loop (~100x slower). There, and on other devices, `int_matmul` mul
 codes in float32 instead: exact, hence bit-identical, while |acc| < 2**24 (int4 x int4: any
 K < 262144), the same bound under which the epilogue's float32(acc) is exact.
 
-    q4::quantize_per_tensor(x, step, bits)            -> int8 codes, same shape as x
+    q4::quantize_per_tensor(x, step, bits, format="int") -> int8 codes, same shape as x
     q4::dequantize_per_tensor(codes, step, dtype)     -> codes * step
-    q4::dequantize_weight_int4(w_packed, w_step, k, dtype) -> [N, k] codes * w_step[:, None]
-    q4::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype)
+    q4::dequantize_weight_int4(w_packed, w_step, k, dtype, format="int") -> [N, k] codes * w_step[:, None]
+    q4::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int")
                                                       -> (x_codes @ codes(w).T) * (a_step * w_step) + bias
     q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype)
                                                       -> F.linear(x, codes(w) * w_step[:, None], bias)
@@ -23,6 +23,11 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
 At decode (M <= cpu_kernels.SMALL_M rows; W4A16: SMALL_M_W4A16) the CPU kernels call the
 q4_cpu C++ ops instead (kernels/cpu_kernels.py), which read the packed weight directly: same
 values (linear_w4a4 bit for bit), no unpacked copy of the weight at all.
+
+Codes are integer values in a number format (`formats.py`): `int` (two's complement, the default)
+or a 4-bit float of LLM-FP4 (`e2m1`, `e3m0`, `e1m2`), whose values are small integers too, so
+the same integer kernels compute FP4 linears exactly: a 4-bit weight's nibble is decoded by its
+format's table (q4_cpu: a byte shuffle).
 
 Steps are float32 tensors (0-dim per tensor, [N] per output channel) so they live in the graph
 as constants. Every op checks its arguments and names the one that is wrong before computing.
@@ -34,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_kernels
+from . import cpu_kernels, formats
 from .checks import (
     KernelArgumentError,  # noqa: F401  (the error the ops raise, importable from here)
     check_bias,
@@ -69,7 +74,14 @@ def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # --- quantize_per_tensor ---------------------------------------------------------------------------
 
 
-def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, check_values: bool) -> None:
+def check_format(op: str, arg: str, fmt: str, bits: int = 4) -> None:
+    if fmt not in formats.FORMATS:
+        fail(op, arg, f"one of {', '.join(formats.FORMATS)}", repr(fmt))
+    if fmt != formats.INT and bits != 4:
+        fail(op, "bits", f"4 for the 4-bit float format {fmt!r}", repr(bits))
+
+
+def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, check_values: bool) -> None:
     op = "quantize_per_tensor"
     if not x.is_floating_point():
         fail(op, "x", "a floating-point tensor", describe(x))
@@ -77,25 +89,25 @@ def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, check_values
     check_device(op, x, step=step)
     if not 2 <= bits <= 8:
         fail(op, "bits", "an int in 2..8", repr(bits))
+    check_format(op, "format", fmt, bits)
 
 
 @torch.library.custom_op("q4::quantize_per_tensor", mutates_args=())
-def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """Static symmetric per-tensor quantize, int8 codes of x's shape:
+def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int") -> torch.Tensor:
+    """Static per-tensor quantize, int8 codes of x's shape: the value of the format nearest to
+    float32(x) / step (`formats.round_to_format`: ties to even, saturating). For `int`:
 
         codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1)
 
-    `round` is half-to-even; step is a 0-dim float32 tensor, finite and > 0; bits in 2..8.
+    step is a 0-dim float32 tensor, finite and > 0; bits in 2..8 (4 for a float format).
     """
-    _check_quantize(x, step, bits, check_values=True)
-    qmax = 2 ** (bits - 1) - 1
-    scaled = x.to(torch.float32) / step  # a new tensor: the in-place ops below never touch x
-    return scaled.round_().clamp_(-qmax - 1, qmax).to(torch.int8)
+    _check_quantize(x, step, bits, format, check_values=True)
+    return formats.round_to_format(x.to(torch.float32) / step, format, bits).to(torch.int8)
 
 
 @quantize_per_tensor.register_fake
-def _(x, step, bits):
-    _check_quantize(x, step, bits, check_values=False)
+def _(x, step, bits, format="int"):
+    _check_quantize(x, step, bits, format, check_values=False)
     return torch.empty_like(x, dtype=torch.int8)
 
 
@@ -127,35 +139,38 @@ def _(codes, step, dtype):
 # --- dequantize_weight_int4 ------------------------------------------------------------------------
 
 
-def _check_dequantize_weight(w_packed, w_step, k, dtype, check_values: bool) -> None:
+def _check_dequantize_weight(w_packed, w_step, k, dtype, fmt, check_values: bool) -> None:
     op = "dequantize_weight_int4"
     if k < 0:
         fail(op, "k", "an int >= 0 (the weight's K)", repr(k))
     check_packed(op, w_packed, w_step, k, "argument 'k'", check_values)
     check_float_dtype(op, "dtype", dtype)
+    check_format(op, "format", fmt)
 
 
 @torch.library.custom_op("q4::dequantize_weight_int4", mutates_args=())
-def dequantize_weight_int4(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The fake-quant form of a packed weight, [N, k] in `dtype`:
+def dequantize_weight_int4(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype,
+                           format: str = "int") -> torch.Tensor:
+    """The fake-quant form of a packed 4-bit weight, [N, k] in `dtype`:
 
-        w[n, j] = (float32(codes[n, j]) * w_step[n]).to(dtype),   codes = unpack_int4(w_packed, k)
+        w[n, j] = (float32(codes[n, j]) * w_step[n]).to(dtype),   codes = formats.unpack(w_packed, k, format)
     """
-    _check_dequantize_weight(w_packed, w_step, k, dtype, check_values=True)
-    return (unpack_int4(w_packed, k).to(torch.float32) * w_step[:, None]).to(dtype)
+    _check_dequantize_weight(w_packed, w_step, k, dtype, format, check_values=True)
+    return (formats.unpack(w_packed, k, format).to(torch.float32) * w_step[:, None]).to(dtype)
 
 
 @dequantize_weight_int4.register_fake
-def _(w_packed, w_step, k, dtype):
-    _check_dequantize_weight(w_packed, w_step, k, dtype, check_values=False)
+def _(w_packed, w_step, k, dtype, format="int"):
+    _check_dequantize_weight(w_packed, w_step, k, dtype, format, check_values=False)
     return w_packed.new_empty((w_packed.shape[0], k), dtype=dtype)
 
 
 # --- linear_w4a4 -----------------------------------------------------------------------------------
 
 
-def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values: bool) -> None:
+def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values: bool) -> None:
     op = "linear_w4a4"
+    check_format(op, "w_format", w_format)
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
         fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
     check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
@@ -169,29 +184,35 @@ def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_valu
 
 @torch.library.custom_op("q4::linear_w4a4", mutates_args=())
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
     """Integer linear on codes, [..., N] in out_dtype:
 
         acc[m, n] = sum_k x_codes[m, k] * codes(w)[n, k]              (exact, int32)
         y[m, n] = (float32(acc[m, n]) * (a_step * w_step[n]) + float32(bias[n])).to(out_dtype)
 
-    x_codes int8 [..., K] (int4 codes in [-8, 7]; any int8 is computed exactly); w_packed uint8
-    [N, ceil(K/2)] (see int4.pack_int4); w_step float32 [N] and a_step 0-dim float32, finite and
-    > 0; bias float [N] or None. Leading dims of x_codes are kept, M = prod(leading) may be 0 or 1.
+    x_codes int8 [..., K] (int4 codes in [-8, 7], FP4 values; any int8 is computed exactly);
+    w_packed uint8 [N, ceil(K/2)] of 4-bit codes in `w_format` (formats.pack); w_step float32 [N]
+    and a_step 0-dim float32, finite and > 0; bias float [N] or None. Leading dims of x_codes are
+    kept, M = prod(leading) may be 0 or 1.
     """
-    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=True)
+    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values=True)
     # decode: read the packed weight
     if x_codes.device.type == "cpu" and cpu_kernels.use_for(_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype,
-                                            cpu_kernels.FORCE_SCALAR)
+                                            cpu_kernels.FORCE_SCALAR, nibble_table(w_format))
     k = x_codes.shape[-1]
-    acc = int_matmul(x_codes.reshape(-1, k), unpack_int4(w_packed, k))
+    acc = int_matmul(x_codes.reshape(-1, k), formats.unpack(w_packed, k, w_format))
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 
+def nibble_table(fmt: str) -> Optional[list[int]]:
+    """The q4_cpu kernel's `w_values` for a weight format: None for int4 (its default), else the table."""
+    return None if fmt == formats.INT else list(formats.nibble_values(fmt))
+
+
 @linear_w4a4.register_fake
-def _linear_w4a4_fake(x_codes, w_packed, w_step, a_step, bias, out_dtype):
-    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, check_values=False)
+def _linear_w4a4_fake(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int"):
+    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values=False)
     return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
 
@@ -260,23 +281,23 @@ def _triton_gemm():
 
 
 @linear_w4a4.register_kernel("cuda")
-def _(x_codes, w_packed, w_step, a_step, bias, out_dtype):
+def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int"):
     # no per-call read of the steps' values: a GPU sync, and illegal under CUDA-graph capture
     # (mode="reduce-overhead"); the passes checked these constants when they made them
     return _triton_gemm().linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype,
-                                      check_values=False)
+                                      w_format, check_values=False)
 
 
 @torch.library.custom_op("q4::linear_w4a4_triton", mutates_args=())
 def linear_w4a4_triton(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                       bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                       bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
     """`q4::linear_w4a4` through the Triton kernel on any device (on CPU: Triton's interpreter).
     The lowering puts it in place of linear_w4a4 with the `kernels="triton"` option (Q4_KERNELS)."""
     gemm = _triton_gemm()
     if x_codes.device.type == "cpu" and not gemm.INTERPRET:
         raise RuntimeError("q4::linear_w4a4_triton: CPU tensors need Triton's interpreter, but the kernels were "
                            "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
-    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype)
+    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype, w_format)
 
 
 linear_w4a4_triton.register_fake(_linear_w4a4_fake)  # the same op, another kernel

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import formats
 from .int4 import quantize_weight_per_channel
 
 
@@ -41,8 +42,21 @@ def unpack_int4_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
     return signed.reshape(packed.shape[0], 2 * packed.shape[1])[:, :k].to(torch.int8)
 
 
-def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1) as int8 (round half to even)."""
+def unpack_ref(packed: torch.Tensor, k: int, fmt: str = "int") -> torch.Tensor:
+    """uint8 [N, ceil(k/2)] -> int8 values [N, k] of 4-bit codes in `fmt`: int4 by unpack_int4_ref;
+    a float nibble is sign (bit 3) and an index into the format's magnitudes (bits 0-2)."""
+    if fmt == formats.INT:
+        return unpack_int4_ref(packed, k)
+    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])[:, :k]
+    magnitude = torch.tensor(formats.FLOAT_FORMATS[fmt].magnitudes, dtype=torch.int16)[(nibbles & 7).long()]
+    return torch.where(nibbles >= 8, -magnitude, magnitude).to(torch.int8)
+
+
+def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str = "int") -> torch.Tensor:
+    """codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1) as int8 (round half to even);
+    for a 4-bit float format, the nearest value of the format (`formats.round_to_format`, the definition)."""
+    if fmt != formats.INT:
+        return formats.round_to_format(x.to(torch.float32) / step, fmt, bits).to(torch.int8)
     qmax = 2 ** (bits - 1) - 1
     return torch.clamp(torch.round(x.to(torch.float32) / step), -qmax - 1, qmax).to(torch.int8)
 
@@ -52,17 +66,18 @@ def dequantize_per_tensor_ref(codes: torch.Tensor, step: torch.Tensor, dtype: to
     return (codes.to(torch.float32) * step).to(dtype)
 
 
-def dequantize_weight_int4_ref(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight_int4_ref(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype,
+                               fmt: str = "int") -> torch.Tensor:
     """w[n, k] = (float32(codes[n, k]) * w_step[n]).to(dtype)."""
-    return (unpack_int4_ref(w_packed, k).to(torch.float32) * w_step[:, None]).to(dtype)
+    return (unpack_ref(w_packed, k, fmt).to(torch.float32) * w_step[:, None]).to(dtype)
 
 
 def linear_w4a4_ref(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
     """y = epilogue(x_codes @ codes(w).T) with an exact int64 matmul; leading dims of x kept."""
     k = x_codes.shape[-1]
     x2 = x_codes.reshape(-1, k).to(torch.int64)
-    w = unpack_int4_ref(w_packed, k).to(torch.int64)
+    w = unpack_ref(w_packed, k, w_format).to(torch.int64)
     acc = (x2 @ w.t()).to(torch.int32)
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w.shape[0])
 
@@ -90,21 +105,6 @@ def linear_w4a16_ref(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
     if bias is not None:
         out = out + bias.double()
     return out.to(out_dtype or x.dtype).reshape(*x.shape[:-1], w_packed.shape[0])
-
-
-def linear_fp4_ref(x_packed: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
-                   bias: torch.Tensor | None, out_dtype: torch.dtype, k: int) -> torch.Tensor:
-    """FP4 linear: twice every E2M1 value is an integer, so the sum is exact in int64; then
-    y = float32(acc) * (a_scale * w_scale * 0.25) + float32(bias) (the kernel's epilogue order)."""
-    from .fp4 import decode_fp4, unpack_fp4
-
-    x2 = (decode_fp4(unpack_fp4(x_packed.reshape(-1, x_packed.shape[-1]), k)) * 2).to(torch.int64)
-    w2 = (decode_fp4(unpack_fp4(w_packed, k)) * 2).to(torch.int64)
-    acc = (x2 @ w2.t()).to(torch.float32)
-    out = acc * (a_scale * w_scale * 0.25)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype).reshape(*x_packed.shape[:-1], w_packed.shape[0])
 
 
 def rms_norm_quantize_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, a_step: torch.Tensor,

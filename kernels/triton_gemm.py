@@ -1,24 +1,22 @@
-"""Triton GEMMs over packed 4-bit weights: W4A4 / W4A8 (int8 codes), W4A16 (float), FP4 (E2M1).
+"""Triton GEMMs over packed 4-bit weights: W4A4 / W4A8 / FP4 (int8 codes), W4A16 (float).
 
 Every kernel reads its weight as it is stored (two 4-bit codes a byte along K, see `int4.py` and
-`fp4.py`), splits each byte into its two nibbles in registers, and multiplies the even and the
-odd k of the activation with them in two `tl.dot`s a K block:
+`formats.py`), splits each byte into its two nibbles in registers, and multiplies the even and
+the odd k of the activation with them in two `tl.dot`s a K block:
 
     acc[m, n] = sum_j x[m, 2j] * lo(w[n, j]) + x[m, 2j + 1] * hi(w[n, j])
 
 then applies one epilogue per output element. An odd K needs no padding: the missing x[m, K]
 loads as 0 and the weight's padding nibble is 0.
 
-    linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype)   int8 x int4 -> int32 acc
-        y = float32(acc) * (a_step * w_step[n]) + float32(bias[n])    (= `reference.epilogue`)
-        The codes may be any int8: 8-bit activations (W4A8) run through the same kernel.
+    linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int")
+        int8 x 4-bit -> int32 acc;  y = float32(acc) * (a_step * w_step[n]) + float32(bias[n])
+        (= `reference.epilogue`). The codes may be any int8: 8-bit activations (W4A8) and the
+        integer values of LLM-FP4's 4-bit floats (`formats.py`: E2M1 +-12, E3M0 +-64, E1M2 +-7)
+        run through the same kernel, whose weight nibbles are decoded by `w_format`: FP4 x FP4
+        is an exact int8 product (on Hopper int8 and FP8 tensor cores have the same rate).
     linear_w4a16(x, w_packed, w_step, bias, out_dtype)                float x int4 -> fp32 acc
         y = acc * w_step[n] + float32(bias[n])
-    linear_fp4(x_packed, w_packed, w_scale, a_scale, bias, out_dtype)  E2M1 x E2M1
-        On GPUs with FP8 (compute capability >= 8.9) the E2M1 values become float8 E4M3 (each is
-        exact there) for an fp32-accumulating FP8 dot: y = acc * (a_scale * w_scale[n]) + bias[n].
-        Elsewhere twice each value is an integer in [-12, 12], multiplied as int8 with int32
-        accumulation (exact): y = float32(acc) * (a_scale * w_scale[n] * 0.25) + float32(bias[n]).
 
 The epilogues round like the plain-torch twins in `reference.py`, one float32 operation at a time:
 kernels are launched with `enable_fp_fusion=False` so that a GPU does not contract the multiply
@@ -41,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import formats
 from .checks import (
     check_bias,
     check_contiguous,
@@ -79,20 +78,20 @@ def _int4_nibbles(b):
 
 
 @triton.jit
-def _e2m1_twice(nibble):
-    """2 * value of an E2M1 code as int8: sign bit 3, magnitude index i = bits 0-2 with values
-    [0, .5, 1, 1.5, 2, 3, 4, 6]; twice that is i for i < 2, else (2 + (i & 1)) << (i // 2 - 1)."""
-    i = (nibble & 7).to(tl.int8)
-    shift = tl.maximum((i >> 1) - 1, 0)
-    twice = tl.where(i < 2, i, (2 + (i & 1)) << shift)
-    return tl.where((nibble & 8) != 0, -twice, twice).to(tl.int8)
+def _float_nibbles(b, MANTISSA: tl.constexpr):
+    """Values of a 4-bit float's nibbles (`formats.FloatFormat`, m = MANTISSA bits) of uint8 bytes
+    as int8: sign bit 3, magnitude index i = bits 0-2; the magnitude is i below 2**m (the
+    subnormals), else (2**m + (i mod 2**m)) << (i // 2**m - 1)."""
+    lo, hi = b & 15, b >> 4
+    return _float_value(lo, MANTISSA), _float_value(hi, MANTISSA)
 
 
 @triton.jit
-def _load_x_bytes(ptr, rows, j, n_rows, kp):
-    """Bytes x[rows, j] of packed activations [n_rows, kp], 0 outside them."""
-    return tl.load(ptr + rows[:, None].to(tl.int64) * kp + j[None, :],
-                   mask=(rows[:, None] < n_rows) & (j[None, :] < kp), other=0)
+def _float_value(nibble, MANTISSA: tl.constexpr):
+    i = (nibble & 7).to(tl.int8)
+    shift = tl.maximum((i >> MANTISSA) - 1, 0)
+    magnitude = tl.where(i < (1 << MANTISSA), i, ((1 << MANTISSA) + (i & ((1 << MANTISSA) - 1))) << shift)
+    return tl.where((nibble & 8) != 0, -magnitude, magnitude).to(tl.int8)
 
 
 @triton.jit
@@ -139,9 +138,10 @@ def _finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_
 
 @triton.jit
 def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, K,
-                 HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, W_MANTISSA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x int8 [M, K] (any int8 codes), w packed int4 [N, ceil(K/2)]:
+    """x int8 [M, K] (any int8 codes), w packed 4-bit [N, ceil(K/2)]: int4 (W_MANTISSA < 0) or a
+    4-bit float with W_MANTISSA mantissa bits:
 
         acc[m, n] = sum_k x[m, k] * w[n, k]                                  (int32, exact)
         out[m, n] = float32(acc) * (a_step * w_step[n]) + float32(bias[n])   (float32, then cast)
@@ -153,7 +153,11 @@ def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         j = k0 * (BLOCK_K // 2) + rj
-        w_lo, w_hi = _int4_nibbles(_load_weight_t(w_ptr, rn, j, N, kp))
+        w_bytes = _load_weight_t(w_ptr, rn, j, N, kp)
+        if W_MANTISSA < 0:
+            w_lo, w_hi = _int4_nibbles(w_bytes)
+        else:
+            w_lo, w_hi = _float_nibbles(w_bytes, W_MANTISSA)
         x_even, x_odd = _load_even_odd(x_ptr, rm, j, M, K)
         acc += tl.dot(x_even, w_lo, out_dtype=tl.int32)
         acc += tl.dot(x_odd, w_hi, out_dtype=tl.int32)
@@ -187,55 +191,16 @@ def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K,
     _finish(acc * w_step[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
 
 
-@triton.jit
-def _fp4_kernel(x_ptr, w_ptr, w_scale_ptr, a_scale_ptr, bias_ptr, out_ptr, M, N, KP,
-                HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x packed E2M1 [M, KP], w packed E2M1 [N, KP] (KP = ceil(K/2) bytes, `fp4.py`):
-
-    FP8_DOT:  acc[m, n] = sum_k x[m, k] * w[n, k]  with the values as float8 E4M3, fp32 accumulation
-              out[m, n] = acc * (a_scale * w_scale[n]) + float32(bias[n])
-    else:     acc[m, n] = sum_k (2 x[m, k]) * (2 w[n, k])  as int8, int32 accumulation (exact)
-              out[m, n] = float32(acc) * (a_scale * w_scale[n] * 0.25) + float32(bias[n])
-    """
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, BLOCK_K // 2)
-    if FP8_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(KP, BLOCK_K // 2)):
-        j = k0 * (BLOCK_K // 2) + rj
-        x_bytes = _load_x_bytes(x_ptr, rm, j, M, KP)
-        w_bytes = _load_weight_t(w_ptr, rn, j, N, KP)
-        x_even, x_odd = _e2m1_twice(x_bytes & 15), _e2m1_twice(x_bytes >> 4)
-        w_lo, w_hi = _e2m1_twice(w_bytes & 15), _e2m1_twice(w_bytes >> 4)
-        if FP8_DOT:  # (2v) / 2 is an E2M1 value again, exact in E4M3
-            acc += tl.dot((x_even.to(tl.float32) * 0.5).to(tl.float8e4nv),
-                          (w_lo.to(tl.float32) * 0.5).to(tl.float8e4nv), out_dtype=tl.float32)
-            acc += tl.dot((x_odd.to(tl.float32) * 0.5).to(tl.float8e4nv),
-                          (w_hi.to(tl.float32) * 0.5).to(tl.float8e4nv), out_dtype=tl.float32)
-        else:
-            acc += tl.dot(x_even, w_lo, out_dtype=tl.int32)
-            acc += tl.dot(x_odd, w_hi, out_dtype=tl.int32)
-    scale = tl.load(a_scale_ptr) * tl.load(w_scale_ptr + rn, mask=rn < N, other=1.0)
-    if not FP8_DOT:
-        scale = scale * 0.25  # the int32 sum is 4x the real one; a power of two scales exactly
-    _finish(acc.to(tl.float32) * scale[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
-
-
 def _interpreter_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """In the interpreter, one config and no tuning: each tile costs milliseconds of numpy work,
     so a model's layers (N * K >= 2**16) take the large tile (SmolLM2's head: 576 tiles, not 13,824)."""
-    n, k = named_args["N"], named_args.get("K", named_args.get("KP"))
+    n, k = named_args["N"], named_args["K"]
     return [configs[1] if n * k >= 2**16 else configs[0]]
 
 
 _PRUNE = {"early_config_prune": _interpreter_tile} if INTERPRET else None
 _w4a4 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_w4a4_kernel)
 _w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_w4a16_kernel)
-_fp4 = triton.autotune(configs=_configs(), key=["M", "N", "KP"], prune_configs_by=_PRUNE)(_fp4_kernel)
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -264,8 +229,10 @@ def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
 
 
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype, *, check_values: bool = True) -> torch.Tensor:
-    """`q4::linear_w4a4` in Triton: int8 codes [..., K] x packed int4 [N, ceil(K/2)] -> [..., N] in out_dtype.
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int", *,
+                check_values: bool = True) -> torch.Tensor:
+    """`q4::linear_w4a4` in Triton: int8 codes [..., K] x packed 4-bit [N, ceil(K/2)] in `w_format`
+    (formats.py) -> [..., N] in out_dtype.
 
     y = float32(x_codes @ codes(w).T) * (a_step * w_step) + float32(bias), bit-exact with
     `reference.linear_w4a4_ref`. w_step float32 [N], a_step 0-dim float32 (finite, > 0).
@@ -282,7 +249,10 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
     check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, bias=bias)
     check_float_dtype(op, "out_dtype", out_dtype)
-    out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k)
+    if w_format not in formats.FORMATS:
+        fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
+    mantissa = -1 if w_format == formats.INT else formats.FLOAT_FORMATS[w_format].mantissa_bits
+    out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k, W_MANTISSA=mantissa)
     return out.reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 
@@ -305,35 +275,4 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
     return out.reshape(*x.shape[:-1], w_packed.shape[0])
 
 
-def fp8_dot_available(device: torch.device) -> bool:
-    """Whether the FP4 GEMM multiplies in float8 E4M3 on this device (CUDA compute capability >= 8.9)."""
-    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def linear_fp4(x_packed: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
-               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """FP4 (E2M1) linear: x_packed uint8 [..., ceil(K/2)] and w_packed uint8 [N, ceil(K/2)] (`fp4.pack_fp4`),
-    w_scale float32 [N], a_scale 0-dim float32 -> [..., N]: y = (x @ w.T) * a_scale * w_scale + bias.
-
-    K itself is not needed: an odd K's padding nibble is +0 and adds nothing.
-    """
-    op = "linear_fp4 (triton)"
-    if x_packed.dtype != torch.uint8 or x_packed.dim() < 1:
-        fail(op, "x_packed", "a uint8 tensor [..., ceil(K/2)] of packed E2M1 codes (see fp4.pack_fp4)",
-              describe(x_packed))
-    kp = x_packed.shape[-1]
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or w_packed.shape[1] != kp:
-        fail(op, "w_packed", f"a uint8 tensor [N, {kp}] of packed E2M1 codes (as many bytes a row as x_packed)",
-              describe(w_packed))
-    check_step(op, "w_scale", w_scale, (w_packed.shape[0],), check_values=True)
-    check_step(op, "a_scale", a_scale, (), check_values=True)
-    check_bias(op, bias, w_packed.shape[0])
-    check_device(op, x_packed, w_packed=w_packed, w_scale=w_scale, a_scale=a_scale, bias=bias)
-    check_contiguous(op, x_packed=x_packed, w_packed=w_packed, w_scale=w_scale, bias=bias)
-    check_float_dtype(op, "out_dtype", out_dtype)
-    out = _launch(_fp4, _rows(x_packed), w_packed, w_scale, a_scale, bias, out_dtype, kp,
-                  FP8_DOT=fp8_dot_available(x_packed.device))
-    return out.reshape(*x_packed.shape[:-1], w_packed.shape[0])
-
-
-__all__ = ["linear_w4a4", "linear_w4a16", "linear_fp4", "fp8_dot_available", "INTERPRET"]
+__all__ = ["linear_w4a4", "linear_w4a16", "INTERPRET"]

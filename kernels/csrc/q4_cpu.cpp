@@ -1,6 +1,6 @@
 // q4_cpu: CPU decode kernels that read packed int4 weights directly (see kernels/cpu_kernels.py).
 //
-//   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar)
+//   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar, w_values)
 //   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar)
 //   q4_cpu::hadamard(x, n, force_scalar)
 //   q4_cpu::attention(query, key, value, attn_mask, is_causal, scale, force_scalar)
@@ -8,10 +8,14 @@
 // Packed layout: uint8 [N, Kp = ceil(K/2)], byte j of row n holds code k=2j in its low nibble
 // and k=2j+1 in its high nibble, 4-bit two's complement.
 //
-// W4A4 (AVX512-VNNI): `vpdpbusd` multiplies unsigned bytes by signed bytes. XOR with 0x88 turns
-// both nibbles of a byte into code + 8 in 0..15 (unsigned), so
-//     sum_k (w + 8) * x = sum_k w * x + 8 * sum_k x
-// and the exact dot product is the vpdpbusd sum minus 8 * sum(x) of the activation row. The
+// A nibble's value comes from a 16-entry table (`w_values`, kernels/formats.py): int4 two's
+// complement by default, or a 4-bit float's integer values (E2M1 +-12, E3M0 +-64, E1M2 +-7).
+//
+// W4A4 (AVX512-VNNI): `vpdpbusd` multiplies unsigned bytes by signed bytes. A byte shuffle
+// (`vpshufb`) looks each nibble up in the table shifted to be unsigned, value + offset with
+// offset = -min(values) (8 for int4), so
+//     sum_k (w + offset) * x = sum_k w * x + offset * sum_k x
+// and the exact dot product is the vpdpbusd sum minus offset * sum(x) of the activation row. The
 // activation codes are split once per call into even-k and odd-k int8 vectors (zero padded to
 // a multiple of 64 bytes), matching the low and high nibbles of 64 weight bytes. A tile of
 // NB weight columns is unpacked once per K step and used for MB activation rows held in
@@ -99,8 +103,31 @@ struct Epilogue {
 
 // ---- W4A4 --------------------------------------------------------------------------------------
 
+// The weight's nibble table: values (signed) and, for vpdpbusd, values + offset (unsigned).
+struct NibbleTable {
+  int8_t value[16];
+  uint8_t shifted[16];
+  int32_t offset;
+};
+
+NibbleTable nibble_table(const c10::optional<c10::ArrayRef<int64_t>>& values) {
+  NibbleTable t{};
+  for (int i = 0; i < 16; ++i) {
+    const int64_t v = values.has_value() ? (*values)[i] : (i < 8 ? i : i - 16);  // int4 two's complement
+    TORCH_CHECK(v >= -128 && v <= 127, "q4_cpu::linear_w4a4: argument 'w_values' must hold int8 values, got ", v);
+    t.value[i] = static_cast<int8_t>(v);
+  }
+  const int8_t lo = *std::min_element(t.value, t.value + 16);
+  t.offset = -std::min<int32_t>(lo, 0);
+  for (int i = 0; i < 16; ++i) {
+    TORCH_CHECK(t.value[i] + t.offset <= 255, "q4_cpu::linear_w4a4: argument 'w_values' must span at most 255");
+    t.shifted[i] = static_cast<uint8_t>(t.value[i] + t.offset);
+  }
+  return t;
+}
+
 void w4a4_scalar(const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad,
-                 int64_t n0, int64_t n1, const Epilogue& ep) {
+                 int64_t n0, int64_t n1, const NibbleTable& table, const Epilogue& ep) {
   (void)xsum;
   for (int64_t c = n0; c < n1; ++c) {
     const uint8_t* row = w + c * kp;
@@ -109,9 +136,8 @@ void w4a4_scalar(const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_
       const int8_t* odd = even + kpad;
       int32_t acc = 0;
       for (int64_t j = 0; j < kp; ++j) {
-        const int8_t b = static_cast<int8_t>(row[j]);
-        const int32_t lo = static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4;  // sign-extend low nibble
-        const int32_t hi = b >> 4;                                                   // arithmetic shift
+        const int32_t lo = table.value[row[j] & 15];
+        const int32_t hi = table.value[row[j] >> 4];
         acc += lo * even[j] + hi * odd[j];
       }
       ep.store(r, c, static_cast<float>(acc));
@@ -127,22 +153,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline int32_t h
 template <int MB, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_vnni(
     const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_t kp, int64_t kpad, int64_t r0, int64_t c0,
-    const Epilogue& ep) {
+    const NibbleTable& table, const Epilogue& ep) {
   __m512i acc[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88));
+  // the table in each 128-bit lane: vpshufb looks up within lanes
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table.shifted)));
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t off = 0; off < kp; off += kChunk) {
-    // the last step of a row reads only its own bytes; the masked-off bytes become nibbles of 8,
+    // the last step of a row reads only its own bytes; the masked-off bytes become nibbles of 0,
     // which meet the zero padding of the activation
     const __mmask64 mask = kp - off >= kChunk ? ~__mmask64(0) : (__mmask64(1) << (kp - off)) - 1;
     __m512i lo[NB], hi[NB];
     for (int j = 0; j < NB; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (c0 + j) * kp + off + kPrefetch), _MM_HINT_T0);
-      const __m512i b = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (c0 + j) * kp + off), flip);
-      lo[j] = _mm512_and_si512(b, low4);
-      hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+      const __m512i b = _mm512_maskz_loadu_epi8(mask, w + (c0 + j) * kp + off);
+      lo[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, low4));
+      hi[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
     }
     for (int i = 0; i < MB; ++i) {
       const int8_t* even = xs + (r0 + i) * 2 * kpad + off;
@@ -156,28 +183,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_v
   }
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j)
-      ep.store(r0 + i, c0 + j, static_cast<float>(hsum_epi32(acc[i][j]) - 8 * xsum[r0 + i]));
+      ep.store(r0 + i, c0 + j, static_cast<float>(hsum_epi32(acc[i][j]) - table.offset * xsum[r0 + i]));
 }
 
 template <int NB>
 void w4a4_rows_vnni(const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad,
-                    int64_t c0, const Epilogue& ep) {
+                    int64_t c0, const NibbleTable& table, const Epilogue& ep) {
   // rows in groups of 4: 4 x NB accumulators + 2 x NB unpacked weights + 2 activations fit the 32 zmm
   int64_t r = 0;
-  for (; r + 4 <= m; r += 4) w4a4_tile_vnni<4, NB>(xs, xsum, w, kp, kpad, r, c0, ep);
+  for (; r + 4 <= m; r += 4) w4a4_tile_vnni<4, NB>(xs, xsum, w, kp, kpad, r, c0, table, ep);
   switch (m - r) {
-    case 3: w4a4_tile_vnni<3, NB>(xs, xsum, w, kp, kpad, r, c0, ep); break;
-    case 2: w4a4_tile_vnni<2, NB>(xs, xsum, w, kp, kpad, r, c0, ep); break;
-    case 1: w4a4_tile_vnni<1, NB>(xs, xsum, w, kp, kpad, r, c0, ep); break;
+    case 3: w4a4_tile_vnni<3, NB>(xs, xsum, w, kp, kpad, r, c0, table, ep); break;
+    case 2: w4a4_tile_vnni<2, NB>(xs, xsum, w, kp, kpad, r, c0, table, ep); break;
+    case 1: w4a4_tile_vnni<1, NB>(xs, xsum, w, kp, kpad, r, c0, table, ep); break;
     default: break;
   }
 }
 
 void w4a4_vnni(const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad,
-               int64_t n0, int64_t n1, const Epilogue& ep) {
+               int64_t n0, int64_t n1, const NibbleTable& table, const Epilogue& ep) {
   int64_t c = n0;
-  for (; c + 4 <= n1; c += 4) w4a4_rows_vnni<4>(xs, xsum, w, m, kp, kpad, c, ep);
-  for (; c < n1; ++c) w4a4_rows_vnni<1>(xs, xsum, w, m, kp, kpad, c, ep);
+  for (; c + 4 <= n1; c += 4) w4a4_rows_vnni<4>(xs, xsum, w, m, kp, kpad, c, table, ep);
+  for (; c < n1; ++c) w4a4_rows_vnni<1>(xs, xsum, w, m, kp, kpad, c, table, ep);
 }
 
 // ---- W4A16 -------------------------------------------------------------------------------------
@@ -289,8 +316,12 @@ void over_columns(int64_t n, int64_t kp, F&& body) {
 
 at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, const at::Tensor& w_step,
                        const at::Tensor& a_step, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                       bool force_scalar) {
+                       bool force_scalar, c10::optional<c10::ArrayRef<int64_t>> w_values) {
   check_common("linear_w4a4", x_codes, w_packed, w_step, bias, out_dtype);
+  TORCH_CHECK(!w_values.has_value() || w_values->size() == 16,
+              "q4_cpu::linear_w4a4: argument 'w_values' must be None or 16 ints (each nibble's value), got ",
+              w_values->size());
+  const NibbleTable table = nibble_table(w_values);
   TORCH_CHECK(x_codes.scalar_type() == at::kChar, "q4_cpu::linear_w4a4: argument 'x_codes' must be an int8 tensor "
               "[..., K] of activation codes, got ", x_codes.scalar_type());
   TORCH_CHECK(a_step.scalar_type() == at::kFloat && a_step.dim() == 0,
@@ -320,8 +351,8 @@ at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, co
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const bool vnni = has_vnni() && !force_scalar;
   over_columns(n, kp, [&](int64_t n0, int64_t n1) {
-    if (vnni) w4a4_vnni(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, ep);
-    else w4a4_scalar(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, ep);
+    if (vnni) w4a4_vnni(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, ep);
+    else w4a4_scalar(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, ep);
   });
   return finish(out32, x_codes, n, out_dtype);
 }
@@ -884,7 +915,7 @@ std::string isa() { return has_vnni() ? "avx512vnni" : "scalar"; }
 
 TORCH_LIBRARY(q4_cpu, m) {
   m.def("linear_w4a4(Tensor x_codes, Tensor w_packed, Tensor w_step, Tensor a_step, Tensor? bias, "
-        "ScalarType out_dtype, bool force_scalar=False) -> Tensor");
+        "ScalarType out_dtype, bool force_scalar=False, int[]? w_values=None) -> Tensor");
   m.def("linear_w4a16(Tensor x, Tensor w_packed, Tensor w_step, Tensor? bias, ScalarType out_dtype, "
         "bool force_scalar=False) -> Tensor");
   m.def("hadamard(Tensor x, int n, bool force_scalar=False) -> Tensor");

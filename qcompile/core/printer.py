@@ -42,6 +42,8 @@ How to read it:
       W4A4 fake-quant       aten.linear(q4.dequantize_per_tensor(q4.quantize_per_tensor(x)),
                             q4.dequantize_weight_int4(...)) as insert-quantizers leaves it
       W4A16                 aten.linear(x, q4.dequantize_weight_int4(...)): weight-only
+      FP4 e2m1/e3m0 int     either form with a 4-bit float (LLM-FP4) on either side: the formats of
+                            the weight / the activation codes (`int8`: 8-bit integer activations)
 
   `{w_step min .. med .. max .., a_step ..}` summarizes the weight's per-output-channel steps
   (the median is the lower middle one) and the activation's per-tensor step. The nodes that
@@ -50,7 +52,6 @@ How to read it:
   linears read it (q/k/v share one): the line then names the float activation the quantize
   reads, `%x`, and its bits are in the format. A quantize that anything else reads keeps its
   line, and the linears name it (`%quantize_per_tensor_default: i8[...]`) as their input.
-  FP4 (E2M1) has no op in the IR yet, so no form of it is recognized (see `qlinear`).
 - Float linears (`aten.linear` with a float weight constant) print as ordinary nodes, with
   why insert-quantizers left them in float (`q4_float_reason`) in their comment.
 - Numbers (steps, float arguments) have 3 significant digits, so the text is stable across
@@ -77,6 +78,7 @@ import torch
 from torch import fx
 
 from qcompile.core import ir, qlinear
+from qcompile.kernels import formats
 
 __all__ = ["format_graph"]
 
@@ -178,11 +180,17 @@ def _is_linear_module(node: fx.Node) -> bool:
 
 
 def _format(q: qlinear.QLinear) -> str:
-    """`W4A4 int`, `W4A8 fake-quant`, `W4A16`; `W4A? int` when the codes' bits are unknown."""
+    """`W4A4 int`, `W4A8 fake-quant`, `W4A16`; `W4A? int` when the codes' bits are unknown; with a
+    4-bit float on either side, the formats of weight / activation: `FP4 e2m1/e3m0 int`."""
     if q.form == qlinear.WEIGHT_ONLY:
         return "W4A16"
     bits = q.a_bits if q.a_bits is not None else "?"
-    return f"W4A{bits} {'int' if q.fused else 'fake-quant'}"
+    kind = "int" if q.fused else "fake-quant"
+    if q.w_format == formats.INT and q.a_format in (formats.INT, None):
+        return f"W4A{bits} {kind}"
+    a_format = f"int{bits}" if q.a_format == formats.INT else q.a_format or "?"
+    w_format = "int4" if q.w_format == formats.INT else q.w_format
+    return f"FP4 {w_format}/{a_format} {kind}"
 
 
 # --- the printer ---------------------------------------------------------------------------------

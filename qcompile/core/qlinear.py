@@ -13,14 +13,15 @@ new quantized form is added here once. The forms (`QLinear.form`):
     fused        q4.linear_w4a4(x_codes, packed, w_step, a_step, b, dtype), or its Triton twin
                  q4.linear_w4a4_triton: the integer kernel, on int4 or int8 codes (W4A4 / W4A8)
 
-FP4 (E2M1, LLM-FP4) has Triton kernels (`kernels/triton_gemm.linear_fp4`) but no op in the IR yet;
-when one lands it becomes a form here (a new `form` value and a branch of `match`), and every user
-of this module sees it.
+Codes have a number format (`kernels/formats.py`): `int`, or one of LLM-FP4's 4-bit floats
+(`e2m1`, `e3m0`, `e1m2`), given by the ops' optional format arguments (absent: int). An FP4 linear
+has the same forms and ops as an integer one; `q.w_format` and `q.a_format` say which it is.
 
     q = match(node)
     if q is not None and q.quantized:
         q.x, q.a_bits, q.bias          # the float activation entering the quantizer, its bits
         q.packed, q.w_step             # the weight's nodes
+    q.w_format, q.a_format         # "int", "e2m1", ... (a_format None when activations are float)
 
 Also here: `constant_weight` (a float linear reading a constant 2-D float weight: what the
 passes rewrite) and `CASTS` (ops that only change the dtype of their first argument).
@@ -36,6 +37,7 @@ from torch import fx
 
 from qcompile.core import ir
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
+from qcompile.kernels.formats import INT
 
 __all__ = ["QLinear", "match", "constant_weight", "is_linear", "CASTS",
            "FLOAT", "FAKE_QUANT", "WEIGHT_ONLY", "FUSED", "FUSED_OPS", "WEIGHT_ONLY_OPS"]
@@ -71,6 +73,8 @@ class QLinear:
     packed, w_step, a_step, k   the quantized weight's nodes, the activation step, the input width
              K where the IR states it (None where it does not: the fused op, float)
     bias     the bias argument, read one way for every form (None: no bias)
+    w_format, a_format   number formats of the weight and activation codes (`kernels.formats`);
+             None where there are none (a float weight; float activations or unknown codes)
     """
 
     node: fx.Node
@@ -87,6 +91,8 @@ class QLinear:
     a_step: Any = None
     k: Any = None
     bias: Any = None
+    w_format: str | None = None
+    a_format: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -107,11 +113,11 @@ def _arg(node: fx.Node, index: int, name: str) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
-def _codes(codes: Any) -> tuple[Any, int | None, fx.Node | None]:
-    """(float activation, bits, quantize node) behind activation codes."""
+def _codes(codes: Any) -> tuple[Any, int | None, fx.Node | None, str | None]:
+    """(float activation, bits, quantize node, format) behind activation codes."""
     if _is(codes, q4.quantize_per_tensor.default):
-        return codes.args[0], codes.args[2], codes
-    return codes, None, None
+        return codes.args[0], codes.args[2], codes, _arg(codes, 3, "format") or INT
+    return codes, None, None, None
 
 
 def match(node: Any) -> QLinear | None:
@@ -120,24 +126,28 @@ def match(node: Any) -> QLinear | None:
         return None
     if node.target in FUSED_OPS:
         codes, packed, w_step, a_step = node.args[:4]
-        x, bits, quant = _codes(codes)
+        x, bits, quant, a_format = _codes(codes)
         return QLinear(node, FUSED, codes, x, bits, quant, packed=packed, w_step=w_step, a_step=a_step,
-                       bias=_arg(node, 4, "bias"))
+                       bias=_arg(node, 4, "bias"), w_format=_arg(node, 6, "w_format") or INT, a_format=a_format)
     if node.target in WEIGHT_ONLY_OPS:
         x, packed, w_step = node.args[:3]
-        return QLinear(node, WEIGHT_ONLY, x, x, packed=packed, w_step=w_step, bias=_arg(node, 3, "bias"))
+        return QLinear(node, WEIGHT_ONLY, x, x, packed=packed, w_step=w_step, bias=_arg(node, 3, "bias"),
+                       w_format=INT)
     if node.target is not aten.linear.default:
         return None
     x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
     if not _is(weight, q4.dequantize_weight_int4.default):
         return QLinear(node, FLOAT, x, x, weight=weight, bias=bias)
     packed, w_step, k = weight.args[:3]
+    w_format = _arg(weight, 4, "format") or INT
     if _is(x, q4.dequantize_per_tensor.default):
         codes, a_step = x.args[0], x.args[1]
-        source, bits, quant = _codes(codes)
+        source, bits, quant, a_format = _codes(codes)
         return QLinear(node, FAKE_QUANT, x, source if quant is not None else x, bits, quant, x_dq=x, w_dq=weight,
-                       packed=packed, w_step=w_step, a_step=a_step, k=k, bias=bias)
-    return QLinear(node, WEIGHT_ONLY, x, x, w_dq=weight, packed=packed, w_step=w_step, k=k, bias=bias)
+                       packed=packed, w_step=w_step, a_step=a_step, k=k, bias=bias, w_format=w_format,
+                       a_format=a_format)
+    return QLinear(node, WEIGHT_ONLY, x, x, w_dq=weight, packed=packed, w_step=w_step, k=k, bias=bias,
+                   w_format=w_format)
 
 
 def is_linear(node: Any) -> bool:

@@ -64,7 +64,7 @@ def test_linear_decomposition_compiled_by_inductor_is_the_op_bit_exactly(m, k, n
     w_step, a_step = torch.rand(n, generator=g) + 0.01, torch.tensor(0.07)
     b = torch.randn(n, generator=g) if bias else None
     expected = q4.linear_w4a4(x, packed, w_step, a_step, b, torch.float32)
-    assert torch.equal(lowering.unpack_int4_decomposed(packed, k), int4.unpack_int4(packed, k))
+    assert torch.equal(lowering.unpack_decomposed(packed, k), int4.unpack_int4(packed, k))
     # the op in a graph, lowered the way the backend lowers its final graph
     gm = make_fx(lambda *args: q4.linear_w4a4(*args, torch.float32))(x, packed, w_step, a_step, b)
     compiled = lowering.lower(gm, [x, packed, w_step, a_step, b], "inductor", "auto", mode=None)

@@ -11,7 +11,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.backends import lowering
-from qcompile.kernels import cpu_kernels, int4, reference, rotation
+from qcompile.kernels import cpu_kernels, formats, int4, ops, reference, rotation
 from qcompile.kernels.ops import KernelArgumentError
 
 q4 = torch.ops.q4
@@ -65,6 +65,37 @@ def test_linear_w4a4_extreme_codes_over_a_long_k_are_exact():
                                            force_scalar)
         expected = torch.tensor([1024.0 * k, -1016.0 * k, 1024.0 * k])[:, None].expand(3, 5)
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("fmt", list(formats.FLOAT_FORMATS))
+@pytest.mark.parametrize("k", [1, 7, 65, 576])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_linear_w4a4_with_a_float_weight_format_equals_reference_bit_exactly(m, k, fmt, force_scalar):
+    """LLM-FP4's 4-bit float weights: the nibble table (`w_values`) decodes them, any int8 codes
+    (the FP4 activations' values, up to E3M0's +-64, or 8-bit integers) multiply them exactly."""
+    g = torch.Generator().manual_seed(m * k)
+    table = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8)
+    for n in N_VALUES:
+        values = table[torch.randint(0, 16, (n, k), generator=g)]
+        packed, w_step = formats.pack(values, fmt), torch.rand(n, generator=g) + 0.01
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        a_step, b = torch.tensor(0.037), torch.randn(n, generator=g)
+        for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            got = torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, a_step, b, out_dtype, force_scalar,
+                                               ops.nibble_table(fmt))
+            assert torch.equal(got, reference.linear_w4a4_ref(x, packed, w_step, a_step, b, out_dtype, fmt)), (n, out_dtype)
+
+
+def test_linear_w4a4_e3m0_extremes_over_a_long_k_are_exact():
+    k = 11008
+    x = torch.full((2, k), 64, dtype=torch.int8)
+    x[1] = -128
+    packed = formats.pack(torch.full((3, k), -64, dtype=torch.int8), "e3m0")
+    for force_scalar in PATHS:
+        got = torch.ops.q4_cpu.linear_w4a4(x, packed, torch.ones(3), torch.tensor(1.0), None, torch.float32,
+                                           force_scalar, ops.nibble_table("e3m0"))
+        assert torch.equal(got, torch.tensor([-4096.0 * k, 8192.0 * k])[:, None].expand(2, 3))
 
 
 @pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
@@ -148,6 +179,25 @@ def test_inductor_lowering_at_decode_calls_the_kernel_and_equals_the_eager_op(sh
     assert "q4_cpu.linear_w4a16" in lowered16.code
     compiled16 = lowering.lower(gm16, [xf, packed, w_step, b], "inductor", "auto", mode=None)
     assert torch.equal(compiled16(xf, packed, w_step, b), q4.linear_w4a16(xf, packed, w_step, b, torch.float32))
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # decode (the kernel) and, with SMALL_M lowered, the GEMM decomposition
+@pytest.mark.parametrize("fmt", list(formats.FLOAT_FORMATS))
+def test_inductor_lowering_of_a_float_format_linear_equals_the_eager_op(fmt, rows, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "SMALL_M", 2)
+    g = torch.Generator().manual_seed(rows)
+    values, w_step = formats.quantize_weight_per_channel(torch.randn(37, 130, generator=g), fmt)
+    packed, x = formats.pack(values, fmt), torch.randn(rows, 130, generator=g)
+    a_step, b = torch.tensor(0.11), torch.randn(37, generator=g)
+
+    def linear(x, packed, w_step, a_step, b):
+        return q4.linear_w4a4(q4.quantize_per_tensor(x, a_step, 4, fmt), packed, w_step, a_step, b, torch.float32, fmt)
+
+    gm = make_fx(linear)(x, packed, w_step, a_step, b)
+    lowered = make_fx(gm, decomposition_table=lowering.DECOMPOSITIONS)(x, packed, w_step, a_step, b)
+    assert ("q4_cpu.linear_w4a4" in lowered.code) == (rows <= 2)
+    compiled = lowering.lower(gm, [x, packed, w_step, a_step, b], "inductor", "auto", mode=None)
+    assert torch.equal(compiled(x, packed, w_step, a_step, b), linear(x, packed, w_step, a_step, b))
 
 
 def test_inductor_lowering_above_the_threshold_keeps_the_gemm_decomposition(monkeypatch):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qcompile.kernels import int4, ops, reference
+from qcompile.kernels import formats, int4, ops, reference
 from qcompile.kernels.ops import KernelArgumentError
 
 q4 = torch.ops.q4
@@ -156,6 +156,33 @@ def test_opcheck():
     torch.library.opcheck(q4.quantize_per_tensor.default, (torch.randn(4, 12), a_step, 4))
     torch.library.opcheck(q4.dequantize_per_tensor.default, (x_codes, a_step, torch.float16))
     torch.library.opcheck(q4.dequantize_weight_int4.default, (packed, w_step, 12, torch.float32))
+    # the 4-bit float formats (LLM-FP4): the same ops with their format arguments
+    e2m1 = formats.pack(formats.round_to_format(torch.randn(7, 12) * 4, "e2m1").to(torch.int8), "e2m1")
+    torch.library.opcheck(q4.linear_w4a4.default, (x_codes, e2m1, w_step, a_step, b, torch.float32, "e2m1"))
+    torch.library.opcheck(q4.quantize_per_tensor.default, (torch.randn(4, 12), a_step, 4, "e3m0"))
+    torch.library.opcheck(q4.dequantize_weight_int4.default, (e2m1, w_step, 12, torch.float32, "e2m1"))
+
+
+@pytest.mark.parametrize("fmt", list(formats.FLOAT_FORMATS))
+@pytest.mark.parametrize("m_shape", [(1,), (5,), (70,), (2, 3)])  # 70: above q4_cpu's SMALL_M, the GEMM path
+def test_float_format_ops_equal_the_references_bit_exactly(fmt, m_shape):
+    g = torch.Generator().manual_seed(len(m_shape) * 100 + m_shape[0])
+    x, w, b = torch.randn(*m_shape, 65, generator=g), torch.randn(9, 65, generator=g), torch.randn(9, generator=g)
+    a_step = x.abs().max() / formats.max_value(fmt)
+    values, w_step = formats.quantize_weight_per_channel(w, fmt)
+    packed = formats.pack(values, fmt)
+    codes = q4.quantize_per_tensor(x, a_step, 4, fmt)
+    assert torch.equal(codes, reference.quantize_per_tensor_ref(x, a_step, 4, fmt))
+    assert set(codes.unique().tolist()) <= set(formats.nibble_values(fmt))
+    w_dq = q4.dequantize_weight_int4(packed, w_step, 65, torch.float32, fmt)
+    assert torch.equal(w_dq, reference.dequantize_weight_int4_ref(packed, w_step, 65, torch.float32, fmt))
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = q4.linear_w4a4(codes, packed, w_step, a_step, b, out_dtype, fmt)
+        assert torch.equal(got, reference.linear_w4a4_ref(codes, packed, w_step, a_step, b, out_dtype, fmt))
+    # and it is the fake-quant linear: codes * a_step times the dequantized weight
+    fake = torch.nn.functional.linear(q4.dequantize_per_tensor(codes, a_step, torch.float32), w_dq, b)
+    torch.testing.assert_close(q4.linear_w4a4(codes, packed, w_step, a_step, b, torch.float32, fmt), fake,
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_fake_implementations_give_shapes_and_dtypes():
@@ -217,6 +244,10 @@ def test_bad_linear_arguments_name_the_argument():
     assert "'bias'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b.int(), f32)
     assert "'out_dtype'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b, torch.int32)
     assert "'x_codes'" in bad(q4.linear_w4a4, torch.tensor(3, dtype=torch.int8), packed, w_step, a_step, b, f32)
+    assert "'w_format'" in bad(q4.linear_w4a4, x_codes, packed, w_step, a_step, b, f32, "fp4")
+    assert "'format'" in bad(q4.quantize_per_tensor, torch.randn(3), a_step, 4, "e2m2")
+    assert "'bits'" in bad(q4.quantize_per_tensor, torch.randn(3), a_step, 8, "e2m1")
+    assert "'format'" in bad(q4.dequantize_weight_int4, packed, w_step, 16, f32, "E2M1")
 
 
 def test_linear_with_odd_k_accepts_its_padded_packing_only():

@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: it decides at kernel definition
 
-from qcompile.kernels import fp4, int4, reference, triton_gemm, triton_norm  # noqa: E402
+from qcompile.kernels import formats, int4, reference, triton_gemm, triton_norm  # noqa: E402
 from qcompile.kernels.ops import KernelArgumentError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,14 +42,16 @@ def w4_args(m_shape, n, k, bias, seed=0):
     return x, int4.pack_int4(codes), w_step, torch.tensor(0.0173), b
 
 
-def fp4_args(m_shape, n, k, bias, seed=3):
-    """x and w quantized to E2M1 (per tensor / per row) and packed, their scales, bias; and x, w."""
+def fp4_args(m_shape, n, k, bias, fmt, seed=3):
+    """x and w quantized to a 4-bit float format (per tensor / per row): x's int8 values, the packed
+    weight, w_step, a_step, bias; and x, w."""
     g = gen(seed)
     x, w = torch.randn(*m_shape, k, generator=g), torch.randn(n, k, generator=g)
-    x_codes, a_scale = fp4.quantize_fp4(x)
-    w_codes, w_scale = fp4.quantize_fp4(w, per_row=True)
+    a_step = torch.tensor(2.5 / formats.max_value(fmt))  # clips the rare |x| > 2.5
+    x_codes = formats.round_to_format(x / a_step, fmt).to(torch.int8)
+    w_codes, w_step = formats.quantize_weight_per_channel(w, fmt)
     b = torch.randn(n, generator=g) if bias else None
-    return (fp4.pack_fp4(x_codes), fp4.pack_fp4(w_codes), w_scale, a_scale, b), (x, w)
+    return (x_codes, formats.pack(w_codes, fmt), w_step, a_step, b), (x, w)
 
 
 # --- W4A4 / W4A8 ---------------------------------------------------------------------------------
@@ -78,8 +80,8 @@ def test_w4a4_accumulates_extreme_codes_exactly():
 @pytest.mark.parametrize("kernel", ["w4a4", "w4a16", "fp4"])
 def test_empty_batch_returns_empty(kernel):
     if kernel == "fp4":
-        (x, packed, w_step, a_step, b), _ = fp4_args((0,), 8, 16, True)
-        got = triton_gemm.linear_fp4(*to_device(x, packed, w_step, a_step, b), torch.float32)
+        (x, packed, w_step, a_step, b), _ = fp4_args((0,), 8, 16, True, "e2m1")
+        got = triton_gemm.linear_w4a4(*to_device(x, packed, w_step, a_step, b), torch.float32, "e2m1")
     else:
         x, packed, w_step, a_step, b = w4_args((0,), 8, 16, True)
         if kernel == "w4a4":
@@ -123,69 +125,45 @@ def test_w4a16_out_dtype(out_dtype):
     torch.testing.assert_close(got.cpu(), expected, rtol=1.6e-2, atol=1e-2 * expected.abs().max().item())
 
 
-# --- FP4 -----------------------------------------------------------------------------------------
+# --- FP4 (LLM-FP4's 4-bit floats through the same kernel) -------------------------------------------
 
 
-def fp4_reference(args, out_dtype):
-    x_packed, w_packed, w_scale, a_scale, b = args
-    return reference.linear_fp4_ref(x_packed, w_packed, w_scale, a_scale, b, out_dtype, 2 * x_packed.shape[-1])
+FLOAT_FORMATS = list(formats.FLOAT_FORMATS)
 
 
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
 @pytest.mark.parametrize("m_shape", M_SHAPES)
 @pytest.mark.parametrize("n,k", NK)
-@pytest.mark.parametrize("bias", [False, True])
+def test_fp4_is_bit_exact_with_the_reference(fmt, m_shape, n, k):
+    args, _ = fp4_args(m_shape, n, k, True, fmt)
+    got = triton_gemm.linear_w4a4(*to_device(*args), torch.float32, fmt).cpu()
+    assert got.shape == (*m_shape, n)
+    assert torch.equal(got, reference.linear_w4a4_ref(*args, torch.float32, fmt))
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
 @pytest.mark.parametrize("out_dtype", DTYPES)
-def test_fp4_matches_the_reference(m_shape, n, k, bias, out_dtype):
-    args, _ = fp4_args(m_shape, n, k, bias)
-    got = triton_gemm.linear_fp4(*to_device(*args), out_dtype).cpu()
-    expected = fp4_reference(args, out_dtype)
-    assert got.shape == (*m_shape, n) and got.dtype == out_dtype
-    if triton_gemm.fp8_dot_available(torch.device(DEVICE)):  # FP8 tensor cores: float accumulation
-        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2 * expected.abs().max().item())
-    else:  # the integer path is exact
-        assert torch.equal(got, expected)
+def test_fp4_is_bit_exact_in_every_output_dtype(fmt, out_dtype):
+    args, _ = fp4_args((2, 3), 100, 257, True, fmt)
+    got = triton_gemm.linear_w4a4(*to_device(*args), out_dtype, fmt).cpu()
+    assert got.dtype == out_dtype
+    assert torch.equal(got, reference.linear_w4a4_ref(*args, out_dtype, fmt))
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="forces the FP8 branch through the interpreter")
-@pytest.mark.parametrize("m_shape,n,k", [((1,), 5, 7), ((2, 3), 100, 257)])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_fp4_fp8_branch_in_the_interpreter(m_shape, n, k, out_dtype, monkeypatch):
-    # The interpreter computes float8 dots in float32, exactly for these sums of quarter-integers,
-    # so the GPU branch's E2M1 -> E4M3 conversion can be checked here, bit for bit.
-    monkeypatch.setattr(triton_gemm, "fp8_dot_available", lambda device: True)
-    args, _ = fp4_args(m_shape, n, k, True)
-    got = triton_gemm.linear_fp4(*args, out_dtype)
-    assert torch.equal(got, fp4_reference(args, out_dtype))
+def test_fp4_extreme_values_accumulate_exactly():
+    # E3M0's largest values: every product is 64 * (-64), acc = -257 * 4096 per element
+    x = torch.full((3, 257), 64, dtype=torch.int8)
+    packed = formats.pack(torch.full((5, 257), -64, dtype=torch.int8), "e3m0")
+    got = triton_gemm.linear_w4a4(*to_device(x, packed, torch.ones(5), torch.tensor(1.0), None), torch.float32, "e3m0")
+    assert torch.equal(got.cpu(), torch.full((3, 5), -257.0 * 4096))
 
 
-def test_fp4_approximates_the_float_product():
-    args, (x, w) = fp4_args((37,), 64, 128, True)
-    got = triton_gemm.linear_fp4(*to_device(*args), torch.float32).cpu()
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+def test_fp4_approximates_the_float_product(fmt):
+    args, (x, w) = fp4_args((37,), 64, 128, True, fmt)
+    got = triton_gemm.linear_w4a4(*to_device(*args), torch.float32, fmt).cpu()
     cos = torch.nn.functional.cosine_similarity(got.flatten(), (x @ w.t() + args[4]).flatten(), dim=0)
     assert cos > 0.95
-
-
-def test_fp4_format_round_trip_ties_to_even_and_saturation():
-    grid = torch.tensor(fp4.E2M1)
-    values = torch.cat([grid, -grid[1:]])
-    codes, _ = fp4.quantize_fp4(values, torch.tensor(1.0))
-    assert torch.equal(fp4.decode_fp4(codes), values)  # representable values are exact
-    assert torch.equal(fp4.unpack_fp4(fp4.pack_fp4(codes), codes.numel()), codes)
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -5.0])
-    near = torch.tensor([0.26, 0.3, 2.4, 5.1, 7.0, -100.0])
-    codes, _ = fp4.quantize_fp4(torch.cat([ties, near]), torch.tensor(1.0))
-    assert fp4.decode_fp4(codes).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, -4.0,
-                                              0.5, 0.5, 2.0, 6.0, 6.0, -6.0]
-
-
-def test_fp4_scales_are_absmax_over_6():
-    w = torch.tensor([[1.0, -12.0, 3.0], [0.0, 0.0, 0.0], [0.6, 0.3, -0.2]])
-    codes, scale = fp4.quantize_fp4(w, per_row=True)
-    assert scale.tolist() == pytest.approx([2.0, 1.0, 0.1])
-    assert fp4.decode_fp4(codes[0]).tolist() == [0.5, -6.0, 1.5]
-    assert fp4.decode_fp4(codes[2]).tolist() == [6.0, 3.0, -2.0]
-    _, per_tensor = fp4.quantize_fp4(w)
-    assert per_tensor.dim() == 0 and per_tensor.item() == 2.0
 
 
 # --- normalization + quantize --------------------------------------------------------------------
@@ -262,7 +240,7 @@ class _NoLaunch:
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    for module, name in [(triton_gemm, "_w4a4"), (triton_gemm, "_w4a16"), (triton_gemm, "_fp4"),
+    for module, name in [(triton_gemm, "_w4a4"), (triton_gemm, "_w4a16"),
                          (triton_norm, "_norm_quantize_kernel")]:
         monkeypatch.setattr(module, name, _NoLaunch())
 
@@ -271,10 +249,8 @@ def _bad_calls():
     x, packed, w_step, a_step, b = to_device(*w4_args((3,), 16, 128, True))
     x64 = x[:, :64].contiguous()
     packed64 = packed[:, :32].contiguous()
-    (fx, fw, w_scale, a_scale, _), _ = fp4_args((3,), 16, 128, False)
-    fx, fw, w_scale, a_scale = to_device(fx, fw, w_scale, a_scale)
     xf = x.float()
-    w4a4, w4a16, fp4_gemm = triton_gemm.linear_w4a4, triton_gemm.linear_w4a16, triton_gemm.linear_fp4
+    w4a4, w4a16 = triton_gemm.linear_w4a4, triton_gemm.linear_w4a16
     rms, ln = triton_norm.rms_norm_quantize, triton_norm.layer_norm_quantize
     nan, inf, f32 = float("nan"), float("inf"), torch.float32
     with_value = lambda t, i, v: t.clone().index_fill_(0, torch.tensor([i], device=t.device), v)  # noqa: E731
@@ -306,13 +282,7 @@ def _bad_calls():
         ("w4a16 packed width", lambda: w4a16(xf, packed64, w_step, b), "w_packed"),
         ("w4a16 w_step nan", lambda: w4a16(xf, packed, with_value(w_step, 2, nan), b), "w_step"),
         ("w4a16 out_dtype", lambda: w4a16(xf, packed, w_step, b, torch.float64), "out_dtype"),
-        ("fp4 int8 x", lambda: fp4_gemm(fx.view(torch.int8), fw, w_scale, a_scale, None, f32), "x_packed"),
-        ("fp4 non-contiguous x", lambda: fp4_gemm(fx[:, ::2], fw[:, :32].contiguous(), w_scale, a_scale, None, f32),
-         "x_packed"),
-        ("fp4 packed width", lambda: fp4_gemm(fx, fw[:, :63].contiguous(), w_scale, a_scale, None, f32), "w_packed"),
-        ("fp4 w_scale zero", lambda: fp4_gemm(fx, fw, with_value(w_scale, 1, 0.0), a_scale, None, f32), "w_scale"),
-        ("fp4 a_scale inf", lambda: fp4_gemm(fx, fw, w_scale, a_scale * inf, None, f32), "a_scale"),
-        ("fp4 a_scale nan", lambda: fp4_gemm(fx, fw, w_scale, a_scale * nan, None, f32), "a_scale"),
+        ("w4a4 w_format", lambda: w4a4(x, packed, w_step, a_step, b, f32, "e2m2"), "w_format"),
         ("rms non-contiguous x", lambda: rms(xf[:, ::2], None, 1e-5, a_step, 4), "'x'"),
         ("rms int8 x", lambda: rms(x, None, 1e-5, a_step, 4), "'x'"),
         ("rms bits", lambda: rms(xf, None, 1e-5, a_step, 9), "bits"),
