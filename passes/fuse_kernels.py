@@ -17,7 +17,12 @@ After:
     linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32)
 
 The kernel multiplies any int8 activation codes exactly, so W4A8 linears (8-bit codes) fuse
-the same way.
+the same way, and so do FP4 linears (LLM-FP4's 4-bit floats are small integers, see
+kernels/formats.py): the weight's format becomes the kernel's `w_format` argument, the
+activation's stays on its quantize:
+
+    x_q = q4.quantize_per_tensor(x, a_step, 4, "e3m0")
+    linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32, "e2m1")
 
 Weight-only linears (float activations, `insert-quantizers{a-bits=16}`) fuse into the
 weight-only kernel, which reads the packed weight (on CPU at decode: directly, no dequantized
@@ -30,8 +35,9 @@ Before:
 After:
     linear = q4.linear_w4a16(x, w_packed, w_step, b, f32)
 
-A fake-quantized linear whose codes do not come from a q4.quantize_per_tensor is left as it is
-and counted in `linears-not-fused`.
+A fake-quantized linear whose codes do not come from a q4.quantize_per_tensor, and a weight-only
+linear with a 4-bit float weight (the weight-only kernel reads int4), are left as they are and
+counted in `linears-not-fused`.
 
 Declared invariant, checked from this pass on: `fake-quant-linears-are-fused` (no fake-quantized
 linear whose codes come from a q4.quantize_per_tensor is left; insert-quantizers, which makes
@@ -45,6 +51,7 @@ from torch import fx
 
 from qcompile.core import ir, qlinear
 from qcompile.core.pass_api import PassResult, QPass, register_pass
+from qcompile.kernels import formats
 
 q4 = torch.ops.q4
 
@@ -74,6 +81,9 @@ class FuseKernels(QPass):
             q = qlinear.match(node)
             if q is None or q.form not in (qlinear.FAKE_QUANT, qlinear.WEIGHT_ONLY) or q.w_dq is None:
                 continue  # not a quantized linear, or already the fused weight-only op
+            if q.form == qlinear.WEIGHT_ONLY and q.w_format != formats.INT:  # the weight-only kernel reads int4
+                self.count("linears-not-fused")
+                continue
             if q.form == qlinear.WEIGHT_ONLY:
                 dtype = q.w_dq.args[3]  # the weight's dtype, which aten.linear gives its output
                 target, args, sources = q4.linear_w4a16.default, (q.x, q.packed, q.w_step, q.bias, dtype), [node, q.w_dq]
@@ -82,7 +92,9 @@ class FuseKernels(QPass):
                 continue
             else:
                 dtype = q.x_dq.args[2]
-                target, args = q4.linear_w4a4.default, (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype)
+                format_arg = () if q.w_format == formats.INT else (q.w_format,)
+                target = q4.linear_w4a4.default
+                args = (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype, *format_arg)
                 sources = [node, q.x_dq, q.w_dq]
             with graph.inserting_before(node):
                 fused = graph.call_function(target, args)

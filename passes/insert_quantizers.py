@@ -32,7 +32,16 @@ Each linear a run takes (rounding or not) records what was done in `q4_quantized
 `ir.QuantizedBy`:
 
     QuantizedBy(w_bits=4, a_bits=4, rounded=True, weights="gptq", act_clip=0.9,
-                run="insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,...}")
+                run="insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,...}", w_format="int", a_format="int")
+
+Number formats (`kernels/formats.py`): codes are integers by default; `w-format` / `a-format`
+pick one of LLM-FP4's 4-bit floats (e2m1, e3m0, e1m2), or `search` for the one with the least
+layer-output error on the calibration samples, per linear, alternating weight and activation as
+LLM-FP4 does (the activation's clipping ratio, its "exponent bias", is searched with it). FP4
+codes are small integers too, so the same fused integer kernel runs them:
+
+    x_q = q4.quantize_per_tensor(x, a_step, 4, "e3m0")          # int8 values in +-{0, 1, 2, 4, ..., 64}
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32, "e2m1")
 
 The pass may run more than once with different bit widths: `only` (a module-path regex) limits
 one run to the linears it matches, and a run leaves linears an earlier run took alone, so
@@ -51,10 +60,10 @@ from qcompile.algorithms import gptq
 from qcompile.algorithms import scale_search as search
 from qcompile.core import ir, qlinear
 from qcompile.core.memo import memoized, replaying
-from qcompile.core.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.pass_api import PassResult, PipelineError, QPass, option, register_pass
 from qcompile.core.pipeline import PassSpec
 from qcompile.core.select import LinearFilter
-from qcompile.kernels import int4
+from qcompile.kernels import formats
 
 q4 = torch.ops.q4
 FLOAT_ACTIVATIONS = 16  # a-bits=16: weight-only quantization, the linear reads x as it is
@@ -80,15 +89,31 @@ class InsertQuantizersOptions:
     rounding: bool = option(True, help="false: insert nothing, so the graph stays the float function the earlier passes left (the exactness check)")
     weights: str = option("rtn", choices=("rtn", "gptq"),
                           help="how weights are rounded: rtn (to nearest) or gptq (errors compensated through the input's Gram matrix)")
+    w_format: str = option("int", choices=(*formats.FORMATS, "search"),
+                           help="number format of the weight codes: int, a 4-bit float (LLM-FP4), or search: per linear, "
+                                "the float format with the least output error on calibration samples")
+    a_format: str = option("int", choices=(*formats.FORMATS, "search"),
+                           help="number format of the activation codes, as w-format (a float format needs a-bits=4)")
+
+    def __post_init__(self) -> None:
+        for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
+            if fmt != formats.INT and bits != 4:
+                raise PipelineError(f"insert-quantizers: {side}-format={fmt} is a 4-bit float format: it needs "
+                                    f"{side}-bits=4, got {side}-bits={bits}")
+
+    def candidates(self, side: str) -> tuple[str, ...]:
+        """The formats a linear's weight ("w") or activation ("a") may take."""
+        fmt = self.w_format if side == "w" else self.a_format
+        return tuple(formats.FLOAT_FORMATS) if fmt == "search" else (fmt,)
 
 
-def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    """Per-tensor symmetric step clip * max(absmax) / qmax; an all-zero activation gets step 1."""
-    qmax = 2 ** (bits - 1) - 1
+def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0, fmt: str = formats.INT) -> torch.Tensor:
+    """Per-tensor symmetric step clip * max(absmax) / max_value (qmax for int); an all-zero
+    activation gets step 1."""
     peak = absmax.max().float() * clip
     if not torch.isfinite(peak):
         raise ValueError(f"calibration absmax is not finite ({peak.item()})")
-    return (peak / qmax) if peak > 0 else torch.tensor(1.0)
+    return (peak / formats.max_value(fmt, bits)) if peak > 0 else torch.tensor(1.0)
 
 
 @register_pass
@@ -97,7 +122,7 @@ class InsertQuantizers(QPass):
     summary = "Quantize linear weights per output channel and their inputs per tensor (static)."
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
-                  "weights-gptq", "linears-not-rounded")
+                  "weights-gptq", "linears-not-rounded", "formats-searched")
     after = {
         "migrate-scales": "it rewrites float weight constants, which insert-quantizers replaces with packed codes",
         "fold-scales": "it folds scales into float weight constants, which insert-quantizers replaces with packed codes",
@@ -148,34 +173,38 @@ class InsertQuantizers(QPass):
             dtype = ir.fake_value(x).dtype
             k = weight.shape[1]
             stem = w_node.meta.get(ir.FQN, w_node.target)
+            w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
 
             # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
             method = "rtn"
             if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-                def run_gptq(weight=weight, gram=stats.gram):
-                    codes, w_step = gptq.quantize_gptq(weight, gram, opts.w_bits)
-                    return int4.pack_int4(codes), w_step
+                def run_gptq(weight=weight, gram=stats.gram, fmt=w_format):
+                    codes, w_step = gptq.quantize_gptq(weight, gram, opts.w_bits, fmt)
+                    return formats.pack(codes, fmt), w_step
 
-                packed, w_step = memoized(gm, "gptq", stem, (weight, opts.w_bits), run_gptq)
+                key = (weight, opts.w_bits) if w_format == formats.INT else (weight, opts.w_bits, w_format)
+                packed, w_step = memoized(gm, "gptq", stem, key, run_gptq)
                 self.count("weights-gptq")
                 method = "gptq"
             else:
-                codes, w_step = int4.quantize_weight_per_channel(weight, opts.w_bits)
-                packed = int4.pack_int4(codes)
+                codes, w_step = formats.quantize_weight_per_channel(weight, w_format, opts.w_bits)
+                packed = formats.pack(codes, w_format)
+            format_arg = () if w_format == formats.INT else (w_format,)
             with graph.inserting_before(node):
                 if opts.a_bits == FLOAT_ACTIVATIONS:
                     x_in, clip = x, None
                 else:
-                    x_in, clip = self._fake_quant_activation(gm, node, weight, stats, dtype, stem, quantizers)
+                    x_in = self._fake_quant_activation(gm, node, stats, dtype, stem, a_format, clip, quantizers)
                 packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
                 w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
                 w_dq = graph.call_function(
-                    q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype)
+                    q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype, *format_arg)
                 )
                 new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, q.bias))
             for created in (packed_node, w_step_node, w_dq, new):
                 ir.mark_created(created, self.name, [node])
-            new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run)
+            new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run,
+                                                    w_format, a_format if clip is not None else formats.INT)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             if not w_node.users:
@@ -187,27 +216,55 @@ class InsertQuantizers(QPass):
             gm.recompile()
         return PassResult(gm, modified)
 
-    def _fake_quant_activation(self, gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, stats,
-                               dtype: torch.dtype, stem: str, quantizers: dict) -> tuple[fx.Node, float]:
-        """dequantize(quantize(x)) of the linear's input, sharing the quantize node between the
-        linears that read the same activation with the same step; and the clipping ratio used."""
-        opts, graph, x = self.options, gm.graph, node.args[0]
+    def _choose_formats(self, gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, stats,
+                        stem: str) -> tuple[str, str, float]:
+        """(weight format, activation format, activation clipping ratio) of one linear: the
+        options' formats, the clip an earlier pass chose (`q4_act_clip` meta) or 1; searched on
+        the calibration samples where the options say `search` (formats) or `search-clip=true`."""
+        opts = self.options
+        w_formats, a_formats = opts.candidates("w"), opts.candidates("a")
+        if opts.a_bits == FLOAT_ACTIVATIONS:
+            a_formats = (formats.INT,)
         clip = node.meta.get(ir.ACT_CLIP)
-        if clip is None and opts.search_clip and stats.samples.shape[0]:
+        wants_clip = clip is None and opts.search_clip and opts.a_bits != FLOAT_ACTIVATIONS
+        searched = len(w_formats) > 1 or len(a_formats) > 1 or (wants_clip and a_formats != (formats.INT,))
+        if searched and stats.samples.shape[0]:
+            clips = search.CLIPS if wants_clip else (clip or 1.0,)
+            def run_search():  # the memo holds numbers: the chosen formats by their index
+                w, a, found, error = search.search_formats(stats.samples, weight, w_formats, a_formats, clips,
+                                                           opts.a_bits)
+                return w_formats.index(w), a_formats.index(a), found, error
+
+            w_index, a_index, found, _ = memoized(
+                gm, "search-formats", stem, (stats.samples, weight, "|".join(w_formats), "|".join(a_formats),
+                                             *clips, opts.a_bits), run_search)
+            if wants_clip:
+                clip = node.meta[ir.ACT_CLIP] = float(found)
+            self.count("formats-searched")
+            return w_formats[int(w_index)], a_formats[int(a_index)], clip or 1.0
+        if wants_clip and stats.samples.shape[0]:
             found, _ = memoized(gm, "search-clip", stem, (stats.samples, weight, opts.w_bits, opts.a_bits),
                                 lambda: search.search_clip(stats.samples, [weight], torch.ones_like(stats.absmax),
                                                            search.CLIPS, opts.w_bits, opts.a_bits))
             clip = node.meta[ir.ACT_CLIP] = float(found)
-        a_step = activation_step(stats.absmax, opts.a_bits, clip or 1.0)
-        key = (x, float(a_step))
+        return w_formats[0], a_formats[0], clip or 1.0
+
+    def _fake_quant_activation(self, gm: fx.GraphModule, node: fx.Node, stats, dtype: torch.dtype, stem: str,
+                               fmt: str, clip: float, quantizers: dict) -> fx.Node:
+        """dequantize(quantize(x)) of the linear's input, sharing the quantize node between the
+        linears that read the same activation with the same step and format."""
+        opts, graph, x = self.options, gm.graph, node.args[0]
+        a_step = activation_step(stats.absmax, opts.a_bits, clip, fmt)
+        key = (x, float(a_step), fmt)
         if key in quantizers:
             x_q = quantizers[key]
             self.count("quantizers-shared")
         else:
             a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
-            x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits))
+            format_arg = () if fmt == formats.INT else (fmt,)
+            x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits, *format_arg))
             ir.mark_created(a_step_node, self.name, [node])
             ir.mark_created(x_q, self.name, [node])
             quantizers[key] = x_q
         x_dq = graph.call_function(q4.dequantize_per_tensor.default, (x_q, x_q.args[1], dtype))
-        return ir.mark_created(x_dq, self.name, [node]), clip or 1.0
+        return ir.mark_created(x_dq, self.name, [node])

@@ -9,6 +9,9 @@ and produced by an op whose per-channel constants can absorb a scale, choose one
     each linear   W[:, j]  -> W[:, j] * s[j]
 
 so that a[j] / s[j] has a flatter range across channels and one per-tensor step fits it. With
+`power-of-two=true` each s[j] is rounded to a power of two, so both rewrites only change exponents
+(exact in any float format): LLM-FP4's pre-shifted exponent bias, a per-channel activation
+exponent folded into the weights while the kernel keeps one per-tensor step. With
 `method=smoothquant`, s[j] = max|a[j]|**alpha / max_i |W[i, j]|**(1 - alpha) (SmoothQuant), the
 max over the weights of every linear in the group. With `method=qsm` (MergeQuant's quantization
 step migration with adaptive clipping) the same family of scales is searched per group: the
@@ -75,6 +78,9 @@ class MigrateScalesOptions:
     a_bits: int = option(4, choices=(2, 3, 4, 5, 6, 7, 8), help="qsm: activation bits the search measures with")
     skip: str = option("lm_head", help="regex on the module path of linears to leave alone")
     rotated: bool = option(False, help="qsm: measure candidates as rotate-inputs will leave them (migrated input and weights rotated)")
+    power_of_two: bool = option(False, help="round each scale to the nearest power of two: dividing the activation and "
+                                           "multiplying the weight are then exact in any float format (LLM-FP4's "
+                                           "pre-shifted exponent bias: per-channel exponents folded into the weights)")
 
 
 ALPHAS = tuple(a / 10 for a in range(11))
@@ -85,6 +91,11 @@ def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, al
     s = act_absmax.clamp(min=1e-8).pow(alpha) / weight_absmax.clamp(min=1e-8).pow(1 - alpha)
     dead = (act_absmax <= 0) | (weight_absmax <= 0) | ~torch.isfinite(s)
     return torch.where(dead, torch.ones_like(s), s)
+
+
+def power_of_two(s: torch.Tensor) -> torch.Tensor:
+    """Each scale rounded to the nearest power of two (in log2): 2**round(log2(s))."""
+    return torch.exp2(torch.round(torch.log2(s)))
 
 
 @register_pass
@@ -225,6 +236,8 @@ class MigrateScales(QPass):
             s = candidates[k]
             for lin in linears:
                 lin.meta[ir.ACT_CLIP] = clip
+        if self.options.power_of_two:
+            s = power_of_two(s)
 
         graph = gm.graph
         if sites == EXPLICIT:  # x -> x * (1 / s), which the linears (its only readers) read instead

@@ -9,7 +9,9 @@ moving e_j * H^-1[j, j+1:] / H^-1[j, j] into the later columns (the optimal brai
 Columns are visited in order of decreasing H[j, j] (GPTQ's "act order"): the channels with large
 activations are rounded first, while every other column can still absorb their error. The
 format is unchanged: per-output-channel symmetric steps, chosen before rounding (with a
-clipping ratio per row that minimizes the row's own squared error), then int4 codes.
+clipping ratio per row that minimizes the row's own squared error), then int4 codes. With a 4-bit
+float format (`kernels/formats.py`, LLM-FP4) the grid is the format's values: the same algorithm
+rounds each column to the nearest of them.
 
 After migrate-scales the weight columns of outlier channels are multiplied by large scales and
 per-row rounding of W * s gets much worse; the compensation recovers most of it.
@@ -19,22 +21,24 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.kernels import formats
+
 # Per-row clipping ratios of the weight step tried before rounding (1.0: the row's absmax).
 WEIGHT_CLIPS = tuple(1.0 - 0.05 * i for i in range(8))
 BLOCK = 128  # columns updated together (the lazy batch update of the paper; any size is exact)
 DAMPING = 0.01  # fraction of the mean diagonal added to H so its inverse exists
 
 
-def weight_steps(weight: torch.Tensor, bits: int, clips=WEIGHT_CLIPS) -> torch.Tensor:
-    """Per-row symmetric step: absmax * clip / qmax, the clip per row minimizing the row's
-    squared rounding error. An all-zero row gets step 1 (its codes are 0)."""
-    qmax = 2 ** (bits - 1) - 1
+def weight_steps(weight: torch.Tensor, bits: int, clips=WEIGHT_CLIPS, fmt: str = formats.INT) -> torch.Tensor:
+    """Per-row symmetric step: absmax * clip / max_value (qmax for int), the clip per row
+    minimizing the row's squared rounding error. An all-zero row gets step 1 (its codes are 0)."""
+    qmax = formats.max_value(fmt, bits)
     absmax = weight.abs().amax(dim=1)
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax / qmax
     for clip in clips:
         step = (absmax * clip / qmax).clamp(min=1e-12)
-        q = torch.clamp(torch.round(weight / step[:, None]), -qmax - 1, qmax) * step[:, None]
+        q = formats.round_to_format(weight / step[:, None], fmt, bits) * step[:, None]
         err = (q - weight).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -42,19 +46,20 @@ def weight_steps(weight: torch.Tensor, bits: int, clips=WEIGHT_CLIPS) -> torch.T
     return torch.where(absmax > 0, best, torch.ones_like(best))
 
 
-def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4,
+                  fmt: str = formats.INT) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [N, K], float32 step [N]) of `weight` [N, K] given its input's Gram matrix
-    `gram` [K, K] (sum of x^T x over calibration tokens). Codes lie in [-2**(bits-1), 2**(bits-1) - 1]."""
+    `gram` [K, K] (sum of x^T x over calibration tokens). Codes are values of `fmt`: for int, in
+    [-2**(bits-1), 2**(bits-1) - 1]."""
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"gptq: gram must be [K, K] = {[weight.shape[1]] * 2} for a weight of shape "
                          f"{list(weight.shape)}, got {list(gram.shape)}")
-    qmax = 2 ** (bits - 1) - 1
     w = weight.detach().to(torch.float32).clone()
     h = gram.to(torch.float32).clone()
     dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate with
     h[dead, dead] = 1
     w[:, dead] = 0
-    step = weight_steps(w, bits)
+    step = weight_steps(w, bits, fmt=fmt)
     order = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, order], h[order][:, order]
     h.diagonal().add_(DAMPING * torch.mean(torch.diag(h)))
@@ -70,7 +75,7 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4) -> tu
         hblock = hinv[start:end, start:end]
         for i in range(end - start):
             column = block[:, i]
-            c = torch.clamp(torch.round(column / step), -qmax - 1, qmax)
+            c = formats.round_to_format(column / step, fmt, bits)
             codes[:, start + i] = c
             error = (column - c * step) / hblock[i, i]
             block[:, i:] -= error[:, None] * hblock[i, i:][None, :]

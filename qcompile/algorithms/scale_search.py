@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qcompile.kernels import int4
+from qcompile.kernels import formats
 from qcompile.kernels.rotation import rotate as rotation_op
 
 # Clipping ratios of the static activation step tried by the searches (1.0: the calibration absmax).
@@ -21,17 +21,17 @@ from qcompile.kernels.rotation import rotate as rotation_op
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 
 
-def fake_quant_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_weight(weight: torch.Tensor, bits: int, fmt: str = formats.INT) -> torch.Tensor:
     """Per-output-channel symmetric round-to-nearest, dequantized (what the kernel computes with)."""
-    codes, step = int4.quantize_weight_per_channel(weight, bits)
+    codes, step = formats.quantize_weight_per_channel(weight, fmt, bits)
     return codes.float() * step[:, None]
 
 
-def fake_quant_activation(x: torch.Tensor, absmax: float, clip: float, bits: int) -> torch.Tensor:
-    """Static per-tensor symmetric quantization with step clip * absmax / qmax, dequantized."""
-    qmax = 2 ** (bits - 1) - 1
-    step = max(clip * absmax, 1e-12) / qmax
-    return torch.clamp(torch.round(x / step), -qmax - 1, qmax) * step
+def fake_quant_activation(x: torch.Tensor, absmax: float, clip: float, bits: int,
+                          fmt: str = formats.INT) -> torch.Tensor:
+    """Static per-tensor symmetric quantization with step clip * absmax / max_value, dequantized."""
+    step = max(clip * absmax, 1e-12) / formats.max_value(fmt, bits)
+    return formats.round_to_format(x / step, fmt, bits) * step
 
 
 def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch.Tensor, clip: float,
@@ -51,6 +51,40 @@ def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch
         approx = xq @ fake_quant_weight(rotate(w.float() * scales), w_bits).t()
         error += (reference - approx).pow(2).sum().item()
     return error
+
+
+def search_formats(x: torch.Tensor, weight: torch.Tensor, w_formats: Sequence[str], a_formats: Sequence[str],
+                   clips: Sequence[float], a_bits: int, rounds: int = 2,
+                   weight_quantizer=None) -> tuple[str, str, float, float]:
+    """(weight format, activation format, activation clip, error): LLM-FP4's per-layer search.
+
+    Minimizes the layer-output error ||x W^T - Q_a(x) Q_w(W)^T||^2 on the samples, alternating: the
+    weight's format first (against float activations), then the activation's format and clipping
+    ratio against the quantized weight, then the weight's again against the quantized
+    activation, `rounds` times. `weight_quantizer(weight, fmt)` gives the dequantized weight of a
+    format (default: per-row round to nearest); each format's is computed once.
+    """
+    quantize = weight_quantizer or (lambda w, fmt: fake_quant_weight(w, 4, fmt))
+    w = weight.float()
+    reference = x @ w.t()
+    absmax = x.abs().max().item()
+    dequantized = {fmt: quantize(w, fmt) for fmt in w_formats}
+    activations: dict[tuple[str, float], torch.Tensor] = {}
+
+    def quantized_x(fmt: str, clip: float) -> torch.Tensor:
+        if (fmt, clip) not in activations:
+            activations[fmt, clip] = fake_quant_activation(x, absmax, clip, a_bits if fmt == formats.INT else 4, fmt)
+        return activations[fmt, clip]
+
+    def error(xq: torch.Tensor, w_fmt: str) -> float:
+        return (reference - xq @ dequantized[w_fmt].t()).pow(2).sum().item()
+
+    w_fmt = min(w_formats, key=lambda f: error(x, f))
+    a_fmt, clip, best = a_formats[0], 1.0, float("inf")
+    for _ in range(rounds):
+        best, a_fmt, clip = min((error(quantized_x(f, c), w_fmt), f, c) for f in a_formats for c in clips)
+        best, w_fmt = min((error(quantized_x(a_fmt, clip), f), f) for f in w_formats)
+    return w_fmt, a_fmt, clip, best
 
 
 def search_migration(x: torch.Tensor, weights: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor],

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import qcompile.backends.q4 as q4_backend
-from qcompile.kernels import reference
+from qcompile.core import qlinear
+from qcompile.core.recipes import RECIPES
+from qcompile.kernels import formats, reference
 from tests.helpers.backend import EAGER, compile_and_run
 from tests.helpers.models import ids, tiny_llama
 
@@ -315,7 +317,8 @@ def test_smoothquant_recipe_runs_end_to_end(llama):
 
 # (W4A4 / W4A8 fused linears, weight-only fused linears): w4a4 quantizes the head too (8-bit activations)
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,fused,weight_only", [("w4a4", 15, 0), ("w4a8", 14, 0), ("w4a16", 0, 14)])
+@pytest.mark.parametrize("recipe,fused,weight_only", [("w4a4", 15, 0), ("w4a8", 14, 0), ("w4a16", 0, 14),
+                                                      ("fp4", 15, 0), ("fp4-e2m1", 15, 0)])
 def test_every_recipe_runs_end_to_end(llama, recipe, fused, weight_only):
     run = ids(12, seed=9)
     expected = llama(run).logits
@@ -323,5 +326,24 @@ def test_every_recipe_runs_end_to_end(llama, recipe, fused, weight_only):
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == fused
     assert art.count_ops(torch.ops.q4.linear_w4a16.default) == weight_only
     assert art.count_ops(torch.ops.q4.dequantize_weight_int4.default) == 0
+    if recipe.startswith("fp4"):  # every linear but the head (int8 activations) has a 4-bit float weight and input
+        linears = [q for n in art.graph_module.graph.nodes if (q := qlinear.match(n)) is not None and q.fused]
+        assert sum(q.w_format in formats.FLOAT_FORMATS and q.a_format in formats.FLOAT_FORMATS for q in linears) == 14
     cosine = torch.nn.functional.cosine_similarity(out.logits.flatten(), expected.flatten(), dim=0)
     assert cosine > (0.9 if recipe != "w4a4" else 0.5), cosine
+
+
+@pytest.mark.slow
+def test_fp4_through_inductor_matches_its_fake_quant_reference(llama):
+    """The FP4 recipe's fused integer kernels, lowered through Inductor (the q4_cpu kernel at 12
+    rows), compute its fake-quant graph: the same pipeline without fuse-kernels, run eagerly."""
+    calibration, run = [(ids(16, seed=2),)], ids(12, seed=9)
+    pipeline = RECIPES["fp4-e2m1"]
+    _, fused, art = compile_and_run(llama, {"recipe": "fp4-e2m1", "progress": False, "calibration": calibration}, run)
+    torch._dynamo.reset()
+    _, fake, fake_art = compile_and_run(llama, {**EAGER, "pipeline": pipeline.replace(",fuse-kernels", ""),
+                                                "calibration": calibration}, run)
+    assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 15
+    assert fake_art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
+    cosine = torch.nn.functional.cosine_similarity(fused.logits.flatten(), fake.logits.flatten(), dim=0)
+    assert cosine > 0.9999, cosine

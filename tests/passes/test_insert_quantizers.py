@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
+from qcompile.algorithms import scale_search
 from qcompile.api.testing import capture
 from qcompile.core import ir
-from qcompile.kernels import reference
+from qcompile.core.pass_api import PipelineError
+from qcompile.core.printer import format_graph
+from qcompile.kernels import formats, reference
 from tests.helpers.models import TwoHeads, Zero
 from tests.helpers.passes import run_pass
 
@@ -93,7 +97,7 @@ def test_each_linear_records_the_run_that_took_it():
     assert records["out"] == ir.QuantizedBy(
         w_bits=4, a_bits=8, rounded=True, weights="rtn", act_clip=1.0,
         run="insert-quantizers{w-bits=4,a-bits=8,skip=lm_head,only=^out$,search-clip=false,"
-            "unmatched=quantize,rounding=true,weights=rtn}")
+            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int}")
     # a rounding=false run takes q and k without changing them: the record says so
     assert records["q"] == records["k"] == ir.QuantizedBy(4, 4, False, "rtn", None, records["q"].run)
     assert "rounding=false" in records["q"].run
@@ -109,3 +113,69 @@ def test_fuse_kernels_keeps_the_record():
     result, _ = run_pass("fuse-kernels", result.graph_module)
     fused = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.q4.linear_w4a4.default]
     assert len(fused) == 3 and all(n.meta[ir.QUANTIZED].rounded for n in fused)
+
+
+# --- LLM-FP4's 4-bit float formats ------------------------------------------------------------------
+
+
+def test_float_formats_before_after_ir():
+    """w-format / a-format: the format rides on the quantize and the weight's dequantize as their
+    last argument; fuse-kernels hands the weight's to the integer kernel."""
+    x = torch.randn(2, 3, 16)
+    model = TwoHeads().eval()
+    result, stats = run_pass("insert-quantizers", capture(model, x), w_format="e2m1", a_format="e3m0")
+    assert stats["linears-quantized"] == 3 and stats["formats-searched"] == 0
+    (FileCheck()
+        .check("q4.quantize_per_tensor.default(layer_norm, q_weight_a_step, 4, 'e3m0')")
+        .check("q4.dequantize_weight_int4.default(q_weight_packed, q_weight_step, 16, torch.float32, 'e2m1')")
+        .check("q4.quantize_per_tensor.default(add, out_weight_a_step, 4, 'e3m0')")
+        .run(result.graph_module.code))
+    got = result.graph_module(x)[0]
+    with torch.no_grad():  # the fake-quant semantics, written out with the formats
+        h = model.norm(x)
+
+        def fake(x, linear, step):
+            x_dq = formats.round_to_format(x / step, "e3m0") * step
+            values, w_step = formats.quantize_weight_per_channel(linear.weight, "e2m1")
+            return torch.nn.functional.linear(x_dq, values * w_step[:, None], linear.bias)
+
+        s = fake(h, model.q, h.abs().max() / 64) + fake(h, model.k, h.abs().max() / 64)
+        expected = fake(s, model.out, (model.q(h) + model.k(h)).abs().max() / 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    fused, stats = run_pass("fuse-kernels", result.graph_module)
+    assert stats["linears-fused"] == 3
+    FileCheck().check_count("q4.linear_w4a4.default(", 3, exactly=True).check("'e2m1')").run(fused.graph_module.code)
+    torch.testing.assert_close(fused.graph_module(x)[0], got, rtol=1e-5, atol=1e-5)
+    assert "FP4 e2m1/e3m0 int" in format_graph(fused.graph_module)
+
+
+def test_format_search_takes_the_format_with_the_least_output_error():
+    """w-format=search,a-format=search: per linear, LLM-FP4's alternating search over E2M1, E3M0,
+    E1M2 and the clipping ratio; the choice is in the record, and no fixed pair does better."""
+    model = TwoHeads().eval()
+    gm = capture(model, torch.randn(2, 3, 16))
+    result, stats = run_pass("insert-quantizers", gm, w_format="search", a_format="search", search_clip=True)
+    assert stats["formats-searched"] == 3
+    records = {ir.linear_module_path(n): n.meta[ir.QUANTIZED] for n in result.graph_module.graph.nodes
+               if ir.QUANTIZED in n.meta}
+    assert all(r.w_format in formats.FLOAT_FORMATS and r.a_format in formats.FLOAT_FORMATS for r in records.values())
+    x = torch.randn(64, 16)
+    w_fmt, a_fmt, clip, best = scale_search.search_formats(x, model.q.weight.detach(), list(formats.FLOAT_FORMATS),
+                                                           list(formats.FLOAT_FORMATS), scale_search.CLIPS, 4)
+    for w in formats.FLOAT_FORMATS:
+        for a in formats.FLOAT_FORMATS:
+            fixed = scale_search.search_formats(x, model.q.weight.detach(), [w], [a], [clip], 4)[3]
+            assert best <= fixed * (1 + 1e-6) or (w, a) != (w_fmt, a_fmt), (w, a)
+    assert best == min(scale_search.search_formats(x, model.q.weight.detach(), [w_fmt], [a_fmt], scale_search.CLIPS,
+                                                   4)[3], best)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"w_format": "e2m1", "w_bits": 3}, "w-format=e2m1 is a 4-bit float format: it needs w-bits=4"),
+    ({"a_format": "search", "a_bits": 8}, "a-format=search is a 4-bit float format: it needs a-bits=4"),
+    ({"a_format": "fp4"}, "'fp4' is not one of: int, e2m1, e3m0, e1m2, search"),
+])
+def test_bad_format_options_are_pipeline_errors(options, message):
+    with pytest.raises(PipelineError, match=message):
+        run_pass("insert-quantizers", capture(TwoHeads().eval(), torch.randn(2, 3, 16)), **options)

@@ -130,3 +130,29 @@ def test_fold_scales_keeps_the_attention_output_scale():
     result, stats = run_pass("fold-scales", gm)
     kept = [n for n in result.graph_module.graph.nodes if n.meta.get(ir.MIGRATION_SCALE)]
     assert len(kept) == 2 and all(n.users for n in kept)  # one a layer, still read by o_proj
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_power_of_two_scales_are_exact_and_only_change_exponents(family):
+    """power-of-two=true (LLM-FP4's pre-shifted exponent bias): every scale is a power of two, so a
+    migrated weight's mantissas are the model's own, and the function is unchanged."""
+    from qcompile.core import ir
+
+    x = inputs()
+    gm = capture_family(family, x)
+    before = first_output(gm, x).detach().clone()
+    originals = {n.meta.get(ir.FQN): ir.get_constant(gm, n).clone() for n in gm.graph.nodes
+                 if n.op == "get_attr" and ir.get_constant(gm, n).dim() == 2}  # the linears' weights
+    result, stats = run_pass("migrate-scales", gm, method="smoothquant", alpha=1.0, power_of_two=True)
+    assert stats["groups-migrated"] > 0
+    after = first_output(result.graph_module, x)
+    assert ((after - before).abs().max() / before.abs().max()).item() <= 1e-6
+    migrated = 0
+    for node in result.graph_module.graph.nodes:
+        stem = node.meta.get(ir.FQN)
+        if node.op == "get_attr" and stem in originals and node.target.endswith("_migrated"):
+            ratio = ir.get_constant(result.graph_module, node) / originals[stem]
+            exponent = torch.log2(ratio[originals[stem] != 0])
+            assert torch.equal(exponent, exponent.round()), stem
+            migrated += 1
+    assert migrated > 0
