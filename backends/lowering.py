@@ -8,6 +8,8 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
     q4.rotate(x, factors)                -> kernels.rotation.rotate_decomposed (the Hadamard part
                                             as q4_cpu's Walsh-Hadamard transform on CPU, the odd
                                             factor as multiply + sum)
+    q4.token_steps(x, b, clip)           -> clip * amax(|float32(x)|, -1) / qmax (dynamic steps: a
+                                            reduction fused with the loop that quantizes)
     q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
                                             (a 4-bit float format: `formats.round_to_format`, a few
                                             compares more)
@@ -99,6 +101,7 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     """
     k, n = x_codes.shape[-1], w_packed.shape[0]
     x2 = x_codes.reshape(-1, k)
+    a_step = a_step.reshape(-1, 1) if a_step.dim() else a_step  # a dynamic step per row
     blocks = []
     for start in range(0, n, GEMM_COLUMNS):
         rows = slice(start, start + GEMM_COLUMNS)
@@ -155,6 +158,7 @@ def linear_w4a16_decomposed_on_cpu(x: torch.Tensor, w_packed: torch.Tensor, w_st
 DECOMPOSITIONS: dict[Any, Callable] = {
     q4.rotate.default: rotation.rotate_decomposed,
     q4.quantize_per_tensor.default: quantize_per_tensor_decomposed,
+    q4.token_steps.default: ops.token_steps_math,
     q4.linear_w4a4.default: linear_w4a4_decomposed_on_cpu,
     q4.linear_w4a16.default: linear_w4a16_decomposed_on_cpu,
 }

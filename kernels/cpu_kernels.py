@@ -141,7 +141,8 @@ def _register_fakes() -> None:
             fail("linear_w4a4", "w_values", "None or 16 ints (each nibble's value)", repr(w_values))
         if x_codes.dtype != torch.int8:
             fail("linear_w4a4", "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
-        check_step("linear_w4a4", "a_step", a_step, (), check_values=False)
+        check_step("linear_w4a4", "a_step", a_step, () if a_step.dim() == 0 else (*x_codes.shape[:-1], 1),
+                   check_values=False)
         _check_cpu_linear("linear_w4a4", x_codes, "x_codes", w_packed, w_step, bias, out_dtype)
         return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 

@@ -12,6 +12,7 @@ scalar triple loop (~100x slower). There, and on other devices, `int_matmul` mul
 codes in float32 instead: exact, hence bit-identical, while |acc| < 2**24 (int4 x int4: any
 K < 262144), the same bound under which the epilogue's float32(acc) is exact.
 
+    q4::token_steps(x, bits, clip=1.0, format="int")  -> float32 [..., 1]: each row's step (dynamic)
     q4::quantize_per_tensor(x, step, bits, format="int") -> int8 codes, same shape as x
     q4::dequantize_per_tensor(codes, step, dtype)     -> codes * step
     q4::dequantize_weight_int4(w_packed, w_step, k, dtype, format="int") -> [N, k] codes * w_step[:, None]
@@ -30,7 +31,10 @@ the same integer kernels compute FP4 linears exactly: a 4-bit weight's nibble is
 format's table (q4_cpu: a byte shuffle).
 
 Steps are float32 tensors (0-dim per tensor, [N] per output channel) so they live in the graph
-as constants. Every op checks its arguments and names the one that is wrong before computing.
+as constants. An activation step may also be one per row (token), [..., 1] (x's leading dims):
+computed at run time by `q4::token_steps` (dynamic quantization, the reference of static); the
+quantize, the dequantize and the linear take either, the linear's epilogue then multiplying by
+a_step[m] * w_step[n]. Every op checks its arguments and names the one that is wrong before computing.
 """
 
 from __future__ import annotations
@@ -81,11 +85,17 @@ def check_format(op: str, arg: str, fmt: str, bits: int = 4) -> None:
         fail(op, "bits", f"4 for the 4-bit float format {fmt!r}", repr(bits))
 
 
+def activation_step_shape(x: torch.Tensor, step: torch.Tensor) -> tuple:
+    """The shape an activation step of `x` must have: () per tensor, or x's leading dims and 1
+    per row (a dynamic step) when `step` has any dims."""
+    return () if step.dim() == 0 else (*x.shape[:-1], 1)
+
+
 def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, check_values: bool) -> None:
     op = "quantize_per_tensor"
     if not x.is_floating_point():
         fail(op, "x", "a floating-point tensor", describe(x))
-    check_step(op, "step", step, (), check_values)
+    check_step(op, "step", step, activation_step_shape(x, step), check_values)
     check_device(op, x, step=step)
     if not 2 <= bits <= 8:
         fail(op, "bits", "an int in 2..8", repr(bits))
@@ -99,7 +109,8 @@ def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int, format: 
 
         codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1)
 
-    step is a 0-dim float32 tensor, finite and > 0; bits in 2..8 (4 for a float format).
+    step is a 0-dim float32 tensor (or one per row, [..., 1]: see `token_steps`), finite and > 0;
+    bits in 2..8 (4 for a float format).
     """
     _check_quantize(x, step, bits, format, check_values=True)
     return formats.round_to_format(x.to(torch.float32) / step, format, bits).to(torch.int8)
@@ -111,6 +122,43 @@ def _(x, step, bits, format="int"):
     return torch.empty_like(x, dtype=torch.int8)
 
 
+# --- token_steps -----------------------------------------------------------------------------------
+
+
+def _check_token_steps(x: torch.Tensor, bits: int, clip: float, fmt: str) -> None:
+    op = "token_steps"
+    if not x.is_floating_point() or x.dim() < 1:
+        fail(op, "x", "a floating-point tensor [..., K]", describe(x))
+    if not 2 <= bits <= 8:
+        fail(op, "bits", "an int in 2..8", repr(bits))
+    if not 0 < clip <= 1:
+        fail(op, "clip", "a ratio in (0, 1]", repr(clip))
+    check_format(op, "format", fmt, bits)
+
+
+def token_steps_math(x: torch.Tensor, bits: int, clip: float = 1.0, format: str = "int") -> torch.Tensor:
+    """The op's computation in ATen ops (also its Inductor lowering): per row,
+    clip * max|float32(x)| / max_value, and 1 for a row of zeros (its codes are 0)."""
+    peak = x.to(torch.float32).abs().amax(dim=-1, keepdim=True) * clip
+    step = peak / formats.max_value(format, bits)
+    return torch.where(peak > 0, step, torch.ones_like(step))
+
+
+@torch.library.custom_op("q4::token_steps", mutates_args=())
+def token_steps(x: torch.Tensor, bits: int, clip: float = 1.0, format: str = "int") -> torch.Tensor:
+    """Dynamic activation steps, float32 [..., 1]: each row's (token's) clip * absmax / max_value
+    of the format (qmax for int), computed at run time; 1 where a row is all zeros. The reference
+    static quantization is measured against: no calibration range, a step per token."""
+    _check_token_steps(x, bits, clip, format)
+    return token_steps_math(x, bits, clip, format)
+
+
+@token_steps.register_fake
+def _(x, bits, clip=1.0, format="int"):
+    _check_token_steps(x, bits, clip, format)
+    return x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
 # --- dequantize_per_tensor -------------------------------------------------------------------------
 
 
@@ -118,7 +166,7 @@ def _check_dequantize(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtyp
     op = "dequantize_per_tensor"
     if codes.dtype != torch.int8:
         fail(op, "codes", "an int8 tensor", describe(codes))
-    check_step(op, "step", step, (), check_values)
+    check_step(op, "step", step, activation_step_shape(codes, step), check_values)
     check_device(op, codes, step=step)
     check_float_dtype(op, "dtype", dtype)
 
@@ -174,7 +222,7 @@ def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, 
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
         fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
     check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
-    check_step(op, "a_step", a_step, (), check_values)
+    check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values)
     n = w_packed.shape[0]
     if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
         fail(op, "bias", f"None or a float tensor of shape ({n},)", describe(bias))
@@ -192,8 +240,9 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
 
     x_codes int8 [..., K] (int4 codes in [-8, 7], FP4 values; any int8 is computed exactly);
     w_packed uint8 [N, ceil(K/2)] of 4-bit codes in `w_format` (formats.pack); w_step float32 [N]
-    and a_step 0-dim float32, finite and > 0; bias float [N] or None. Leading dims of x_codes are
-    kept, M = prod(leading) may be 0 or 1.
+    and a_step 0-dim float32 (or one per row, [..., 1]: a_step[m] * w_step[n] in the epilogue),
+    finite and > 0; bias float [N] or None. Leading dims of x_codes are kept, M = prod(leading)
+    may be 0 or 1.
     """
     _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values=True)
     # decode: read the packed weight
@@ -202,7 +251,8 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
                                             cpu_kernels.FORCE_SCALAR, nibble_table(w_format))
     k = x_codes.shape[-1]
     acc = int_matmul(x_codes.reshape(-1, k), formats.unpack(w_packed, k, w_format))
-    return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
+    return epilogue(acc, a_step.reshape(-1, 1) if a_step.dim() else a_step, w_step, bias,
+                    out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 
 def nibble_table(fmt: str) -> Optional[list[int]]:

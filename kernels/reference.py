@@ -20,7 +20,8 @@ def epilogue(acc: torch.Tensor, a_step: torch.Tensor, w_step: torch.Tensor, bias
     """out = (float32(acc) * (a_step * w_step) + float32(bias)).to(out_dtype): the one epilogue.
 
     `acc` is the int32 accumulator [M, N]; its float32 conversion is exact while |acc| < 2**24.
-    The product of the steps is rounded first (one float32 [N] vector), then each element is
+    a_step is 0-dim, or [M, 1] (a dynamic step per row). The product of the steps is rounded
+    first (one float32 [N] vector, or [M, N] with row steps), then each element is
     multiplied once, then the bias added once, all in float32. In-place ops on the fresh float32
     copy of `acc` save allocating (and page-faulting) two more [M, N] buffers; same rounding.
     `in_place=False` for tracers that want functional ops (the Inductor lowering).
@@ -61,6 +62,12 @@ def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int, fmt:
     return torch.clamp(torch.round(x.to(torch.float32) / step), -qmax - 1, qmax).to(torch.int8)
 
 
+def token_steps_ref(x: torch.Tensor, bits: int, clip: float = 1.0, fmt: str = "int") -> torch.Tensor:
+    """float32 [..., 1]: each row's clip * max|x| / max_value; 1 for a row of zeros."""
+    peak = x.to(torch.float32).abs().max(dim=-1, keepdim=True).values * clip
+    return torch.where(peak > 0, peak / formats.max_value(fmt, bits), torch.tensor(1.0))
+
+
 def dequantize_per_tensor_ref(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x = (float32(codes) * step).to(dtype)."""
     return (codes.to(torch.float32) * step).to(dtype)
@@ -79,6 +86,7 @@ def linear_w4a4_ref(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch
     x2 = x_codes.reshape(-1, k).to(torch.int64)
     w = unpack_ref(w_packed, k, w_format).to(torch.int64)
     acc = (x2 @ w.t()).to(torch.int32)
+    a_step = a_step.reshape(-1, 1) if a_step.dim() else a_step  # per row: a_step[m] * w_step[n]
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w.shape[0])
 
 

@@ -11,6 +11,7 @@ loads as 0 and the weight's padding nibble is 0.
 
     linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int")
         int8 x 4-bit -> int32 acc;  y = float32(acc) * (a_step * w_step[n]) + float32(bias[n])
+        (a_step 0-dim, or a dynamic step per row [..., 1]: a_step[m] * w_step[n])
         (= `reference.epilogue`). The codes may be any int8: 8-bit activations (W4A8) and the
         integer values of LLM-FP4's 4-bit floats (`formats.py`: E2M1 +-12, E3M0 +-64, E1M2 +-7)
         run through the same kernel, whose weight nibbles are decoded by `w_format`: FP4 x FP4
@@ -138,7 +139,7 @@ def _finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_
 
 @triton.jit
 def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, K,
-                 HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, W_MANTISSA: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, W_MANTISSA: tl.constexpr, ROW_STEPS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x int8 [M, K] (any int8 codes), w packed 4-bit [N, ceil(K/2)]: int4 (W_MANTISSA < 0) or a
     4-bit float with W_MANTISSA mantissa bits:
@@ -161,8 +162,12 @@ def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, 
         x_even, x_odd = _load_even_odd(x_ptr, rm, j, M, K)
         acc += tl.dot(x_even, w_lo, out_dtype=tl.int32)
         acc += tl.dot(x_odd, w_hi, out_dtype=tl.int32)
-    scale = tl.load(a_step_ptr) * tl.load(w_step_ptr + rn, mask=rn < N, other=1.0)  # rounded once, as the reference
-    _finish(acc.to(tl.float32) * scale[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
+    w_step = tl.load(w_step_ptr + rn, mask=rn < N, other=1.0)
+    if ROW_STEPS:  # a dynamic step per row: a_step[m] * w_step[n], rounded once, as the reference
+        scale = tl.load(a_step_ptr + rm, mask=rm < M, other=1.0)[:, None] * w_step[None, :]
+    else:
+        scale = (tl.load(a_step_ptr) * w_step)[None, :]
+    _finish(acc.to(tl.float32) * scale, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
 
 
 @triton.jit
@@ -244,15 +249,16 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
         fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
     k = x_codes.shape[-1]
     check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
-    check_step(op, "a_step", a_step, (), check_values=check_values)
+    check_step(op, "a_step", a_step, () if a_step.dim() == 0 else (*x_codes.shape[:-1], 1), check_values=check_values)
     check_bias(op, bias, w_packed.shape[0])
     check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
-    check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, bias=bias)
+    check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
     check_float_dtype(op, "out_dtype", out_dtype)
     if w_format not in formats.FORMATS:
         fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
     mantissa = -1 if w_format == formats.INT else formats.FLOAT_FORMATS[w_format].mantissa_bits
-    out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k, W_MANTISSA=mantissa)
+    out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k, W_MANTISSA=mantissa,
+                  ROW_STEPS=a_step.dim() > 0)
     return out.reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 

@@ -43,6 +43,13 @@ codes are small integers too, so the same fused integer kernel runs them:
     x_q = q4.quantize_per_tensor(x, a_step, 4, "e3m0")          # int8 values in +-{0, 1, 2, 4, ..., 64}
     w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32, "e2m1")
 
+`activations=dynamic` is the reference static quantization is measured against: each token's
+step computed at run time from its own absmax (QuaRot's and SpinQuant's setting), no calibration
+range; the linear's epilogue multiplies by a_step[token] * w_step[n]:
+
+    a_step = q4.token_steps(x, 4, 1.0)                 # f32[..., 1]
+    x_q = q4.quantize_per_tensor(x, a_step, 4)
+
 The pass may run more than once with different bit widths: `only` (a module-path regex) limits
 one run to the linears it matches, and a run leaves linears an earlier run took alone, so
 `insert-quantizers{only=lm_head,skip=,a-bits=8},insert-quantizers{...}` gives the head 8-bit
@@ -94,6 +101,9 @@ class InsertQuantizersOptions:
                                 "the float format with the least output error on calibration samples")
     a_format: str = option("int", choices=(*formats.FORMATS, "search"),
                            help="number format of the activation codes, as w-format (a float format needs a-bits=4)")
+    activations: str = option("static", choices=("static", "dynamic"),
+                              help="static: one step per tensor from calibration; dynamic: a step per token computed "
+                                   "at run time (q4.token_steps), the reference static is measured against")
 
     def __post_init__(self) -> None:
         for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
@@ -226,6 +236,9 @@ class InsertQuantizers(QPass):
         if opts.a_bits == FLOAT_ACTIVATIONS:
             a_formats = (formats.INT,)
         clip = node.meta.get(ir.ACT_CLIP)
+        # a clip searched for one static step has no meaning for per-token steps: 1 there
+        if opts.activations == "dynamic":
+            clip = 1.0
         wants_clip = clip is None and opts.search_clip and opts.a_bits != FLOAT_ACTIVATIONS
         searched = len(w_formats) > 1 or len(a_formats) > 1 or (wants_clip and a_formats != (formats.INT,))
         if searched and stats.samples.shape[0]:
@@ -254,14 +267,20 @@ class InsertQuantizers(QPass):
         """dequantize(quantize(x)) of the linear's input, sharing the quantize node between the
         linears that read the same activation with the same step and format."""
         opts, graph, x = self.options, gm.graph, node.args[0]
-        a_step = activation_step(stats.absmax, opts.a_bits, clip, fmt)
-        key = (x, float(a_step), fmt)
+        format_arg = () if fmt == formats.INT else (fmt,)
+        if opts.activations == "dynamic":
+            key = (x, "dynamic", clip, fmt)
+        else:
+            a_step = activation_step(stats.absmax, opts.a_bits, clip, fmt)
+            key = (x, float(a_step), fmt)
         if key in quantizers:
             x_q = quantizers[key]
             self.count("quantizers-shared")
         else:
-            a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
-            format_arg = () if fmt == formats.INT else (fmt,)
+            if opts.activations == "dynamic":  # per token, at run time
+                a_step_node = graph.call_function(q4.token_steps.default, (x, opts.a_bits, clip, *format_arg))
+            else:
+                a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
             x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits, *format_arg))
             ir.mark_created(a_step_node, self.name, [node])
             ir.mark_created(x_q, self.name, [node])

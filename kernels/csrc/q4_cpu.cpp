@@ -90,12 +90,14 @@ std::vector<T> split_even_odd(const T* x, int64_t m, int64_t k, int64_t kpad) {
 
 // Final float32 values of rows [0, m) and columns [n0, n1) into out (float32, row stride n).
 struct Epilogue {
-  const float* scale;  // a_step * w_step[n] (w4a4) or w_step[n] (w4a16), rounded once
-  const float* bias;   // float32 [N] or nullptr
+  const float* scale;     // a_step * w_step[n] (w4a4) or w_step[n] (w4a16), rounded once
+  const float* bias;      // float32 [N] or nullptr
   float* out;
   int64_t n;
+  const float* row_step = nullptr;  // w4a4 with a dynamic step per row: scale[n] is w_step[n]
   inline void store(int64_t r, int64_t c, float value) const {
-    float v = value * scale[c];
+    const float s = row_step ? row_step[r] * scale[c] : scale[c];  // a_step[m] * w_step[n], rounded once
+    float v = value * s;
     if (bias) v = v + bias[c];
     out[r * n + c] = v;
   }
@@ -324,11 +326,12 @@ at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, co
   const NibbleTable table = nibble_table(w_values);
   TORCH_CHECK(x_codes.scalar_type() == at::kChar, "q4_cpu::linear_w4a4: argument 'x_codes' must be an int8 tensor "
               "[..., K] of activation codes, got ", x_codes.scalar_type());
-  TORCH_CHECK(a_step.scalar_type() == at::kFloat && a_step.dim() == 0,
-              "q4_cpu::linear_w4a4: argument 'a_step' must be a 0-dim float32 tensor, got ", a_step.scalar_type(),
-              " tensor of shape ", a_step.sizes());
   const int64_t k = x_codes.size(-1), n = w_packed.size(0), kp = w_packed.size(1);
   const int64_t m = c10::multiply_integers(x_codes.sizes().begin(), x_codes.sizes().end() - 1);
+  const bool per_row = a_step.dim() > 0;  // a dynamic step per row: [..., 1]
+  TORCH_CHECK(a_step.scalar_type() == at::kFloat && (!per_row || (a_step.numel() == m && a_step.size(-1) == 1)),
+              "q4_cpu::linear_w4a4: argument 'a_step' must be a 0-dim float32 tensor or one of shape [..., 1] "
+              "(a step per row), got ", a_step.scalar_type(), " tensor of shape ", a_step.sizes());
   at::Tensor out32 = at::empty({m, n}, x_codes.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return finish(out32, x_codes, n, out_dtype);
 
@@ -343,11 +346,13 @@ at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, co
   // IEEE multiply each, here rather than an ATen op: a few µs a call at decode)
   const at::Tensor w_step32 = w_step.contiguous();
   const float* wsp = w_step32.data_ptr<float>();
-  const float a = a_step.item<float>();
+  const at::Tensor rows32 = per_row ? a_step.contiguous() : at::Tensor();
+  const float a = per_row ? 1.f : a_step.item<float>();
   std::vector<float> scale(static_cast<size_t>(n));
-  for (int64_t c = 0; c < n; ++c) scale[c] = a * wsp[c];
+  for (int64_t c = 0; c < n; ++c) scale[c] = per_row ? wsp[c] : a * wsp[c];
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const Epilogue ep{scale.data(), bias32.defined() ? bias32.data_ptr<float>() : nullptr, out32.data_ptr<float>(), n};
+  const Epilogue ep{scale.data(), bias32.defined() ? bias32.data_ptr<float>() : nullptr, out32.data_ptr<float>(), n,
+                    per_row ? rows32.data_ptr<float>() : nullptr};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const bool vnni = has_vnni() && !force_scalar;
   over_columns(n, kp, [&](int64_t n0, int64_t n1) {

@@ -42,6 +42,7 @@ How to read it:
       W4A4 fake-quant       aten.linear(q4.dequantize_per_tensor(q4.quantize_per_tensor(x)),
                             q4.dequantize_weight_int4(...)) as insert-quantizers leaves it
       W4A16                 aten.linear(x, q4.dequantize_weight_int4(...)): weight-only
+      W4A4 int dynamic      either form with a step per token computed at run time (q4.token_steps)
       FP4 e2m1/e3m0 int     either form with a 4-bit float (LLM-FP4) on either side: the formats of
                             the weight / the activation codes (`int8`: 8-bit integer activations)
 
@@ -185,7 +186,7 @@ def _format(q: qlinear.QLinear) -> str:
     if q.form == qlinear.WEIGHT_ONLY:
         return "W4A16"
     bits = q.a_bits if q.a_bits is not None else "?"
-    kind = "int" if q.fused else "fake-quant"
+    kind = ("int" if q.fused else "fake-quant") + (" dynamic" if q.dynamic else "")
     if q.w_format == formats.INT and q.a_format in (formats.INT, None):
         return f"W4A{bits} {kind}"
     a_format = f"int{bits}" if q.a_format == formats.INT else q.a_format or "?"

@@ -103,6 +103,11 @@ class QLinear:
     def fused(self) -> bool:
         return self.form == FUSED
 
+    @property
+    def dynamic(self) -> bool:
+        """Whether the activation step is computed per row at run time (`q4.token_steps`)."""
+        return _is(self.a_step, q4.token_steps.default)
+
 
 def _is(node: Any, op: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op

@@ -45,6 +45,12 @@ RECIPES: dict[str, str] = {
     "fp4-e2m1": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
     "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq},"
     "insert-quantizers{w-format=e2m1,a-format=e2m1,search-clip=true,weights=gptq},fuse-kernels",
+    # The dynamic reference of w4a4: the same passes, each token's activation step computed at run
+    # time from its own absmax (q4.token_steps, fused into the loop that rotates and quantizes;
+    # the epilogue multiplies by a_step[token] * w_step[n]). It shows what static steps cost.
+    "w4a4-dynamic": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,activations=dynamic,weights=gptq},"
+    "insert-quantizers{w-bits=4,a-bits=4,activations=dynamic,weights=gptq},fuse-kernels",
     # Weight-only int4 with GPTQ (activations stay in float): the fused q4.linear_w4a16.
     "w4a16": "analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=16,weights=gptq},fuse-kernels",
 }

@@ -318,7 +318,7 @@ def test_smoothquant_recipe_runs_end_to_end(llama):
 # (W4A4 / W4A8 fused linears, weight-only fused linears): w4a4 quantizes the head too (8-bit activations)
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,fused,weight_only", [("w4a4", 15, 0), ("w4a8", 14, 0), ("w4a16", 0, 14),
-                                                      ("fp4", 15, 0), ("fp4-e2m1", 15, 0)])
+                                                      ("fp4", 15, 0), ("fp4-e2m1", 15, 0), ("w4a4-dynamic", 15, 0)])
 def test_every_recipe_runs_end_to_end(llama, recipe, fused, weight_only):
     run = ids(12, seed=9)
     expected = llama(run).logits
@@ -329,6 +329,8 @@ def test_every_recipe_runs_end_to_end(llama, recipe, fused, weight_only):
     if recipe.startswith("fp4"):  # every linear but the head (int8 activations) has a 4-bit float weight and input
         linears = [q for n in art.graph_module.graph.nodes if (q := qlinear.match(n)) is not None and q.fused]
         assert sum(q.w_format in formats.FLOAT_FORMATS and q.a_format in formats.FLOAT_FORMATS for q in linears) == 14
+    if recipe == "w4a4-dynamic":  # every activation step is computed per token at run time
+        assert art.count_ops(torch.ops.q4.token_steps.default) == art.count_ops(torch.ops.q4.quantize_per_tensor.default)
     cosine = torch.nn.functional.cosine_similarity(out.logits.flatten(), expected.flatten(), dim=0)
     assert cosine > (0.9 if recipe != "w4a4" else 0.5), cosine
 

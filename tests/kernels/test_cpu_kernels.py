@@ -87,6 +87,18 @@ def test_linear_w4a4_with_a_float_weight_format_equals_reference_bit_exactly(m, 
             assert torch.equal(got, reference.linear_w4a4_ref(x, packed, w_step, a_step, b, out_dtype, fmt)), (n, out_dtype)
 
 
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+def test_linear_w4a4_with_a_step_per_row_equals_reference_bit_exactly(force_scalar):
+    """Dynamic activation steps (q4.token_steps): the epilogue multiplies by a_step[m] * w_step[n]."""
+    for m, k, n in [(1, 7, 5), (3, 65, 33), (17, 576, 6)]:
+        packed, w_step, g = make_weight(k, n, seed=m + k)
+        x = torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=g)
+        steps, b = torch.rand(m, 1, generator=g) + 0.01, torch.randn(n, generator=g)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            got = torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, steps, b, out_dtype, force_scalar)
+            assert torch.equal(got, reference.linear_w4a4_ref(x, packed, w_step, steps, b, out_dtype)), (m, k, n)
+
+
 def test_linear_w4a4_e3m0_extremes_over_a_long_k_are_exact():
     k = 11008
     x = torch.full((2, k), 64, dtype=torch.int8)
@@ -198,6 +210,23 @@ def test_inductor_lowering_of_a_float_format_linear_equals_the_eager_op(fmt, row
     assert ("q4_cpu.linear_w4a4" in lowered.code) == (rows <= 2)
     compiled = lowering.lower(gm, [x, packed, w_step, a_step, b], "inductor", "auto", mode=None)
     assert torch.equal(compiled(x, packed, w_step, a_step, b), linear(x, packed, w_step, a_step, b))
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # the kernel, and (SMALL_M lowered) the GEMM decomposition
+def test_inductor_lowering_with_dynamic_steps_equals_the_eager_ops(rows, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "SMALL_M", 2)
+    packed, w_step, g = make_weight(130, 37, seed=rows)
+    x, b = torch.randn(rows, 130, generator=g), torch.randn(37, generator=g)
+
+    def linear(x, packed, w_step, b):
+        steps = q4.token_steps(x, 4, 1.0)
+        return q4.linear_w4a4(q4.quantize_per_tensor(x, steps, 4), packed, w_step, steps, b, torch.float32)
+
+    gm = make_fx(linear)(x, packed, w_step, b)
+    lowered = make_fx(gm, decomposition_table=lowering.DECOMPOSITIONS)(x, packed, w_step, b)
+    assert "token_steps" not in lowered.code and "amax" in lowered.code  # a reduction Inductor fuses
+    compiled = lowering.lower(gm, [x, packed, w_step, b], "inductor", "auto", mode=None)
+    assert torch.equal(compiled(x, packed, w_step, b), linear(x, packed, w_step, b))
 
 
 def test_inductor_lowering_above_the_threshold_keeps_the_gemm_decomposition(monkeypatch):

@@ -294,3 +294,40 @@ def test_bad_format_helper_input():
     assert "bits" in bad(int4.quantize_weight_per_channel, torch.randn(2, 2), 5)
     assert "weight" in bad(int4.quantize_weight_per_channel, torch.ones(2, 2, dtype=torch.int32))
     assert "finite" in bad(int4.quantize_weight_per_channel, torch.tensor([[1.0, float("nan")]]))
+
+
+# --- dynamic activation steps (one per token, computed at run time) ----------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["int", "e2m1"])
+@pytest.mark.parametrize("m_shape", [(1,), (5,), (70,), (2, 3)])
+def test_token_steps_and_a_linear_with_row_steps_equal_the_references(fmt, m_shape):
+    g = torch.Generator().manual_seed(m_shape[0])
+    x, w, b = torch.randn(*m_shape, 65, generator=g), torch.randn(9, 65, generator=g), torch.randn(9, generator=g)
+    x[(0,) * len(m_shape)] = 0  # a row of zeros: step 1, codes 0
+    values, w_step = formats.quantize_weight_per_channel(w, fmt)
+    packed = formats.pack(values, fmt)
+    steps = q4.token_steps(x, 4, 0.9, fmt)
+    assert steps.shape == (*m_shape, 1) and torch.equal(steps, reference.token_steps_ref(x, 4, 0.9, fmt))
+    assert steps[(0,) * len(m_shape)].item() == 1.0
+    codes = q4.quantize_per_tensor(x, steps, 4, fmt)
+    assert torch.equal(codes, reference.quantize_per_tensor_ref(x, steps, 4, fmt))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = q4.linear_w4a4(codes, packed, w_step, steps, b, out_dtype, fmt)
+        assert torch.equal(got, reference.linear_w4a4_ref(codes, packed, w_step, steps, b, out_dtype, fmt))
+    fake = torch.nn.functional.linear(q4.dequantize_per_tensor(codes, steps, torch.float32),
+                                      q4.dequantize_weight_int4(packed, w_step, 65, torch.float32, fmt), b)
+    torch.testing.assert_close(q4.linear_w4a4(codes, packed, w_step, steps, b, torch.float32, fmt), fake,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_row_steps_opcheck_and_bad_shapes():
+    x_codes, packed, w_step, _, b = make_linear((2, 3), 12, 7, True)
+    steps = torch.rand(2, 3, 1) + 0.01
+    torch.library.opcheck(q4.linear_w4a4.default, (x_codes, packed, w_step, steps, b, torch.float32))
+    torch.library.opcheck(q4.token_steps.default, (torch.randn(2, 3, 12), 4, 1.0))
+    torch.library.opcheck(q4.quantize_per_tensor.default, (torch.randn(2, 3, 12), steps, 4))
+    assert "'a_step'" in bad(q4.linear_w4a4, x_codes, packed, w_step, steps[:, :2], b, torch.float32)
+    assert "'step'" in bad(q4.quantize_per_tensor, torch.randn(2, 3, 12), steps.reshape(2, 3), 4)
+    assert "'clip'" in bad(q4.token_steps, torch.randn(3, 4), 4, 0.0)
+    assert "'x'" in bad(q4.token_steps, torch.zeros(3, 4, dtype=torch.int8), 4)

@@ -68,6 +68,16 @@ def test_w4a4_is_bit_exact_with_the_reference(m_shape, n, k, bias, out_dtype):
     assert torch.equal(got.cpu(), reference.linear_w4a4_ref(*args, out_dtype))
 
 
+@pytest.mark.parametrize("m_shape", M_SHAPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_w4a4_with_a_step_per_row_is_bit_exact_with_the_reference(m_shape, out_dtype):
+    """Dynamic activation steps: a_step [..., 1], one per row, a_step[m] * w_step[n] in the epilogue."""
+    x, packed, w_step, _, b = w4_args(m_shape, 100, 257, True)
+    steps = torch.rand(*m_shape, 1, generator=gen(7)) + 0.01
+    got = triton_gemm.linear_w4a4(*to_device(x, packed, w_step, steps, b), out_dtype)
+    assert torch.equal(got.cpu(), reference.linear_w4a4_ref(x, packed, w_step, steps, b, out_dtype))
+
+
 def test_w4a4_accumulates_extreme_codes_exactly():
     # every product is (-128) * (-8): acc = 257 * 1024 per element, and the int8 x int4 extremes
     x = torch.full((3, 257), -128, dtype=torch.int8)

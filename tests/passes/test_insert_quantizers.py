@@ -179,3 +179,36 @@ def test_format_search_takes_the_format_with_the_least_output_error():
 def test_bad_format_options_are_pipeline_errors(options, message):
     with pytest.raises(PipelineError, match=message):
         run_pass("insert-quantizers", capture(TwoHeads().eval(), torch.randn(2, 3, 16)), **options)
+
+
+def test_dynamic_activations_before_after_ir():
+    """activations=dynamic: a q4.token_steps per activation gives each token its step at run time;
+    the quantize, the dequantize and, after fuse-kernels, the integer kernel read it."""
+    x = torch.randn(2, 3, 16)
+    model = TwoHeads().eval()
+    result, stats = run_pass("insert-quantizers", capture(model, x), activations="dynamic")
+    assert stats["linears-quantized"] == 3 and stats["quantizers-shared"] == 1
+    (FileCheck()
+        .check("q4.token_steps.default(layer_norm, 4, 1.0)")
+        .check("q4.quantize_per_tensor.default(layer_norm, token_steps_default, 4)")
+        .check("q4.dequantize_per_tensor.default(quantize_per_tensor_default, token_steps_default")
+        .check("q4.token_steps.default(add, 4, 1.0)")
+        .run(result.graph_module.code))
+    assert not any(n.endswith("_a_step") for n, _ in result.graph_module.named_buffers())  # no calibrated steps
+    got = result.graph_module(x)[0]
+    with torch.no_grad():  # the per-token fake-quant semantics
+        h = model.norm(x)
+
+        def fake(x, linear):
+            step = reference.token_steps_ref(x, 4)
+            x_dq = reference.quantize_per_tensor_ref(x, step, 4).float() * step
+            codes, w_step = formats.quantize_weight_per_channel(linear.weight, "int")
+            return torch.nn.functional.linear(x_dq, codes * w_step[:, None], linear.bias)
+
+        expected = fake(fake(h, model.q) + fake(h, model.k), model.out)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    fused, _ = run_pass("fuse-kernels", result.graph_module)
+    FileCheck().check("q4.linear_w4a4.default(quantize_per_tensor_default, q_weight_packed, q_weight_step, "
+                      "token_steps_default").run(fused.graph_module.code)
+    torch.testing.assert_close(fused.graph_module(x)[0], got, rtol=1e-5, atol=1e-5)
+    assert "W4A4 int dynamic" in format_graph(fused.graph_module)
