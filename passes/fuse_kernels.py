@@ -81,13 +81,12 @@ class FuseKernels(QPass):
             q = qlinear.match(node)
             if q is None or q.form not in (qlinear.FAKE_QUANT, qlinear.WEIGHT_ONLY) or q.w_dq is None:
                 continue  # not a quantized linear, or already the fused weight-only op
-            if q.form == qlinear.WEIGHT_ONLY and q.w_format != formats.INT:  # the weight-only kernel reads int4
-                self.count("linears-not-fused")
-                continue
-            if q.form == qlinear.WEIGHT_ONLY:
+            if q.form == qlinear.WEIGHT_ONLY and q.w_format == formats.INT:
                 dtype = q.w_dq.args[3]  # the weight's dtype, which aten.linear gives its output
                 target, args, sources = q4.linear_w4a16.default, (q.x, q.packed, q.w_step, q.bias, dtype), [node, q.w_dq]
-            elif q.quant is None:  # codes from elsewhere: no activation step to fuse with
+            elif q.form == qlinear.WEIGHT_ONLY or q.quant is None:
+                # a 4-bit float weight-only linear (the weight-only kernel reads int4), or codes from
+                # elsewhere (no activation step to fuse with)
                 self.count("linears-not-fused")
                 continue
             else:

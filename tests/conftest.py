@@ -76,11 +76,11 @@ def smollm2():
 @pytest.fixture(scope="session")
 def eval_table() -> subprocess.CompletedProcess:
     """`qcompile eval` on both real models, short (1024 tokens of Pride and Prejudice, 4 batches
-    of Emma, 20 sentences), FP32, w4a4-rtn and w4a4, run once as a user runs it: the accuracy test
-    (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read its table."""
+    of Emma, 20 sentences), FP32, w4a4-rtn, w4a4 and fp4, run once as a user runs it: the accuracy
+    test (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read its table."""
     return subprocess.run(
         [sys.executable, "-m", "qcompile", "eval", "--tokens", "1024", "--calibration-batches", "4",
-         "--sentences", "20", "--recipes", "w4a4-rtn,w4a4"],
+         "--sentences", "20", "--recipes", "w4a4-rtn,w4a4,fp4"],
         capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 

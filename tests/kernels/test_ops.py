@@ -274,7 +274,7 @@ def test_bad_quantize_and_dequantize_arguments():
     assert "'x'" in bad(q4.quantize_per_tensor, torch.ones(3, dtype=torch.int8), step, 4)
     assert "'bits'" in bad(q4.quantize_per_tensor, torch.randn(3), step, 1)
     assert "'bits'" in bad(q4.quantize_per_tensor, torch.randn(3), step, 9)
-    assert "'step'" in bad(q4.quantize_per_tensor, torch.randn(3), torch.tensor([0.1]), 4)
+    assert "'step'" in bad(q4.quantize_per_tensor, torch.randn(3), torch.tensor([0.1, 0.2]), 4)  # neither () nor [1]
     assert "'codes'" in bad(q4.dequantize_per_tensor, torch.ones(3, dtype=torch.int32), step, torch.float32)
     assert "'dtype'" in bad(q4.dequantize_per_tensor, torch.ones(3, dtype=torch.int8), step, torch.int8)
     packed = int4.pack_int4(torch.zeros(4, 6, dtype=torch.int8))

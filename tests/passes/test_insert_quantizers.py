@@ -97,7 +97,7 @@ def test_each_linear_records_the_run_that_took_it():
     assert records["out"] == ir.QuantizedBy(
         w_bits=4, a_bits=8, rounded=True, weights="rtn", act_clip=1.0,
         run="insert-quantizers{w-bits=4,a-bits=8,skip=lm_head,only=^out$,search-clip=false,"
-            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int}")
+            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,activations=static}")
     # a rounding=false run takes q and k without changing them: the record says so
     assert records["q"] == records["k"] == ir.QuantizedBy(4, 4, False, "rtn", None, records["q"].run)
     assert "rounding=false" in records["q"].run
