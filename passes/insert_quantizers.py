@@ -1,4 +1,4 @@
-"""insert-quantizers: quantize linear weights per output channel and their inputs per tensor.
+"""insert-quantizers: quantize linear weights per output channel and their inputs per tensor (or token).
 
 Every `aten.linear` whose weight is a frozen constant and whose input has calibration statistics
 gets a fake-quantized form that runs as it stands (the "fake-quant reference" of the recipe):
@@ -129,7 +129,8 @@ def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0, fmt: str
 @register_pass
 class InsertQuantizers(QPass):
     name = "insert-quantizers"
-    summary = "Quantize linear weights per output channel and their inputs per tensor (static)."
+    summary = ("Quantize linear weights per output channel and their inputs per tensor (static) or per token "
+               "(dynamic), as integers or 4-bit floats.")
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
                   "weights-gptq", "linears-not-rounded", "formats-searched")
@@ -243,14 +244,15 @@ class InsertQuantizers(QPass):
         searched = len(w_formats) > 1 or len(a_formats) > 1 or (wants_clip and a_formats != (formats.INT,))
         if searched and stats.samples.shape[0]:
             clips = search.CLIPS if wants_clip else (clip or 1.0,)
+
             def run_search():  # the memo holds numbers: the chosen formats by their index
                 w, a, found, error = search.search_formats(stats.samples, weight, w_formats, a_formats, clips,
-                                                           opts.a_bits)
+                                                           opts.w_bits, opts.a_bits)
                 return w_formats.index(w), a_formats.index(a), found, error
 
             w_index, a_index, found, _ = memoized(
                 gm, "search-formats", stem, (stats.samples, weight, "|".join(w_formats), "|".join(a_formats),
-                                             *clips, opts.a_bits), run_search)
+                                             *clips, opts.w_bits, opts.a_bits), run_search)
             if wants_clip:
                 clip = node.meta[ir.ACT_CLIP] = float(found)
             self.count("formats-searched")

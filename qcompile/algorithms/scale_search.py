@@ -54,21 +54,20 @@ def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch
 
 
 def search_formats(x: torch.Tensor, weight: torch.Tensor, w_formats: Sequence[str], a_formats: Sequence[str],
-                   clips: Sequence[float], a_bits: int, rounds: int = 2,
-                   weight_quantizer=None) -> tuple[str, str, float, float]:
+                   clips: Sequence[float], w_bits: int, a_bits: int, rounds: int = 2) -> tuple[str, str, float, float]:
     """(weight format, activation format, activation clip, error): LLM-FP4's per-layer search.
 
     Minimizes the layer-output error ||x W^T - Q_a(x) Q_w(W)^T||^2 on the samples, alternating: the
     weight's format first (against float activations), then the activation's format and clipping
     ratio against the quantized weight, then the weight's again against the quantized
-    activation, `rounds` times. `weight_quantizer(weight, fmt)` gives the dequantized weight of a
-    format (default: per-row round to nearest); each format's is computed once.
+    activation, `rounds` times. Weights are rounded to nearest per row (GPTQ comes after the choice);
+    each candidate's dequantized weight and activation is computed once. Bits apply to `int`
+    (the float formats are 4-bit).
     """
-    quantize = weight_quantizer or (lambda w, fmt: fake_quant_weight(w, 4, fmt))
     w = weight.float()
     reference = x @ w.t()
     absmax = x.abs().max().item()
-    dequantized = {fmt: quantize(w, fmt) for fmt in w_formats}
+    dequantized = {fmt: fake_quant_weight(w, w_bits if fmt == formats.INT else 4, fmt) for fmt in w_formats}
     activations: dict[tuple[str, float], torch.Tensor] = {}
 
     def quantized_x(fmt: str, clip: float) -> torch.Tensor:
