@@ -28,6 +28,11 @@ with its reason in `q4_float_reason` meta and is counted in `linears-left-in-flo
 that multiply by a constant (matmul, conv, ...) stay in float and are counted in
 `unhandled-ops-in-float`.
 
+A weight row or a calibrated activation that is all zeros has no range: its step is 1 (its codes
+are 0), never 0, infinite or NaN, whatever the format, and `steps-fallback` counts the linears
+concerned. Non-finite calibration values never get here: calibration stops on them, naming the
+batch.
+
 Each linear a run takes (rounding or not) records what was done in `q4_quantized` meta, an
 `ir.QuantizedBy`:
 
@@ -133,7 +138,7 @@ class InsertQuantizers(QPass):
                "(dynamic), as integers or 4-bit floats.")
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
-                  "weights-gptq", "linears-not-rounded", "formats-searched")
+                  "weights-gptq", "linears-not-rounded", "formats-searched", "steps-fallback")
     after = {
         "migrate-scales": "it rewrites float weight constants, which insert-quantizers replaces with packed codes",
         "fold-scales": "it folds scales into float weight constants, which insert-quantizers replaces with packed codes",
@@ -200,6 +205,11 @@ class InsertQuantizers(QPass):
             else:
                 codes, w_step = formats.quantize_weight_per_channel(weight, w_format, opts.w_bits)
                 packed = formats.pack(codes, w_format)
+            # an all-zero weight row or activation has no range: its step is 1 (codes 0), never 0 or NaN
+            zero_rows = int((weight.detach().abs().amax(dim=1) == 0).sum()) if weight.shape[1] else weight.shape[0]
+            if zero_rows or (opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
+                             and not bool(stats.absmax.max() > 0)):
+                self.count("steps-fallback")
             format_arg = () if w_format == formats.INT else (w_format,)
             with graph.inserting_before(node):
                 if opts.a_bits == FLOAT_ACTIVATIONS:

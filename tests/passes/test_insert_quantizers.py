@@ -68,11 +68,19 @@ def test_skip_keeps_matching_linears_in_float():
     FileCheck().check("q4.quantize_per_tensor").check("aten.add").check_not("q4.").run(result.graph_module.code)
 
 
-def test_all_zero_activation_gets_a_finite_step():
-    gm = capture(Zero().eval(), torch.randn(2, 4))
-    result, _ = run_pass("insert-quantizers", gm)
+@pytest.mark.parametrize("options", [{}, {"w_format": "search", "a_format": "search", "search_clip": True},
+                                     {"activations": "dynamic"}])
+def test_all_zero_activation_and_weight_rows_get_finite_steps_and_are_counted(options):
+    model = Zero().eval()
+    with torch.no_grad():
+        model.lin.weight[1] = 0  # a weight row of zeros too
+    gm = capture(model, torch.randn(2, 4))
+    result, stats = run_pass("insert-quantizers", gm, **options)
+    assert stats["steps-fallback"] == 1
     out = result.graph_module(torch.randn(2, 4))[0]
     assert torch.isfinite(out).all()
+    steps = [b for name, b in result.graph_module.named_buffers() if name.endswith("_step")]
+    assert steps and all(bool(torch.isfinite(b).all() and (b > 0).all()) for b in steps)
 
 
 def test_two_runs_give_different_linears_different_bits():
