@@ -83,3 +83,23 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4,
         w[:, end:] -= errors @ hinv[start:end, end:]
     inverse = torch.argsort(order)
     return codes[:, inverse].to(torch.int8), step
+
+
+def low_rank_compensation(error: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [N, r], B [r, K]) minimizing the layer-output error of the weight's quantization error
+    E = W - Q(W) [N, K] left after subtracting A B: ||X (E - A B)^T||^2 = ||(E - A B) L||_F^2 with
+    H = X^T X = L L^T (damped like GPTQ's). The best rank-r approximation of E L (its top singular
+    triplets, U_r S_r V_r^T) divided by L on the right: A = U_r S_r, B = V_r^T L^-1 (ZeroQuant-V2's
+    LoRC, weighted by the input as GPTQ is; MergeQuant's compensation)."""
+    k = error.shape[1]
+    h = gram.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(DAMPING * torch.mean(torch.diag(h)))
+    lower = torch.linalg.cholesky(h)
+    u, s, vh = torch.linalg.svd(error.to(torch.float64) @ lower, full_matrices=False)
+    r = min(rank, s.numel())
+    a = u[:, :r] * s[:r]
+    # B = V_r^T L^-1, i.e. B^T = L^-T V_r: one triangular solve
+    b = torch.linalg.solve_triangular(lower.t(), vh[:r].t(), upper=True).t()
+    return a.to(torch.float32), b.reshape(r, k).to(torch.float32)

@@ -52,6 +52,8 @@ FLOAT_REASON = "q4_float_reason"
 PASSES_RUN = "q4_passes_run"
 # the insert-quantizers run that took a linear (rounded or, with rounding=false, not): QuantizedBy
 QUANTIZED = "q4_quantized"
+# on the two float linears of a low-rank compensation: the module path of the linear they compensate
+LOW_RANK = "q4_low_rank"
 
 
 @dataclasses.dataclass(frozen=True)

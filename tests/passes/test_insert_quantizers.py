@@ -105,7 +105,7 @@ def test_each_linear_records_the_run_that_took_it():
     assert records["out"] == ir.QuantizedBy(
         w_bits=4, a_bits=8, rounded=True, weights="rtn", act_clip=1.0,
         run="insert-quantizers{w-bits=4,a-bits=8,skip=lm_head,only=^out$,search-clip=false,"
-            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,activations=static}")
+            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,low-rank=0,activations=static}")
     # a rounding=false run takes q and k without changing them: the record says so
     assert records["q"] == records["k"] == ir.QuantizedBy(4, 4, False, "rtn", None, records["q"].run)
     assert "rounding=false" in records["q"].run
@@ -224,3 +224,57 @@ def test_dynamic_activations_before_after_ir():
                       "token_steps_default").run(fused.graph_module.code)
     torch.testing.assert_close(fused.graph_module(x)[0], got, rtol=1e-5, atol=1e-5)
     assert "W4A4 int dynamic" in format_graph(fused.graph_module)
+
+
+def test_low_rank_compensation_before_after_ir_and_it_lowers_the_output_error():
+    """low-rank=r (LoRC): two float linears on the quantizer's input, added to the quantized
+    output; they stay float (a later run leaves them). Fitted through the Gram matrix, they lower
+    the error the weights' rounding leaves (measured weight-only: with 4-bit activations their
+    error adds to it, and on a model this small, signs of the two can cancel either way)."""
+    model = TwoHeads().eval()
+    x = torch.randn(4, 8, 16)
+    gram = "insert-quantizers{weights=gptq}"  # the capture collects what that pipeline reads: Gram matrices
+    plain, _ = run_pass("insert-quantizers", capture(model, x, pipeline=gram), weights="gptq")
+    result, stats = run_pass("insert-quantizers", capture(model, x, pipeline=gram), weights="gptq", low_rank=4)
+    assert stats["linears-compensated"] == 3 and stats["linears-quantized"] == 3
+    code = result.graph_module.code
+    (FileCheck()
+        .check("q4.dequantize_weight_int4.default(q_weight_packed")
+        .check("aten.linear.default(dequantize_per_tensor_default, dequantize_weight_int4_default, q_bias)")
+        .check("aten.linear.default(layer_norm, q_weight_low_rank_b)")
+        .check("aten.linear.default(linear_default_1, q_weight_low_rank_a)")
+        .check("aten.add.Tensor(linear_default, linear_default_2)")
+        .run(code))
+    low = [n for n in result.graph_module.graph.nodes if ir.LOW_RANK in n.meta]
+    assert len(low) == 6 and all(ir.FLOAT_REASON in n.meta and ir.QUANTIZED not in n.meta for n in low)
+    assert tuple(dict(result.graph_module.named_buffers())["q_weight_low_rank_a"].shape) == (8, 4)
+    again, again_stats = run_pass("insert-quantizers", result.graph_module)  # a later run: nothing left to take
+    assert again_stats["linears-quantized"] == 0 and again_stats["linears-left-in-float"] == 0
+    fused, _ = run_pass("fuse-kernels", result.graph_module)
+    torch.testing.assert_close(fused.graph_module(x)[0], result.graph_module(x)[0], rtol=1e-5, atol=1e-5)
+
+    expected = model(x)
+    error = lambda gm: (gm(x)[0] - expected).pow(2).sum().item()  # noqa: E731
+    weight_only = {"weights": "gptq", "a_bits": 16}
+    plain, _ = run_pass("insert-quantizers", capture(model, x, pipeline=gram), **weight_only)
+    compensated, _ = run_pass("insert-quantizers", capture(model, x, pipeline=gram), **weight_only, low_rank=4)
+    assert error(compensated.graph_module) < 0.7 * error(plain.graph_module)
+
+
+def test_low_rank_compensation_fits_the_error_through_the_gram_matrix():
+    """With rank K the compensation is exact; with rank r it is the best rank-r fit of the output
+    error ||X E^T||: no rank-r term does better than its, a random one does worse."""
+    from qcompile.algorithms import gptq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 12, generator=g) * torch.linspace(0.1, 3, 12)
+    error = torch.randn(7, 12, generator=g)
+    gram = x.t() @ x
+    a, b = gptq.low_rank_compensation(error, gram, 12)
+    torch.testing.assert_close(a @ b, error, rtol=1e-4, atol=1e-4)
+    a, b = gptq.low_rank_compensation(error, gram, 3)
+    assert a.shape == (7, 3) and b.shape == (3, 12)
+    left = (x @ (error - a @ b).t()).pow(2).sum()
+    plain_u, plain_s, plain_v = torch.linalg.svd(error)  # the unweighted rank-3 fit (LoRC without the input)
+    plain = (x @ (error - (plain_u[:, :3] * plain_s[:3]) @ plain_v[:3]).t()).pow(2).sum()
+    assert left < plain and left < (x @ error.t()).pow(2).sum()
