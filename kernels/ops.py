@@ -104,8 +104,8 @@ def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, ch
 
 @torch.library.custom_op("q4::quantize_per_tensor", mutates_args=())
 def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int") -> torch.Tensor:
-    """Static per-tensor quantize, int8 codes of x's shape: the value of the format nearest to
-    float32(x) / step (`formats.round_to_format`: ties to even, saturating). For `int`:
+    """Per-tensor (or per-row) quantize, int8 codes of x's shape: the value of the format nearest
+    to float32(x) / step (`formats.round_to_format`: ties to even, saturating). For `int`:
 
         codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1)
 
