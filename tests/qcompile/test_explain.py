@@ -235,3 +235,13 @@ def test_cli_help_and_bad_recipe(capsys):
         main(["--recipe", "nope"])
     assert exit_.value.code == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe,runs_as", [("fp4-e2m1", "FP4 e2m1/e2m1 fused"), ("w4a4-dynamic", "W4A4 fused dynamic")])
+def test_fp4_and_dynamic_linears_say_so(recipe, runs_as):
+    """An FP4 linear names its weight / activation formats; a dynamic one its per-token steps."""
+    model = tiny_llama()
+    report = explain(model, llama_inputs(), recipe=recipe, **QUIET)
+    rows = [r for r in report.linears if r.module != "lm_head"]
+    assert rows and {r.runs_as for r in rows} == {runs_as}
+    assert all(r.sqnr_db is not None and math.isfinite(r.sqnr_db) for r in rows)

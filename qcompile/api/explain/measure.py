@@ -153,7 +153,8 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
         reason = ""
         if q.quantized:
             a_bits = q.a_bits if q.a_bits is not None else 16
-            kind = "fused" if q.fused else "fake-quant" if a_bits != 16 else "weight-only"
+            kind = ("fused" if q.fused else "fake-quant" if a_bits != 16 else "weight-only") + \
+                (" dynamic" if q.dynamic else "")  # a step per token at run time
             runs_as = f"W{w_bits if w_bits is not None else '?'}A{a_bits} {kind}"
             if q.w_format not in (formats.INT, None) or q.a_format not in (formats.INT, None):  # LLM-FP4
                 runs_as = f"FP4 {q.w_format}/{q.a_format or 'float'} {kind}"
