@@ -101,7 +101,6 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     """
     k, n = x_codes.shape[-1], w_packed.shape[0]
     x2 = x_codes.reshape(-1, k)
-    a_step = a_step.reshape(-1, 1) if a_step.dim() else a_step  # a dynamic step per row
     blocks = []
     for start in range(0, n, GEMM_COLUMNS):
         rows = slice(start, start + GEMM_COLUMNS)

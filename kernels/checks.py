@@ -47,6 +47,12 @@ def check_step(op: str, arg: str, step: torch.Tensor, shape: tuple, check_values
             fail(op, arg, "finite and > 0", f"{value}{where}")
 
 
+def activation_step_shape(x: torch.Tensor, step: torch.Tensor) -> tuple:
+    """The shape an activation step of `x` must have: () per tensor, or x's leading dims and 1
+    per row (a dynamic step) when `step` has any dims."""
+    return () if step.dim() == 0 else (*x.shape[:-1], 1)
+
+
 def check_float_dtype(op: str, arg: str, dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         fail(op, arg, "float32, float16 or bfloat16", str(dtype))

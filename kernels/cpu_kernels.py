@@ -76,7 +76,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_bias, check_float_dtype, check_packed, check_step, describe, fail
+from .checks import activation_step_shape, check_bias, check_float_dtype, check_packed, check_step, describe, fail
 
 SMALL_M = 64  # rows up to which the q4 ops and the lowering call the W4A4 kernel (the measured crossover)
 SMALL_M_W4A16 = 256  # ... and the W4A16 one: its other path dequantizes the whole weight to float
@@ -141,8 +141,7 @@ def _register_fakes() -> None:
             fail("linear_w4a4", "w_values", "None or 16 ints (each nibble's value)", repr(w_values))
         if x_codes.dtype != torch.int8:
             fail("linear_w4a4", "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
-        check_step("linear_w4a4", "a_step", a_step, () if a_step.dim() == 0 else (*x_codes.shape[:-1], 1),
-                   check_values=False)
+        check_step("linear_w4a4", "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=False)
         _check_cpu_linear("linear_w4a4", x_codes, "x_codes", w_packed, w_step, bias, out_dtype)
         return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 

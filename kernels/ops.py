@@ -46,6 +46,7 @@ import torch
 from . import cpu_kernels, formats
 from .checks import (
     KernelArgumentError,  # noqa: F401  (the error the ops raise, importable from here)
+    activation_step_shape,
     check_bias,
     check_device,
     check_float_dtype,
@@ -83,12 +84,6 @@ def check_format(op: str, arg: str, fmt: str, bits: int = 4) -> None:
         fail(op, arg, f"one of {', '.join(formats.FORMATS)}", repr(fmt))
     if fmt != formats.INT and bits != 4:
         fail(op, "bits", f"4 for the 4-bit float format {fmt!r}", repr(bits))
-
-
-def activation_step_shape(x: torch.Tensor, step: torch.Tensor) -> tuple:
-    """The shape an activation step of `x` must have: () per tensor, or x's leading dims and 1
-    per row (a dynamic step) when `step` has any dims."""
-    return () if step.dim() == 0 else (*x.shape[:-1], 1)
 
 
 def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, check_values: bool) -> None:
@@ -251,8 +246,7 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
                                             cpu_kernels.FORCE_SCALAR, nibble_table(w_format))
     k = x_codes.shape[-1]
     acc = int_matmul(x_codes.reshape(-1, k), formats.unpack(w_packed, k, w_format))
-    return epilogue(acc, a_step.reshape(-1, 1) if a_step.dim() else a_step, w_step, bias,
-                    out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
+    return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 
 def nibble_table(fmt: str) -> Optional[list[int]]:

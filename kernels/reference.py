@@ -20,7 +20,8 @@ def epilogue(acc: torch.Tensor, a_step: torch.Tensor, w_step: torch.Tensor, bias
     """out = (float32(acc) * (a_step * w_step) + float32(bias)).to(out_dtype): the one epilogue.
 
     `acc` is the int32 accumulator [M, N]; its float32 conversion is exact while |acc| < 2**24.
-    a_step is 0-dim, or [M, 1] (a dynamic step per row). The product of the steps is rounded
+    a_step is 0-dim, or one step per row of acc, of any shape [..., 1] (a dynamic step, as
+    q4.token_steps makes it: x's leading dims). The product of the steps is rounded
     first (one float32 [N] vector, or [M, N] with row steps), then each element is
     multiplied once, then the bias added once, all in float32. In-place ops on the fresh float32
     copy of `acc` save allocating (and page-faulting) two more [M, N] buffers; same rounding.
@@ -29,7 +30,7 @@ def epilogue(acc: torch.Tensor, a_step: torch.Tensor, w_step: torch.Tensor, bias
     if acc.dtype != torch.int32:
         raise TypeError(f"epilogue: acc must be an int32 accumulator, got {acc.dtype}")
     out = acc.to(torch.float32)
-    scale = a_step * w_step
+    scale = (a_step.reshape(-1, 1) if a_step.dim() else a_step) * w_step
     out = out.mul_(scale) if in_place else out * scale
     if bias is not None:
         out = out.add_(bias.to(torch.float32)) if in_place else out + bias.to(torch.float32)
@@ -86,7 +87,6 @@ def linear_w4a4_ref(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch
     x2 = x_codes.reshape(-1, k).to(torch.int64)
     w = unpack_ref(w_packed, k, w_format).to(torch.int64)
     acc = (x2 @ w.t()).to(torch.int32)
-    a_step = a_step.reshape(-1, 1) if a_step.dim() else a_step  # per row: a_step[m] * w_step[n]
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w.shape[0])
 
 

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from . import formats
 from .checks import (
+    activation_step_shape,
     check_bias,
     check_contiguous,
     check_device,
@@ -249,7 +250,7 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
         fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
     k = x_codes.shape[-1]
     check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
-    check_step(op, "a_step", a_step, () if a_step.dim() == 0 else (*x_codes.shape[:-1], 1), check_values=check_values)
+    check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=check_values)
     check_bias(op, bias, w_packed.shape[0])
     check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
     check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)

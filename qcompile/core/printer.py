@@ -79,7 +79,6 @@ import torch
 from torch import fx
 
 from qcompile.core import ir, qlinear
-from qcompile.kernels import formats
 
 __all__ = ["format_graph"]
 
@@ -187,11 +186,7 @@ def _format(q: qlinear.QLinear) -> str:
         return "W4A16"
     bits = q.a_bits if q.a_bits is not None else "?"
     kind = ("int" if q.fused else "fake-quant") + (" dynamic" if q.dynamic else "")
-    if q.w_format == formats.INT and q.a_format in (formats.INT, None):
-        return f"W4A{bits} {kind}"
-    a_format = f"int{bits}" if q.a_format == formats.INT else q.a_format or "?"
-    w_format = "int4" if q.w_format == formats.INT else q.w_format
-    return f"FP4 {w_format}/{a_format} {kind}"
+    return f"FP4 {q.float_formats} {kind}" if q.float_formats else f"W4A{bits} {kind}"
 
 
 # --- the printer ---------------------------------------------------------------------------------

@@ -104,6 +104,15 @@ class QLinear:
         return self.form == FUSED
 
     @property
+    def float_formats(self) -> str | None:
+        """`e2m1/e3m0`: the weight / activation formats when either is a 4-bit float (LLM-FP4),
+        an integer side named by its bits (`int4`, `int8`); None for an integer linear."""
+        if self.w_format in (INT, None) and self.a_format in (INT, None):
+            return None
+        a_format = f"int{self.a_bits}" if self.a_format == INT else self.a_format or "float"
+        return f"{'int4' if self.w_format == INT else self.w_format}/{a_format}"
+
+    @property
     def dynamic(self) -> bool:
         """Whether the activation step is computed per row at run time (`q4.token_steps`)."""
         return _is(self.a_step, q4.token_steps.default)

@@ -21,7 +21,6 @@ from qcompile.api.explain.report import LinearRow
 from qcompile.core import ir, qlinear
 from qcompile.core.instrument import Instrument
 from qcompile.core.pass_api import PassResult, QPass
-from qcompile.kernels import formats
 
 __all__ = ["Recorder", "linear_rows"]
 
@@ -156,8 +155,8 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
             kind = ("fused" if q.fused else "fake-quant" if a_bits != 16 else "weight-only") + \
                 (" dynamic" if q.dynamic else "")  # a step per token at run time
             runs_as = f"W{w_bits if w_bits is not None else '?'}A{a_bits} {kind}"
-            if q.w_format not in (formats.INT, None) or q.a_format not in (formats.INT, None):  # LLM-FP4
-                runs_as = f"FP4 {q.w_format}/{q.a_format or 'float'} {kind}"
+            if q.float_formats:  # LLM-FP4
+                runs_as = f"FP4 {q.float_formats} {kind}"
             w_bits = w_bits if w_bits is not None else 4  # packed int4 storage
         elif record is not None and not record.rounded and reference is not None and reference.weight is not None:
             a_bits = record.a_bits
