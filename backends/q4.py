@@ -100,7 +100,7 @@ class Q4Backend:
         # a saved artifact's own pipeline, replayed on its statistics and results
         pipeline = parse_pipeline(saved.pipeline) if saved is not None else pipeline_for(opts)
         base = PassManager.from_options(pipeline, opts, stream=sys.stderr)
-        manager = PassManager(pipeline, [*base.instruments, *self.instruments()], stream=sys.stderr)
+        manager = PassManager(pipeline, [*base.instruments, *self.instruments()], stream=sys.stderr, progress=opts.progress)
         prepared = prepare(gm, example_inputs, opts, frame, None if saved is not None else self.calibration_cache,
                            manager.on_stage, pipeline.calibration_needs())
         frozen, inputs = prepared.graph_module, [example_inputs[i] for i in prepared.keep]

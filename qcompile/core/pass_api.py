@@ -46,13 +46,16 @@ import dataclasses
 import re
 import typing
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
 
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from tqdm.auto import tqdm
 
 from qcompile.core import analysis, ir
+
+T = TypeVar("T")
 
 __all__ = [
     "PassResult",
@@ -149,6 +152,7 @@ class QPass(PassBase):
         self.stats: Counter[str] = Counter({s: 0 for s in self.statistics})
         # The node `nodes()` last handed out: the pass manager names it when the pass fails.
         self.current_node: Node | None = None
+        self.show_progress = False  # the pass manager turns it on (`progress`)
 
     def __call__(self, graph_module: GraphModule) -> PassResult | None:
         """Run the pass (`requires` -> `call` -> `ensures`); then record on the graph that it ran
@@ -163,10 +167,18 @@ class QPass(PassBase):
                 analysis.invalidate(graph_module)
         return result
 
+    def progress(self, items: Iterable[T], unit: str) -> Iterable[T]:
+        """`items`, under a progress bar when the pass manager shows progress (`show_progress`,
+        from the `progress` option). The bar appears only after two seconds: quick passes print
+        nothing, long ones (GPTQ, searches, learning) say how far they are."""
+        if not self.show_progress:
+            return items
+        return tqdm(items, desc=f"q4 {self.name}", unit=unit, leave=False, delay=2.0)
+
     def nodes(self, graph_module: GraphModule) -> Iterator[Node]:
         """Iterate a snapshot of the graph's nodes (safe to edit the graph meanwhile), keeping
         the node at hand in `current_node` so that a failure can name it."""
-        for node in list(graph_module.graph.nodes):
+        for node in self.progress(list(graph_module.graph.nodes), "node"):
             self.current_node = node
             yield node
         self.current_node = None

@@ -84,8 +84,9 @@ class PassManager:
     """Runs `pipeline` over a graph module, calling `instruments` around each pass."""
 
     def __init__(self, pipeline: Pipeline | str, instruments: Iterable[Instrument] = (),
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, progress: bool = False):
         self.pipeline = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+        self.progress = progress  # passes show progress bars on long loops (`QPass.progress`)
         self.stream = stream if stream is not None else sys.stderr
         self.instruments = list(instruments)
         for instrument in self.instruments:
@@ -114,7 +115,7 @@ class PassManager:
             instruments.append(Timing())
         if o.stats:
             instruments.append(Statistics())
-        return cls(pipeline, instruments, stream)
+        return cls(pipeline, instruments, stream, progress=o.progress)
 
     def on_stage(self, name: str, gm: fx.GraphModule) -> None:
         """Report a stage outside the pipeline (e.g. "capture", "normalize") to the instruments."""
@@ -136,6 +137,7 @@ class PassManager:
     def _run_pass(self, index: int, qpass: QPass, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassRecord]:
         for instrument in self.instruments:
             instrument.before_pass(index, qpass, gm)
+        qpass.show_progress = self.progress
         try:
             start = time.perf_counter()
             result: Any = qpass(gm)  # PassBase.__call__: requires -> call -> ensures
