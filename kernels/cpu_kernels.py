@@ -19,6 +19,10 @@ products.
         float32 x [..., K] with every block of n (a power of two) consecutive values multiplied by
         the normalized Sylvester-Hadamard matrix: a fast Walsh-Hadamard transform, the power-of-two
         part of an activation rotation (kernels/rotation.py)
+    torch.ops.q4_cpu.kron_factor(x, factor, inner, force_scalar=False)
+        float32 x [..., K] viewed as [rows, d, inner], multiplied along its d axis by factor [d, d]:
+        one learned Kronecker factor of a rotation (rotate-inputs{learn-steps}), summed in a fixed
+        order, so each row gets the same bits at any number of rows
     torch.ops.q4_cpu.attention(query, key, value, attn_mask=None, is_causal=False, scale=None, force_scalar=False)
         float32 softmax(q k^T * scale + mask) v over [batch, heads, length, dim] (key and value
         heads may divide the query's: grouped queries), like ATen's scaled_dot_product_attention
@@ -158,6 +162,16 @@ def _register_fakes() -> None:
             fail("hadamard", "x", "a float32 tensor [..., K]", describe(x))
         if n < 1 or n & (n - 1) or x.shape[-1] % n:
             fail("hadamard", "n", f"a power of two dividing K = {x.shape[-1]}", repr(n))
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("q4_cpu::kron_factor")
+    def _(x, factor, inner, force_scalar=False):
+        if x.dtype != torch.float32 or x.dim() < 1:
+            fail("kron_factor", "x", "a float32 tensor [..., K]", describe(x))
+        if factor.dtype != torch.float32 or factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
+            fail("kron_factor", "factor", "a float32 tensor [d, d]", describe(factor))
+        if inner < 1 or x.shape[-1] % (factor.shape[0] * inner):
+            fail("kron_factor", "inner", f"an int >= 1 with d * inner dividing K = {x.shape[-1]}", repr(inner))
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("q4_cpu::attention")

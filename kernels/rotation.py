@@ -13,6 +13,9 @@ none) and normalized Sylvester-Hadamard matrices of at most 64 x 64, as few as w
 balanced sizes (2**9 = 32 x 16). A Kronecker product of Sylvester matrices is the Sylvester
 matrix of the product size, so how 2**k is split changes the cost, never R.
 
+rotate-inputs{learn-steps=N} learns the factors instead (starting from these): any orthogonal
+factors, flagged `hadamard=False` on the op, which then makes no Walsh-Hadamard shortcut.
+
 Two implementations: `q4::rotate` (the op the graph holds; eager: one GEMM and one transposing
 copy per factor) and `rotate_decomposed`, the form the Inductor lowering traces instead. It
 applies the odd factor as a broadcast multiply and a sum over that factor's axis, which
@@ -81,12 +84,13 @@ def rotate_reference(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tens
 
 
 @torch.library.custom_op("q4::rotate", mutates_args=())
-def rotate(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def rotate(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> torch.Tensor:
     """x @ kron(*factors) over the last dimension, one 2-D matmul per factor.
 
-    `factors` are `rotation_factors(n)`'s kind: any orthogonal factors, but those of a power-of-two
-    size are normalized Sylvester-Hadamard matrices (the lowering computes them as a Walsh-Hadamard
-    transform; checked here).
+    With `hadamard` (the default), `factors` are `rotation_factors(n)`'s kind: any orthogonal
+    factors, but those of a power-of-two size are normalized Sylvester-Hadamard matrices (the
+    lowering computes them as a Walsh-Hadamard transform; checked here). Without it, any factors
+    (learned ones, see `algorithms/learn_rotation.py`), multiplied as they are.
 
     With x viewed as [M, d_1, ..., d_r], the last factor multiplies the last axis; then that axis
     is moved to the front (one transposing copy), so the next factor's axis is last. After r steps
@@ -97,7 +101,7 @@ def rotate(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     if x.shape[-1] != n:
         raise ValueError(f"q4::rotate: argument 'x' must have last dimension {n} (the product of the "
                          f"factor sizes {sizes}), got shape {tuple(x.shape)}")
-    for f in factors:
+    for f in factors if hadamard else ():
         d = f.shape[0]
         if _is_power_of_two(d) and not torch.equal(f, _sylvester_cached(d).to(f.device, f.dtype)):
             raise ValueError(f"q4::rotate: a factor of size {d} (a power of two) must be the normalized "
@@ -113,16 +117,16 @@ def rotate(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @rotate.register_fake
-def _(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def _(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> torch.Tensor:
     """`q4::rotate` in plain ATen ops that Inductor fuses (see the module docstring).
 
     With x viewed as [M, a, d, b] around factor F (d x d; a, b the sizes of the axes before and
     after it), y[m, a, i, b] = sum_j x[m, a, j, b] * F[j, i]: a broadcast multiply and a sum.
-    On CPU (float32, q4_cpu built) the trailing power-of-two factors, Sylvester matrices by
+    On CPU (float32, q4_cpu built, `hadamard`) the trailing power-of-two factors, Sylvester matrices by
     `rotation_factors`' contract, whose Kronecker product is the Sylvester matrix H of their
     product size, run as one Walsh-Hadamard transform over the contiguous last axis
     (`torch.ops.q4_cpu.hadamard`: n log2 n additions for the n * n multiply-adds of a GEMM; a
@@ -132,7 +136,10 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     not the other flip 4-bit codes between the KV cache path and the no-cache forward).
     Elsewhere a last factor of GEMM_FACTOR_MIN or more multiplies the contiguous last axis as one
     GEMM, except for a static M of GEMM_MIN_ROWS or fewer (a decode step), where the loops
-    fuse with the quantize and skip a call.
+    fuse with the quantize and skip a call. Learned factors (not `hadamard`) run on CPU as
+    `q4_cpu::kron_factor`, one call a factor at any M, for the same reason as the Walsh-Hadamard
+    transform: a row rounds alike in a prompt and in a decode step (Inductor's loops for a
+    64 x 64 factor ran at a tenth of its speed: 512 x 576 in 9.1 ms).
     The factors act on different axes, so they commute; the first (the odd one) goes last: the
     step fused with x's producer then reads 16 or more of its values, which makes Inductor
     compute the producer once into a buffer instead of again for each read (3 reads of
@@ -144,9 +151,13 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     m = y.shape[0]
     few_rows = isinstance(m, int) and m <= GEMM_MIN_ROWS
     sylvester_from = len(sizes)  # the trailing power-of-two factors start here
-    while sylvester_from > 0 and _is_power_of_two(sizes[sylvester_from - 1]):
+    while hadamard and sylvester_from > 0 and _is_power_of_two(sizes[sylvester_from - 1]):
         sylvester_from -= 1
     hadamard_size = math.prod(sizes[sylvester_from:])
+    if not hadamard and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load():
+        for i, f in enumerate(factors):
+            y = torch.ops.q4_cpu.kron_factor.default(y, f, math.prod(sizes[i + 1:]), cpu_kernels.FORCE_SCALAR)
+        return y.reshape(x.shape)
     if hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load():
         y = torch.ops.q4_cpu.hadamard.default(y, hadamard_size, cpu_kernels.FORCE_SCALAR)
         sizes, factors = sizes[:sylvester_from], factors[:sylvester_from]

@@ -21,6 +21,15 @@ Calibration statistics follow: the samples and the Gram matrix are rotated exact
 ranges of the rotated activation are taken from the rotated samples (the full calibration set was
 only observed unrotated). A clipping ratio chosen before rotation no longer applies and is dropped,
 so insert-quantizers{search-clip=true} searches it again on the rotated samples.
+
+`learn-steps=N` learns each group's factors instead (`algorithms/learn_rotation.py`: N steps of
+gradient descent on the group's quantized output error at `w-bits`/`a-bits`, from the fixed
+factors, kept orthogonal). The learned factors are the group's own constants, and the op is
+flagged `hadamard=False` (no Walsh-Hadamard shortcut at run time). A group whose learned factors
+do not lower the error on held-out samples keeps the fixed ones; each linear's meta says which
+(`q4_rotation`: "hadamard", "learned", or "hadamard (learned was worse)"), and explain shows it:
+
+    h_rot = q4.rotate(h, [model_layers_3_self_attn_q_proj_rotation_0, ...], hadamard=False)
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qcompile.algorithms import learn_rotation
 from qcompile.core import ir
 from qcompile.core.analysis import ActivationGroups, get_analysis
-from qcompile.core.pass_api import PassResult, QPass, option, register_pass
+from qcompile.core.memo import memoized
+from qcompile.core.pass_api import PassResult, PipelineError, QPass, option, register_pass
 from qcompile.core.select import LinearFilter
 from qcompile.kernels import rotation
 
@@ -42,26 +53,51 @@ q4 = torch.ops.q4
 @dataclass(frozen=True)
 class RotateInputsOptions:
     skip: str = option("lm_head", help="regex on the module path of linears whose input is not rotated")
+    learn_steps: int = option(0, help="learn each group's orthogonal factors by this many gradient steps on its "
+                                      "quantized output error (0: the fixed Hadamard-like factors)")
+    learn_rate: float = option(0.01, help="learn-steps: the Adam learning rate")
+    learn_skip: str = option("", help="learn-steps: regex on the module path of linears whose group keeps the fixed "
+                                      "factors (to spend the learning time where it pays)")
+    w_bits: int = option(4, choices=(4, 8), help="learn-steps: weight bits of the error it minimizes")
+    a_bits: int = option(4, choices=(4, 8), help="learn-steps: activation bits of the error it minimizes")
+
+    def __post_init__(self) -> None:
+        if self.learn_steps < 0:
+            raise PipelineError(f"rotate-inputs: learn-steps must be >= 0 (0: fixed rotations), got {self.learn_steps}")
+        if not self.learn_rate > 0:
+            raise PipelineError(f"rotate-inputs: learn-rate must be > 0, got {self.learn_rate}")
 
 
 @register_pass
 class RotateInputs(QPass):
     name = "rotate-inputs"
-    summary = "Rotate quantized linears' inputs (at run time) and weights (folded) by a Hadamard-like orthogonal matrix."
+    summary = ("Rotate quantized linears' inputs (at run time) and weights (folded) by a Hadamard-like orthogonal matrix, "
+               "or one learned for each layer.")
     Options = RotateInputsOptions
-    statistics = ("groups-rotated", "linears-rotated")
+    statistics = ("groups-rotated", "linears-rotated", "rotations-learned", "learned-rotations-worse")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         linears = LinearFilter(skip=self.options.skip)
+        learn_skip = LinearFilter(skip=self.options.learn_skip)
         groups = get_analysis(gm, ActivationGroups).select(lambda lin: ir.CALIB in lin.meta and linears.takes(lin))
         factor_nodes: dict[int, list[fx.Node]] = {}
-        for activation, linears in groups.items():
+        for activation, linears in self.progress(groups.items(), "group"):
             self.current_node = activation
             n = ir.get_constant(gm, linears[0].args[1]).shape[1]
             factors = rotation.rotation_factors(n)
-            if n not in factor_nodes:
-                factor_nodes[n] = self._factor_constants(gm, n, factors, linears[0])
-            self._rotate(gm, activation, linears, factors, factor_nodes[n])
+            how = "hadamard"
+            if self.options.learn_steps and not any(learn_skip.skips(lin) for lin in linears):
+                learned, how = self._learn(gm, linears, factors)
+                if how == "learned":
+                    stem = f"{ir.module_path(linears[0]) or linears[0].name}_rotation"
+                    self._rotate(gm, activation, linears, learned, self._factor_constants(gm, stem, learned, linears[0]),
+                                 hadamard=False)
+            if how != "learned":
+                if n not in factor_nodes:
+                    factor_nodes[n] = self._factor_constants(gm, f"rotation_{n}", factors, linears[0])
+                self._rotate(gm, activation, linears, factors, factor_nodes[n])
+            for lin in linears:
+                lin.meta[ir.ROTATION] = how
             self.count("groups-rotated")
             self.count("linears-rotated", len(linears))
         if groups:
@@ -70,23 +106,46 @@ class RotateInputs(QPass):
             gm.recompile()
         return PassResult(gm, bool(groups))
 
-    def _factor_constants(self, gm: fx.GraphModule, n: int, factors: list[torch.Tensor],
+    def _learn(self, gm: fx.GraphModule, linears: list[fx.Node],
+               factors: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+        """The group's learned factors, and what its linears run with ("learned" or why not)."""
+        o = self.options
+        weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
+        samples = linears[0].meta[ir.CALIB].samples
+        name = str(linears[0].args[1].meta.get(ir.FQN, linears[0].name))
+
+        def run() -> tuple:
+            result = learn_rotation.learn_rotation(samples, weights, factors, o.learn_steps, o.w_bits, o.a_bits,
+                                                   o.learn_rate)
+            return (*result.factors, float(result.learned))
+
+        *learned, kept = memoized(gm, "learn-rotation", name,
+                                  (samples, *weights, o.learn_steps, o.learn_rate, o.w_bits, o.a_bits), run)
+        if not float(kept):
+            self.count("learned-rotations-worse")
+            return factors, "hadamard (learned was worse)"
+        self.count("rotations-learned")
+        return list(learned), "learned"
+
+    def _factor_constants(self, gm: fx.GraphModule, stem: str, factors: list[torch.Tensor],
                           source: fx.Node) -> list[fx.Node]:
-        """get_attr nodes of the factors, placed after the graph's inputs (shared by every group of width n)."""
+        """get_attr nodes of the factors `{stem}_{i}`, placed after the graph's inputs (the fixed
+        ones are shared by every group of their width)."""
         first = next(node for node in gm.graph.nodes if node.op != "placeholder")
         nodes = []
         with gm.graph.inserting_before(first):
             for i, f in enumerate(factors):
-                node = gm.graph.get_attr(ir.add_constant(gm, f"rotation_{n}_{i}", f))
+                node = gm.graph.get_attr(ir.add_constant(gm, f"{stem}_{i}", f))
                 nodes.append(ir.mark_created(node, self.name, [source]))
         return nodes
 
     def _rotate(self, gm: fx.GraphModule, activation: fx.Node, linears: list[fx.Node],
-                factors: list[torch.Tensor], factor_nodes: list[fx.Node]) -> None:
+                factors: list[torch.Tensor], factor_nodes: list[fx.Node], hadamard: bool = True) -> None:
         graph = gm.graph
-        stats = linears[0].meta[ir.CALIB].rotated(factors)
+        stats = linears[0].meta[ir.CALIB].rotated(factors, hadamard)
         with graph.inserting_before(linears[0]):
-            rotated = graph.call_function(q4.rotate.default, (activation, factor_nodes))
+            rotated = graph.call_function(q4.rotate.default, (activation, factor_nodes),
+                                          {} if hadamard else {"hadamard": False})
         ir.mark_created(rotated, self.name, linears)
         for lin in linears:
             old = lin.args[1]
@@ -94,7 +153,7 @@ class RotateInputs(QPass):
             with graph.inserting_before(lin):
                 new = graph.get_attr(ir.add_constant(
                     gm, f"{old.meta.get(ir.FQN, old.target)}_rotated",
-                    rotation.rotate(weight.detach().float(), factors).to(weight.dtype).contiguous()))
+                    rotation.rotate(weight.detach().float(), factors, hadamard).to(weight.dtype).contiguous()))
             ir.mark_created(new, self.name, [old])
             lin.update_arg(0, rotated)
             lin.update_arg(1, new)

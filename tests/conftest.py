@@ -22,6 +22,7 @@ import qcompile.passes  # noqa: E402, F401  (declares qcompile's own passes, bef
 from qcompile.core import pass_api  # noqa: E402
 from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
 from tests.helpers.passes import TOY_PASSES  # noqa: E402
+from tests.helpers.recipes import quick  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,11 +77,12 @@ def smollm2():
 @pytest.fixture(scope="session")
 def eval_table() -> subprocess.CompletedProcess:
     """`qcompile eval` on both real models, short (1024 tokens of Pride and Prejudice, 4 batches
-    of Emma, 20 sentences), FP32, w4a4-rtn, w4a4 and fp4, run once as a user runs it: the accuracy
-    test (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read its table."""
+    of Emma, 20 sentences), FP32, w4a4-hadamard, w4a4 and fp4, run once as a user runs it: the
+    accuracy test (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read
+    its table."""
     return subprocess.run(
         [sys.executable, "-m", "qcompile", "eval", "--tokens", "1024", "--calibration-batches", "4",
-         "--sentences", "20", "--recipes", "w4a4-rtn,w4a4,fp4"],
+         "--sentences", "20", "--recipes", "w4a4-hadamard,w4a4,fp4"],
         capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 
@@ -89,10 +91,11 @@ def smollm2_artifact(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Pat
     """`qcompile bench artifact` on a short input, run once as a user runs it: SmolLM2 quantized
     with w4a4 on 128 calibration tokens of Emma (one batch), saved, loaded in a new process. The
     benchmark's test reads its table; the Triton test compiles from the saved artifact, so GPTQ
-    runs once for both. (process, the artifact's directory)"""
+    runs once for both. Its rotations are learned in a few steps (`Q4_PIPELINE`: the same passes,
+    learned factors and kernels, tests/helpers/recipes.py). (process, the artifact's directory)"""
     directory = tmp_path_factory.mktemp("smollm2-w4a4") / "artifact"
     proc = subprocess.run(
         [sys.executable, "-m", "qcompile", "bench", "artifact", "--calibration-tokens", "128",
          "--prompt-tokens", "24", "--no-compiling-load", "--dir", str(directory)],
-        capture_output=True, text=True, timeout=1500, cwd=ROOT)
+        capture_output=True, text=True, timeout=1500, cwd=ROOT, env={**os.environ, "Q4_PIPELINE": quick("w4a4")})
     return proc, directory

@@ -114,7 +114,7 @@ def test_eval_runs_on_a_short_input(eval_table):
     assert eval_table.args[1:4] == ["-m", "qcompile", "eval"]
     assert eval_table.returncode == 0, eval_table.stderr[-4000:]
     out = eval_table.stdout
-    assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-rtn" in out
+    assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-hadamard" in out
 
 
 @pytest.mark.slow

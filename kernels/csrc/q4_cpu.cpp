@@ -3,6 +3,7 @@
 //   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar, w_values)
 //   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar)
 //   q4_cpu::hadamard(x, n, force_scalar)
+//   q4_cpu::kron_factor(x, factor, inner, force_scalar)
 //   q4_cpu::attention(query, key, value, attn_mask, is_causal, scale, force_scalar)
 //
 // Packed layout: uint8 [N, Kp = ceil(K/2)], byte j of row n holds code k=2j in its low nibble
@@ -460,6 +461,71 @@ at::Tensor hadamard(const at::Tensor& x, int64_t n, bool force_scalar) {
     for (int64_t b = b0; b < b1; ++b) {
       if (simd) hadamard_avx512(src + b * n, dst + b * n, n, norm);
       else hadamard_scalar(src + b * n, dst + b * n, n, norm);
+    }
+  });
+  return y;
+}
+
+// ---- one learned Kronecker factor of a rotation (kernels/rotation.py, hadamard=False) ----------
+//
+// y[r, i, t] = sum_j x[r, j, t] * f[j, i] on x viewed as [rows, d, inner]: a factor of
+// kron(F_1, ..., F_r) applied along its own axis. Each output sums j = 0..d-1 in order, a multiply
+// and an add (no fused multiply-add: -ffp-contract=off), so every row gets the same bits at any
+// number of rows (a prompt and a decode step agree) and the AVX512 code (16 outputs at once,
+// along inner, or along i when inner is 1) gives the scalar loop's bits.
+
+void kron_factor_scalar(const float* x, const float* f, float* y, int64_t d, int64_t inner) {
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t t = 0; t < inner; ++t) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < d; ++j) acc = acc + x[j * inner + t] * f[j * d + i];
+      y[i * inner + t] = acc;
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void kron_factor_avx512(const float* x, const float* f, float* y, int64_t d,
+                                                           int64_t inner) {
+  if (inner % 16 == 0) {  // 16 consecutive t: x rows contiguous, f[j, i] broadcast
+    for (int64_t i = 0; i < d; ++i) {
+      for (int64_t t = 0; t < inner; t += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < d; ++j)
+          acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + j * inner + t), _mm512_set1_ps(f[j * d + i])));
+        _mm512_storeu_ps(y + i * inner + t, acc);
+      }
+    }
+  } else {  // inner == 1, d % 16 == 0: 16 consecutive i, x[j] broadcast, f rows contiguous
+    for (int64_t i = 0; i < d; i += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < d; ++j)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(x[j]), _mm512_loadu_ps(f + j * d + i)));
+      _mm512_storeu_ps(y + i, acc);
+    }
+  }
+}
+
+at::Tensor kron_factor(const at::Tensor& x, const at::Tensor& factor, int64_t inner, bool force_scalar) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.device().is_cpu(), "q4_cpu::kron_factor: argument "
+              "'x' must be a float32 CPU tensor [..., K], got ", x.scalar_type(), " tensor of shape ", x.sizes());
+  TORCH_CHECK(factor.scalar_type() == at::kFloat && factor.dim() == 2 && factor.size(0) == factor.size(1) &&
+              factor.device().is_cpu(), "q4_cpu::kron_factor: argument 'factor' must be a float32 CPU tensor [d, d], "
+              "got ", factor.scalar_type(), " tensor of shape ", factor.sizes());
+  const int64_t d = factor.size(0);
+  TORCH_CHECK(inner >= 1 && x.size(-1) % (d * inner) == 0, "q4_cpu::kron_factor: argument 'inner' must be >= 1 with "
+              "d * inner (d = ", d, ") dividing K = ", x.size(-1), ", got ", inner);
+  const at::Tensor xc = x.contiguous(), fc = factor.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t block = d * inner, blocks = y.numel() / block;
+  const float* src = xc.data_ptr<float>();
+  const float* f = fc.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  const bool simd = has_avx512() && !force_scalar && (inner % 16 == 0 || (inner == 1 && d % 16 == 0));
+  const int64_t grain = std::max<int64_t>(1, 16384 / (block * d));  // >= ~16K multiply-adds a task
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (simd) kron_factor_avx512(src + b * block, f, dst + b * block, d, inner);
+      else kron_factor_scalar(src + b * block, f, dst + b * block, d, inner);
     }
   });
   return y;
@@ -924,6 +990,7 @@ TORCH_LIBRARY(q4_cpu, m) {
   m.def("linear_w4a16(Tensor x, Tensor w_packed, Tensor w_step, Tensor? bias, ScalarType out_dtype, "
         "bool force_scalar=False) -> Tensor");
   m.def("hadamard(Tensor x, int n, bool force_scalar=False) -> Tensor");
+  m.def("kron_factor(Tensor x, Tensor factor, int inner, bool force_scalar=False) -> Tensor");
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
         "float? scale=None, bool force_scalar=False) -> Tensor");
   m.def("isa() -> str", [] { return isa(); });
@@ -933,5 +1000,6 @@ TORCH_LIBRARY_IMPL(q4_cpu, CPU, m) {
   m.impl("linear_w4a4", &linear_w4a4);
   m.impl("linear_w4a16", &linear_w4a16);
   m.impl("hadamard", &hadamard);
+  m.impl("kron_factor", &kron_factor);
   m.impl("attention", &attention);
 }

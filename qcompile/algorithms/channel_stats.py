@@ -71,18 +71,19 @@ class ChannelStats:
         return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
                    gram=torch.zeros(channels, channels) if gram else None)
 
-    def rotated(self, factors: list[torch.Tensor]) -> ChannelStats:
+    def rotated(self, factors: list[torch.Tensor], hadamard: bool = True) -> ChannelStats:
         """The statistics of x @ R, R = kron(*factors) orthogonal (`kernels/rotation.py`). Samples
         and the Gram matrix (R^T G R) rotate exactly; per-channel ranges come from the rotated
         samples, as the full calibration set was only observed unrotated."""
-        samples = rotate(self.samples, factors) if self.samples.shape[0] else self.samples
+        samples = rotate(self.samples, factors, hadamard) if self.samples.shape[0] else self.samples
         if samples.shape[0]:
             flat = samples.abs()
             absmax = flat.amax(dim=0)
             robust = flat.kthvalue(max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0])), dim=0).values
         else:
             absmax, robust = self.absmax, self.robust
-        gram = None if self.gram is None else rotate(rotate(self.gram, factors).t().contiguous(), factors).t()
+        gram = None if self.gram is None else \
+            rotate(rotate(self.gram, factors, hadamard).t().contiguous(), factors, hadamard).t()
         return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram)
 
     def scaled(self, scales: torch.Tensor) -> ChannelStats:

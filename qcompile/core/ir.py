@@ -52,6 +52,8 @@ FLOAT_REASON = "q4_float_reason"
 PASSES_RUN = "q4_passes_run"
 # the insert-quantizers run that took a linear (rounded or, with rounding=false, not): QuantizedBy
 QUANTIZED = "q4_quantized"
+# how rotate-inputs rotated a linear's input: "hadamard", "learned" or "hadamard (learned was worse)"
+ROTATION = "q4_rotation"
 # on the two float linears of a low-rank compensation: the module path of the linear they compensate
 LOW_RANK = "q4_low_rank"
 
@@ -179,8 +181,8 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
 
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, FLOAT_REASON,
-                QUANTIZED):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, ROTATION,
+                FLOAT_REASON, QUANTIZED):
         if key in old.meta:
             new.meta[key] = old.meta[key]
 

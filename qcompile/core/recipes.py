@@ -15,13 +15,23 @@ RECIPES: dict[str, str] = {
     "w4a4-smoothquant": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,"
     "insert-quantizers{w-bits=4,a-bits=4},fuse-kernels",
     # The default: migrate half of each channel's range into the weights (alpha 0.5, into the
-    # norms, up_proj rows and a multiply on o_proj's input), rotate every linear's input by a Hadamard-like
-    # matrix (the weights absorb it), search each layer's activation clipping ratio on
-    # calibration samples, and round weights with GPTQ. The language-model head gets 4-bit
-    # weights too, with 8-bit activations: in float it was a quarter of SmolLM2's prefill time.
-    # SmolLM2-135M, 2048 P&P tokens: 37.4 ppl (1.79x FP32; 36.8 with a float head); the
-    # searched QSM strength (`migrate-scales{rotated=true}`) gave 56.4, so the fixed 0.5 it is.
-    "w4a4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
+    # norms, up_proj rows and a multiply on o_proj's input), rotate every linear's input by an
+    # orthogonal Kronecker product learned for its layer (120 Adam steps on the layer's quantized
+    # output error, from the Hadamard-like factors; down_proj keeps those: its learning took 40% of
+    # the time for the least gain), search each layer's activation clipping ratio on calibration
+    # samples, and round weights with GPTQ. The language-model head gets 4-bit weights too, with
+    # 8-bit activations: in float it was a quarter of SmolLM2's prefill time.
+    # SmolLM2-135M, 2048 P&P tokens, 4 x 512 calibration tokens, 2 threads: 33.15 (1.59x FP32
+    # 20.83) against 36.61 (1.76x) with the fixed rotation (w4a4-hadamard); learning down_proj too
+    # (and 1024 weight rows a step) gave 32.26, at twice the quantize time.
+    "w4a4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,"
+    "rotate-inputs{skip=,learn-steps=120,learn-rate=0.02,learn-skip=down_proj},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq},"
+    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
+    # w4a4 with the fixed Hadamard-like rotation (no learning: the default until learned rotations;
+    # a third of its quantize time). The searched QSM strength (`migrate-scales{rotated=true}`)
+    # gave 56.4 here against the fixed 0.5's 36.9, so the fixed 0.5 it is.
+    "w4a4-hadamard": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
     "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq},"
     "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
     # QSM as MergeQuant describes it, without rotation: per group, the migration strength and

@@ -1,7 +1,8 @@
 """qcompile.api.explain on the real SmolLM2-135M with the default recipe's pipeline (w4a4), short
-calibration, weights rounded to nearest instead of by GPTQ: GPTQ over 211 linears takes minutes
-on 2 cores whatever the number of calibration tokens, and explain reports any pipeline the same
-way (the tiny-model tests run GPTQ; `qcompile explain` runs the default recipe as it is).
+calibration, weights rounded to nearest instead of by GPTQ and rotations learned in a few steps
+instead of 120 (tests/helpers/recipes.py): GPTQ over 211 linears and the learning each take
+minutes on 2 cores whatever the number of calibration tokens, and explain reports any pipeline
+the same way (the tiny-model tests run GPTQ; `qcompile explain` runs the default recipe as it is).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from qcompile.api.explain import explain
 from qcompile.core.pipeline import parse_pipeline
 from qcompile.core.recipes import RECIPES
 from qcompile.tools import zoo
+from tests.helpers.recipes import quick
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -27,7 +29,7 @@ def test_explain_smollm2_default_recipe(smollm2):
     model, tokenizer = smollm2
     windows = zoo.token_windows(tokenizer, "emma", 128, 64)  # 2 x 64 tokens
     calibration = [{"input_ids": ids, "use_cache": False} for ids in windows]
-    pipeline = RECIPES["w4a4"].replace("weights=gptq", "weights=rtn")
+    pipeline = quick("w4a4").replace("weights=gptq", "weights=rtn")
     report = explain(model, calibration[0], calibration=calibration, pipeline=pipeline, progress=False)
     print(report)
 

@@ -18,7 +18,8 @@ length (q4_cpu's attention and Walsh-Hadamard transform; the integer GEMMs are e
 perplexity through a static cache is the no-cache one bit for bit, on 2048 tokens.
 
 Cost: each SmolLM2 graph takes about a minute to compile through Inductor on 2 cores, and w4a4's
-GPTQ about as long (once per recipe and calibration: `CalibrationCache` shares it between the
+GPTQ about as long (its rotations are learned in a few steps here, not 120: the same passes,
+learned factors and kernels, see tests/helpers/recipes.py) (once per recipe and calibration: `CalibrationCache` shares it between the
 graphs). The w4a4 64-token check runs Inductor's lowering, as users get it; the other tests lower
 with `lower="eager"` (the same graphs and ops, run op by op, in a third of the time). The same
 check lowered eagerly fails: the eager rotation (one GEMM per factor) rounds differently at the
@@ -37,6 +38,7 @@ import qcompile
 from qcompile.backends.q4 import Q4Backend
 from qcompile.tools import zoo
 from tests.helpers.backend import counting_backend
+from tests.helpers.recipes import quick
 
 pytestmark = pytest.mark.model
 
@@ -64,6 +66,12 @@ def prompts(smollm2) -> dict:
         return dict(tokenizer(list(PROMPTS), return_tensors="pt", padding=True))
     finally:
         tokenizer.padding_side = side
+
+
+def recipe(name: str) -> dict:
+    """The options of a recipe: w4a4's pipeline with its rotations learned in a few steps (the
+    same passes, learned factors and kernels; tests/helpers/recipes.py), the others as they are."""
+    return {"pipeline": quick(name)} if name == "w4a4" else {"recipe": name}
 
 
 def q4(**options) -> tuple[Q4Backend, list]:
@@ -105,19 +113,19 @@ def all_quantized(graphs: list) -> bool:
                                 for g in graphs)
 
 
-@pytest.mark.parametrize(("recipe", "new_tokens", "lower", "padded"), [
+@pytest.mark.parametrize(("name", "new_tokens", "lower", "padded"), [
     ("w4a4", 64, "inductor", True),
     ("w4a8", 8, "eager", False),
     ("w4a16", 8, "eager", True),
 ])
-def test_greedy_generation_through_the_cache_is_the_no_cache_argmax(smollm2, calibration, prompts, recipe,
+def test_greedy_generation_through_the_cache_is_the_no_cache_argmax(smollm2, calibration, prompts, name,
                                                                        new_tokens, lower, padded):
     """4 left-padded prompts (w4a8: the first alone, see the module docstring), the default
     dynamic cache and (lowered eagerly) a static one: every new token is the argmax of the
     compiled model's own no-cache logits at its position."""
     model, tokenizer = smollm2
     batch = prompts if padded else dict(tokenizer(list(PROMPTS[:1]), return_tensors="pt"))
-    with compiled_forward(model, recipe=recipe, calibration=calibration, lower=lower) as graphs:
+    with compiled_forward(model, **recipe(name), calibration=calibration, lower=lower) as graphs:
         dynamic = greedy(model.generate, batch, new_tokens)
         expected = no_cache_argmax(model, batch, dynamic)
         # Inductor compiles each graph in about a minute: the static cache's (two more) once, in
@@ -139,7 +147,7 @@ def test_perplexity_through_the_static_cache_is_the_no_cache_perplexity(smollm2,
     model, tokenizer = smollm2
     ids = zoo.token_windows(tokenizer, "pride_and_prejudice", 2048, 2048)[0]
     targets = ids[0, 1:]
-    with compiled_forward(model, recipe="w4a4", calibration=calibration) as graphs, torch.no_grad():
+    with compiled_forward(model, **recipe("w4a4"), calibration=calibration) as graphs, torch.no_grad():
         no_cache = torch.nn.functional.cross_entropy(model(input_ids=ids, use_cache=False).logits[0, :-1], targets,
                                                      reduction="none")
         cache = StaticCache(config=model.config, max_cache_len=ids.shape[1])
@@ -154,7 +162,7 @@ def test_perplexity_through_the_static_cache_is_the_no_cache_perplexity(smollm2,
 
 def test_left_padded_rows_get_the_tokens_they_get_alone(smollm2, calibration, prompts):
     model, tokenizer = smollm2
-    with compiled_forward(model, recipe="w4a4", calibration=calibration, lower="eager") as graphs:
+    with compiled_forward(model, **recipe("w4a4"), calibration=calibration, lower="eager") as graphs:
         batched = greedy(model.generate, prompts, 8)
         for row, text in enumerate(PROMPTS):
             alone = greedy(model.generate, dict(tokenizer([text], return_tensors="pt")), 8)
@@ -175,7 +183,7 @@ def test_generation_over_many_prompt_lengths_compiles_a_bounded_number_of_graphs
     model, tokenizer = smollm2
     text = zoo.text("emma")
     calibration = [{"input_ids": ids} for ids in zoo.token_windows(tokenizer, "emma", 256, 256)]  # fresh: not cached
-    with compiled_forward(model, recipe="w4a4", calibration=calibration, lower="eager") as graphs:
+    with compiled_forward(model, **recipe("w4a4"), calibration=calibration, lower="eager") as graphs:
         for length in (8, 24, 100, 333, 512):
             ids = tokenizer(text[2000:6000], return_tensors="pt").input_ids[:, :length]
             greedy(model.generate, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 4)
@@ -227,7 +235,7 @@ def test_quantized_and_loaded_models_generate(smollm2, calibration, prompts, tmp
     """`qcompile.quantize(...)` and `qcompile.load(...)` models generate, the loaded one the
     same tokens as the one saved."""
     model, _ = smollm2
-    quantized = qcompile.quantize(model, calibration, recipe="w4a4", progress=False, lower="eager")
+    quantized = qcompile.quantize(model, calibration, **recipe("w4a4"), progress=False, lower="eager")
     tokens = greedy(quantized.generate, prompts, 4)
     quantized.save(tmp_path / "w4a4")
     torch._dynamo.reset()

@@ -4,6 +4,7 @@ lowering, and their argument checks. The extension builds once (cached on disk a
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -282,12 +283,61 @@ def test_rotate_decomposed_takes_the_hadamard_kernel_at_any_number_of_rows():
     way at any M (a decode step must equal the no-cache forward's row bit for bit)."""
     factors = rotation.rotation_factors(576)  # 9 x 9, 64
     for rows in (40, 1):
-        graph = make_fx(rotation.rotate_decomposed)(torch.randn(rows, 576), factors)
+        graph = make_fx(lambda x: rotation.rotate_decomposed(x, factors))(torch.randn(rows, 576))
         assert "q4_cpu.hadamard" in graph.code and "aten.mm" not in graph.code, graph.code
     x = torch.randn(40, 576)
     compiled = torch.compile(rotation.rotate_decomposed, dynamic=False)
     whole = compiled(x, factors)
     assert all(torch.equal(compiled(x[i:i + 1], factors), whole[i:i + 1]) for i in (0, 17, 39))
+
+
+def learned_factors(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.linalg.qr(torch.randn(d, d, generator=g))[0].contiguous() for d in sizes]
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("sizes", [[9, 64], [3, 16, 32], [5, 7], [2, 3], [16]])
+def test_kron_factor_applies_learned_factors_like_the_dense_product(sizes, force_scalar):
+    factors = learned_factors(sizes)
+    n = math.prod(sizes)
+    x = torch.randn(4, 3, n, generator=torch.Generator().manual_seed(n))
+    y = x
+    for i, f in enumerate(factors):
+        y = torch.ops.q4_cpu.kron_factor(y, f, math.prod(sizes[i + 1:]), force_scalar)
+    assert y.shape == x.shape and y.is_contiguous()
+    torch.testing.assert_close(y, rotation.rotate_reference(x, factors), rtol=1e-5, atol=1e-5)
+
+
+def test_kron_factor_simd_and_scalar_give_the_same_bits_at_any_number_of_rows():
+    factors = learned_factors([9, 64])
+    x = torch.randn(64, 576 * 2).t().reshape(128, 576)[:40]  # strided source, made contiguous by the op
+    for inner, f in ((64, factors[0]), (1, factors[1])):
+        simd, scalar = torch.ops.q4_cpu.kron_factor(x, f, inner, False), torch.ops.q4_cpu.kron_factor(x, f, inner, True)
+        assert torch.equal(simd, scalar)
+        assert all(torch.equal(torch.ops.q4_cpu.kron_factor(x[i:i + 1], f, inner), simd[i:i + 1]) for i in (0, 17, 39))
+
+
+def test_kron_factor_bad_arguments_are_named():
+    f = torch.eye(4)
+    with pytest.raises(RuntimeError, match="argument 'inner' must be >= 1 with d \\* inner"):
+        torch.ops.q4_cpu.kron_factor(torch.zeros(2, 12), f, 2)
+    with pytest.raises(RuntimeError, match="argument 'factor' must be a float32 CPU tensor \\[d, d\\]"):
+        torch.ops.q4_cpu.kron_factor(torch.zeros(2, 12), torch.eye(4)[:3], 1)
+    with pytest.raises(RuntimeError, match="argument 'x' must be a float32 CPU tensor"):
+        torch.ops.q4_cpu.kron_factor(torch.zeros(2, 12, dtype=torch.bfloat16), f, 1)
+
+
+def test_rotate_decomposed_takes_the_factor_kernel_for_learned_factors_at_any_number_of_rows():
+    factors = learned_factors([9, 64])
+    for rows in (40, 1):
+        graph = make_fx(lambda x: rotation.rotate_decomposed(x, factors, False))(torch.randn(rows, 576))
+        assert graph.code.count("q4_cpu.kron_factor") == 2 and "aten.mm" not in graph.code, graph.code
+    x = torch.randn(40, 576)
+    compiled = torch.compile(lambda x: rotation.rotate_decomposed(x, factors, False), dynamic=False)
+    whole = compiled(x)
+    torch.testing.assert_close(whole, rotation.rotate_reference(x, factors), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(compiled(x[i:i + 1]), whole[i:i + 1]) for i in (0, 17, 39))
 
 
 def sdpa(q, k, v, mask=None, is_causal=False, scale=None):
@@ -420,6 +470,9 @@ def test_fake_impls_give_shapes_and_check_arguments():
         with pytest.raises(KernelArgumentError, match="argument 'w_packed' must be ceil"):
             torch.ops.q4_cpu.linear_w4a16(torch.zeros(2, 12), packed, w_step, None, torch.float32)
         assert torch.ops.q4_cpu.hadamard(torch.zeros(2, 3, 576), 64).shape == (2, 3, 576)
+        assert torch.ops.q4_cpu.kron_factor(torch.zeros(2, 3, 576), torch.zeros(64, 64), 1).shape == (2, 3, 576)
+        with pytest.raises(KernelArgumentError, match="q4::kron_factor: argument 'inner' must be an int >= 1"):
+            torch.ops.q4_cpu.kron_factor(torch.zeros(2, 12), torch.zeros(4, 4), 2)
         with pytest.raises(KernelArgumentError, match="q4::hadamard: argument 'n' must be a power of two dividing K = 12"):
             torch.ops.q4_cpu.hadamard(torch.zeros(2, 12), 8)
         q, kv = torch.zeros(2, 6, 5, 16), torch.zeros(2, 3, 9, 16)

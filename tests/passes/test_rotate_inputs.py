@@ -95,3 +95,96 @@ def test_empty_input_rotates_to_empty():
 def test_bad_width_names_the_argument():
     with pytest.raises(ValueError, match="argument 'x' must have last dimension 12"):
         torch.ops.q4.rotate(torch.randn(2, 10), rotation.rotation_factors(12))
+
+
+# --- learned rotations (learn-steps) -------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3", "opt", "bert"])
+def test_learned_rotation_is_exact_in_real_arithmetic(family):
+    x = inputs()
+    gm = capture_family(family, x)
+    before = first_output(gm, x).detach().clone()
+    result, stats = run_pass("rotate-inputs", gm, learn_steps=10, learn_rate=0.05)
+    assert stats["rotations-learned"] + stats["learned-rotations-worse"] == stats["groups-rotated"]
+    after = first_output(result.graph_module, x)
+    rel = ((after - before).abs().max() / before.abs().max()).item()
+    assert rel <= 1e-4, rel
+
+
+def learned_graph():
+    gm = capture_family("llama", inputs())
+    result, stats = run_pass("rotate-inputs", gm, learn_steps=20, learn_rate=0.05)
+    return result.graph_module, stats
+
+
+def test_before_after_ir_of_a_learned_rotation():
+    gm, stats = learned_graph()
+    assert stats["rotations-learned"] > 0
+    code = gm.code
+    # a learned group: its own factors (named after its first linear), no Hadamard shortcut flag
+    FileCheck().check("q4.rotate.default(").check("q_proj_rotation_0").check("hadamard = False") \
+        .check("q_proj_weight_rotated").check("aten.linear").run(code)
+    rotations = [n for n in gm.graph.nodes if n.target is torch.ops.q4.rotate.default]
+    learned = [n for n in rotations if n.kwargs.get("hadamard") is False]
+    assert len(learned) == stats["rotations-learned"]
+    for node in rotations:  # every linear says how its input was rotated
+        for lin in node.users:
+            assert lin.meta[ir.ROTATION] == ("learned" if node in learned else "hadamard (learned was worse)")
+    for node in learned:  # orthogonal factors: the float function is unchanged
+        for f in node.args[1]:
+            factor = ir.get_constant(gm, f)
+            torch.testing.assert_close(factor @ factor.t(), torch.eye(factor.shape[0]), rtol=0, atol=1e-5)
+
+
+def test_a_learned_rotation_lowers_the_error_it_learns_on():
+    from qcompile.algorithms import learn_rotation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3, 64)  # uneven channels
+    x[:, 5] *= 20
+    weights = [torch.randn(48, 64, generator=g), torch.randn(16, 64, generator=g)]
+    result = learn_rotation.learn_rotation(x, weights, rotation.rotation_factors(64), steps=60, rate=0.02)
+    assert result.learned and result.error_learned < 0.9 * result.error_start
+    dense = rotation.rotate_reference(torch.eye(64), result.factors)
+    torch.testing.assert_close(dense @ dense.t(), torch.eye(64), rtol=0, atol=1e-5)
+
+
+def test_a_learned_rotation_that_is_not_better_keeps_the_fixed_factors():
+    # a rate so small the factors do not move: no lower error, so the fixed factors stay
+    gm = capture_family("llama", inputs())
+    result, stats = run_pass("rotate-inputs", gm, learn_steps=3, learn_rate=1e-12)
+    assert stats["rotations-learned"] == 0 and stats["learned-rotations-worse"] == stats["groups-rotated"] > 0
+    rotations = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.q4.rotate.default]
+    assert all(not n.kwargs for n in rotations)  # the Hadamard form, shared factors
+    assert {lin.meta[ir.ROTATION] for n in rotations for lin in n.users} == {"hadamard (learned was worse)"}
+
+
+@pytest.mark.parametrize("bad", ["nan", "zeros"])
+def test_learning_on_bad_samples_keeps_the_fixed_factors(bad):
+    from qcompile.algorithms import learn_rotation
+
+    x = torch.full((32, 12), float("nan")) if bad == "nan" else torch.zeros(32, 12)
+    factors = rotation.rotation_factors(12)
+    result = learn_rotation.learn_rotation(x, [torch.randn(8, 12)], factors, steps=5)
+    assert not result.learned
+    assert all(torch.equal(a, b) for a, b in zip(result.factors, factors))
+
+
+@pytest.mark.parametrize("options, message", [({"learn_steps": -1}, "learn-steps must be >= 0"),
+                                              ({"learn_rate": 0}, "learn-rate must be > 0")])
+def test_bad_learning_options_are_refused(options, message):
+    from qcompile.core.pass_api import PipelineError
+
+    with pytest.raises(PipelineError, match=message):
+        run_pass("rotate-inputs", capture_family("llama", inputs()), **options)
+
+
+def test_rotation_op_with_any_factors_matches_the_dense_reference():
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.linalg.qr(torch.randn(d, d, generator=g))[0] for d in (3, 16, 32)]  # not Sylvester
+    x = torch.randn(5, 1536, generator=g)
+    with pytest.raises(ValueError, match="Sylvester"):
+        torch.ops.q4.rotate(x, factors)  # the Hadamard form checks its factors
+    expected = rotation.rotate_reference(x, factors)
+    torch.testing.assert_close(torch.ops.q4.rotate(x, factors, False), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotation.rotate_decomposed(x, factors, False), expected, rtol=1e-5, atol=1e-5)

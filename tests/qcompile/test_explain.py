@@ -57,6 +57,7 @@ def test_every_linear_appears_with_finite_sqnr(llama_default):
     assert {runs[m] for m in runs if m != "lm_head"} == {"W4A4 fused"}
     q = report.linear("model.layers.0.self_attn.q_proj")
     assert (q.w_bits, q.a_bits, q.migration) == (4, 4, "migrated")
+    assert q.rotation in ("learned", "hadamard (learned was worse)")  # the default learns rotations
     # analyze-outliers' ratio before migration, and the measured one after: both real ratios >= 1
     assert all(r.outliers_before >= 1 and r.outliers_after >= 1 for r in rows)
     # the lm_head (8-bit activations) is measured more precisely than the W4A4 median
@@ -245,3 +246,20 @@ def test_fp4_and_dynamic_linears_say_so(recipe, runs_as):
     rows = [r for r in report.linears if r.module != "lm_head"]
     assert rows and {r.runs_as for r in rows} == {runs_as}
     assert all(r.sqnr_db is not None and math.isfinite(r.sqnr_db) for r in rows)
+
+
+@pytest.mark.parametrize("rate,kept", [("0.05", "learned"), ("1e-12", "hadamard (learned was worse)")])
+def test_learned_rotations_say_whether_they_were_kept(rate, kept):
+    """rotate-inputs{learn-steps}: each linear says whether its learned rotation was kept; one that
+    does not lower the error (a rate too small to move the factors) keeps the Hadamard one."""
+    pipeline = str(parse_pipeline(RECIPES["w4a4"]).with_option("rotate-inputs", "learn-steps", "10")
+                   .with_option("rotate-inputs", "learn-rate", rate))
+    report = explain(tiny_llama(), llama_inputs(), pipeline=pipeline, **QUIET)
+    assert {r.rotation for r in report.linears if r.module.endswith("down_proj")} == {"hadamard"}  # learn-skip
+    rotations = [r.rotation for r in report.linears if not r.module.endswith("down_proj")]
+    assert kept in rotations and set(rotations) <= {"learned", "hadamard (learned was worse)"}
+    if kept != "learned":
+        assert set(rotations) == {kept}
+    table = report.linear_table()
+    assert "rotation" in table.splitlines()[0] and kept in table
+    assert all(math.isfinite(r.sqnr_db) for r in report.linears)

@@ -37,6 +37,7 @@ class LinearRow:
     a_bits: int | None  # None: float; 16: float activations (weight-only)
     float_reason: str  # '' unless it runs in float
     migration: str  # what migrate-scales did: 'migrated', 'unmatched' or '-' (no migration pass)
+    rotation: str  # what rotate-inputs did: 'hadamard', 'learned', 'hadamard (learned was worse)' or '-'
     outliers_before: float | None
     outliers_after: float | None
     sqnr_db: float | None
@@ -129,11 +130,11 @@ class ExplainReport:
         many = len(self.graphs) > 1
         rows = self.linears if rows is None else rows
         table = [([r.graph] if many else []) + [
-            r.module, r.runs_as, r.float_reason, r.migration,
+            r.module, r.runs_as, r.float_reason, r.migration, r.rotation,
             "-" if r.outliers_before is None else f"{r.outliers_before:.1f}",
             "-" if r.outliers_after is None else f"{r.outliers_after:.1f}",
             _fmt_db(r.sqnr_db)] for r in rows]
-        headers = (["graph"] if many else []) + ["linear", "runs as", "why float", "migration",
+        headers = (["graph"] if many else []) + ["linear", "runs as", "why float", "migration", "rotation",
                                                   "outliers before", "outliers after", "SQNR dB"]
         return tabulate(table, headers=headers, disable_numparse=True)
 
