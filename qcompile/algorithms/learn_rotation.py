@@ -11,10 +11,11 @@ reading x,
 
 keeping each factor orthogonal as F_i = F_i0 expm(A_i - A_i^T), from A_i = 0 (today's factors,
 so the first step starts where the fixed rotation is). The factors keep their sizes, so R stays
-a Kronecker product and costs what it cost at run time, less the Walsh-Hadamard shortcut of a
-Sylvester factor. Q_a is the static per-tensor step (clip * max |x R| / max code, the gradient
-flowing through the max too, which pulls the largest rotated values in), Q_w per-row
-round-to-nearest (insert-quantizers may round with GPTQ afterwards).
+a Kronecker product applied at run time as before, less the Walsh-Hadamard shortcut of a
+Sylvester factor (`q4_cpu::kron_factor` instead: SmolLM2's 512-token prefill 14% slower).
+Q_a is the static per-tensor step (clip * max |x R| / max code, the gradient flowing through
+the max too, which pulls the largest rotated values in), Q_w per-row round-to-nearest
+(insert-quantizers may round with GPTQ afterwards).
 
 Every fourth sample row is held out: the learned factors are kept only if their output error on
 those rows, each side at its best clipping ratio, is below the starting factors' (never a worse
@@ -24,13 +25,19 @@ Cost: a step is a few matrix products of the samples and 512 weight rows (MAX_WE
 10 ms for SmolLM2's q/k/v or o_proj, 15 ms for gate/up, 28 ms for down_proj (2 threads). It is
 bound by those products: learning all 30 layers of a kind together in batched products was no
 faster (measured), so each layer learns alone.
+
+What it gains, held-out output SQNR over the fixed rotation on SmolLM2-135M layers 3, 15 and 25
+(120 steps at rate 0.02; a /tmp scratch script calling `learn_rotation` on the calibrated
+groups): q/k/v +0.6 to +1.0 dB, o_proj +1.8 to +2.1, gate/up +0.3 to +0.6, down_proj +0.1 to
++0.6. Fewer steps at a higher rate, fewer weight rows a step, or a cosine-decayed rate all gained
+less; 240 steps at 0.01 gained 4% more than 120 at 0.02, for 40% more time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -95,8 +102,8 @@ def _best_error(x: torch.Tensor, weight: torch.Tensor, factors: Sequence[torch.T
 
 
 def learn_rotation(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Sequence[torch.Tensor],
-                   steps: int, w_bits: int = 4, a_bits: int = 4, rate: float = 0.01, seed: int = 0,
-                   progress: Callable[[Iterable[int]], Iterable[int]] = lambda it: it) -> LearnedRotation:
+                   steps: int, w_bits: int = 4, a_bits: int = 4, rate: float = 0.01,
+                   seed: int = 0) -> LearnedRotation:
     """Fit orthogonal factors (starting from `factors`) to the quantized output error of `weights`
     (each [out, n]) on the sample rows `x` ([rows, n], unrotated); see the module docstring."""
     start = [f.detach().float() for f in factors]
@@ -114,7 +121,7 @@ def learn_rotation(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Se
     reference = train @ weight.t()
     scale = reference.pow(2).sum().clamp_min(1e-30)
     with torch.enable_grad():  # (the backend runs the passes under no_grad)
-        for _ in progress(range(steps)):
+        for _ in range(steps):
             rows = torch.randperm(weight.shape[0], generator=generator)[:MAX_WEIGHT_ROWS]
             current = [f @ torch.linalg.matrix_exp(a - a.t()) for f, a in zip(start, skews)]
             wq = _quantized_weight(kron_apply(weight[rows], current), w_bits)
