@@ -90,7 +90,9 @@ def rotate(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) 
     With `hadamard` (the default), `factors` are `rotation_factors(n)`'s kind: any orthogonal
     factors, but those of a power-of-two size are normalized Sylvester-Hadamard matrices (the
     lowering computes them as a Walsh-Hadamard transform; checked here). Without it, any factors
-    (learned ones, see `algorithms/learn_rotation.py`), multiplied as they are.
+    (learned ones, see `algorithms/learn_rotation.py`), multiplied as they are: on CPU in float32
+    by `q4_cpu::kron_factor`, as the lowering does, so that an eager run too rounds each row the
+    same way at any number of rows (a left-padded batch row gets its tokens alone).
 
     With x viewed as [M, d_1, ..., d_r], the last factor multiplies the last axis; then that axis
     is moved to the front (one transposing copy), so the next factor's axis is last. After r steps
@@ -109,11 +111,26 @@ def rotate(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) 
     lead = x.shape[:-1]
     if x.numel() == 0:
         return x.clone()
+    if _takes_factor_kernel(x, hadamard):  # as the lowering does: each row rounds alike at any M
+        return _factor_kernel(x.reshape(-1, n), factors).reshape(*lead, n)
     y = x.reshape(-1, n)
     for f in reversed(factors):
         d = f.shape[0]
         y = (y.reshape(-1, d) @ f.to(x.dtype)).reshape(-1, n // d, d).transpose(1, 2).reshape(-1, n)
     return y.reshape(*lead, n)
+
+
+def _takes_factor_kernel(x: torch.Tensor, hadamard: bool) -> bool:
+    """Learned factors on CPU float32 run as q4_cpu::kron_factor (eager and lowered alike)."""
+    return not hadamard and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load()
+
+
+def _factor_kernel(y: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """y [M, n] @ kron(*factors), one q4_cpu::kron_factor call a factor."""
+    sizes = [f.shape[0] for f in factors]
+    for i, f in enumerate(factors):
+        y = torch.ops.q4_cpu.kron_factor.default(y, f, math.prod(sizes[i + 1:]), cpu_kernels.FORCE_SCALAR)
+    return y
 
 
 @rotate.register_fake
@@ -155,10 +172,8 @@ def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bo
     while hadamard and sylvester_from > 0 and _is_power_of_two(sizes[sylvester_from - 1]):
         sylvester_from -= 1
     hadamard_size = math.prod(sizes[sylvester_from:])
-    if not hadamard and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load():
-        for i, f in enumerate(factors):
-            y = torch.ops.q4_cpu.kron_factor.default(y, f, math.prod(sizes[i + 1:]), cpu_kernels.FORCE_SCALAR)
-        return y.reshape(x.shape)
+    if _takes_factor_kernel(x, hadamard):
+        return _factor_kernel(y, factors).reshape(x.shape)
     if hadamard_size >= HADAMARD_MIN and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load():
         y = torch.ops.q4_cpu.hadamard.default(y, hadamard_size, cpu_kernels.FORCE_SCALAR)
         sizes, factors = sizes[:sylvester_from], factors[:sylvester_from]

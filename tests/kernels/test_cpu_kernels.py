@@ -338,6 +338,10 @@ def test_rotate_decomposed_takes_the_factor_kernel_for_learned_factors_at_any_nu
     whole = compiled(x)
     torch.testing.assert_close(whole, rotation.rotate_reference(x, factors), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(compiled(x[i:i + 1]), whole[i:i + 1]) for i in (0, 17, 39))
+    # the eager op takes the same kernel: the same bits as the lowering, row by row at any M
+    eager = torch.ops.q4.rotate(x, factors, False)
+    assert torch.equal(eager, whole)
+    assert all(torch.equal(torch.ops.q4.rotate(x[i:i + 1], factors, False), eager[i:i + 1]) for i in (0, 17, 39))
 
 
 def sdpa(q, k, v, mask=None, is_causal=False, scale=None):
