@@ -20,7 +20,7 @@ def test_non_editable_install_from_outside_the_repo(tmp_path):
         check=True, capture_output=True, text=True, timeout=600,
     )
     top_level = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info"))}
-    # one package, no top-level passes/kernels/backends; bin/ holds the `qcompile` console script
+    # one package, nothing else at the top level; bin/ holds the `qcompile` console script
     assert top_level == {"qcompile", "bin"}, top_level
     assert (target / "bin" / "qcompile").exists()
     assert (target / "qcompile" / "tools" / "data" / "emma.txt").exists()

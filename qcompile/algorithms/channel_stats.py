@@ -72,7 +72,7 @@ class ChannelStats:
                    gram=torch.zeros(channels, channels) if gram else None)
 
     def rotated(self, factors: list[torch.Tensor], hadamard: bool = True) -> ChannelStats:
-        """The statistics of x @ R, R = kron(*factors) orthogonal (`kernels/rotation.py`). Samples
+        """The statistics of x @ R, R = kron(*factors) orthogonal (`qcompile/kernels/rotation.py`). Samples
         and the Gram matrix (R^T G R) rotate exactly; per-channel ranges come from the rotated
         samples, as the full calibration set was only observed unrotated."""
         samples = rotate(self.samples, factors, hadamard) if self.samples.shape[0] else self.samples

@@ -10,7 +10,7 @@ Columns are visited in order of decreasing H[j, j] (GPTQ's "act order"): the cha
 activations are rounded first, while every other column can still absorb their error. The
 format is unchanged: per-output-channel symmetric steps, chosen before rounding (with a
 clipping ratio per row that minimizes the row's own squared error), then int4 codes. With a 4-bit
-float format (`kernels/formats.py`, LLM-FP4) the grid is the format's values: the same algorithm
+float format (`qcompile/kernels/formats.py`, LLM-FP4) the grid is the format's values: the same algorithm
 rounds each column to the nearest of them.
 
 After migrate-scales the weight columns of outlier channels are multiplied by large scales and

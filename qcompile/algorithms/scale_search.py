@@ -40,7 +40,7 @@ def output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: torch
 
     Float reference: x @ W.T. Quantized: Q_a(x / s) @ Q_w(W * s).T, with the activation step
     from the migrated samples' absmax times `clip`. With `rotation` (the factors of R, see
-    `kernels/rotation.py`), as rotate-inputs leaves the linears: Q_a((x / s) R) @ Q_w((W * s) R).T.
+    `qcompile/kernels/rotation.py`), as rotate-inputs leaves the linears: Q_a((x / s) R) @ Q_w((W * s) R).T.
     """
     rotate = (lambda t: t) if rotation is None else (lambda t: rotation_op(t, list(rotation)))  # noqa: E731
     migrated = rotate(x / scales)

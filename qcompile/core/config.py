@@ -35,7 +35,7 @@ __all__ = ["Q4Options", "resolve_options", "ENV_PREFIX", "env_names"]
 
 ENV_PREFIX = "Q4_"
 # Read below this module, once per process, by the kernels it switches (not a compile option):
-# Q4_CPU_KERNELS=off|scalar (kernels/cpu_kernels.py: skip the C++ decode kernels, or force their portable loop)
+# Q4_CPU_KERNELS=off|scalar (qcompile/kernels/cpu_kernels.py: skip the C++ decode kernels, or force their portable loop)
 PROCESS_VARIABLES = ("Q4_CPU_KERNELS",)
 
 

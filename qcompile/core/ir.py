@@ -67,7 +67,7 @@ class QuantizedBy:
     weights         how the weight was rounded: "rtn" or "gptq" (what ran, not only what was asked)
     act_clip        the clipping ratio of the static activation step (None: weight-only or not rounded)
     run             the run's pass spec with all its options, `insert-quantizers{w-bits=4,...}`
-    w_format, a_format  number formats of the codes (`kernels/formats.py`): "int", or a 4-bit
+    w_format, a_format  number formats of the codes (`qcompile/kernels/formats.py`): "int", or a 4-bit
                     float "e2m1" / "e3m0" / "e1m2" (LLM-FP4), as chosen for this linear
     """
 

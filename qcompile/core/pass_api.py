@@ -298,7 +298,7 @@ def get_pass_class(name: str) -> type[QPass]:
     return passes[name]
 
 
-# --- the table of passes/README.md -------------------------------------------------------------------
+# --- the table of qcompile/passes/README.md -------------------------------------------------------------------
 
 
 def in_pipeline_order(passes: Mapping[str, type[QPass]]) -> list[str]:
@@ -325,7 +325,7 @@ def in_pipeline_order(passes: Mapping[str, type[QPass]]) -> list[str]:
 def markdown_table(passes: Mapping[str, type[QPass]]) -> str:
     """The Markdown table of `passes`: name with default options, summary, statistics, ordering
     (declared by either pass) and declared invariants, one row per pass in pipeline order.
-    `passes/README.md` holds it for qcompile's own passes."""
+    `qcompile/passes/README.md` holds it for qcompile's own passes."""
     rows = ["| pass | summary | statistics | runs after | runs before | invariants |", "|---|---|---|---|---|---|"]
     order = in_pipeline_order(passes)
     after = {name: {*cls.after} | {o for o, c in passes.items() if name in c.before} for name, cls in passes.items()}

@@ -13,7 +13,7 @@ new quantized form is added here once. The forms (`QLinear.form`):
     fused        q4.linear_w4a4(x_codes, packed, w_step, a_step, b, dtype), or its Triton twin
                  q4.linear_w4a4_triton: the integer kernel, on int4 or int8 codes (W4A4 / W4A8)
 
-Codes have a number format (`kernels/formats.py`): `int`, or one of LLM-FP4's 4-bit floats
+Codes have a number format (`qcompile/kernels/formats.py`): `int`, or one of LLM-FP4's 4-bit floats
 (`e2m1`, `e3m0`, `e1m2`), given by the ops' optional format arguments (absent: int). An FP4 linear
 has the same forms and ops as an integer one; `q.w_format` and `q.a_format` say which it is.
 

@@ -42,7 +42,7 @@ RECIPES: dict[str, str] = {
     "w4a8": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs,"
     "insert-quantizers{w-bits=4,a-bits=8,search-clip=true,weights=gptq},fuse-kernels",
     # LLM-FP4 (Liu et al. 2023) on the integer kernels: the passes of w4a4, with 4-bit float codes
-    # (kernels/formats.py). Per linear, the weight's and the activation's format (E2M1, E3M0, E1M2)
+    # (qcompile/kernels/formats.py). Per linear, the weight's and the activation's format (E2M1, E3M0, E1M2)
     # and the activation's clipping ratio (its exponent bias) are searched against the layer-output
     # error, alternating as the paper does; the weight's per-channel exponent bias is its GPTQ step.
     # The head keeps w4a4's 8-bit integer activations. SmolLM2-135M, 2048 P&P tokens, 4 x 512

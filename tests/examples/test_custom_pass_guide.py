@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "writing-a-pass.md"
 SOURCES = ["examples/custom_pass.py", "tests/passes/test_pass_template.py", "tests/qcompile/test_patterns.py",
-           "passes/fuse_kernels.py"]
+           "qcompile/passes/fuse_kernels.py"]
 
 
 def test_custom_pass_guide_snippets_are_copied_from_code_that_runs():

@@ -1,4 +1,4 @@
-"""The number formats of codes (kernels/formats.py): LLM-FP4's 4-bit floats as integer values,
+"""The number formats of codes (qcompile/kernels/formats.py): LLM-FP4's 4-bit floats as integer values,
 their rounding (nearest, ties to even, saturating), packing, and bad input."""
 
 from __future__ import annotations

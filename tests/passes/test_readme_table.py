@@ -1,4 +1,4 @@
-"""passes/README.md's table of passes is generated from the registry; this test fails when it drifts.
+"""qcompile/passes/README.md's table of passes is generated from the registry; this test fails when it drifts.
 
 Rewrite the table after changing a pass's declaration (name, summary, options, statistics, ordering):
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core.pass_api import markdown_table, registry
 
-README = Path(__file__).resolve().parents[2] / "passes" / "README.md"
+README = Path(__file__).resolve().parents[2] / "qcompile" / "passes" / "README.md"
 BEGIN = "<!-- BEGIN passes table: generated from the registry; rewrite with `python -m tests.passes.test_readme_table` -->"
 END = "<!-- END passes table -->"
 _TABLE = re.compile(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), re.DOTALL)
@@ -34,7 +34,7 @@ def expected_readme(text: str) -> str:
 
 def test_readme_table_is_the_registrys():
     text = README.read_text()
-    assert text == expected_readme(text), "passes/README.md's table drifted from the registry; rewrite it with " \
+    assert text == expected_readme(text), "qcompile/passes/README.md's table drifted from the registry; rewrite it with " \
                                           "`python -m tests.passes.test_readme_table`"
 
 

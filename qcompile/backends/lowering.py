@@ -22,7 +22,7 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
     q4.linear_w4a16(x, w_packed, ...)    -> the weight dequantized (one fused loop) and aten.linear
 
 At decode, where M (the rows: x's leading dims) is a static int <= cpu_kernels.SMALL_M (W4A16:
-SMALL_M_W4A16), both linears instead call the q4_cpu C++ kernels (`kernels/cpu_kernels.py`),
+SMALL_M_W4A16), both linears instead call the q4_cpu C++ kernels (`qcompile/kernels/cpu_kernels.py`),
 which read the packed weight directly: unpacking a 4096 x 4096 weight costs more than the whole
 product at M = 1. The call from Inductor's wrapper is a registered C++ op (a few µs). A
 symbolic M is prefill: it keeps
@@ -39,7 +39,7 @@ any length, so that generate() through the KV cache computes what the no-cache f
 bit for bit (with the rotation's transform, the same at any M, and the integer GEMMs, exact).
 
 On CUDA the integer GEMM is not decomposed: `q4.linear_w4a4` runs its CUDA kernel, the Triton
-GEMM of `kernels/triton_gemm.py` (rotation and quantize still fuse, as Inductor's own Triton
+GEMM of `qcompile/kernels/triton_gemm.py` (rotation and quantize still fuse, as Inductor's own Triton
 code). The `kernels="triton"` option (`Q4_KERNELS=triton`) runs the Triton GEMM on any device,
 in Triton's interpreter on CPU, with the graph otherwise lowered as usual.
 """
@@ -262,7 +262,7 @@ def use_cpu_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """A graph module like `gm` (sharing its constants) whose CPU float32 attention calls
     `q4_cpu.attention` instead of ATen's (`aten.scaled_dot_product_attention`): the same values
     up to float rounding, but every query row rounds the same way at any sequence length
-    (kernels/cpu_kernels.py), so a prompt, each decode step through the KV cache and the
+    (qcompile/kernels/cpu_kernels.py), so a prompt, each decode step through the KV cache and the
     no-cache forward agree bit for bit. ATen's flash attention blocks by the call's length; at
     4-bit activations one flipped code changes every later token (issue 13: perplexity through
     the cache 0.68% from no-cache before). Keys and values that transformers' `repeat_kv` copied

@@ -2,7 +2,7 @@
 
     y = x W^T = (x R)(W R)^T        for any orthogonal R
 
-With R Hadamard-like (`kernels/rotation.py`: a Kronecker product of small orthogonal factors), an
+With R Hadamard-like (`qcompile/kernels/rotation.py`: a Kronecker product of small orthogonal factors), an
 outlier channel of x is spread evenly over all channels of x R, so one static per-tensor step fits
 the rotated activation far better (QuaRot, SpinQuant); the weight's rows are flattened the same
 way. On SmolLM2-135M, rotating down_proj's input raises its 4-bit output SQNR from 4-10 dB (the

@@ -22,7 +22,7 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
                                                       -> F.linear(x, codes(w) * w_step[:, None], bias)
 
 At decode (M <= cpu_kernels.SMALL_M rows; W4A16: SMALL_M_W4A16) the CPU kernels call the
-q4_cpu C++ ops instead (kernels/cpu_kernels.py), which read the packed weight directly: same
+q4_cpu C++ ops instead (qcompile/kernels/cpu_kernels.py), which read the packed weight directly: same
 values (linear_w4a4 bit for bit), no unpacked copy of the weight at all.
 
 Codes are integer values in a number format (`formats.py`): `int` (two's complement, the default)

@@ -51,7 +51,7 @@ Each linear a run takes (rounding or not) records what was done in `q4_quantized
     QuantizedBy(w_bits=4, a_bits=4, rounded=True, weights="gptq", act_clip=0.9,
                 run="insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,...}", w_format="int", a_format="int")
 
-Number formats (`kernels/formats.py`): codes are integers by default; `w-format` / `a-format`
+Number formats (`qcompile/kernels/formats.py`): codes are integers by default; `w-format` / `a-format`
 pick one of LLM-FP4's 4-bit floats (e2m1, e3m0, e1m2), or `search` for the one with the least
 layer-output error on the calibration samples, per linear, alternating weight and activation as
 LLM-FP4 does (the activation's clipping ratio, its "exponent bias", is searched with it). FP4

@@ -21,7 +21,7 @@ copy per factor) and `rotate_decomposed`, the form the Inductor lowering traces 
 applies the odd factor as a broadcast multiply and a sum over that factor's axis, which
 Inductor compiles into loops fused with the rotation's producer and consumer (the activation
 quantize), with no transposing copies; the Sylvester factors, together one Hadamard matrix, run
-as a fast Walsh-Hadamard transform (`q4_cpu::hadamard`, kernels/cpu_kernels.py) on CPU, as a GEMM
+as a fast Walsh-Hadamard transform (`q4_cpu::hadamard`, qcompile/kernels/cpu_kernels.py) on CPU, as a GEMM
 or loops elsewhere.
 """
 

@@ -18,7 +18,7 @@ After:
 
 The kernel multiplies any int8 activation codes exactly, so W4A8 linears (8-bit codes) fuse
 the same way, and so do FP4 linears (LLM-FP4's 4-bit floats are small integers, see
-kernels/formats.py): the weight's format becomes the kernel's `w_format` argument, the
+qcompile/kernels/formats.py): the weight's format becomes the kernel's `w_format` argument, the
 activation's stays on its quantize:
 
     x_q = q4.quantize_per_tensor(x, a_step, 4, "e3m0")
@@ -26,7 +26,7 @@ activation's stays on its quantize:
 
 Weight-only linears (float activations, `insert-quantizers{a-bits=16}`) fuse into the
 weight-only kernel, which reads the packed weight (on CPU at decode: directly, no dequantized
-copy of the weight; see kernels/cpu_kernels.py):
+copy of the weight; see qcompile/kernels/cpu_kernels.py):
 
 Before:
     w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32)

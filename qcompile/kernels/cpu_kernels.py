@@ -18,7 +18,7 @@ products.
     torch.ops.q4_cpu.hadamard(x, n, force_scalar=False)
         float32 x [..., K] with every block of n (a power of two) consecutive values multiplied by
         the normalized Sylvester-Hadamard matrix: a fast Walsh-Hadamard transform, the power-of-two
-        part of an activation rotation (kernels/rotation.py)
+        part of an activation rotation (qcompile/kernels/rotation.py)
     torch.ops.q4_cpu.kron_factor(x, factor, inner, force_scalar=False)
         float32 x [..., K] viewed as [rows, d, inner], multiplied along its d axis by factor [d, d]:
         one learned Kronecker factor of a rotation (rotate-inputs{learn-steps}), summed in a fixed
@@ -29,7 +29,7 @@ products.
         up to float rounding, but batch-invariant: each output row goes through the same float
         operations whatever the query count, key count past its allowed ones, or batch, so a
         decode step at position i gives the bits of row i of the prompt. The Inductor lowering
-        uses it on CPU (backends/lowering.py). Fixed summation orders and an exp polynomial of
+        uses it on CPU (qcompile/backends/lowering.py). Fixed summation orders and an exp polynomial of
         its own, in csrc/q4_cpu.cpp. At SmolLM2's shapes (2 threads, 9 query heads, 3 key/value
         heads, 64 dims) it is faster than ATen's flash attention: 512 causal tokens in 3.1
         against 4.6 ms, 1 decode query against 600 keys in 0.033 against 0.064 ms.

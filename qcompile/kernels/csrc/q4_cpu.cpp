@@ -1,4 +1,4 @@
-// q4_cpu: CPU decode kernels that read packed int4 weights directly (see kernels/cpu_kernels.py).
+// q4_cpu: CPU decode kernels that read packed int4 weights directly (see qcompile/kernels/cpu_kernels.py).
 //
 //   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar, w_values)
 //   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar)
@@ -9,7 +9,7 @@
 // Packed layout: uint8 [N, Kp = ceil(K/2)], byte j of row n holds code k=2j in its low nibble
 // and k=2j+1 in its high nibble, 4-bit two's complement.
 //
-// A nibble's value comes from a 16-entry table (`w_values`, kernels/formats.py): int4 two's
+// A nibble's value comes from a 16-entry table (`w_values`, qcompile/kernels/formats.py): int4 two's
 // complement by default, or a 4-bit float's integer values (E2M1 +-12, E3M0 +-64, E1M2 +-7).
 //
 // W4A4 (AVX512-VNNI): `vpdpbusd` multiplies unsigned bytes by signed bytes. A byte shuffle
@@ -21,7 +21,7 @@
 // a multiple of 64 bytes), matching the low and high nibbles of 64 weight bytes. A tile of
 // NB weight columns is unpacked once per K step and used for MB activation rows held in
 // registers, so weights stream from memory once per call. Epilogue in float32, in the same
-// order as kernels/reference.py::epilogue: float(acc) * (a_step * w_step[n]) + float(bias[n]).
+// order as qcompile/kernels/reference.py::epilogue: float(acc) * (a_step * w_step[n]) + float(bias[n]).
 //
 // W4A16 (AVX512F): float32 FMA of the activation (even/odd split the same way) against the
 // sign-extended nibbles converted to float32; then * w_step[n] + bias[n].
@@ -389,7 +389,7 @@ at::Tensor linear_w4a16(const at::Tensor& x_in, const at::Tensor& w_packed, cons
   return finish(out32, x_in, n, out_dtype);
 }
 
-// ---- Walsh-Hadamard transform: the power-of-two factor of a rotation (kernels/rotation.py) ----
+// ---- Walsh-Hadamard transform: the power-of-two factor of a rotation (qcompile/kernels/rotation.py) ----
 //
 // y = x @ (H_n / sqrt(n)) on every block of n consecutive floats of x, H_n the Sylvester
 // Hadamard matrix (symmetric): log2(n) passes of butterflies (a, b) -> (a + b, a - b), then one
@@ -466,7 +466,7 @@ at::Tensor hadamard(const at::Tensor& x, int64_t n, bool force_scalar) {
   return y;
 }
 
-// ---- one learned Kronecker factor of a rotation (kernels/rotation.py, hadamard=False) ----------
+// ---- one learned Kronecker factor of a rotation (qcompile/kernels/rotation.py, hadamard=False) ----------
 //
 // y[r, i, t] = sum_j x[r, j, t] * f[j, i] on x viewed as [rows, d, inner]: a factor of
 // kron(F_1, ..., F_r) applied along its own axis. Each output sums j = 0..d-1 in order, a multiply

@@ -16,7 +16,7 @@ artifact   with `options["artifact"]` (a directory `qcompile.quantize(...).save`
            with the saved results of its expensive steps (`qcompile.frontend.saved_artifact`,
            `qcompile.core.memo`).
 lower      `lower="inductor"` (default): the final graph goes through Inductor, which sees the
-           q4 ops decomposed into ATen where that lets it fuse them (backends/lowering.py);
+           q4 ops decomposed into ATen where that lets it fuse them (qcompile/backends/lowering.py);
            `lower="eager"`: the final graph module runs as it is. `kernels="triton"`: the
            integer GEMMs run as Triton kernels on any device (interpreted on CPU).
 
