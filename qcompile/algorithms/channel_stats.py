@@ -86,6 +86,15 @@ class ChannelStats:
             rotate(rotate(self.gram, factors, hadamard).t().contiguous(), factors, hadamard).t()
         return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram)
 
+    def split(self, index: torch.Tensor, multiplier: torch.Tensor) -> ChannelStats:
+        """The statistics of (x * multiplier)[..., index], as split-channels leaves the input: each
+        channel's range times its multiplier, gathered; the Gram matrix gathered on both sides."""
+        gram = None
+        if self.gram is not None:
+            gram = (self.gram * torch.outer(multiplier, multiplier))[index][:, index]
+        return dataclasses.replace(self, absmax=(self.absmax * multiplier)[index], robust=(self.robust * multiplier)[index],
+                                   samples=(self.samples * multiplier)[:, index], gram=gram)
+
     def scaled(self, scales: torch.Tensor) -> ChannelStats:
         """The statistics of x / scales (per channel), as a migration leaves the input."""
         gram = None if self.gram is None else self.gram / torch.outer(scales, scales)

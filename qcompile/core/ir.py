@@ -54,6 +54,8 @@ PASSES_RUN = "q4_passes_run"
 QUANTIZED = "q4_quantized"
 # how rotate-inputs rotated a linear's input: "hadamard", "learned" or "hadamard (learned was worse)"
 ROTATION = "q4_rotation"
+# how many input channels split-channels added to a linear's input (absent: none)
+SPLIT = "q4_split"
 # on the two float linears of a low-rank compensation: the module path of the linear they compensate
 LOW_RANK = "q4_low_rank"
 
@@ -182,7 +184,7 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, ROTATION,
-                FLOAT_REASON, QUANTIZED):
+                SPLIT, FLOAT_REASON, QUANTIZED):
         if key in old.meta:
             new.meta[key] = old.meta[key]
 

@@ -263,3 +263,20 @@ def test_learned_rotations_say_whether_they_were_kept(rate, kept):
     table = report.linear_table()
     assert "rotation" in table.splitlines()[0] and kept in table
     assert all(math.isfinite(r.sqnr_db) for r in report.linears)
+
+
+def test_split_channels_show_how_many_channels_each_linear_gained():
+    """split-channels{budget}: the linears of a split group say how many input channels they
+    gained; the quantized model still matches its float reference closely."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] *= 40  # one outlier channel for q/k/v
+    pipeline = ("analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},split-channels{budget=8},"
+                "fold-scales,insert-quantizers{w-bits=4,a-bits=4,search-clip=true},fuse-kernels")
+    report = explain(model, llama_inputs(), pipeline=pipeline, **QUIET)
+    qkv = [r for r in report.linears if ".layers.0.self_attn." in r.module and not r.module.endswith("o_proj")]
+    assert len(qkv) == 3 and len({r.split for r in qkv}) == 1 and 1 <= qkv[0].split <= 8
+    assert {r.runs_as for r in qkv} == {"W4A4 fused"}
+    table = report.linear_table()
+    assert "split" in table.splitlines()[0] and f"+{qkv[0].split}" in table
+    assert {row["split"] for row in report.to_dict()["graphs"][0]["linears"]} >= {0, qkv[0].split}

@@ -34,6 +34,7 @@ runs as          `W4A4 fused` / `W4A8 fused` (q4.linear_w4a4), `W4A4 fake-quant`
 rotation         how rotate-inputs rotated the linear's input: `hadamard` (fixed factors),
                  `learned` (rotate-inputs{learn-steps=N}), `hadamard (learned was worse)` (learned
                  factors did not lower the held-out error, so the fixed ones stayed), or '-'
+split            the input channels split-channels added (`+3`: the widest channels' copies), or '-'
 outliers before  max over channels of absmax / median channel absmax of the linear's input on the
                  calibration data, before migration and rotation (analyze-outliers' `q4_outliers`;
                  '-' when that pass did not run)

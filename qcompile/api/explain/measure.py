@@ -170,7 +170,7 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
         outliers = node.meta.get(ir.OUTLIERS)
         described.append((node, dict(graph=graph, module=module, runs_as=runs_as, w_bits=w_bits, a_bits=a_bits,
                                      float_reason=reason, migration=migration,
-                                     rotation=node.meta.get(ir.ROTATION, "-"),
+                                     rotation=node.meta.get(ir.ROTATION, "-"), split=node.meta.get(ir.SPLIT, 0),
                                      outliers_before=None if outliers is None else outliers.max_ratio,
                                      node=node.name)))
     if probes:

@@ -38,6 +38,7 @@ class LinearRow:
     float_reason: str  # '' unless it runs in float
     migration: str  # what migrate-scales did: 'migrated', 'unmatched' or '-' (no migration pass)
     rotation: str  # what rotate-inputs did: 'hadamard', 'learned', 'hadamard (learned was worse)' or '-'
+    split: int  # input channels split-channels added (0: none)
     outliers_before: float | None
     outliers_after: float | None
     sqnr_db: float | None
@@ -130,11 +131,11 @@ class ExplainReport:
         many = len(self.graphs) > 1
         rows = self.linears if rows is None else rows
         table = [([r.graph] if many else []) + [
-            r.module, r.runs_as, r.float_reason, r.migration, r.rotation,
+            r.module, r.runs_as, r.float_reason, r.migration, r.rotation, f"+{r.split}" if r.split else "-",
             "-" if r.outliers_before is None else f"{r.outliers_before:.1f}",
             "-" if r.outliers_after is None else f"{r.outliers_after:.1f}",
             _fmt_db(r.sqnr_db)] for r in rows]
-        headers = (["graph"] if many else []) + ["linear", "runs as", "why float", "migration", "rotation",
+        headers = (["graph"] if many else []) + ["linear", "runs as", "why float", "migration", "rotation", "split",
                                                   "outliers before", "outliers after", "SQNR dB"]
         return tabulate(table, headers=headers, disable_numparse=True)
 
