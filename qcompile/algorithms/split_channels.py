@@ -18,14 +18,14 @@ or without finite ranges is never split.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from qcompile.algorithms.scale_search import output_error
-from qcompile.kernels.rotation import rotation_factors
+from qcompile.algorithms.scale_search import fake_quant_activation, fake_quant_weight
+from qcompile.kernels.rotation import rotate, rotation_factors
 
 # Clipping ratios tried for each candidate (a coarser grid than the clip search of
 # insert-quantizers, which searches the chosen split's clip again on the full grid).
@@ -34,7 +34,7 @@ SPLIT_CLIPS = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)
 TOP_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ChannelSplit:
     """x [..., K] -> (x * multiplier)[..., index]: the split input, K + extra channels wide.
 
@@ -116,12 +116,19 @@ def choose_split(x: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch
         return no_split(channels)
     x = x.float()
     weights = [w.float() for w in weights]
+    references = [x @ w.t() for w in weights]
 
     def error(split: ChannelSplit) -> float:
-        xs, ws = split.apply(x), [split.weight(w) for w in weights]
+        """The output error at the best clip of SPLIT_CLIPS; each weight rounded once."""
+        xs = split.apply(x)
         rotation = rotation_factors(xs.shape[-1]) if rotated else None
-        ones = torch.ones(xs.shape[-1])
-        return min(output_error(xs, ws, ones, clip, w_bits, a_bits, rotation) for clip in SPLIT_CLIPS)
+        ws = [split.weight(w) for w in weights]
+        if rotation is not None:
+            xs, ws = rotate(xs, rotation), [rotate(w, rotation) for w in ws]
+        ws = [fake_quant_weight(w, w_bits) for w in ws]
+        top = xs.abs().max().item()
+        return min(sum((ref - fake_quant_activation(xs, top, clip, a_bits) @ w.t()).pow(2).sum().item()
+                       for ref, w in zip(references, ws)) for clip in SPLIT_CLIPS)
 
     unsplit = error(no_split(channels))
     best = no_split(channels, unsplit)
@@ -130,7 +137,7 @@ def choose_split(x: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch
         if int((copies - 1).sum()) > budget:
             continue
         candidate = split_for(copies, math.nan, unsplit)
-        e = error(candidate)
-        if e < best.error:
-            best = split_for(copies, e, unsplit)
+        candidate = dataclasses.replace(candidate, error=error(candidate))
+        if candidate.error < best.error:
+            best = candidate
     return best

@@ -34,6 +34,13 @@ RECIPES: dict[str, str] = {
     "w4a4-hadamard": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
     "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq},"
     "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
+    # w4a4-hadamard with MergeQuant's dimensional reconstruction: each group's widest channels split
+    # into copies (at most 16 more input channels), chosen by the output error as the fixed
+    # rotation will leave the group.
+    "w4a4-split": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},split-channels{budget=16,rotated=true},"
+    "fold-scales,rotate-inputs{skip=},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq},"
+    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq},fuse-kernels",
     # QSM as MergeQuant describes it, without rotation: per group, the migration strength and
     # the activation clipping ratio searched against the layer-output error.
     "w4a4-qsm": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},fold-scales,"

@@ -15,7 +15,7 @@ from qcompile.core import ir
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.pipeline import parse_pipeline
 from tests.helpers.models import inputs, tiny_llama
-from tests.helpers.passes import capture_family, first_output, run_pass
+from tests.helpers.passes import capture_family, first_output, forced_split, run_pass
 
 OUTLIER = 5  # the channel of layer 0's q/k/v input given a range 40 times the others'
 
@@ -85,12 +85,7 @@ def test_statistics_follow_the_split_and_a_searched_clip_is_dropped():
 def test_a_split_is_exact_in_real_arithmetic_on_every_family(family, monkeypatch):
     """Every group split (the three widest channels into 2, 3 and 4 copies), whatever the error
     says: the rewrite itself keeps each model's function."""
-    def forced(x, weights, absmax, budget, w_bits, a_bits, rotated=False):
-        copies = torch.ones(x.shape[-1], dtype=torch.int64)
-        copies[absmax.argsort(descending=True)[:3]] = torch.tensor([2, 3, 4])
-        return split_channels.split_for(copies, 0.0, 1.0)
-
-    monkeypatch.setattr(split_channels, "choose_split", forced)
+    monkeypatch.setattr(split_channels, "choose_split", forced_split)
     x = inputs()
     gm = capture_family(family, x)
     before = first_output(gm, x).detach().clone()
