@@ -187,11 +187,17 @@ class CalibrationCache:
 
     Weights are held weakly: the statistics die with the user's model. An entry holds the
     calibration object itself: while it does, no other object can reuse its id, so a new
-    calibration list never gets a dead one's statistics.
+    calibration list never gets a dead one's statistics. Each weight keeps the entries of its
+    MAX_CALIBRATIONS most recently used calibrations: a process that compiles one model with
+    calibration after calibration (an evaluation over recipes and data, a test session) holds
+    two sets of statistics and Gram matrices, not one per calibration it ever used (SmolLM2's
+    are about 0.5 GB a set with Gram matrices).
     """
 
+    MAX_CALIBRATIONS = 2
+
     def __init__(self) -> None:
-        # {weight: {(calibration key, gram): (calibration object, ChannelStats)}}
+        # {weight: {calibration key: (calibration object, {gram: ChannelStats})}}, least recent first
         self._by_weight: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._memos: WeakIdKeyDictionary = WeakIdKeyDictionary()  # {weight: {calibration key: (calibration, Memo)}}
 
@@ -199,23 +205,40 @@ class CalibrationCache:
         """The memo shared by the graphs reading any of `weights` and calibrated on `calibration`
         (a new one if none is). Its keys hash each step's tensor inputs, not the statistics, so
         it is shared only by graphs with the same calibration."""
-        key = self._key(calibration, False)
-        found = (self._memos.get(w, {}).get(key) for w in weights)
-        memo = next((m for c, m in filter(None, found) if c is calibration), None) or Memo()
+        found = (self._recent(self._memos, w, calibration) for w in weights)
+        memo = next(filter(None, found), None) or Memo()
         for w in weights:
-            self._memos.setdefault(w, {})[key] = (calibration, memo)
+            self._remember(self._memos, w, calibration, memo)
         return memo
 
-    @staticmethod
-    def _key(calibration: Any, gram: bool) -> tuple:
-        return ("first-call" if calibration is None else id(calibration), gram)
-
     def get(self, weight: torch.Tensor, calibration: Any, gram: bool) -> ChannelStats | None:
-        entry = self._by_weight.get(weight, {}).get(self._key(calibration, gram))
-        return entry[1] if entry is not None and entry[0] is calibration else None
+        by_gram = self._recent(self._by_weight, weight, calibration)
+        return None if by_gram is None else by_gram.get(gram)
 
     def put(self, weight: torch.Tensor, calibration: Any, gram: bool, stats: ChannelStats) -> None:
-        self._by_weight.setdefault(weight, {})[self._key(calibration, gram)] = (calibration, stats)
+        by_gram = self._recent(self._by_weight, weight, calibration) or {}
+        by_gram[gram] = stats
+        self._remember(self._by_weight, weight, calibration, by_gram)
+
+    @staticmethod
+    def _key(calibration: Any) -> int | str:
+        return "first-call" if calibration is None else id(calibration)
+
+    def _recent(self, table: WeakIdKeyDictionary, weight: torch.Tensor, calibration: Any) -> Any:
+        """The value kept for (weight, calibration), now the most recently used; None if none."""
+        entries = table.get(weight, {})
+        entry = entries.pop(self._key(calibration), None)
+        if entry is None or entry[0] is not calibration:
+            return None
+        entries[self._key(calibration)] = entry  # to the end: the most recent
+        return entry[1]
+
+    def _remember(self, table: WeakIdKeyDictionary, weight: torch.Tensor, calibration: Any, value: Any) -> None:
+        entries = table.setdefault(weight, {})
+        entries.pop(self._key(calibration), None)
+        entries[self._key(calibration)] = (calibration, value)
+        while len(entries) > self.MAX_CALIBRATIONS:
+            del entries[next(iter(entries))]  # the least recently used
 
 
 def calibrate_graph(aten_gm: fx.GraphModule, example_inputs: list[Any], state: dict[int, tuple],
