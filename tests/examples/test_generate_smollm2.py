@@ -98,14 +98,23 @@ def greedy(generate, batch: dict, new_tokens: int, **kwargs) -> torch.Tensor:
 
 
 def no_cache_argmax(model: torch.nn.Module, batch: dict, sequences: torch.Tensor) -> torch.Tensor:
-    """The token the model's own no-cache logits pick at each generated position. The positions
-    are generate()'s: counted from each row's first real token (left padding shifts them)."""
+    """The token the model's own no-cache logits pick at each generated position, as greedy()
+    picks it: `min_new_tokens` makes generate() mask the end-of-sequence tokens at every step
+    (with learned rotations SmolLM2 wants to end some of these prompts within 64 tokens). The
+    positions are generate()'s: counted from each row's first real token (left padding shifts them)."""
     prompt = batch["input_ids"].shape[1]
     mask = torch.cat([batch["attention_mask"], torch.ones_like(sequences[:, prompt:])], 1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.no_grad():
         logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    return logits[:, prompt - 1:-1].argmax(-1)
+    logits = logits[:, prompt - 1:-1]
+    logits[..., end_of_sequence_ids(model)] = -float("inf")
+    return logits.argmax(-1)
+
+
+def end_of_sequence_ids(model: torch.nn.Module) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def all_quantized(graphs: list) -> bool:
