@@ -206,7 +206,9 @@ class CalibrationCache:
         (a new one if none is). Its keys hash each step's tensor inputs, not the statistics, so
         it is shared only by graphs with the same calibration."""
         found = (self._recent(self._memos, w, calibration) for w in weights)
-        memo = next(filter(None, found), None) or Memo()
+        memo = next((m for m in found if m is not None), None)
+        if memo is None:
+            memo = Memo()
         for w in weights:
             self._remember(self._memos, w, calibration, memo)
         return memo

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="evaluation tokens of Pride and Prejudice")
     parser.add_argument("--calibration-batches", type=int, default=8, help="512-token batches of Emma")
     parser.add_argument("--sentences", type=int, default=200, help="MiniLM evaluation sentences")
-    parser.add_argument("--recipes", default="w4a4-rtn,w4a4-smoothquant,w4a4-hadamard,w4a4,w4a4-dynamic,w4a8,w4a16,fp4,fp4-e2m1")
+    parser.add_argument("--recipes", default="w4a4-rtn,w4a4-smoothquant,w4a4-hadamard,w4a4,w4a4-split,w4a4-dynamic,w4a8,w4a16,fp4,fp4-e2m1")
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
