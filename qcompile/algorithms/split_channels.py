@@ -71,6 +71,11 @@ def copies_for(absmax: torch.Tensor, target: float) -> torch.Tensor:
     return torch.clamp(torch.ceil(absmax / target), min=1).to(torch.int64)
 
 
+def extra_channels(absmax: torch.Tensor, target: float) -> int:
+    """How many channels splitting at `target` adds: sum(ceil(a_c / t) - 1), falling as t grows."""
+    return int((copies_for(absmax, target) - 1).sum())
+
+
 def split_for(copies: torch.Tensor, error: float, error_unsplit: float) -> ChannelSplit:
     """The split that gives channel c `copies[c]` copies (extra copies appended in channel order)."""
     channels = copies.numel()
@@ -79,13 +84,13 @@ def split_for(copies: torch.Tensor, error: float, error_unsplit: float) -> Chann
 
 
 def budget_target(absmax: torch.Tensor, budget: int) -> float:
-    """The smallest split target whose extra channels, sum(ceil(a_c / t) - 1), fit in `budget`
-    (bisection: the extra count falls as t grows)."""
+    """The smallest split target whose extra channels fit in `budget` (bisection on
+    `extra_channels`, which falls as the target grows)."""
     top = absmax.max().item()
     low, high = 0.0, top  # extra(high) = 0 <= budget; find the least t with extra(t) <= budget
     for _ in range(40):
         mid = (low + high) / 2
-        if mid <= 0 or int((copies_for(absmax, mid) - 1).sum()) > budget:
+        if mid <= 0 or extra_channels(absmax, mid) > budget:
             low = mid
         else:
             high = mid
@@ -94,7 +99,7 @@ def budget_target(absmax: torch.Tensor, budget: int) -> float:
 
 def candidate_targets(absmax: torch.Tensor, budget: int) -> list[float]:
     """Split targets to try, largest first: the ranges of the channels after the top 1, 2, 3, 4,
-    6, ... (each within the budget), and the smallest target the budget allows."""
+    6, ... and the smallest target the budget allows; none below that, so each fits the budget."""
     ranges = absmax.sort(descending=True).values
     floor = budget_target(absmax, budget)
     targets = [ranges[k].item() for k in TOP_COUNTS if k < ranges.numel() and ranges[k].item() >= floor]
@@ -133,10 +138,7 @@ def choose_split(x: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch
     unsplit = error(no_split(channels))
     best = no_split(channels, unsplit)
     for target in candidate_targets(absmax, budget):
-        copies = copies_for(absmax, target)
-        if int((copies - 1).sum()) > budget:
-            continue
-        candidate = split_for(copies, math.nan, unsplit)
+        candidate = split_for(copies_for(absmax, target), math.nan, unsplit)
         candidate = dataclasses.replace(candidate, error=error(candidate))
         if candidate.error < best.error:
             best = candidate
