@@ -40,6 +40,7 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes the pipeline
 from qcompile.backends import generation
 from qcompile.backends.compiled_graph import CompiledGraph
 from qcompile.backends.lowering import lower
+from qcompile.backends.memory import release_freed_memory
 from qcompile.core import ir
 from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
@@ -129,6 +130,7 @@ class Q4Backend:
         graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay,
                               limit)
         self.on_compiled(graph, inputs)
+        release_freed_memory()  # calibration's and the passes' gigabytes, freed, back to the system
         return gm.forward if stop else graph
 
 
