@@ -131,7 +131,12 @@ def load(model: torch.nn.Module, directory: str | Path, example_inputs: Any = No
 
     `model` must be the model that was quantized (its parameters are checked by hash). With
     `example_inputs` the first call happens here (and `seconds` counts it); otherwise at the
-    model's first call. `options` are the backend's (printing, `lower`, `kernels`, ...)."""
+    model's first call. `options` are the backend's (printing, `lower`, `kernels`, ...).
+
+    Loading reads tensors and JSON only, and compiles the quantized graphs here. The artifact's
+    compiled kernels (`compiled.bin`: pickled code that runs when loaded) are used only with
+    `trust_compiled=True`: say so only for an artifact you would run as code, e.g. one you saved
+    yourself; it saves the compile time (`qcompile bench artifact` shows how much)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"load() expects a torch.nn.Module, got {type(model).__name__}")
     start = time.perf_counter()

@@ -111,7 +111,7 @@ class Q4Backend:
         if saved is not None:
             saved.check_parameters(frozen)
             saved.attach_stats(frozen)
-            if opts.lower == "inductor":
+            if opts.lower == "inductor" and opts.trust_compiled:
                 saved.load_kernel_cache()
         # the memo of expensive results is the model's: a recompile (decode after prefill) reuses it
         memo = frozen.meta[MEMO] = saved.memo() if saved is not None else self.calibration_cache.memo_for(

@@ -6,10 +6,11 @@ the pipeline string and the pass manager takes its instruments from a `Q4Options
 downstream depends on process globals.
 
 Every field of `Q4Options` can be set in the options dict under its own name (`print_after_all`)
-and, except `calibration` (an object, not text), by the variable `Q4_` + the name in upper case
-(`Q4_PRINT_AFTER_ALL`). The environment OUTRANKS the options dict: the person running the program
-(who may want a dump or a different pipeline without editing code) gets the last word over the
-code that calls torch.compile. Both sources are checked the same way: an unknown option key is an
+and, except `calibration` (an object, not text) and `trust_compiled` (a decision about code to
+run, made in code), by the variable `Q4_` + the name in upper case (`Q4_PRINT_AFTER_ALL`). The
+environment OUTRANKS the options dict: the person running the program (who may want a dump or a
+different pipeline without editing code) gets the last word over the code that calls
+torch.compile. Both sources are checked the same way: an unknown option key is an
 error listing the valid keys; an unknown `Q4_*` variable is a warning listing the valid names
 (it may belong to someone else, but it is most likely a typo).
 
@@ -78,6 +79,11 @@ class Q4Options:
     # a directory saved by qcompile.quantize(...).save(dir): its statistics replace calibration
     # and its pipeline replays with the saved results of its expensive steps (qcompile/frontend/saved_artifact.py)
     artifact: str | None = None
+    # load the artifact's compiled kernels (`compiled.bin`: pickled Inductor cache entries and
+    # generated code, which run when loaded) instead of compiling them here. Only for artifacts
+    # from a source trusted like code: whoever wrote the directory wrote its hash too. An option
+    # given in code, never read from the environment.
+    trust_compiled: bool = _field(False, env=False)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Q4Options)}

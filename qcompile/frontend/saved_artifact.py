@@ -15,11 +15,17 @@ can give:
 are stored once per distinct content (q, k and v read the same activation: its samples are
 stored once), named by the sha256 of that content, which reading checks. Beside it,
 `compiled.bin`, the compiled-kernels cache: torch.compiler's cache artifacts of the quantizing
-process (`torch.compiler.save_cache_artifacts`: Inductor's generated and compiled kernels),
-handed to `torch.compiler.load_cache_artifacts` on load so the same graphs need not be compiled
-again; on another torch or machine its entries just do not match and Inductor compiles (it is
-optional: without the file, loading compiles). Another format version, or a truncated or
-corrupted file each raise `ArtifactError` saying which, before any weight is used.
+process (`torch.compiler.save_cache_artifacts`: Inductor's generated and compiled kernels).
+Another format version, or a truncated or corrupted file each raise `ArtifactError` saying
+which, before any weight is used.
+
+What loading trusts: `q4.safetensors` is read with safetensors (tensors and a JSON manifest: no
+code, no pickle), so a default load runs nothing that came with the artifact; Inductor compiles
+the quantized graphs here. `compiled.bin` is pickled cache entries and generated code that run
+when loaded, and its hash in the manifest proves only that the file is whole: whoever wrote the
+directory wrote the hash. It is handed to `torch.compiler.load_cache_artifacts` only when the
+user says the artifact is trusted like code (`trust_compiled=True`), to skip compiling; on
+another torch or machine its entries just do not match and Inductor compiles anyway.
 """
 
 from __future__ import annotations
@@ -180,7 +186,9 @@ class SavedArtifact:
     def load_kernel_cache(self) -> None:
         """Give torch.compiler the quantizing process's compiled-kernels cache (once per process),
         so that Inductor finds the kernels it would otherwise generate and compile again. A cache
-        entry for another torch, device or graph simply does not match and is compiled anew."""
+        entry for another torch, device or graph simply does not match and is compiled anew.
+        This unpickles and runs what the file holds: the backend calls it only with
+        `trust_compiled=True`."""
         entry = self.manifest.get("compiled")
         if entry is None or self.kernel_cache_loaded:
             return

@@ -32,8 +32,9 @@ decode: greedy `generate()` of SmolLM2-135M (or a tiny random Llama) at each bat
   hundreds of small parallel loops, each of which can wait on a descheduled spinning thread.
 
 artifact: how long `qcompile.quantize` takes (calibration, passes, compile, first call) against
-  `qcompile.load` of its saved artifact in fresh processes (no calibration; with and without the
-  compiled kernels it carries), and whether the loaded model's logits equal the quantized
+  `qcompile.load` of its saved artifact in fresh processes (no calibration): with
+  `trust_compiled=True` (the compiled kernels it carries, pickled code) and by default (compiling
+  them), and whether the loaded model's logits equal the quantized
   model's bit for bit; the target is < 25%.
 
 Each repetition calls every variant once, in turn, so load from other processes hits all alike;
@@ -455,14 +456,12 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
     Inductor cache of its own, so nothing is reused behind the table's back."""
     import json
     import os
-    import shutil
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
     import qcompile
-    from qcompile.frontend import saved_artifact
     from qcompile.tools import zoo
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -478,22 +477,19 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
             expected = qmodel(**prompt).logits
         saved = qmodel.save(directory)
         torch.save(prompt, tmp / "prompt.pt")
-        without = tmp / "without-kernels"
-        shutil.copytree(directory, without)
-        (without / saved_artifact.KERNEL_CACHE_FILE_NAME).unlink(missing_ok=True)
 
         rows = [["quantize (calibrate + passes + compile + first call)", qmodel.seconds, 1.0, "-", "-"]]
-        loads = [("load, new process, with the artifact's compiled kernels", directory)]
+        loads = [("load, new process, trust_compiled=True (the artifact's compiled kernels)", True)]
         if compiling_load:
-            loads.append(("load, new process, compiling its kernels itself", without))
-        for label, source in loads:
+            loads.append(("load, new process, default (compiles its kernels itself)", False))
+        for label, trust in loads:
             work = tmp / f"work-{len(rows)}"
             work.mkdir()
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
-            subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "load-artifact", str(source), str(work),
-                            str(tmp / "prompt.pt")], check=True, env=env)
+            subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "load-artifact", str(directory), str(work),
+                            str(tmp / "prompt.pt"), *(["--trust-compiled"] if trust else [])], check=True, env=env)
             result = json.loads((work / "result.json").read_text())
-            exact = torch.equal(torch.load(work / "logits.pt"), expected)
+            exact = torch.equal(torch.load(work / "logits.pt", weights_only=True), expected)
             rows.append([label, result["seconds"], result["seconds"] / qmodel.seconds, "yes" if exact else "NO",
                          "YES (a bug)" if result["calibrated"] else "none"])
     size = sum(f.stat().st_size for f in Path(directory).iterdir())
@@ -504,7 +500,7 @@ def bench_artifact(recipe: str, calibration_tokens: int, prompt_tokens: int, dir
                                                   "calibration"], floatfmt=("", ".1f", ".3f"))
 
 
-def load_artifact(directory: str, work: str, prompt_file: str) -> None:
+def load_artifact(directory: str, work: str, prompt_file: str, trust_compiled: bool) -> None:
     """A fresh process of `bench artifact`: load, run the prompt, write seconds and logits."""
     import json
     from pathlib import Path
@@ -514,13 +510,13 @@ def load_artifact(directory: str, work: str, prompt_file: str) -> None:
     from qcompile.tools import zoo
 
     model, _ = zoo.load_smollm2()
-    prompt = torch.load(prompt_file)
+    prompt = torch.load(prompt_file, weights_only=True)
     calibrated = []  # any calibration in this process would be a bug: record it
     for name in ("observe", "observe_model"):
         original = getattr(calibrate, name)
         setattr(calibrate, name, lambda *a, _f=original, **k: calibrated.append(1) or _f(*a, **k))
     start = time.perf_counter()
-    loaded = qcompile.load(model, directory, progress=False)
+    loaded = qcompile.load(model, directory, progress=False, trust_compiled=trust_compiled)
     with torch.no_grad():
         logits = loaded(**prompt).logits
     seconds = time.perf_counter() - start
@@ -580,13 +576,14 @@ def main(argv: list[str] | None = None) -> None:
     internal.add_argument("directory")
     internal.add_argument("work")
     internal.add_argument("prompt")
+    internal.add_argument("--trust-compiled", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "artifact":
         print(bench_artifact(args.recipe, args.calibration_tokens, args.prompt_tokens, args.dir,
                              not args.no_compiling_load))
     elif args.command == "load-artifact":
-        load_artifact(args.directory, args.work, args.prompt)
+        load_artifact(args.directory, args.work, args.prompt, args.trust_compiled)
     elif args.command == "decode":
         recipes = [r for r in args.recipes.split(",") if r]
         unknown = [r for r in recipes if r not in RECIPES]

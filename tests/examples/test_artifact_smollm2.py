@@ -17,7 +17,8 @@ def test_bench_artifact_loads_in_a_new_process_bit_exactly(smollm2_artifact):
     out = proc.stdout
     assert out.startswith("SmolLM2-135M w4a4, calibration 128 tokens")
     loads = [line for line in out.splitlines() if line.startswith("load, new process")]
-    assert [line.split(",")[2].split("  ")[0].strip() for line in loads] == ["with the artifact's compiled kernels"]
+    assert [line.split(",")[2].split("  ")[0].strip() for line in loads] == [
+        "trust_compiled=True (the artifact's compiled kernels)"]
     for line in loads:
         cells = line.split()
         assert cells[-2:] == ["yes", "none"], line  # logits bit-exact; no calibration

@@ -168,3 +168,64 @@ def test_bad_arguments():
         qcompile.quantize(lambda x: x, _calibration())
     with pytest.raises(TypeError, match="makes the artifact"):
         qcompile.quantize(tiny_llama(), _calibration(), artifact="somewhere")
+
+
+class _Effect:
+    """Unpickling it creates a directory: the visible side effect of code run from a pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (str(self.marker),)
+
+
+def _untrusted_kernel_cache(marker) -> bytes:
+    """A compiled-kernels cache in torch.compiler's own format whose loading runs code: one
+    Inductor entry whose pickled graph creates `marker` when `load_cache_artifacts` unpickles it."""
+    import pickle
+    import types
+
+    from torch._inductor.codecache import InductorCacheArtifact
+    from torch.compiler._cache import _serialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+    graph = types.SimpleNamespace(_triton_bundle=None, effect=_Effect(marker))
+    serializer = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+    serializer.append(("inductor", [InductorCacheArtifact("qcompile-test-untrusted-entry", pickle.dumps(graph))]))
+    return serializer.to_bytes()
+
+
+def test_a_default_load_runs_no_code_from_the_artifact(saved, tmp_path):
+    """An artifact whose compiled.bin (with a consistent hash in the manifest) runs code when
+    loaded: `qcompile.load` reads only safetensors and JSON and compiles here; only
+    `trust_compiled=True` hands the file to torch.compiler, and then the code runs (so the file
+    is live, and the default's safety is not an accident of a broken payload)."""
+    import hashlib
+
+    model, *_, directory, ids, _ = saved
+    marker = tmp_path / "code-from-the-artifact-ran"
+    payload = _untrusted_kernel_cache(marker)
+    untrusted = tmp_path / "untrusted"
+    _rewrite_manifest(directory, untrusted, lambda m: m.update(
+        compiled={"file": saved_artifact.KERNEL_CACHE_FILE_NAME, "sha256": hashlib.sha256(payload).hexdigest()}))
+    (untrusted / saved_artifact.KERNEL_CACHE_FILE_NAME).write_bytes(payload)
+
+    torch._dynamo.reset()
+    _logits(qcompile.load(model, untrusted, progress=False, lower="inductor"), ids[:, :7])
+    assert not marker.exists()
+
+    torch._dynamo.reset()
+    _logits(qcompile.load(model, untrusted, progress=False, lower="inductor", trust_compiled=True), ids[:, :7])
+    assert marker.exists()
+
+
+def test_trust_compiled_is_not_read_from_the_environment(monkeypatch):
+    from qcompile.core.config import env_names, resolve_options
+
+    assert "Q4_TRUST_COMPILED" not in env_names()
+    monkeypatch.setenv("Q4_TRUST_COMPILED", "1")
+    with pytest.warns(UserWarning, match="Q4_TRUST_COMPILED"):
+        assert resolve_options({}).trust_compiled is False
