@@ -30,6 +30,13 @@ class ChannelStats:
     `absmax` is the max of |x| over all tokens; `robust` the max over batches of the per-batch
     99th percentile of |x| (a spike in a few tokens does not move it); `samples` up to
     SAMPLE_ROWS token rows drawn uniformly from all tokens seen (reservoir sampling, seeded).
+
+    Attention sinks: the first token of every sequence (row 0 along x's sequence dim, for x of
+    3 or more dims [..., tokens, channels]; calibration runs whole sequences from their start)
+    is kept apart as well: `sinks` holds those rows (the first SAMPLE_ROWS of them) and
+    `rest_absmax` the max of |x| over the other tokens. In SmolLM2 the first token's down_proj
+    input reaches 3210 where the others stay under 17 (layer 11): a quantizer that gives it a
+    step of its own (`insert-quantizers{sinks=true}`) steps the rest by `rest_absmax`.
     """
 
     absmax: torch.Tensor  # float32 [channels]
@@ -39,17 +46,38 @@ class ChannelStats:
     # sum of x^T x over all tokens, float32 [channels, channels]; only when a pass needs it
     # (GPTQ weight rounding), as it costs channels**2 floats per linear
     gram: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None  # float32 [<= SAMPLE_ROWS, channels]; None: not observed
+    rest_absmax: torch.Tensor | None = None  # float32 [channels]; None: not observed
 
     def update(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach()
+        rows = x.reshape(-1, x.shape[-1]).float()
         flat = rows.abs()
+        self._update_sinks(x)
         self.absmax = torch.maximum(self.absmax, flat.amax(dim=0))
         k = max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0]))
         self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
-        self._sample(rows)
+        # samples stand for the tokens a per-tensor step serves: not the sinks, which `sinks` keeps
+        has_rest = x.dim() >= 3 and x.shape[-2] > 1
+        self._sample(x[..., 1:, :].reshape(-1, x.shape[-1]).float() if has_rest else rows)
         if self.gram is not None:
             self.gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
+
+    def _update_sinks(self, x: torch.Tensor) -> None:
+        """The sequences' first rows into `sinks`, the max of the others into `rest_absmax`."""
+        channels = x.shape[-1]
+        if self.sinks is None:
+            self.sinks, self.rest_absmax = torch.zeros(0, channels), torch.zeros(channels)
+        if x.dim() < 3 or x.shape[-2] == 0:  # no sequence dim: every row is one of the rest
+            if x.numel():
+                self.rest_absmax = torch.maximum(self.rest_absmax, x.reshape(-1, channels).float().abs().amax(0))
+            return
+        first = x[..., 0, :].reshape(-1, channels).float()
+        self.sinks = torch.cat([self.sinks, first[: SAMPLE_ROWS - self.sinks.shape[0]]])
+        if x.shape[-2] > 1:
+            self.rest_absmax = torch.maximum(self.rest_absmax, x[..., 1:, :].float().abs().amax(
+                dim=tuple(range(x.dim() - 1))))
 
     def _sample(self, rows: torch.Tensor) -> None:
         """Keep a uniform sample of all rows seen: each new row replaces a kept one with
@@ -71,6 +99,11 @@ class ChannelStats:
         return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
                    gram=torch.zeros(channels, channels) if gram else None)
 
+    @property
+    def sink_absmax(self) -> torch.Tensor | None:
+        """Per channel, the max of |x| over the sequences' first rows; None if none was seen."""
+        return None if self.sinks is None or not self.sinks.shape[0] else self.sinks.abs().amax(dim=0)
+
     def rotated(self, factors: list[torch.Tensor], hadamard: bool = True) -> ChannelStats:
         """The statistics of x @ R, R = kron(*factors) orthogonal (`qcompile/kernels/rotation.py`). Samples
         and the Gram matrix (R^T G R) rotate exactly; per-channel ranges come from the rotated
@@ -84,7 +117,13 @@ class ChannelStats:
             absmax, robust = self.absmax, self.robust
         gram = None if self.gram is None else \
             rotate(rotate(self.gram, factors, hadamard).t().contiguous(), factors, hadamard).t()
-        return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram)
+        sinks = self.sinks
+        if sinks is not None and sinks.shape[0]:
+            sinks = rotate(sinks, factors, hadamard)
+        # the rest's range, like absmax, from the rotated samples (which hold no first row)
+        rest = None if self.rest_absmax is None else absmax if samples.shape[0] else self.rest_absmax
+        return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram, sinks=sinks,
+                                   rest_absmax=rest)
 
     def split(self, index: torch.Tensor, multiplier: torch.Tensor) -> ChannelStats:
         """The statistics of (x * multiplier)[..., index], as split-channels leaves the input: each
@@ -93,10 +132,14 @@ class ChannelStats:
         if self.gram is not None:
             gram = (self.gram * torch.outer(multiplier, multiplier))[index][:, index]
         return dataclasses.replace(self, absmax=(self.absmax * multiplier)[index], robust=(self.robust * multiplier)[index],
-                                   samples=(self.samples * multiplier)[:, index], gram=gram)
+                                   samples=(self.samples * multiplier)[:, index], gram=gram,
+                                   sinks=None if self.sinks is None else (self.sinks * multiplier)[:, index],
+                                   rest_absmax=None if self.rest_absmax is None else (self.rest_absmax * multiplier)[index])
 
     def scaled(self, scales: torch.Tensor) -> ChannelStats:
         """The statistics of x / scales (per channel), as a migration leaves the input."""
         gram = None if self.gram is None else self.gram / torch.outer(scales, scales)
         return dataclasses.replace(self, absmax=self.absmax / scales, robust=self.robust / scales,
-                                   samples=self.samples / scales, gram=gram)
+                                   samples=self.samples / scales, gram=gram,
+                                   sinks=None if self.sinks is None else self.sinks / scales,
+                                   rest_absmax=None if self.rest_absmax is None else self.rest_absmax / scales)

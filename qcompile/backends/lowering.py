@@ -11,8 +11,8 @@ ops that are cheap elementwise or small-reduction work, so they fuse with their 
     q4.token_steps(x, b, clip)           -> clip * amax(|float32(x)|, -1) / qmax (dynamic steps: a
                                             reduction fused with the loop that quantizes)
     q4.quantize_per_tensor(x, step, b)   -> clamp(round(float32(x) / step), -2**(b-1), 2**(b-1)-1).to(int8)
-                                            (a 4-bit float format: `formats.round_to_format`, a few
-                                            compares more)
+                                            (`ops.quantize_math`; a 4-bit float format: a few compares
+                                            more; with sinks, per-row clamp bounds)
 
     q4.linear_w4a4(x, w_packed, ...)     -> unpack (shifts: one fused loop over the packed bytes; a
                                             4-bit float weight adds a 16-entry table lookup),
@@ -64,12 +64,6 @@ from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops
 from qcompile.kernels.reference import epilogue
 
 q4 = torch.ops.q4
-
-
-def quantize_per_tensor_decomposed(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int") -> torch.Tensor:
-    """`q4::quantize_per_tensor` in ATen ops: the op's own rounding (`formats.round_to_format` is
-    elementwise ATen: half to even, a few compares for a 4-bit float's binades)."""
-    return formats.round_to_format(x.to(torch.float32) / step, format, bits).to(torch.int8)
 
 
 def unpack_decomposed(packed: torch.Tensor, k: int, fmt: str = "int") -> torch.Tensor:
@@ -156,7 +150,7 @@ def linear_w4a16_decomposed_on_cpu(x: torch.Tensor, w_packed: torch.Tensor, w_st
 
 DECOMPOSITIONS: dict[Any, Callable] = {
     q4.rotate.default: rotation.rotate_decomposed,
-    q4.quantize_per_tensor.default: quantize_per_tensor_decomposed,
+    q4.quantize_per_tensor.default: ops.quantize_math,
     q4.token_steps.default: ops.token_steps_math,
     q4.linear_w4a4.default: linear_w4a4_decomposed_on_cpu,
     q4.linear_w4a16.default: linear_w4a16_decomposed_on_cpu,

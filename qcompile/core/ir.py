@@ -15,6 +15,7 @@ and `val` are kept as they came from Dynamo):
     q4_migration    what migrate-scales did for a linear: {"status": "migrated" | "unmatched", "reason": str}
     q4_float_reason why insert-quantizers left a linear in float (absent when it was quantized)
     q4_quantized    what the insert-quantizers run that took a linear did: a `QuantizedBy`
+    q4_sinks        insert-quantizers{sinks=true}: "first token 8-bit", or "none: <why>"
 
 Graph-module meta (`gm.meta`):
 
@@ -58,6 +59,8 @@ ROTATION = "q4_rotation"
 SPLIT = "q4_split"
 # on the two float linears of a low-rank compensation: the module path of the linear they compensate
 LOW_RANK = "q4_low_rank"
+# how insert-quantizers{sinks=true} stepped a linear's first token: "first token 8-bit" or "none: why"
+SINKS = "q4_sinks"
 
 
 @dataclasses.dataclass(frozen=True)

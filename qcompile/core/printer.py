@@ -47,7 +47,9 @@ How to read it:
                             the weight / the activation codes (`int8`: 8-bit integer activations)
 
   `{w_step min .. med .. max .., a_step ..}` summarizes the weight's per-output-channel steps
-  (the median is the lower middle one) and the activation's per-tensor step. The nodes that
+  (the median is the lower middle one) and the activation's per-tensor step (`a_step 0.063, first
+  token 8-bit 0.41`: each sequence's first token has a step and codes of its own, see
+  insert-quantizers' `sinks`). The nodes that
   only feed that linear (the weight's dequantize, the activation's dequantize, the constants)
   get no lines. The activation's `q4.quantize_per_tensor` gets none either when only quantized
   linears read it (q/k/v share one): the line then names the float activation the quantize
@@ -211,6 +213,9 @@ class _Printer:
             if all(user in hidden or (user in self.linears and self.linears[user].fused)
                    for user in quant.users):
                 hidden.add(quant)
+        for q in self.linears.values():  # where(sinks, sink_step, step): printed in the steps
+            if q.sink_steps is not None and all(user in hidden or user in self.linears for user in q.a_step.users):
+                hidden.add(q.a_step)
         return hidden
 
     # -- pieces
@@ -317,7 +322,13 @@ class _Printer:
                           f"max {_num(ordered[-1].item())}")
         elif isinstance(q.w_step, fx.Node):
             scales.append(f"w_step {self.arg(q.w_step)}")
-        if q.a_step is not None:
+        if q.sink_steps is not None:
+            first, rest = (self._step_values(step) for step in q.sink_steps)
+            if first is not None and rest is not None and first.numel() == rest.numel() == 1:
+                scales.append(f"a_step {_num(rest.item())}, first token {q.sink_bits}-bit {_num(first.item())}")
+            else:
+                scales.append(f"a_step {self.arg(q.a_step)}")
+        elif q.a_step is not None:
             a_steps = self._step_values(q.a_step)
             a_text = _num(a_steps[0].item()) if a_steps is not None and a_steps.numel() == 1 else self.arg(q.a_step)
             scales.append(f"a_step {a_text}")

@@ -117,6 +117,21 @@ class QLinear:
         """Whether the activation step is computed per row at run time (`q4.token_steps`)."""
         return _is(self.a_step, q4.token_steps.default)
 
+    @property
+    def sink_bits(self) -> int | None:
+        """Bits of the first token's codes when the quantize steps it apart (`sinks`), else None."""
+        if self.quant is None or _arg(self.quant, 4, "sinks") is None:
+            return None
+        return _arg(self.quant, 5, "sink_bits") or 8
+
+    @property
+    def sink_steps(self) -> tuple[Any, Any] | None:
+        """(the first token's step, the others' step) when the activation step is
+        `where(sinks, sink_step, step)` (insert-quantizers{sinks=true}), else None."""
+        if _is(self.a_step, aten.where.self):
+            return self.a_step.args[1], self.a_step.args[2]
+        return None
+
 
 def _is(node: Any, op: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op

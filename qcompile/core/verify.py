@@ -78,12 +78,17 @@ def get_attr_target_exists(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def linear_w4a4_reads_constants(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """A fused linear (`q4.linear_w4a4(x_q, w_packed, w_step, a_step, ...)`, or its Triton twin)
     reads its packed uint8 weight and both steps from constants (checked on the module's
-    attributes, not on meta); a dynamic activation step is a `q4.token_steps` of the run."""
+    attributes, not on meta); a dynamic activation step is a `q4.token_steps` of the run, and one
+    that steps the first token apart is `where(sinks, sink_step, step)` of two constants."""
     q = qlinear.match(node)
     if q is None or not q.fused:
         return None
-    checked = ((1, "packed weight", q.packed), (2, "weight step", q.w_step), (3, "activation step", q.a_step))
-    for index, role, arg in checked[:2] if q.dynamic else checked:
+    checked = [(1, "packed weight", q.packed), (2, "weight step", q.w_step), (3, "activation step", q.a_step)]
+    if q.dynamic:
+        checked = checked[:2]
+    elif q.sink_steps is not None:
+        checked[2:] = [(3, "first token's activation step", q.sink_steps[0]), (3, "activation step", q.sink_steps[1])]
+    for index, role, arg in checked:
         value = _constant(gm, arg)
         if not isinstance(value, torch.Tensor):
             return f"its {role} (argument {index}) is not a get_attr constant tensor: {arg!r}"

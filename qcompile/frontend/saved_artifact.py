@@ -55,6 +55,7 @@ FILE_NAME = "q4.safetensors"
 # the compiled-kernels cache: torch.compiler's cache artifacts (Inductor's kernels) of the quantizing process
 KERNEL_CACHE_FILE_NAME = "compiled.bin"
 _STATS_FIELDS = ("absmax", "robust", "samples")
+_OPTIONAL_STATS_FIELDS = ("sinks", "rest_absmax")  # absent from artifacts saved before they existed
 
 
 class ArtifactError(ValueError):
@@ -120,7 +121,8 @@ def save(directory: str | Path, replays: list[Replay], info: Mapping[str, Any],
     stats, memo, parameters = {}, {}, {}
     for replay in replays:
         for fqn, s in replay.stats.items():
-            stats[fqn] = {"num_tokens": s.num_tokens, **{f: blob(getattr(s, f)) for f in _STATS_FIELDS}}
+            stats[fqn] = {"num_tokens": s.num_tokens, **{f: blob(getattr(s, f)) for f in _STATS_FIELDS},
+                          **{f: blob(getattr(s, f)) for f in _OPTIONAL_STATS_FIELDS if getattr(s, f) is not None}}
         for key, values in replay.memo.entries.items():
             memo[key] = [blob(v) for v in values]
         for fqn, t in replay.parameters.items():
@@ -163,7 +165,8 @@ class SavedArtifact:
 
     def stats(self) -> dict[str, ChannelStats]:
         return {
-            fqn: ChannelStats(**{f: self.blobs[entry[f]] for f in _STATS_FIELDS}, num_tokens=entry["num_tokens"])
+            fqn: ChannelStats(**{f: self.blobs[entry[f]] for f in (*_STATS_FIELDS, *_OPTIONAL_STATS_FIELDS) if f in entry},
+                              num_tokens=entry["num_tokens"])
             for fqn, entry in self.manifest["stats"].items()
         }
 

@@ -13,7 +13,8 @@ codes in float32 instead: exact, hence bit-identical, while |acc| < 2**24 (int4 
 K < 262144), the same bound under which the epilogue's float32(acc) is exact.
 
     q4::token_steps(x, bits, clip=1.0, format="int")  -> float32 [..., 1]: each row's step (dynamic)
-    q4::quantize_per_tensor(x, step, bits, format="int") -> int8 codes, same shape as x
+    q4::quantize_per_tensor(x, step, bits, format="int", sinks=None, sink_bits=8)
+                                                      -> int8 codes, same shape as x
     q4::dequantize_per_tensor(codes, step, dtype)     -> codes * step
     q4::dequantize_weight_int4(w_packed, w_step, k, dtype, format="int") -> [N, k] codes * w_step[:, None]
     q4::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int")
@@ -35,6 +36,13 @@ as constants. An activation step may also be one per row (token), [..., 1] (x's 
 computed at run time by `q4::token_steps` (dynamic quantization, the reference of static); the
 quantize, the dequantize and the linear take either, the linear's epilogue then multiplying by
 a_step[m] * w_step[n]. Every op checks its arguments and names the one that is wrong before computing.
+
+Attention sinks: the first token of a sequence carries activations hundreds of times larger
+than the others' (SmolLM2's down_proj inputs: 3210 against at most 17 for the rest), which one
+static step per tensor cannot hold. The quantize takes a bool `sinks` [..., 1] and a per-row
+step: the rows it marks get `sink_bits` (8) codes, the rest `bits`; the step per row (static:
+`where(sinks, sink_step, step)`, built in the graph) goes to the linear's epilogue as a dynamic
+one does. `insert-quantizers{sinks=true}` makes this form.
 """
 
 from __future__ import annotations
@@ -86,34 +94,57 @@ def check_format(op: str, arg: str, fmt: str, bits: int = 4) -> None:
         fail(op, "bits", f"4 for the 4-bit float format {fmt!r}", repr(bits))
 
 
-def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, check_values: bool) -> None:
+def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, sinks: Optional[torch.Tensor],
+                    sink_bits: int, check_values: bool) -> None:
     op = "quantize_per_tensor"
     if not x.is_floating_point():
         fail(op, "x", "a floating-point tensor", describe(x))
     check_step(op, "step", step, activation_step_shape(x, step), check_values)
-    check_device(op, x, step=step)
+    check_device(op, x, step=step, sinks=sinks)
     if not 2 <= bits <= 8:
         fail(op, "bits", "an int in 2..8", repr(bits))
     check_format(op, "format", fmt, bits)
+    if sinks is not None:
+        rows = (*x.shape[:-1], 1)
+        if sinks.dtype != torch.bool or tuple(sinks.shape) != rows:
+            fail(op, "sinks", f"None or a bool tensor of shape {rows} (x's rows)", describe(sinks))
+        if step.dim() == 0:
+            fail(op, "step", "one step per row [..., 1] when sinks are given (where(sinks, sink_step, step))",
+                 describe(step))
+        if fmt != formats.INT:
+            fail(op, "format", "int when sinks are given", repr(fmt))
+        if not bits <= sink_bits <= 8:
+            fail(op, "sink_bits", f"an int in {bits}..8", repr(sink_bits))
+
+
+def quantize_math(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int",
+                  sinks: Optional[torch.Tensor] = None, sink_bits: int = 8) -> torch.Tensor:
+    """The op's computation in ATen ops (also its Inductor lowering)."""
+    v = x.to(torch.float32) / step
+    codes = formats.round_to_format(v, format, bits) if sinks is None else formats.round_with_sinks(v, bits, sinks, sink_bits)
+    return codes.to(torch.int8)
 
 
 @torch.library.custom_op("q4::quantize_per_tensor", mutates_args=())
-def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int") -> torch.Tensor:
+def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = "int",
+                        sinks: Optional[torch.Tensor] = None, sink_bits: int = 8) -> torch.Tensor:
     """Per-tensor (or per-row) quantize, int8 codes of x's shape: the value of the format nearest
     to float32(x) / step (`formats.round_to_format`: ties to even, saturating). For `int`:
 
         codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1)
 
     step is a 0-dim float32 tensor (or one per row, [..., 1]: see `token_steps`), finite and > 0;
-    bits in 2..8 (4 for a float format).
+    bits in 2..8 (4 for a float format). With `sinks` (bool [..., 1], x's rows; an int format and
+    a step per row), the rows it marks saturate to `sink_bits` instead (the attention sinks, see
+    the module docstring).
     """
-    _check_quantize(x, step, bits, format, check_values=True)
-    return formats.round_to_format(x.to(torch.float32) / step, format, bits).to(torch.int8)
+    _check_quantize(x, step, bits, format, sinks, sink_bits, check_values=True)
+    return quantize_math(x, step, bits, format, sinks, sink_bits)
 
 
 @quantize_per_tensor.register_fake
-def _(x, step, bits, format="int"):
-    _check_quantize(x, step, bits, format, check_values=False)
+def _(x, step, bits, format="int", sinks=None, sink_bits=8):
+    _check_quantize(x, step, bits, format, sinks, sink_bits, check_values=False)
     return torch.empty_like(x, dtype=torch.int8)
 
 

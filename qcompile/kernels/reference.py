@@ -54,13 +54,20 @@ def unpack_ref(packed: torch.Tensor, k: int, fmt: str = "int") -> torch.Tensor:
     return torch.where(nibbles >= 8, -magnitude, magnitude).to(torch.int8)
 
 
-def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str = "int") -> torch.Tensor:
+def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str = "int",
+                            sinks: torch.Tensor | None = None, sink_bits: int = 8) -> torch.Tensor:
     """codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1) as int8 (round half to even);
-    for a 4-bit float format, the nearest value of the format (`formats.round_to_format`, the definition)."""
+    for a 4-bit float format, the nearest value of the format (`formats.round_to_format`, the definition).
+    Rows marked by `sinks` ([..., 1] bool) are clamped to sink_bits' range instead."""
     if fmt != formats.INT:
         return formats.round_to_format(x.to(torch.float32) / step, fmt, bits).to(torch.int8)
+    rounded = torch.round(x.to(torch.float32) / step)
     qmax = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x.to(torch.float32) / step), -qmax - 1, qmax).to(torch.int8)
+    codes = torch.clamp(rounded, -qmax - 1, qmax)
+    if sinks is not None:
+        smax = 2 ** (sink_bits - 1) - 1
+        codes = torch.where(sinks, torch.clamp(rounded, -smax - 1, smax), codes)
+    return codes.to(torch.int8)
 
 
 def token_steps_ref(x: torch.Tensor, bits: int, clip: float = 1.0, fmt: str = "int") -> torch.Tensor:

@@ -86,6 +86,7 @@ from qcompile.core import ir, qlinear
 from qcompile.core.memo import memoized, replaying
 from qcompile.core.pass_api import PassResult, PipelineError, QPass, option, register_pass
 from qcompile.core.pipeline import PassSpec
+from qcompile.core.positions import token_positions
 from qcompile.core.select import LinearFilter
 from qcompile.kernels import formats
 
@@ -123,12 +124,18 @@ class InsertQuantizersOptions:
     activations: str = option("static", choices=("static", "dynamic"),
                               help="static: one step per tensor from calibration; dynamic: a step per token computed "
                                    "at run time (q4.token_steps), the reference static is measured against")
+    sinks: bool = option(False, help="static integer activations: each sequence's first token (position 0, its attention "
+                                     "sink) gets a static step of its own and sink-bits codes")
+    sink_bits: int = option(8, choices=(4, 5, 6, 7, 8), help="bits of the first token's activation codes (sinks=true)")
 
     def __post_init__(self) -> None:
         for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
             if fmt != formats.INT and bits != 4:
                 raise PipelineError(f"insert-quantizers: {side}-format={fmt} is a 4-bit float format: it needs "
                                     f"{side}-bits=4, got {side}-bits={bits}")
+        if self.sinks and self.sink_bits < self.a_bits and self.a_bits != FLOAT_ACTIVATIONS:
+            raise PipelineError(f"insert-quantizers: sink-bits={self.sink_bits} is below a-bits={self.a_bits}: "
+                                "the first token's codes are never narrower than the others'")
         if self.low_rank < 0:
             raise PipelineError(f"insert-quantizers: low-rank must be >= 0 (0: no compensation), got {self.low_rank}")
 
@@ -154,7 +161,8 @@ class InsertQuantizers(QPass):
                "(dynamic), as integers or 4-bit floats.")
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
-                  "weights-gptq", "linears-not-rounded", "formats-searched", "steps-fallback", "linears-compensated")
+                  "weights-gptq", "linears-not-rounded", "formats-searched", "steps-fallback", "linears-compensated",
+                  "linears-with-sinks", "linears-without-sinks")
     after = {
         "migrate-scales": "it rewrites float weight constants, which insert-quantizers replaces with packed codes",
         "fold-scales": "it folds scales into float weight constants, which insert-quantizers replaces with packed codes",
@@ -171,6 +179,8 @@ class InsertQuantizers(QPass):
         run = str(PassSpec.of(self))
         # One quantize node per (activation, step): q/k/v read the same normalized input.
         quantizers: dict[tuple[fx.Node, float], fx.Node] = {}
+        self._positions = token_positions(gm) if opts.sinks else None
+        self._sink_masks: dict[str, fx.Node] = {}  # by the activations' leading shape
         linears = LinearFilter(skip=opts.skip, only=opts.only)
         modified = False
         for node in self.nodes(gm):
@@ -242,6 +252,8 @@ class InsertQuantizers(QPass):
                 new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, q.bias))
             for created in (packed_node, w_step_node, w_dq, new):
                 ir.mark_created(created, self.name, [node])
+            if ir.SINKS in node.meta:  # what _sink_mask found, from the linear being replaced
+                new.meta[ir.SINKS] = node.meta[ir.SINKS]
             new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run,
                                                     w_format, a_format if clip is not None else formats.INT)
             output = new
@@ -325,14 +337,56 @@ class InsertQuantizers(QPass):
             clip = node.meta[ir.ACT_CLIP] = float(found)
         return w_formats[0], a_formats[0], clip or 1.0
 
+    def _sink_mask(self, gm: fx.GraphModule, node: fx.Node, x: fx.Node, stats, fmt: str) -> fx.Node | None:
+        """bool [..., 1] over x's rows, true at position 0 (the graph's own positions, see
+        `qcompile.core.positions`), for a static integer quantizer with `sinks=true`; None where
+        that does not apply (counted, with the reason on the linear). One mask per leading shape
+        of the activations, built before the first linear that reads it."""
+        opts = self.options
+        if not opts.sinks or opts.activations != "static":
+            return None
+        value, positions = ir.fake_value(x), self._positions
+        reason = None
+        if fmt != formats.INT:
+            reason = f"its activations are {fmt} codes"
+        elif positions is None:
+            reason = "the graph has no rotary positions"
+        elif stats.sink_absmax is None or stats.rest_absmax is None:
+            reason = "calibration saw no sequence's first token"
+        elif value is None or value.dim() != 3 or str(value.shape[1]) != str(ir.fake_value(positions).shape[1]):
+            reason = "its input is not [batch, tokens, channels] over the positions' tokens"
+        if reason is not None:
+            node.meta[ir.SINKS] = f"none: {reason}"
+            self.count("linears-without-sinks")
+            return None
+        node.meta[ir.SINKS] = f"first token {opts.sink_bits}-bit"
+        self.count("linears-with-sinks")
+        shape = str(tuple(value.shape[:-1]))
+        if shape not in self._sink_masks:
+            graph, aten = gm.graph, ir.aten
+            with graph.inserting_before(node):
+                first = graph.call_function(aten.eq.Scalar, (positions, 0))
+                if ir.fake_value(positions).dim() == 2:
+                    first = graph.call_function(aten.unsqueeze.default, (ir.mark_created(first, self.name, [node]), -1))
+                rows = graph.call_function(aten.slice.Tensor, (x, -1, 0, 1))  # x's rows: the shape to broadcast to
+                mask = graph.call_function(aten.expand_as.default, (ir.mark_created(first, self.name, [node]),
+                                                                    ir.mark_created(rows, self.name, [node])))
+            self._sink_masks[shape] = ir.mark_created(mask, self.name, [node])
+        return self._sink_masks[shape]
+
     def _fake_quant_activation(self, gm: fx.GraphModule, node: fx.Node, stats, dtype: torch.dtype, stem: str,
                                fmt: str, clip: float, quantizers: dict) -> fx.Node:
         """dequantize(quantize(x)) of the linear's input, sharing the quantize node between the
         linears that read the same activation with the same step and format."""
         opts, graph, x = self.options, gm.graph, node.args[0]
         format_arg = () if fmt == formats.INT else (fmt,)
+        sinks = self._sink_mask(gm, node, x, stats, fmt)
         if opts.activations == "dynamic":
             key = (x, "dynamic", clip, fmt)
+        elif sinks is not None:
+            a_step = activation_step(stats.rest_absmax, opts.a_bits, clip, fmt)
+            sink_step = activation_step(stats.sink_absmax, opts.sink_bits)
+            key = (x, float(a_step), float(sink_step), fmt)
         else:
             a_step = activation_step(stats.absmax, opts.a_bits, clip, fmt)
             key = (x, float(a_step), fmt)
@@ -340,11 +394,20 @@ class InsertQuantizers(QPass):
             x_q = quantizers[key]
             self.count("quantizers-shared")
         else:
+            extra: tuple = ()
             if opts.activations == "dynamic":  # per token, at run time
                 a_step_node = graph.call_function(q4.token_steps.default, (x, opts.a_bits, clip, *format_arg))
+            elif sinks is not None:  # per row: the first token's step or the others'
+                steps = [graph.get_attr(ir.add_constant(gm, f"{stem}{suffix}", value))
+                         for suffix, value in (("_sink_step", sink_step), ("_a_step", a_step))]
+                a_step_node = graph.call_function(ir.aten.where.self, (sinks, *steps))
+                for created in steps:
+                    ir.mark_created(created, self.name, [node])
+                extra = (formats.INT, sinks, opts.sink_bits)
             else:
                 a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
-            x_q = graph.call_function(q4.quantize_per_tensor.default, (x, a_step_node, opts.a_bits, *format_arg))
+            x_q = graph.call_function(q4.quantize_per_tensor.default,
+                                      (x, a_step_node, opts.a_bits, *(extra or format_arg)))
             ir.mark_created(a_step_node, self.name, [node])
             ir.mark_created(x_q, self.name, [node])
             quantizers[key] = x_q

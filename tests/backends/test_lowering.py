@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
 from qcompile.backends import lowering
-from qcompile.kernels import cpu_kernels, int4, rotation
+from qcompile.kernels import cpu_kernels, int4, ops, reference, rotation
 from tests.helpers.backend import compile_and_run
 from tests.helpers.models import ids
 
@@ -16,11 +16,25 @@ q4 = torch.ops.q4
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantize_decomposition_is_the_op_including_ties(bits):
+def test_quantize_decomposition_compiled_by_inductor_is_the_reference_including_ties(bits):
     step = torch.tensor(0.25)
     ties = (torch.arange(-20, 20) + 0.5) * step  # exactly halfway: half-to-even decides
     x = torch.cat([ties, torch.randn(1000) * 3, torch.tensor([1e9, -1e9])])
-    assert torch.equal(lowering.quantize_per_tensor_decomposed(x, step, bits), q4.quantize_per_tensor(x, step, bits))
+    compiled = torch.compile(ops.quantize_math, fullgraph=True)
+    assert torch.equal(compiled(x, step, bits), reference.quantize_per_tensor_ref(x, step, bits))
+
+
+def test_quantize_with_sinks_compiled_by_inductor_is_the_reference():
+    """The first row of each sequence (a sink) in 8-bit codes with its own step, the rest in 4-bit."""
+    x = torch.randn(3, 11, 40) * 4
+    x[:, 0] *= 100
+    sinks = torch.zeros(3, 11, 1, dtype=torch.bool)
+    sinks[:, 0] = True
+    step = torch.where(sinks, torch.tensor(3.1), torch.tensor(0.6))
+    compiled = torch.compile(ops.quantize_math, fullgraph=True)
+    codes = compiled(x, step, 4, "int", sinks, 8)
+    assert torch.equal(codes, reference.quantize_per_tensor_ref(x, step, 4, "int", sinks, 8))
+    assert codes[:, 1:].abs().max() == 8 and codes[:, 0].abs().max() > 100
 
 
 @pytest.mark.parametrize("n", [12, 576, 1536])

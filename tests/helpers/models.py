@@ -76,6 +76,25 @@ class TwoHeads(torch.nn.Module):
         return self.out(self.q(h) + self.k(h))
 
 
+class Positioned(torch.nn.Module):
+    """TwoHeads with a rotary-style position input: the norm's output plus cos(position * freq),
+    so the graph holds integer positions feeding an `aten.cos` (what insert-quantizers{sinks=true}
+    finds). forward(x [B, T, 16], position_ids [B or 1, T])."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(16)
+        self.register_buffer("inv_freq", torch.linspace(1.0, 0.01, 16))
+        self.q = torch.nn.Linear(16, 8)
+        self.k = torch.nn.Linear(16, 8, bias=False)
+        self.out = torch.nn.Linear(8, 5)
+
+    def forward(self, x, position_ids):
+        h = self.norm(x) + torch.cos(position_ids[:, :, None].float() * self.inv_freq)
+        return self.out(self.q(h) + self.k(h))
+
+
 class Zero(torch.nn.Module):
     """A linear whose input is all zeros: calibration sees nothing to scale."""
 

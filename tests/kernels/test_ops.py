@@ -100,6 +100,40 @@ def test_quantize_and_dequantize_equal_reference(bits):
     assert torch.equal(q4.quantize_per_tensor(x.bfloat16(), step, bits), reference.quantize_per_tensor_ref(x.bfloat16(), step, bits))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 5), (3, 7, 10), (2, 33, 17)])
+def test_quantize_with_sinks_equals_reference_and_feeds_the_linear(shape):
+    """The rows `sinks` marks (a sequence's first token) take 8-bit codes with their own step, the
+    others 4-bit ones; the linear's epilogue multiplies each row by its own step."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 3
+    x[:, 0] *= 200  # the sink's massive activations
+    sinks = torch.zeros(*shape[:-1], 1, dtype=torch.bool)
+    sinks[:, 0] = True
+    step = torch.where(sinks, x[:, :1].abs().amax() / 127, torch.tensor(0.5))
+    codes = q4.quantize_per_tensor(x, step, 4, "int", sinks, 8)
+    assert torch.equal(codes, reference.quantize_per_tensor_ref(x, step, 4, "int", sinks, 8))
+    assert codes[:, 0].abs().max() == 127 and all(-8 <= c <= 7 for c in codes[:, 1:].flatten().tolist())
+    w = torch.randn(9, shape[-1], generator=g)
+    w_codes, w_step = int4.quantize_weight_per_channel(w)
+    packed = int4.pack_int4(w_codes)
+    got = q4.linear_w4a4(codes, packed, w_step, step, None, torch.float32)
+    assert torch.equal(got, reference.linear_w4a4_ref(codes, packed, w_step, step, None, torch.float32))
+    # the sink row is computed at its own precision: close to the float product with the 4-bit weight
+    w_dq = w_codes.float() * w_step[:, None]
+    torch.testing.assert_close(got[:, 0], x[:, 0] @ w_dq.T, rtol=0.02, atol=0.02 * float((x[:, 0] @ w_dq.T).abs().max()))
+
+
+def test_bad_sinks_arguments():
+    x, rows = torch.randn(2, 5, 8), torch.full((2, 5, 1), 0.1)
+    sinks = torch.zeros(2, 5, 1, dtype=torch.bool)
+    assert "'sinks'" in bad(q4.quantize_per_tensor, x, rows, 4, "int", sinks.float(), 8)
+    assert "'sinks'" in bad(q4.quantize_per_tensor, x, rows, 4, "int", sinks[:, :, 0], 8)
+    assert "one step per row" in bad(q4.quantize_per_tensor, x, torch.tensor(0.1), 4, "int", sinks, 8)
+    assert "'format'" in bad(q4.quantize_per_tensor, x, rows, 4, "e2m1", sinks, 8)
+    assert "'sink_bits'" in bad(q4.quantize_per_tensor, x, rows, 4, "int", sinks, 9)
+    assert "'sink_bits'" in bad(q4.quantize_per_tensor, x, rows, 4, "int", sinks, 3)
+
+
 def test_quantize_rounds_half_to_even():
     codes = q4.quantize_per_tensor(torch.tensor([0.5, 1.5, -0.5, -2.5]), torch.tensor(1.0), 4)
     assert codes.tolist() == [0, 2, 0, -2]

@@ -13,7 +13,7 @@ from qcompile.core import ir
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.printer import format_graph
 from qcompile.kernels import formats, reference
-from tests.helpers.models import TwoHeads, Zero
+from tests.helpers.models import Positioned, TwoHeads, Zero
 from tests.helpers.passes import run_pass
 
 
@@ -105,7 +105,7 @@ def test_each_linear_records_the_run_that_took_it():
     assert records["out"] == ir.QuantizedBy(
         w_bits=4, a_bits=8, rounded=True, weights="rtn", act_clip=1.0,
         run="insert-quantizers{w-bits=4,a-bits=8,skip=lm_head,only=^out$,search-clip=false,"
-            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,low-rank=0,activations=static}")
+            "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,low-rank=0,activations=static,sinks=false,sink-bits=8}")
     # a rounding=false run takes q and k without changing them: the record says so
     assert records["q"] == records["k"] == ir.QuantizedBy(4, 4, False, "rtn", None, records["q"].run)
     assert "rounding=false" in records["q"].run
@@ -278,3 +278,64 @@ def test_low_rank_compensation_fits_the_error_through_the_gram_matrix():
     plain_u, plain_s, plain_v = torch.linalg.svd(error)  # the unweighted rank-3 fit (LoRC without the input)
     plain = (x @ (error - (plain_u[:, :3] * plain_s[:3]) @ plain_v[:3]).t()).pow(2).sum()
     assert left < plain and left < (x @ error.t()).pow(2).sum()
+
+
+def _with_sinks(batch: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, positions) of sequences from their start whose first token is an attention sink:
+    200 times the others' scale, as in SmolLM2's down_proj inputs."""
+    x = torch.randn(batch, tokens, 16, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] *= 200
+    return x, torch.arange(tokens)[None]
+
+
+def test_sinks_before_after_ir_and_semantics():
+    """sinks=true: the graph's positions (what the cos reads) mark each sequence's first token,
+    whose codes are 8-bit with the step its calibration rows ask; the other tokens keep 4-bit codes
+    with a step their own range asks, no longer stretched by the first token's."""
+    model = Positioned().eval()
+    x, positions = _with_sinks(2, 7, seed=1)
+    gm = capture(model, x, positions, calibration=[_with_sinks(2, 7, seed=s) for s in (1, 2)])
+    result, stats = run_pass("insert-quantizers", gm, sinks="true")
+    assert stats["linears-with-sinks"] == 3 and stats["linears-without-sinks"] == 0
+    (FileCheck()
+        .check("aten.eq.Scalar(unsqueeze, 0)")
+        .check("aten.expand_as.default(eq_scalar")
+        .check("aten.where.self(expand_as_default, q_weight_sink_step, q_weight_a_step)")
+        .check("q4.quantize_per_tensor.default(add, where_self, 4, 'int', expand_as_default, 8)")
+        .check("aten.where.self(expand_as_default, out_weight_sink_step, out_weight_a_step)")
+        .run(result.graph_module.code))
+    steps = dict(result.graph_module.named_buffers())
+    with torch.no_grad():
+        h = model.norm(x) + torch.cos(positions[:, :, None].float() * model.inv_freq)
+        calibrated = torch.cat([model.norm(c) + torch.cos(p[:, :, None].float() * model.inv_freq)
+                                for c, p in (_with_sinks(2, 7, seed=s) for s in (1, 2))])
+    assert steps["q_weight_sink_step"] == calibrated[:, 0].abs().max() / 127
+    assert steps["q_weight_a_step"] == calibrated[:, 1:].abs().max() / 7
+    # a row at position 0 and one at position 5 (a decode step) take their own steps
+    got = result.graph_module(x, positions)[0]
+    row_step = torch.where(positions[:, :, None] == 0, steps["q_weight_sink_step"], steps["q_weight_a_step"])
+    codes = reference.quantize_per_tensor_ref(h, row_step, 4, "int", (positions[:, :, None] == 0).expand(2, 7, 1), 8)
+    w_codes, w_step = formats.quantize_weight_per_channel(model.q.weight, "int")
+    q = torch.nn.functional.linear(codes.float() * row_step, w_codes * w_step[:, None], model.q.bias)
+    assert codes[:, 0].abs().max() == 127 and codes[:, 1:].abs().max() <= 8
+    fused, _ = run_pass("fuse-kernels", result.graph_module)
+    torch.testing.assert_close(fused.graph_module(x, positions)[0], got, rtol=1e-5, atol=1e-5)
+    assert "first token 8-bit" in format_graph(fused.graph_module)
+    later = x[:, 3:4], torch.tensor([[5]])
+    torch.testing.assert_close(fused.graph_module(*later)[0], result.graph_module(*later)[0], rtol=1e-5, atol=1e-5)
+    assert q.shape == (2, 7, 8)
+
+
+def test_sinks_need_positions_and_say_so():
+    """A graph without rotary positions keeps one step for every token, and each linear says why."""
+    x = torch.randn(2, 3, 16)
+    result, stats = run_pass("insert-quantizers", capture(TwoHeads().eval(), x), sinks="true")
+    assert stats["linears-with-sinks"] == 0 and stats["linears-without-sinks"] == 3
+    assert "aten.where" not in result.graph_module.code
+    linear = next(n for n in result.graph_module.graph.nodes if ir.SINKS in n.meta)
+    assert linear.meta[ir.SINKS] == "none: the graph has no rotary positions"
+
+
+def test_sink_bits_below_a_bits_is_a_pipeline_error():
+    with pytest.raises(PipelineError, match="sink-bits=4 is below a-bits=8"):
+        run_pass("insert-quantizers", None, sinks="true", sink_bits="4", a_bits="8")

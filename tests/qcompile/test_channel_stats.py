@@ -1,0 +1,59 @@
+"""ChannelStats keeps each sequence's first token (its attention sink) apart: `sinks` and `rest_absmax`."""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.algorithms.channel_stats import ChannelStats
+from qcompile.kernels.rotation import rotate, rotation_factors
+
+
+def _batches(count: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        x = torch.randn(2, 40, 8, generator=g)
+        x[:, 0, 3] = 500.0  # the sink's massive channel
+        batches.append(x)
+    return batches
+
+
+def test_first_rows_are_kept_apart_and_the_rest_is_stepped_without_them():
+    stats = ChannelStats.empty(8, gram=True)
+    batches = _batches()
+    for x in batches:
+        stats.update(x)
+    firsts = torch.cat([x[:, 0] for x in batches])
+    assert torch.equal(stats.sinks, firsts)
+    assert torch.equal(stats.sink_absmax, firsts.abs().amax(0))
+    rest = torch.cat([x[:, 1:].reshape(-1, 8) for x in batches])
+    assert torch.equal(stats.rest_absmax, rest.abs().amax(0))
+    assert stats.absmax[3] == 500.0 and stats.rest_absmax[3] < 10  # absmax still covers every row
+    assert not (stats.samples.abs() == 500.0).any()  # the samples stand for the rest
+    all_rows = torch.cat([x.reshape(-1, 8) for x in batches])
+    torch.testing.assert_close(stats.gram, all_rows.T @ all_rows)  # GPTQ weighs the sinks too
+    assert stats.num_tokens == all_rows.shape[0]
+
+
+def test_rows_without_a_sequence_dim_have_no_sinks():
+    stats = ChannelStats.empty(8)
+    stats.update(torch.randn(30, 8))
+    assert stats.sinks.shape == (0, 8) and stats.sink_absmax is None
+    assert torch.equal(stats.rest_absmax, stats.absmax)
+
+
+def test_sinks_follow_rotation_scaling_and_splitting():
+    stats = ChannelStats.empty(8)
+    for x in _batches():
+        stats.update(x)
+    factors = rotation_factors(8)
+    rotated = stats.rotated(factors)
+    torch.testing.assert_close(rotated.sinks, rotate(stats.sinks, factors))
+    assert torch.equal(rotated.rest_absmax, rotated.absmax)  # both from the rotated samples
+    scales = torch.arange(1.0, 9.0)
+    scaled = stats.scaled(scales)
+    assert torch.equal(scaled.sinks, stats.sinks / scales) and torch.equal(scaled.rest_absmax, stats.rest_absmax / scales)
+    index, multiplier = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6, 7]), torch.tensor([1, 1, 1, 0.5, 1, 1, 1, 1])
+    split = stats.split(index, multiplier)
+    assert torch.equal(split.sinks, (stats.sinks * multiplier)[:, index])
+    assert torch.equal(split.rest_absmax, (stats.rest_absmax * multiplier)[index])
