@@ -115,15 +115,6 @@ def round_to_format(v: torch.Tensor, fmt: str, bits: int = 4) -> torch.Tensor:
     return torch.where(v < 0, -magnitude, magnitude)
 
 
-def round_with_sinks(v: torch.Tensor, bits: int, sinks: torch.Tensor, sink_bits: int) -> torch.Tensor:
-    """Integer codes of float32 v (already divided by its step), as float32: rows where `sinks`
-    (bool, broadcast against v) is true saturate to `sink_bits`' range, the others to `bits`'
-    (ties to even). Elementwise ATen ops: the Inductor lowering runs this function too."""
-    lo = torch.where(sinks, -(2.0 ** (sink_bits - 1)), -(2.0 ** (bits - 1)))
-    hi = torch.where(sinks, 2.0 ** (sink_bits - 1) - 1, 2.0 ** (bits - 1) - 1)
-    return torch.minimum(torch.maximum(torch.round(v), lo), hi)
-
-
 def _check_values(values: torch.Tensor, fmt: str) -> None:
     if not isinstance(values, torch.Tensor) or values.dtype != torch.int8 or values.dim() != 2:
         raise TypeError(f"formats.pack: values must be a 2-D int8 tensor [N, K], got "

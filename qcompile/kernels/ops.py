@@ -111,8 +111,6 @@ def _check_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str, si
         if step.dim() == 0:
             fail(op, "step", "one step per row [..., 1] when sinks are given (where(sinks, sink_step, step))",
                  describe(step))
-        if fmt != formats.INT:
-            fail(op, "format", "int when sinks are given", repr(fmt))
         if not bits <= sink_bits <= 8:
             fail(op, "sink_bits", f"an int in {bits}..8", repr(sink_bits))
 
@@ -121,7 +119,9 @@ def quantize_math(x: torch.Tensor, step: torch.Tensor, bits: int, format: str = 
                   sinks: Optional[torch.Tensor] = None, sink_bits: int = 8) -> torch.Tensor:
     """The op's computation in ATen ops (also its Inductor lowering)."""
     v = x.to(torch.float32) / step
-    codes = formats.round_to_format(v, format, bits) if sinks is None else formats.round_with_sinks(v, bits, sinks, sink_bits)
+    codes = formats.round_to_format(v, format, bits)
+    if sinks is not None:  # the marked rows: integer codes of sink_bits, whatever the others' format
+        codes = torch.where(sinks, formats.round_to_format(v, formats.INT, sink_bits), codes)
     return codes.to(torch.int8)
 
 
@@ -134,9 +134,9 @@ def quantize_per_tensor(x: torch.Tensor, step: torch.Tensor, bits: int, format: 
         codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1)
 
     step is a 0-dim float32 tensor (or one per row, [..., 1]: see `token_steps`), finite and > 0;
-    bits in 2..8 (4 for a float format). With `sinks` (bool [..., 1], x's rows; an int format and
-    a step per row), the rows it marks saturate to `sink_bits` instead (the attention sinks, see
-    the module docstring).
+    bits in 2..8 (4 for a float format). With `sinks` (bool [..., 1], x's rows, and a step per
+    row), the rows it marks take integer codes of `sink_bits` instead (the attention sinks, see the
+    module docstring); the integer kernels multiply either kind of code.
     """
     _check_quantize(x, step, bits, format, sinks, sink_bits, check_values=True)
     return quantize_math(x, step, bits, format, sinks, sink_bits)

@@ -58,12 +58,13 @@ def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int, fmt:
                             sinks: torch.Tensor | None = None, sink_bits: int = 8) -> torch.Tensor:
     """codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1) as int8 (round half to even);
     for a 4-bit float format, the nearest value of the format (`formats.round_to_format`, the definition).
-    Rows marked by `sinks` ([..., 1] bool) are clamped to sink_bits' range instead."""
-    if fmt != formats.INT:
-        return formats.round_to_format(x.to(torch.float32) / step, fmt, bits).to(torch.int8)
+    Rows marked by `sinks` ([..., 1] bool) take integer codes in sink_bits' range instead."""
     rounded = torch.round(x.to(torch.float32) / step)
-    qmax = 2 ** (bits - 1) - 1
-    codes = torch.clamp(rounded, -qmax - 1, qmax)
+    if fmt != formats.INT:
+        codes = formats.round_to_format(x.to(torch.float32) / step, fmt, bits)
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        codes = torch.clamp(rounded, -qmax - 1, qmax)
     if sinks is not None:
         smax = 2 ** (sink_bits - 1) - 1
         codes = torch.where(sinks, torch.clamp(rounded, -smax - 1, smax), codes)

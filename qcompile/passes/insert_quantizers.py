@@ -337,9 +337,9 @@ class InsertQuantizers(QPass):
             clip = node.meta[ir.ACT_CLIP] = float(found)
         return w_formats[0], a_formats[0], clip or 1.0
 
-    def _sink_mask(self, gm: fx.GraphModule, node: fx.Node, x: fx.Node, stats, fmt: str) -> fx.Node | None:
+    def _sink_mask(self, gm: fx.GraphModule, node: fx.Node, x: fx.Node, stats) -> fx.Node | None:
         """bool [..., 1] over x's rows, true at position 0 (the graph's own positions, see
-        `qcompile.core.positions`), for a static integer quantizer with `sinks=true`; None where
+        `qcompile.core.positions`), for a static quantizer with `sinks=true`; None where
         that does not apply (counted, with the reason on the linear). One mask per leading shape
         of the activations, built before the first linear that reads it."""
         opts = self.options
@@ -347,9 +347,7 @@ class InsertQuantizers(QPass):
             return None
         value, positions = ir.fake_value(x), self._positions
         reason = None
-        if fmt != formats.INT:
-            reason = f"its activations are {fmt} codes"
-        elif positions is None:
+        if positions is None:
             reason = "the graph has no rotary positions"
         elif stats.sink_absmax is None or stats.rest_absmax is None:
             reason = "calibration saw no sequence's first token"
@@ -380,7 +378,7 @@ class InsertQuantizers(QPass):
         linears that read the same activation with the same step and format."""
         opts, graph, x = self.options, gm.graph, node.args[0]
         format_arg = () if fmt == formats.INT else (fmt,)
-        sinks = self._sink_mask(gm, node, x, stats, fmt)
+        sinks = self._sink_mask(gm, node, x, stats)
         if opts.activations == "dynamic":
             key = (x, "dynamic", clip, fmt)
         elif sinks is not None:
@@ -403,7 +401,7 @@ class InsertQuantizers(QPass):
                 a_step_node = graph.call_function(ir.aten.where.self, (sinks, *steps))
                 for created in steps:
                     ir.mark_created(created, self.name, [node])
-                extra = (formats.INT, sinks, opts.sink_bits)
+                extra = (fmt, sinks, opts.sink_bits)
             else:
                 a_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_a_step", a_step))
             x_q = graph.call_function(q4.quantize_per_tensor.default,

@@ -317,7 +317,7 @@ def test_sinks_before_after_ir_and_semantics():
     codes = reference.quantize_per_tensor_ref(h, row_step, 4, "int", (positions[:, :, None] == 0).expand(2, 7, 1), 8)
     w_codes, w_step = formats.quantize_weight_per_channel(model.q.weight, "int")
     q = torch.nn.functional.linear(codes.float() * row_step, w_codes * w_step[:, None], model.q.bias)
-    assert codes[:, 0].abs().max() == 127 and codes[:, 1:].abs().max() <= 8
+    assert codes[:, 0].int().abs().max() >= 127 and codes[:, 1:].abs().max() <= 8
     fused, _ = run_pass("fuse-kernels", result.graph_module)
     torch.testing.assert_close(fused.graph_module(x, positions)[0], got, rtol=1e-5, atol=1e-5)
     assert "first token 8-bit" in format_graph(fused.graph_module)

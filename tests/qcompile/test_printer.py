@@ -28,7 +28,7 @@ EAGER = {"lower": "eager", "progress": False}
 LINEAR = re.compile(
     r"^  %(?P<name>\w+): f32\[(?P<out>[^\]]*)\] = linear (?P<form>W4A\d+(?: int| fake-quant)?)"
     r"\(%(?P<x>\w+): f32\[(?P<in>[^\]]*)\], w\[(?P<n>\d+), (?P<k>\d+)\](?P<bias>, bias f32\[\d+\])?\) "
-    r"\{w_step min (?P<min>\S+) med (?P<med>\S+) max (?P<max>[^,}]+)(?:, a_step (?P<a_step>[^}]+))?\}"
+    r"\{w_step min (?P<min>\S+) med (?P<med>\S+) max (?P<max>[^,}]+)(?:, a_step (?P<a_step>[^,}]+)(?:, first token (?P<sink_bits>\d)-bit (?P<sink_step>[^}]+))?)?\}"
     r"(?P<provenance>  \[by [^\]]+\])?"
     r"  # (?P<module>[\w.]+)(?:  (?P<source>\S+\.py:\d+))?$"
 )
@@ -90,7 +90,10 @@ def test_a_fused_linear_is_one_line_with_bits_scales_and_source(w4a4_graph):
     w_step = ir.get_constant(gm, node.args[2]).sort().values
     assert [q_proj["min"], q_proj["med"], q_proj["max"]] == [
         f"{w_step[0].item():.3g}", f"{w_step[(len(w_step) - 1) // 2].item():.3g}", f"{w_step[-1].item():.3g}"]
-    assert q_proj["a_step"] == f"{ir.get_constant(gm, node.args[3]).item():.3g}"
+    # the default recipe steps each sequence's first token apart: where(sinks, sink_step, step)
+    sink_step, a_step = node.args[3].args[1:]
+    assert q_proj["a_step"] == f"{ir.get_constant(gm, a_step).item():.3g}"
+    assert (q_proj["sink_bits"], q_proj["sink_step"]) == ("8", f"{ir.get_constant(gm, sink_step).item():.3g}")
     # the nodes folded into the linears' lines print nowhere
     assert not re.search(r"q4\.quantize_per_tensor|q4\.dequantize|get_attr|const \S*(_packed|_step)", text)
     # other constants print where they are read, under the user's parameter name
@@ -156,8 +159,11 @@ def test_provenance_only_on_request(w4a4_graph):
     linears = linear_lines(with_provenance)
     assert linears["model.layers.0.mlp.up_proj"]["provenance"].startswith("  [by fuse-kernels from linear_default_")
     assert re.search(r"= q4\.rotate\(.*\)  \[by rotate-inputs from linear_\d+", with_provenance)
-    # nodes no pass created have no provenance; the one aten op a pass makes is o_proj's migration multiply
-    assert set(re.findall(r"= aten\.(\w+)\(.*\[by ([\w-]+)", with_provenance)) == {("mul", "migrate-scales")}
+    # nodes no pass created have no provenance; the aten ops passes make are o_proj's migration
+    # multiply and the first-token mask of the quantizers (`sinks`)
+    assert set(re.findall(r"= aten\.(\w+)\(.*\[by ([\w-]+)", with_provenance)) == {
+        ("mul", "migrate-scales"), ("eq", "insert-quantizers"), ("slice", "insert-quantizers"),
+        ("expand_as", "insert-quantizers")}
     assert len(with_provenance.splitlines()) == len(plain.splitlines())
 
 
