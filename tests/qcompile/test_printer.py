@@ -28,7 +28,8 @@ EAGER = {"lower": "eager", "progress": False}
 LINEAR = re.compile(
     r"^  %(?P<name>\w+): f32\[(?P<out>[^\]]*)\] = linear (?P<form>W4A\d+(?: int| fake-quant)?)"
     r"\(%(?P<x>\w+): f32\[(?P<in>[^\]]*)\], w\[(?P<n>\d+), (?P<k>\d+)\](?P<bias>, bias f32\[\d+\])?\) "
-    r"\{w_step min (?P<min>\S+) med (?P<med>\S+) max (?P<max>[^,}]+)(?:, a_step (?P<a_step>[^,}]+)(?:, first token (?P<sink_bits>\d)-bit (?P<sink_step>[^}]+))?)?\}"
+    r"\{w_step min (?P<min>\S+) med (?P<med>\S+) max (?P<max>[^,}]+)"
+    r"(?:, a_step (?P<a_step>[^,}]+)(?:, first token (?P<sink_bits>\d)-bit (?P<sink_step>[^}]+))?)?\}"
     r"(?P<provenance>  \[by [^\]]+\])?"
     r"  # (?P<module>[\w.]+)(?:  (?P<source>\S+\.py:\d+))?$"
 )
