@@ -187,7 +187,7 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, ROTATION,
-                SPLIT, FLOAT_REASON, QUANTIZED):
+                SPLIT, SINKS, FLOAT_REASON, QUANTIZED):
         if key in old.meta:
             new.meta[key] = old.meta[key]
 

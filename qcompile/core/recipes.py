@@ -20,10 +20,13 @@ RECIPES: dict[str, str] = {
     # output error, from the Hadamard-like factors; down_proj keeps those: its learning took 40% of
     # the time for the least gain), search each layer's activation clipping ratio on calibration
     # samples, and round weights with GPTQ. The language-model head gets 4-bit weights too, with
-    # 8-bit activations: in float it was a quarter of SmolLM2's prefill time.
-    # SmolLM2-135M, 2048 P&P tokens, 4 x 512 calibration tokens, 2 threads: 33.15 (1.59x FP32
-    # 20.83) against 36.61 (1.76x) with the fixed rotation (w4a4-hadamard); learning down_proj too
-    # (and 1024 weight rows a step) gave 32.26, at twice the quantize time.
+    # 8-bit activations: in float it was a quarter of SmolLM2's prefill time. Each sequence's first
+    # token (its attention sink, hundreds of times the others' range) has 8-bit codes and a static
+    # step of its own (`sinks=true`).
+    # SmolLM2-135M, 2048 P&P tokens, 4 x 512 calibration tokens, 2 threads: 28.23 (1.36x FP32
+    # 20.83) against 29.00 (1.39x) with the fixed rotation (w4a4-hadamard); before the first
+    # token's own step, 33.15 and 36.43; learning down_proj too (and 1024 weight rows a step) gave
+    # 32.26 then, at twice the quantize time.
     "w4a4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,"
     "rotate-inputs{skip=,learn-steps=120,learn-rate=0.02,learn-skip=down_proj},"
     "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true},"

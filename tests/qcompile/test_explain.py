@@ -62,6 +62,9 @@ def test_every_linear_appears_with_finite_sqnr(llama_default):
     assert all(r.outliers_before >= 1 and r.outliers_after >= 1 for r in rows)
     # the lm_head (8-bit activations) is measured more precisely than the W4A4 median
     assert report.linear("lm_head").sqnr_db > median_sqnr(report)
+    # the default recipe steps each sequence's first token apart (its rotary positions say which)
+    assert {r.first_token for r in rows} == {"8-bit"}
+    assert "first token" in report.linear_table().splitlines()[0]
 
 
 def test_pass_table_matches_the_pipeline(llama_default):
@@ -158,6 +161,8 @@ def test_bert_positional_inputs():
     report = explain(model, (ids(12),), **QUIET)
     assert [r.module for r in report.linears] == linear_paths(model)  # 2 x 6 + pooler
     assert all(r.runs_as == "W4A4 fused" and math.isfinite(r.sqnr_db) for r in report.linears)
+    # absolute position embeddings: no rotary positions to tell the first token by
+    assert {r.first_token for r in report.linears} == {"none: the graph has no rotary positions"}
 
 
 def test_model_is_not_mutated():

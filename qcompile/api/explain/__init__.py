@@ -35,6 +35,8 @@ rotation         how rotate-inputs rotated the linear's input: `hadamard` (fixed
                  `learned` (rotate-inputs{learn-steps=N}), `hadamard (learned was worse)` (learned
                  factors did not lower the held-out error, so the fixed ones stayed), or '-'
 split            the input channels split-channels added (`+3`: the widest channels' copies), or '-'
+first token      insert-quantizers{sinks=true}: `8-bit` when each sequence's first token (its
+                 attention sink) has codes and a step of its own, `none: <why not>`, or '-'
 outliers before  max over channels of absmax / median channel absmax of the linear's input on the
                  calibration data, before migration and rotation (analyze-outliers' `q4_outliers`;
                  '-' when that pass did not run)

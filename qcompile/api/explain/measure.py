@@ -171,6 +171,7 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
         described.append((node, dict(graph=graph, module=module, runs_as=runs_as, w_bits=w_bits, a_bits=a_bits,
                                      float_reason=reason, migration=migration,
                                      rotation=node.meta.get(ir.ROTATION, "-"), split=node.meta.get(ir.SPLIT, 0),
+                                     first_token=node.meta.get(ir.SINKS, "-").removeprefix("first token "),
                                      outliers_before=None if outliers is None else outliers.max_ratio,
                                      node=node.name)))
     if probes:

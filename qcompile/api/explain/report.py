@@ -39,6 +39,7 @@ class LinearRow:
     migration: str  # what migrate-scales did: 'migrated', 'unmatched' or '-' (no migration pass)
     rotation: str  # what rotate-inputs did: 'hadamard', 'learned', 'hadamard (learned was worse)' or '-'
     split: int  # input channels split-channels added (0: none)
+    first_token: str  # insert-quantizers{sinks=true}: '8-bit', 'none: <why>', or '-'
     outliers_before: float | None
     outliers_after: float | None
     sqnr_db: float | None
@@ -132,11 +133,12 @@ class ExplainReport:
         rows = self.linears if rows is None else rows
         table = [([r.graph] if many else []) + [
             r.module, r.runs_as, r.float_reason, r.migration, r.rotation, f"+{r.split}" if r.split else "-",
+            r.first_token,
             "-" if r.outliers_before is None else f"{r.outliers_before:.1f}",
             "-" if r.outliers_after is None else f"{r.outliers_after:.1f}",
             _fmt_db(r.sqnr_db)] for r in rows]
         headers = (["graph"] if many else []) + ["linear", "runs as", "why float", "migration", "rotation", "split",
-                                                  "outliers before", "outliers after", "SQNR dB"]
+                                                  "first token", "outliers before", "outliers after", "SQNR dB"]
         return tabulate(table, headers=headers, disable_numparse=True)
 
     def __str__(self) -> str:
