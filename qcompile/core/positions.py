@@ -16,9 +16,17 @@ is at position 0), `arange(past, past + T)` when neither came. In the captured A
     %mul = aten.mul(%to, %inv_freq) ... %cat ... %cos = aten.cos(%cat)
 
 `token_positions` walks back from the first `aten.cos` to the nearest integer tensor whose
-shape is [B or 1, T] or [B or 1, T, 1]. A graph without one (absolute position embeddings, whose
-index may be offset, as OPT's and RoBERTa's are; multimodal 3-D positions) gives None, and a
-quantizer there keeps one step for every token.
+shape is [B or 1, T] or [B or 1, T, 1].
+
+An encoder with absolute position embeddings (BERT, MiniLM) looks its positions up in a table
+with a slice of a constant `arange` buffer, which index and position alike:
+
+    %slice_1 = aten.slice(const embeddings.position_ids i64[1, 512], 1, 0, T)   <- found
+    %embedding_2 = aten.embedding(const embeddings.position_embeddings.weight, %slice_1)
+
+Other absolute schemes are not taken: OPT's and RoBERTa's indices are offset from the position
+and computed from the attention mask. A graph without positions (or with multimodal 3-D ones)
+gives None, and a quantizer there keeps one step for every token.
 """
 
 from __future__ import annotations
@@ -41,7 +49,28 @@ def token_positions(gm: fx.GraphModule) -> fx.Node | None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _TRIG:
             return _nearest_integer_source(node)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is ir.aten.embedding.default and _is_position_table(node.args[0]):
+            return node.args[1] if _is_arange_slice(gm, node.args[1]) else None
     return None
+
+
+def _is_position_table(node: object) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    return "position_embeddings" in (node.meta.get(ir.FQN) or str(node.target))
+
+
+def _is_arange_slice(gm: fx.GraphModule, node: object) -> bool:
+    """`aten.slice(buffer, 1, 0, end)` of a constant [1, L] buffer holding 0, 1, ..., L - 1."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is ir.aten.slice.Tensor):
+        return False
+    dim, start, *rest = list(node.args[1:]) + [0, 0][len(node.args) - 1:]
+    buffer = ir.get_constant(gm, node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    step = rest[1] if len(rest) > 1 else 1
+    return (buffer is not None and buffer.dim() == 2 and buffer.shape[0] == 1 and buffer.dtype in _INTEGER
+            and dim == 1 and start == 0 and step == 1
+            and torch.equal(buffer[0], torch.arange(buffer.shape[1], dtype=buffer.dtype)))
 
 
 def _nearest_integer_source(start: fx.Node) -> fx.Node | None:

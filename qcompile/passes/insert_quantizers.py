@@ -71,8 +71,9 @@ range; the linear's epilogue multiplies by a_step[token] * w_step[n]:
 step and codes of its own. Its activations are hundreds of times the others' (SmolLM2's
 layer-11 down_proj input: norm 3210 at the first token, at most 17 at any other), so one static
 step per tensor either clips it or leaves the other tokens a handful of codes. The graph's
-rotary positions (`qcompile.core.positions`) say which rows are at position 0, at run time: a
-prompt's first row, never a decode step's. Those rows take `sink-bits` (8) integer codes with a
+positions (`qcompile.core.positions`: what its rotary embedding reads, or BERT's position-id
+buffer) say which rows are at position 0, at run time: a prompt's first row, never a decode
+step's. Those rows take `sink-bits` (8) integer codes with a
 step from calibration's first rows (`ChannelStats.sinks`), the others `a-bits` codes stepped by
 the rest's range (`ChannelStats.rest_absmax`); the step per row goes to the kernel's epilogue as
 a dynamic one does, and both steps are constants (PrefixQuant's observation that the outlier
@@ -87,8 +88,8 @@ On SmolLM2 (2048 tokens of Pride and Prejudice, 4 x 512 calibration tokens, eage
 it takes w4a4-hadamard from 36.43 to 29.00 and learned-rotation w4a4 from 33.15 to 28.23 (FP32
 20.83). A scratch variant gave the first token 4-bit codes with a step of its own (its own
 absmax, at run time): 119.8; in float: 29.00, what 8 bits give. A graph
-without rotary positions (absolute position embeddings, whose index may be offset) keeps one
-step for all rows, and the linear says why in `q4_sinks` meta and in `qcompile explain`.
+without positions it can read (OPT's and RoBERTa's are offset, computed from the attention mask)
+keeps one step for all rows, and the linear says why in `q4_sinks` meta and in `qcompile explain`.
 
 The pass may run more than once with different bit widths: `only` (a module-path regex) limits
 one run to the linears it matches, and a run leaves linears an earlier run took alone, so
@@ -371,7 +372,7 @@ class InsertQuantizers(QPass):
         value, positions = ir.fake_value(x), self._positions
         reason = None
         if positions is None:
-            reason = "the graph has no rotary positions"
+            reason = "the graph has no token positions"
         elif stats.sink_absmax is None or stats.rest_absmax is None:
             reason = "calibration saw no sequence's first token"
         elif value is None or value.dim() != 3 or str(value.shape[1]) != str(ir.fake_value(positions).shape[1]):

@@ -333,7 +333,7 @@ def test_sinks_need_positions_and_say_so():
     assert stats["linears-with-sinks"] == 0 and stats["linears-without-sinks"] == 3
     assert "aten.where" not in result.graph_module.code
     linear = next(n for n in result.graph_module.graph.nodes if ir.SINKS in n.meta)
-    assert linear.meta[ir.SINKS] == "none: the graph has no rotary positions"
+    assert linear.meta[ir.SINKS] == "none: the graph has no token positions"
 
 
 def test_sink_bits_below_a_bits_is_a_pipeline_error():

@@ -161,8 +161,8 @@ def test_bert_positional_inputs():
     report = explain(model, (ids(12),), **QUIET)
     assert [r.module for r in report.linears] == linear_paths(model)  # 2 x 6 + pooler
     assert all(r.runs_as == "W4A4 fused" and math.isfinite(r.sqnr_db) for r in report.linears)
-    # absolute position embeddings: no rotary positions to tell the first token by
-    assert {r.first_token for r in report.linears} == {"none: the graph has no rotary positions"}
+    # its positions come from an arange buffer (absolute position embeddings): [CLS] is stepped apart
+    assert {r.first_token for r in report.linears} == {"8-bit"}
 
 
 def test_model_is_not_mutated():
