@@ -10,7 +10,6 @@ from qcompile.core import ir
 from qcompile.core.positions import token_positions
 from tests.helpers.models import tiny_model
 
-
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
