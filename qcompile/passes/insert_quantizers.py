@@ -373,10 +373,10 @@ class InsertQuantizers(QPass):
         reason = None
         if positions is None:
             reason = "the graph has no token positions"
-        elif stats.sink_absmax is None or stats.rest_absmax is None:
-            reason = "calibration saw no sequence's first token"
         elif value is None or value.dim() != 3 or str(value.shape[1]) != str(ir.fake_value(positions).shape[1]):
             reason = "its input is not [batch, tokens, channels] over the positions' tokens"
+        elif stats.sink_absmax is None or stats.rest_absmax is None:
+            reason = "calibration saw no sequence's first token"
         if reason is not None:
             node.meta[ir.SINKS] = f"none: {reason}"
             self.count("linears-without-sinks")
