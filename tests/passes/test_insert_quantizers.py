@@ -311,19 +311,26 @@ def test_sinks_before_after_ir_and_semantics():
                                 for c, p in (_with_sinks(2, 7, seed=s) for s in (1, 2))])
     assert steps["q_weight_sink_step"] == calibrated[:, 0].abs().max() / 127
     assert steps["q_weight_a_step"] == calibrated[:, 1:].abs().max() / 7
-    # a row at position 0 and one at position 5 (a decode step) take their own steps
+    # the graph computes the fake-quant semantics: 8-bit codes at position 0, 4-bit elsewhere
     got = result.graph_module(x, positions)[0]
-    row_step = torch.where(positions[:, :, None] == 0, steps["q_weight_sink_step"], steps["q_weight_a_step"])
-    codes = reference.quantize_per_tensor_ref(h, row_step, 4, "int", (positions[:, :, None] == 0).expand(2, 7, 1), 8)
-    w_codes, w_step = formats.quantize_weight_per_channel(model.q.weight, "int")
-    q = torch.nn.functional.linear(codes.float() * row_step, w_codes * w_step[:, None], model.q.bias)
-    assert codes[:, 0].int().abs().max() >= 127 and codes[:, 1:].abs().max() <= 8
+
+    def fake(inp, linear, stem):
+        sinks = (positions == 0)[:, :, None].expand(*inp.shape[:-1], 1)
+        step = torch.where(sinks, steps[f"{stem}_sink_step"], steps[f"{stem}_a_step"])
+        codes = reference.quantize_per_tensor_ref(inp, step, 4, "int", sinks, 8)
+        assert codes[:, 0].int().abs().max() >= 100 and codes[:, 1:].int().abs().max() <= 8
+        w_codes, w_step = formats.quantize_weight_per_channel(linear.weight, "int")
+        return torch.nn.functional.linear(codes.float() * step, w_codes * w_step[:, None], linear.bias)
+
+    with torch.no_grad():  # q and k share one quantizer (named after q's weight)
+        expected = fake(fake(h, model.q, "q_weight") + fake(h, model.k, "q_weight"), model.out, "out_weight")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     fused, _ = run_pass("fuse-kernels", result.graph_module)
     torch.testing.assert_close(fused.graph_module(x, positions)[0], got, rtol=1e-5, atol=1e-5)
     assert "first token 8-bit" in format_graph(fused.graph_module)
+    # a decode step (one token at position 5) takes the others' step through the fused kernel
     later = x[:, 3:4], torch.tensor([[5]])
     torch.testing.assert_close(fused.graph_module(*later)[0], result.graph_module(*later)[0], rtol=1e-5, atol=1e-5)
-    assert q.shape == (2, 7, 8)
 
 
 def test_sinks_need_positions_and_say_so():
