@@ -148,7 +148,7 @@ class InsertQuantizersOptions:
     activations: str = option("static", choices=("static", "dynamic"),
                               help="static: one step per tensor from calibration; dynamic: a step per token computed "
                                    "at run time (q4.token_steps), the reference static is measured against")
-    sinks: bool = option(False, help="static integer activations: each sequence's first token (position 0, its attention "
+    sinks: bool = option(False, help="static activations: each sequence's first token (position 0, its attention "
                                      "sink) gets a static step of its own and sink-bits codes")
     sink_bits: int = option(8, choices=(4, 5, 6, 7, 8), help="bits of the first token's activation codes (sinks=true)")
 
