@@ -51,33 +51,30 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
-        rows = x.reshape(-1, x.shape[-1]).float()
+        channels = x.shape[-1]
+        rows = x.reshape(-1, channels).float()
         flat = rows.abs()
-        self._update_sinks(x)
+        # [..., tokens, channels]: each sequence's first row apart from the rest (the sinks)
+        sequences = x.dim() >= 3 and x.shape[-2] > 0
+        first = x[..., 0, :].reshape(-1, channels).float() if sequences else rows[:0]
+        rest = x[..., 1:, :].reshape(-1, channels).float() if sequences else rows
+        self._update_sinks(first, rest)
         self.absmax = torch.maximum(self.absmax, flat.amax(dim=0))
         k = max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0]))
         self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
         # samples stand for the tokens a per-tensor step serves: not the sinks, which `sinks` keeps
-        has_rest = x.dim() >= 3 and x.shape[-2] > 1
-        self._sample(x[..., 1:, :].reshape(-1, x.shape[-1]).float() if has_rest else rows)
+        self._sample(rest if rest.shape[0] else rows)
         if self.gram is not None:
             self.gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
 
-    def _update_sinks(self, x: torch.Tensor) -> None:
-        """The sequences' first rows into `sinks`, the max of the others into `rest_absmax`."""
-        channels = x.shape[-1]
+    def _update_sinks(self, first: torch.Tensor, rest: torch.Tensor) -> None:
+        """The sequences' first rows into `sinks`, the max of the other rows into `rest_absmax`."""
         if self.sinks is None:
-            self.sinks, self.rest_absmax = torch.zeros(0, channels), torch.zeros(channels)
-        if x.dim() < 3 or x.shape[-2] == 0:  # no sequence dim: every row is one of the rest
-            if x.numel():
-                self.rest_absmax = torch.maximum(self.rest_absmax, x.reshape(-1, channels).float().abs().amax(0))
-            return
-        first = x[..., 0, :].reshape(-1, channels).float()
+            self.sinks, self.rest_absmax = torch.zeros(0, rest.shape[-1]), torch.zeros(rest.shape[-1])
         self.sinks = torch.cat([self.sinks, first[: SAMPLE_ROWS - self.sinks.shape[0]]])
-        if x.shape[-2] > 1:
-            self.rest_absmax = torch.maximum(self.rest_absmax, x[..., 1:, :].float().abs().amax(
-                dim=tuple(range(x.dim() - 1))))
+        if rest.shape[0]:
+            self.rest_absmax = torch.maximum(self.rest_absmax, rest.abs().amax(dim=0))
 
     def _sample(self, rows: torch.Tensor) -> None:
         """Keep a uniform sample of all rows seen: each new row replaces a kept one with
