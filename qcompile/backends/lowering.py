@@ -85,8 +85,10 @@ GEMM_COLUMNS = 8192  # wider linears run in column blocks of this many outputs
 
 
 def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                           bias: torch.Tensor | None, out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
-    """`q4::linear_w4a4` as unpack + integer GEMM + the one epilogue.
+                           bias: torch.Tensor | None, out_dtype: torch.dtype, w_format: str = "int",
+                           w_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """`q4::linear_w4a4` as unpack (times the group multipliers: the same loop) + integer GEMM +
+    the one epilogue.
 
     A wide linear (a language-model head: N = 49152) runs in blocks of GEMM_COLUMNS outputs,
     concatenated: each block's int32 accumulator is small enough for the allocator to reuse
@@ -98,7 +100,10 @@ def linear_w4a4_decomposed(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step
     blocks = []
     for start in range(0, n, GEMM_COLUMNS):
         rows = slice(start, start + GEMM_COLUMNS)
-        acc = int_matmul(x2, unpack_decomposed(w_packed[rows], k, w_format))
+        values = unpack_decomposed(w_packed[rows], k, w_format)
+        if w_mult is not None:
+            values = formats.apply_multipliers(values, w_mult[rows])
+        acc = int_matmul(x2, values, ops.weight_bound(w_mult))
         blocks.append(epilogue(acc, a_step, w_step[rows], bias[rows] if bias is not None else None, out_dtype,
                                in_place=False))
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
@@ -117,35 +122,37 @@ def static_rows(x: torch.Tensor) -> int | None:
 
 def linear_w4a4_decomposed_on_cpu(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
                                   a_step: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                                  w_format: str = "int") -> Any:
+                                  w_format: str = "int", w_mult: torch.Tensor | None = None) -> Any:
     """The CPU decomposition: the q4_cpu kernel at decode, else the GEMM one; on other devices the
     op stays (its Triton kernel)."""
     if x_codes.device.type != "cpu":
         return NotImplemented
     if cpu_kernels.use_for(static_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4.default(x_codes, w_packed, w_step, a_step, bias, out_dtype,
-                                                    cpu_kernels.FORCE_SCALAR, ops.nibble_table(w_format))
-    return linear_w4a4_decomposed(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format)
+                                                    cpu_kernels.FORCE_SCALAR, ops.nibble_table(w_format), w_mult)
+    return linear_w4a4_decomposed(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, w_mult)
 
 
 def linear_w4a16_decomposed(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
-                            out_dtype: torch.dtype) -> torch.Tensor:
+                            out_dtype: torch.dtype, w_mult: torch.Tensor | None = None) -> torch.Tensor:
     """`q4::linear_w4a16` as its unfused form: the weight dequantized in x's dtype (one loop
     Inductor generates from the packed bytes), then aten.linear (the same values as the op's
     own fallback, `kernels.ops.linear_w4a16_dequantized`)."""
-    codes = unpack_decomposed(w_packed, x.shape[-1])
-    w = (codes.to(torch.float32) * w_step[:, None]).to(x.dtype)
+    values = formats.apply_multipliers(unpack_decomposed(w_packed, x.shape[-1]), w_mult)
+    w = (values.to(torch.float32) * w_step[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias).to(out_dtype)
 
 
 def linear_w4a16_decomposed_on_cpu(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
-                                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> Any:
+                                   bias: torch.Tensor | None, out_dtype: torch.dtype,
+                                   w_mult: torch.Tensor | None = None) -> Any:
     """The CPU decomposition of the weight-only linear: q4_cpu at decode, else dequantize + linear."""
     if x.device.type != "cpu":
         return NotImplemented
     if cpu_kernels.use_for(static_rows(x), cpu_kernels.SMALL_M_W4A16):
-        return torch.ops.q4_cpu.linear_w4a16.default(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR)
-    return linear_w4a16_decomposed(x, w_packed, w_step, bias, out_dtype)
+        return torch.ops.q4_cpu.linear_w4a16.default(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR,
+                                                     w_mult)
+    return linear_w4a16_decomposed(x, w_packed, w_step, bias, out_dtype, w_mult)
 
 
 DECOMPOSITIONS: dict[Any, Callable] = {

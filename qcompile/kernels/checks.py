@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from . import formats
+
 
 class KernelArgumentError(ValueError):
     """An argument of a q4 op has the wrong dtype, shape, device or value."""
@@ -67,6 +69,28 @@ def check_packed(op: str, w_packed: torch.Tensor, w_step: torch.Tensor, k: int, 
              f"{w_packed.shape[1]} bytes a row ({describe(w_packed)})")
     check_step(op, "w_step", w_step, (w_packed.shape[0],), check_values)
     check_device(op, w_packed, w_step=w_step)
+
+
+def check_multipliers(op: str, w_mult: Optional[torch.Tensor], w_packed: torch.Tensor, k: int, fmt: str,
+                      check_values: bool) -> None:
+    """None, or uint8 [N, G] group multipliers (formats.py): K = G * group with group a multiple of
+    GROUP_ALIGN; with check_values, each in 1..max_multiplier(fmt)."""
+    if w_mult is None:
+        return
+    n = w_packed.shape[0]
+    if w_mult.dtype != torch.uint8 or w_mult.dim() != 2 or w_mult.shape[0] != n or w_mult.shape[1] < 1:
+        fail(op, "w_mult", f"None or a uint8 tensor [N, G] = [{n}, K / group] of group multipliers", describe(w_mult))
+    groups = w_mult.shape[1]
+    if k % groups or (k // groups) % formats.GROUP_ALIGN:
+        fail(op, "w_mult", f"G groups dividing K = {k} into groups of a multiple of {formats.GROUP_ALIGN} k",
+             f"G = {groups}")
+    check_device(op, w_packed, w_mult=w_mult)
+    if check_values and w_mult.numel():
+        top = formats.max_multiplier(fmt)
+        lo, hi = torch.aminmax(w_mult)
+        if lo.item() < 1 or hi.item() > top:
+            fail(op, "w_mult", f"multipliers in 1..{top} (their products with {fmt} values fit int8)",
+                 f"{lo.item()}..{hi.item()}")
 
 
 def check_contiguous(op: str, **tensors: Optional[torch.Tensor]) -> None:

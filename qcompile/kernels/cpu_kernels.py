@@ -8,13 +8,14 @@ again) before `torch._int_mm`; these kernels read the packed bytes once, straigh
 products.
 
     torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False,
-                                 w_values=None)
+                                 w_values=None, w_mult=None)
         the same values as `q4::linear_w4a4`, bit for bit (int32 accumulation, then the epilogue of
         reference.epilogue in the same float32 order); `w_values` is the weight format's nibble
-        table (formats.nibble_values: None is int4's), so FP4 weights run here too
-    torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar=False)
-        F.linear(x, dequantized weight) in float32 (up to summation order): sum_k x * code, then
-        * w_step[n] + bias[n]
+        table (formats.nibble_values: None is int4's), so FP4 weights run here too; `w_mult` the
+        weight's group multipliers (uint8 [N, K / group], formats.py): value * w_mult[n, k // group]
+    torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar=False, w_mult=None)
+        F.linear(x, dequantized weight) in float32 (up to summation order): sum_k x * code (times
+        its group's multiplier with `w_mult`), then * w_step[n] + bias[n]
     torch.ops.q4_cpu.hadamard(x, n, force_scalar=False)
         float32 x [..., K] with every block of n (a power of two) consecutive values multiplied by
         the normalized Sylvester-Hadamard matrix: a fast Walsh-Hadamard transform, the power-of-two
@@ -42,7 +43,12 @@ E2M1, 64 for E3M0), and multiplied against the activation codes de-interleaved o
 into even-k and odd-k int8 vectors (zero padded to 64 bytes); the dot product is the sum minus
 offset * sum(x) of the row. A tile of 4 weight columns is unpacked once per K step for up to 4
 activation rows in registers, so the weight is read from memory once per call for any M. The
-W4A16 kernel sign-extends the nibbles to float32 and uses FMA.
+W4A16 kernel sign-extends the nibbles to float32 and uses FMA. With group multipliers each
+128-bit lane of a K step (32 codes, one group) looks its nibbles up in the shifted table times
+the group's multiplier (one 16-bit multiply a column and K step, for all the rows), and the
+accumulators start at -offset * sum_g multiplier * (sum of x over group g) instead of ending
+minus offset * sum(x); W4A16 multiplies the float codes by the multiplier. At SmolLM2's shapes
+(2 threads) that costs 1.3x at M = 1 (+2.6 µs a linear) and nothing at M = 16.
 
 Dispatch: the AVX512-VNNI code is compiled with target attributes and chosen at run time
 (`__builtin_cpu_supports`); a portable scalar loop runs elsewhere, or when forced (the op's
@@ -80,7 +86,16 @@ from typing import Optional
 
 import torch
 
-from .checks import activation_step_shape, check_bias, check_float_dtype, check_packed, check_step, describe, fail
+from .checks import (
+    activation_step_shape,
+    check_bias,
+    check_float_dtype,
+    check_multipliers,
+    check_packed,
+    check_step,
+    describe,
+    fail,
+)
 
 SMALL_M = 64  # rows up to which the q4 ops and the lowering call the W4A4 kernel (the measured crossover)
 SMALL_M_W4A16 = 256  # ... and the W4A16 one: its other path dequantizes the whole weight to float
@@ -130,30 +145,31 @@ def use_for(m: object, limit: int) -> bool:
 # --- fake implementations (shapes and argument checks, as the q4:: ops report them) --------------
 
 
-def _check_cpu_linear(op: str, x, x_name: str, w_packed, w_step, bias, out_dtype) -> None:
+def _check_cpu_linear(op: str, x, x_name: str, w_packed, w_step, bias, out_dtype, w_mult, fmt: str) -> None:
     if x.dim() < 1:
         fail(op, x_name, "a tensor [..., K]", describe(x))
     check_packed(op, w_packed, w_step, x.shape[-1], f"{x_name}.shape[-1]", check_values=False)
+    check_multipliers(op, w_mult, w_packed, x.shape[-1], fmt, check_values=False)
     check_bias(op, bias, w_packed.shape[0])
     check_float_dtype(op, "out_dtype", out_dtype)
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("q4_cpu::linear_w4a4")
-    def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False, w_values=None):
+    def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar=False, w_values=None, w_mult=None):
         if w_values is not None and len(w_values) != 16:
             fail("linear_w4a4", "w_values", "None or 16 ints (each nibble's value)", repr(w_values))
         if x_codes.dtype != torch.int8:
             fail("linear_w4a4", "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
         check_step("linear_w4a4", "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=False)
-        _check_cpu_linear("linear_w4a4", x_codes, "x_codes", w_packed, w_step, bias, out_dtype)
+        _check_cpu_linear("linear_w4a4", x_codes, "x_codes", w_packed, w_step, bias, out_dtype, w_mult, "int")
         return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake("q4_cpu::linear_w4a16")
-    def _(x, w_packed, w_step, bias, out_dtype, force_scalar=False):
+    def _(x, w_packed, w_step, bias, out_dtype, force_scalar=False, w_mult=None):
         if not x.is_floating_point():
             fail("linear_w4a16", "x", "a float tensor [..., K]", describe(x))
-        _check_cpu_linear("linear_w4a16", x, "x", w_packed, w_step, bias, out_dtype)
+        _check_cpu_linear("linear_w4a16", x, "x", w_packed, w_step, bias, out_dtype, w_mult, "int")
         return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake("q4_cpu::hadamard")

@@ -26,6 +26,17 @@ Storage: a weight is packed two codes a byte along K as a 4-bit nibble each (`pa
 the layout of `int4.py`). An int nibble is two's complement; a float nibble is sign (bit 3) and
 magnitude index (bits 0-2). `nibble_values(fmt)` is the 16-entry table from nibble to value that
 the kernels use to decode (q4_cpu with a byte shuffle, Triton and Inductor with arithmetic).
+
+Group multipliers (`w_mult`, uint8 [N, K / group]): a weight may give each group of `group`
+consecutive k of a row its own step, an integer multiple of the row's step:
+
+    w[n, k] = value(code[n, k]) * w_mult[n, k // group] * w_step[n]
+
+The integer a kernel multiplies, value * w_mult, still fits int8 (`max_multiplier`: 15 for int4,
+whose codes reach -8), so every integer GEMM stays exact and unchanged: the group's step lives in
+the weight's integers, and the float epilogue is the per-channel one. llama.cpp's Q4_K does the
+same with 6-bit sub-block scales under a float super-block scale. A group is GROUP_ALIGN k or a
+multiple (a 16-byte lane of packed codes, what the kernels step by).
 """
 
 from __future__ import annotations
@@ -147,6 +158,30 @@ def unpack(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
         return codes
     table = torch.tensor(nibble_values(fmt), dtype=torch.int8, device=packed.device)
     return table[(codes & 15).long()]
+
+
+GROUP_ALIGN = 32  # k a group holds is a multiple of this: 16 packed bytes, one SIMD lane of the kernels
+
+
+def max_multiplier(fmt: str) -> int:
+    """The largest group multiplier whose products with the format's values fit int8 (15 for int4:
+    -8 * 15 = -120; 10 for E2M1's +-12; 18 for E1M2; 1 for E3M0's +-64)."""
+    return 127 // max(abs(v) for v in nibble_values(fmt))
+
+
+def group_size(k: int, w_mult: torch.Tensor) -> int:
+    """k a group of `w_mult` [N, G] spans: K / G (the kernels' checks make sure it divides)."""
+    return k // w_mult.shape[1]
+
+
+def apply_multipliers(values: torch.Tensor, w_mult: torch.Tensor | None) -> torch.Tensor:
+    """int8 values [N, k] times their group's multiplier (uint8 [N, G]), as int8 (the products fit):
+    one broadcast multiply, a loop Inductor fuses with the unpacking."""
+    if w_mult is None:
+        return values
+    n, groups = w_mult.shape
+    k = values.shape[1]
+    return (values.view(n, groups, k // groups) * w_mult.to(torch.int8)[:, :, None]).view(n, k)
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, fmt: str, bits: int = 4,

@@ -16,11 +16,16 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
     q4::quantize_per_tensor(x, step, bits, format="int", sinks=None, sink_bits=8)
                                                       -> int8 codes, same shape as x
     q4::dequantize_per_tensor(codes, step, dtype)     -> codes * step
-    q4::dequantize_weight_int4(w_packed, w_step, k, dtype, format="int") -> [N, k] codes * w_step[:, None]
-    q4::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int")
-                                                      -> (x_codes @ codes(w).T) * (a_step * w_step) + bias
-    q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype)
-                                                      -> F.linear(x, codes(w) * w_step[:, None], bias)
+    q4::dequantize_weight_int4(w_packed, w_step, k, dtype, format="int", w_mult=None)
+                                                      -> [N, k] values(w) * w_step[:, None]
+    q4::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int", w_mult=None)
+                                                      -> (x_codes @ values(w).T) * (a_step * w_step) + bias
+    q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult=None)
+                                                      -> F.linear(x, values(w) * w_step[:, None], bias)
+
+A weight's values are its codes, or with group multipliers `w_mult` (uint8 [N, K / group],
+formats.py) its codes times their group's multiplier: integers that still fit int8, so every
+integer path below stays exact and the epilogue per output channel stays as it is.
 
 At decode (M <= cpu_kernels.SMALL_M rows; W4A16: SMALL_M_W4A16) the CPU kernels call the
 q4_cpu C++ ops instead (qcompile/kernels/cpu_kernels.py), which read the packed weight directly: same
@@ -58,12 +63,12 @@ from .checks import (
     check_bias,
     check_device,
     check_float_dtype,
+    check_multipliers,
     check_packed,
     check_step,
     describe,
     fail,
 )
-from .int4 import unpack_int4
 from .reference import epilogue
 
 
@@ -75,13 +80,20 @@ def _cpu_int_mm_is_fast() -> bool:
     return bool(is_vnni()) if is_vnni is not None else True
 
 
-def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """int32 [M, N] = x [M, K] @ w[N, K].T for int8 x and w."""
+def int_matmul(x: torch.Tensor, w: torch.Tensor, w_bound: int = 8) -> torch.Tensor:
+    """int32 [M, N] = x [M, K] @ w[N, K].T for int8 x and w, |w| <= w_bound (8: 4-bit codes)."""
     if x.device.type == "cpu" and _cpu_int_mm_is_fast():
         # _int_mm takes mat2 as [K, N]; the transposed view of the row-major weight is the
         # column-major layout oneDNN reads directly (measured as fast as a contiguous [K, N]).
         return torch._int_mm(x, w.t())
-    return torch.mm(x.to(torch.float32), w.to(torch.float32).t()).to(torch.int32)
+    # a float sum of integers is exact while every partial sum stays below 2**24 (any order)
+    exact = torch.float32 if x.shape[-1] * 128 * w_bound < 2**24 else torch.float64
+    return torch.mm(x.to(exact), w.to(exact).t()).to(torch.int32)
+
+
+def weight_values(w_packed: torch.Tensor, k: int, fmt: str, w_mult: Optional[torch.Tensor]) -> torch.Tensor:
+    """int8 [N, k]: the integers the kernels multiply, value(code) * w_mult of its group (formats.py)."""
+    return formats.apply_multipliers(formats.unpack(w_packed, k, fmt), w_mult)
 
 
 # --- quantize_per_tensor ---------------------------------------------------------------------------
@@ -213,41 +225,45 @@ def _(codes, step, dtype):
 # --- dequantize_weight_int4 ------------------------------------------------------------------------
 
 
-def _check_dequantize_weight(w_packed, w_step, k, dtype, fmt, check_values: bool) -> None:
+def _check_dequantize_weight(w_packed, w_step, k, dtype, fmt, w_mult, check_values: bool) -> None:
     op = "dequantize_weight_int4"
     if k < 0:
         fail(op, "k", "an int >= 0 (the weight's K)", repr(k))
     check_packed(op, w_packed, w_step, k, "argument 'k'", check_values)
     check_float_dtype(op, "dtype", dtype)
     check_format(op, "format", fmt)
+    check_multipliers(op, w_mult, w_packed, k, fmt, check_values)
 
 
 @torch.library.custom_op("q4::dequantize_weight_int4", mutates_args=())
 def dequantize_weight_int4(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype,
-                           format: str = "int") -> torch.Tensor:
+                           format: str = "int", w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fake-quant form of a packed 4-bit weight, [N, k] in `dtype`:
 
-        w[n, j] = (float32(codes[n, j]) * w_step[n]).to(dtype),   codes = formats.unpack(w_packed, k, format)
+        w[n, j] = (float32(values[n, j]) * w_step[n]).to(dtype),   values = weight_values(w_packed, k, format, w_mult)
+
+    (codes = formats.unpack(w_packed, k, format), times their group's multiplier with w_mult).
     """
-    _check_dequantize_weight(w_packed, w_step, k, dtype, format, check_values=True)
-    return (formats.unpack(w_packed, k, format).to(torch.float32) * w_step[:, None]).to(dtype)
+    _check_dequantize_weight(w_packed, w_step, k, dtype, format, w_mult, check_values=True)
+    return (weight_values(w_packed, k, format, w_mult).to(torch.float32) * w_step[:, None]).to(dtype)
 
 
 @dequantize_weight_int4.register_fake
-def _(w_packed, w_step, k, dtype, format="int"):
-    _check_dequantize_weight(w_packed, w_step, k, dtype, format, check_values=False)
+def _(w_packed, w_step, k, dtype, format="int", w_mult=None):
+    _check_dequantize_weight(w_packed, w_step, k, dtype, format, w_mult, check_values=False)
     return w_packed.new_empty((w_packed.shape[0], k), dtype=dtype)
 
 
 # --- linear_w4a4 -----------------------------------------------------------------------------------
 
 
-def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values: bool) -> None:
+def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, w_mult, check_values: bool) -> None:
     op = "linear_w4a4"
     check_format(op, "w_format", w_format)
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
         fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
     check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
+    check_multipliers(op, w_mult, w_packed, x_codes.shape[-1], w_format, check_values)
     check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values)
     n = w_packed.shape[0]
     if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
@@ -258,25 +274,27 @@ def _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, 
 
 @torch.library.custom_op("q4::linear_w4a4", mutates_args=())
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int",
+                w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Integer linear on codes, [..., N] in out_dtype:
 
-        acc[m, n] = sum_k x_codes[m, k] * codes(w)[n, k]              (exact, int32)
+        acc[m, n] = sum_k x_codes[m, k] * values(w)[n, k]             (exact, int32)
         y[m, n] = (float32(acc[m, n]) * (a_step * w_step[n]) + float32(bias[n])).to(out_dtype)
 
     x_codes int8 [..., K] (int4 codes in [-8, 7], FP4 values; any int8 is computed exactly);
     w_packed uint8 [N, ceil(K/2)] of 4-bit codes in `w_format` (formats.pack); w_step float32 [N]
     and a_step 0-dim float32 (or one per row, [..., 1]: a_step[m] * w_step[n] in the epilogue),
-    finite and > 0; bias float [N] or None. Leading dims of x_codes are kept, M = prod(leading)
+    finite and > 0; bias float [N] or None; w_mult None or uint8 [N, K / group] (formats.py:
+    values = codes * their group's multiplier). Leading dims of x_codes are kept, M = prod(leading)
     may be 0 or 1.
     """
-    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values=True)
+    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, w_mult, check_values=True)
     # decode: read the packed weight
     if x_codes.device.type == "cpu" and cpu_kernels.use_for(_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype,
-                                            cpu_kernels.FORCE_SCALAR, nibble_table(w_format))
+                                            cpu_kernels.FORCE_SCALAR, nibble_table(w_format), w_mult)
     k = x_codes.shape[-1]
-    acc = int_matmul(x_codes.reshape(-1, k), formats.unpack(w_packed, k, w_format))
+    acc = int_matmul(x_codes.reshape(-1, k), weight_values(w_packed, k, w_format, w_mult), weight_bound(w_mult))
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 
@@ -285,9 +303,14 @@ def nibble_table(fmt: str) -> Optional[list[int]]:
     return None if fmt == formats.INT else list(formats.nibble_values(fmt))
 
 
+def weight_bound(w_mult: Optional[torch.Tensor]) -> int:
+    """The largest |value| a weight's integers may reach (int_matmul's exactness bound)."""
+    return 8 if w_mult is None else 127
+
+
 @linear_w4a4.register_fake
-def _linear_w4a4_fake(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int"):
-    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, check_values=False)
+def _linear_w4a4_fake(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int", w_mult=None):
+    _check_linear(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format, w_mult, check_values=False)
     return x_codes.new_empty((*x_codes.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
 
@@ -302,29 +325,32 @@ def _rows(x: torch.Tensor):
 # --- linear_w4a16 ----------------------------------------------------------------------------------
 
 
-def _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values: bool) -> None:
+def _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult, check_values: bool) -> None:
     op = "linear_w4a16"
     if not x.is_floating_point() or x.dim() < 1:
         fail(op, "x", "a float tensor [..., K]", describe(x))
     check_packed(op, w_packed, w_step, x.shape[-1], "x.shape[-1]", check_values)
+    check_multipliers(op, w_mult, w_packed, x.shape[-1], formats.INT, check_values)
     check_bias(op, bias, w_packed.shape[0])
     check_device(op, x, w_packed=w_packed, bias=bias)
     check_float_dtype(op, "out_dtype", out_dtype)
 
 
 def linear_w4a16_dequantized(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
-                             bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                             bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+                             w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The weight-only linear as its unfused form computes it: dequantize in x's dtype, F.linear."""
-    w = (unpack_int4(w_packed, x.shape[-1]).to(torch.float32) * w_step[:, None]).to(x.dtype)
+    values = weight_values(w_packed, x.shape[-1], formats.INT, w_mult)
+    w = (values.to(torch.float32) * w_step[:, None]).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias).to(out_dtype)
 
 
 @torch.library.custom_op("q4::linear_w4a16", mutates_args=())
 def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: Optional[torch.Tensor],
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype, w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only linear (float activations, packed int4 weight), [..., N] in out_dtype:
 
-        y = F.linear(x, codes(w) * w_step[:, None], bias)
+        y = F.linear(x, values(w) * w_step[:, None], bias)     (values: codes, times w_mult's groups)
 
     x float [..., K]; w_packed uint8 [N, ceil(K/2)]; w_step float32 [N], finite and > 0; bias
     float [N] or None. On CPU at M <= cpu_kernels.SMALL_M_W4A16 the q4_cpu kernel computes it in
@@ -332,15 +358,15 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
     Otherwise the weight is dequantized to x's dtype and multiplied with F.linear (the values of
     the unfused aten.linear(x, q4.dequantize_weight_int4(...), bias) it replaces).
     """
-    _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values=True)
+    _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult, check_values=True)
     if x.device.type == "cpu" and cpu_kernels.use_for(_rows(x), cpu_kernels.SMALL_M_W4A16):
-        return torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR)
-    return linear_w4a16_dequantized(x, w_packed, w_step, bias, out_dtype)
+        return torch.ops.q4_cpu.linear_w4a16(x, w_packed, w_step, bias, out_dtype, cpu_kernels.FORCE_SCALAR, w_mult)
+    return linear_w4a16_dequantized(x, w_packed, w_step, bias, out_dtype, w_mult)
 
 
 @linear_w4a16.register_fake
-def _(x, w_packed, w_step, bias, out_dtype):
-    _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, check_values=False)
+def _(x, w_packed, w_step, bias, out_dtype, w_mult=None):
+    _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult, check_values=False)
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
 
@@ -356,23 +382,24 @@ def _triton_gemm():
 
 
 @linear_w4a4.register_kernel("cuda")
-def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int"):
+def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int", w_mult=None):
     # no per-call read of the steps' values: a GPU sync, and illegal under CUDA-graph capture
     # (mode="reduce-overhead"); the passes checked these constants when they made them
     return _triton_gemm().linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype,
-                                      w_format, check_values=False)
+                                      w_format, check_values=False, w_mult=w_mult)
 
 
 @torch.library.custom_op("q4::linear_w4a4_triton", mutates_args=())
 def linear_w4a4_triton(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                       bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
+                       bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int",
+                       w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`q4::linear_w4a4` through the Triton kernel on any device (on CPU: Triton's interpreter).
     The lowering puts it in place of linear_w4a4 with the `kernels="triton"` option (Q4_KERNELS)."""
     gemm = _triton_gemm()
     if x_codes.device.type == "cpu" and not gemm.INTERPRET:
         raise RuntimeError("q4::linear_w4a4_triton: CPU tensors need Triton's interpreter, but the kernels were "
                            "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
-    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype, w_format)
+    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype, w_format, w_mult=w_mult)
 
 
 linear_w4a4_triton.register_fake(_linear_w4a4_fake)  # the same op, another kernel

@@ -54,6 +54,17 @@ def unpack_ref(packed: torch.Tensor, k: int, fmt: str = "int") -> torch.Tensor:
     return torch.where(nibbles >= 8, -magnitude, magnitude).to(torch.int8)
 
 
+def weight_values_ref(packed: torch.Tensor, k: int, fmt: str = "int", w_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """int16 [N, k]: the integers a weight's kernels multiply, value(code) * w_mult of its group
+    (formats.py), by a loop over the groups rather than formats.apply_multipliers' broadcast."""
+    values = unpack_ref(packed, k, fmt).to(torch.int16)
+    if w_mult is not None:
+        group = k // w_mult.shape[1]
+        for g in range(w_mult.shape[1]):
+            values[:, g * group : (g + 1) * group] *= w_mult[:, g : g + 1].to(torch.int16)
+    return values
+
+
 def quantize_per_tensor_ref(x: torch.Tensor, step: torch.Tensor, bits: int, fmt: str = "int",
                             sinks: torch.Tensor | None = None, sink_bits: int = 8) -> torch.Tensor:
     """codes = clamp(round(float32(x) / step), -2**(bits-1), 2**(bits-1) - 1) as int8 (round half to even);
@@ -83,17 +94,19 @@ def dequantize_per_tensor_ref(codes: torch.Tensor, step: torch.Tensor, dtype: to
 
 
 def dequantize_weight_int4_ref(w_packed: torch.Tensor, w_step: torch.Tensor, k: int, dtype: torch.dtype,
-                               fmt: str = "int") -> torch.Tensor:
-    """w[n, k] = (float32(codes[n, k]) * w_step[n]).to(dtype)."""
-    return (unpack_ref(w_packed, k, fmt).to(torch.float32) * w_step[:, None]).to(dtype)
+                               fmt: str = "int", w_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """w[n, k] = (float32(codes[n, k] * w_mult[n, k // group]) * w_step[n]).to(dtype)."""
+    return (weight_values_ref(w_packed, k, fmt, w_mult).to(torch.float32) * w_step[:, None]).to(dtype)
 
 
 def linear_w4a4_ref(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype, w_format: str = "int") -> torch.Tensor:
-    """y = epilogue(x_codes @ codes(w).T) with an exact int64 matmul; leading dims of x kept."""
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, w_format: str = "int",
+                    w_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """y = epilogue(x_codes @ values(w).T) with an exact int64 matmul; leading dims of x kept.
+    values = codes, times each group's multiplier with `w_mult` (weight_values_ref)."""
     k = x_codes.shape[-1]
     x2 = x_codes.reshape(-1, k).to(torch.int64)
-    w = unpack_ref(w_packed, k, w_format).to(torch.int64)
+    w = weight_values_ref(w_packed, k, w_format, w_mult).to(torch.int64)
     acc = (x2 @ w.t()).to(torch.int32)
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w.shape[0])
 
@@ -113,10 +126,11 @@ def fake_quant_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def linear_w4a16_ref(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y = (float64(x) @ codes(w).T) * w_step + bias, cast to out_dtype (default x's dtype)."""
+                     out_dtype: torch.dtype | None = None, w_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (float64(x) @ values(w).T) * w_step + bias, cast to out_dtype (default x's dtype);
+    values = int4 codes, times each group's multiplier with `w_mult`."""
     k = x.shape[-1]
-    acc = x.reshape(-1, k).double() @ unpack_int4_ref(w_packed, k).double().t()
+    acc = x.reshape(-1, k).double() @ weight_values_ref(w_packed, k, "int", w_mult).double().t()
     out = acc * w_step.double()
     if bias is not None:
         out = out + bias.double()

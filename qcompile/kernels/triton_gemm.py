@@ -7,16 +7,19 @@ the odd k of the activation with them in two `tl.dot`s a K block:
     acc[m, n] = sum_j x[m, 2j] * lo(w[n, j]) + x[m, 2j + 1] * hi(w[n, j])
 
 then applies one epilogue per output element. An odd K needs no padding: the missing x[m, K]
-loads as 0 and the weight's padding nibble is 0.
+loads as 0 and the weight's padding nibble is 0. With group multipliers (`w_mult` uint8 [N, G],
+`formats.py`) each decoded nibble is multiplied in registers by its group's w_mult[n, 2j // group]
+(a byte's two k share a group: group is a multiple of 32); value * w_mult still fits int8
+(`formats.max_multiplier`), so the int8 dot stays exact and the epilogue is unchanged.
 
-    linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int")
+    linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int", *, w_mult=None)
         int8 x 4-bit -> int32 acc;  y = float32(acc) * (a_step * w_step[n]) + float32(bias[n])
         (a_step 0-dim, or a dynamic step per row [..., 1]: a_step[m] * w_step[n])
         (= `reference.epilogue`). The codes may be any int8: 8-bit activations (W4A8) and the
         integer values of LLM-FP4's 4-bit floats (`formats.py`: E2M1 +-12, E3M0 +-64, E1M2 +-7)
         run through the same kernel, whose weight nibbles are decoded by `w_format`: FP4 x FP4
         is an exact int8 product (on Hopper int8 and FP8 tensor cores have the same rate).
-    linear_w4a16(x, w_packed, w_step, bias, out_dtype)                float x int4 -> fp32 acc
+    linear_w4a16(x, w_packed, w_step, bias, out_dtype, *, w_mult=None)  float x int4 -> fp32 acc
         y = acc * w_step[n] + float32(bias[n])
 
 The epilogues round like the plain-torch twins in `reference.py`, one float32 operation at a time:
@@ -24,10 +27,11 @@ kernels are launched with `enable_fp_fusion=False` so that a GPU does not contra
 and the add into one FMA (one rounding instead of two). So the integer paths are bit-exact with
 their references in every output dtype.
 
-Launchers check every argument before launching (dtype, shape, contiguity, device, and that
-steps are finite and > 0) and raise `KernelArgumentError` naming it. Under TRITON_INTERPRET=1
-(set before triton is imported) the kernels run on CPU tensors, exactly and slowly: that is
-how CI tests them, with a single small tile configuration instead of the autotuned set.
+Launchers check every argument before launching (dtype, shape, contiguity, device, that steps
+are finite and > 0, that multipliers are in range) and raise `KernelArgumentError` naming it.
+Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors, exactly
+and slowly: that is how CI tests them, with a single small tile configuration instead of the
+autotuned set.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .checks import (
     check_contiguous,
     check_device,
     check_float_dtype,
+    check_multipliers,
     check_packed,
     check_step,
     describe,
@@ -104,6 +109,15 @@ def _load_weight_t(w_ptr, rn, j, N, kp):
 
 
 @triton.jit
+def _load_multipliers_t(mult_ptr, rn, j, N, K, group):
+    """Group multipliers of the bytes w[rn, j] as an int8 [j, rn] tile: w_mult[n, 2j // group] of a
+    uint8 [N, K / group] (both nibbles of a byte are in one group), 0 outside the weight."""
+    ptrs = mult_ptr + rn[None, :].to(tl.int64) * (K // group) + (2 * j[:, None]) // group
+    mult = tl.load(ptrs, mask=(rn[None, :] < N) & (2 * j[:, None] < K), other=0)
+    return mult.to(tl.int8)  # at most formats.max_multiplier (18): exact
+
+
+@triton.jit
 def _load_even_odd(x_ptr, rm, j, M, K):
     """x[rm, 2j] and x[rm, 2j + 1] of a row-major [M, K] matrix, 0 outside it (the odd K's last column)."""
     ptrs = x_ptr + rm[:, None].to(tl.int64) * K + 2 * j[None, :]
@@ -139,13 +153,14 @@ def _finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_
 
 
 @triton.jit
-def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, K,
+def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr, group,
                  HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, W_MANTISSA: tl.constexpr, ROW_STEPS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_MULT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x int8 [M, K] (any int8 codes), w packed 4-bit [N, ceil(K/2)]: int4 (W_MANTISSA < 0) or a
-    4-bit float with W_MANTISSA mantissa bits:
+    4-bit float with W_MANTISSA mantissa bits; with HAS_MULT, times the group multipliers
+    mult[n, k // group] (uint8 [N, K / group]), products that fit int8:
 
-        acc[m, n] = sum_k x[m, k] * w[n, k]                                  (int32, exact)
+        acc[m, n] = sum_k x[m, k] * w[n, k] (* mult[n, k // group])          (int32, exact)
         out[m, n] = float32(acc) * (a_step * w_step[n]) + float32(bias[n])   (float32, then cast)
     """
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,6 +175,9 @@ def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, 
             w_lo, w_hi = _int4_nibbles(w_bytes)
         else:
             w_lo, w_hi = _float_nibbles(w_bytes, W_MANTISSA)
+        if HAS_MULT:
+            mult = _load_multipliers_t(mult_ptr, rn, j, N, K, group)
+            w_lo, w_hi = w_lo * mult, w_hi * mult
         x_even, x_odd = _load_even_odd(x_ptr, rm, j, M, K)
         acc += tl.dot(x_even, w_lo, out_dtype=tl.int32)
         acc += tl.dot(x_odd, w_hi, out_dtype=tl.int32)
@@ -172,13 +190,14 @@ def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, 
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K,
-                  HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, WIDEN_X: tl.constexpr,
+def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr, group,
+                  HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, WIDEN_X: tl.constexpr, HAS_MULT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x float [M, K] (fp32/fp16/bf16), w packed int4 [N, ceil(K/2)], its codes cast (exactly) to x's dtype:
+    """x float [M, K] (fp32/fp16/bf16), w packed int4 [N, ceil(K/2)], its codes (with HAS_MULT, times
+    mult[n, k // group]: |codes * mult| <= 120) cast exactly to x's dtype:
 
-        acc[m, n] = sum_k x[m, k] * codes(w)[n, k]                (float32 accumulation)
-        out[m, n] = acc * w_step[n] + float32(bias[n])            (float32, then cast)
+        acc[m, n] = sum_k x[m, k] * codes(w)[n, k] (* mult[n, k // group])   (float32 accumulation)
+        out[m, n] = acc * w_step[n] + float32(bias[n])                       (float32, then cast)
     """
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,6 +207,9 @@ def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K,
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         j = k0 * (BLOCK_K // 2) + rj
         w_lo, w_hi = _int4_nibbles(_load_weight_t(w_ptr, rn, j, N, kp))
+        if HAS_MULT:
+            mult = _load_multipliers_t(mult_ptr, rn, j, N, K, group)
+            w_lo, w_hi = w_lo * mult, w_hi * mult
         x_even, x_odd = _load_even_odd(x_ptr, rm, j, M, K)
         if WIDEN_X:  # the interpreter multiplies bfloat16 as its raw bits: widen (exactly) first
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
@@ -205,8 +227,8 @@ def _interpreter_tile(configs: list[triton.Config], named_args: dict, **kwargs) 
 
 
 _PRUNE = {"early_config_prune": _interpreter_tile} if INTERPRET else None
-_w4a4 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_w4a4_kernel)
-_w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by=_PRUNE)(_w4a16_kernel)
+_w4a4 = triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_MULT"], prune_configs_by=_PRUNE)(_w4a4_kernel)
+_w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_MULT"], prune_configs_by=_PRUNE)(_w4a16_kernel)
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -218,8 +240,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: Optional[torch.Tensor],
-            bias: Optional[torch.Tensor], out_dtype: torch.dtype, k: int, **flags) -> torch.Tensor:
-    """out [M, N] = kernel(x2 [M, ...], w_packed [N, ...]); empty products need no launch."""
+            bias: Optional[torch.Tensor], out_dtype: torch.dtype, k: int, w_mult: Optional[torch.Tensor],
+            **flags) -> torch.Tensor:
+    """out [M, N] = kernel(x2 [M, ...], w_packed [N, ...] (times w_mult's groups)); empty products need no launch."""
     m, n = x2.shape[0], w_packed.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     if m == 0 or n == 0:
@@ -228,22 +251,28 @@ def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     steps = (w_step,) if a_step is None else (w_step, a_step)
-    kernel[grid](x2, w_packed, *steps, bias if bias is not None else w_step,  # a pointer never read without bias
-                 out, m, n, k, HAS_BIAS=bias is not None, ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16,
+    # w_step stands in for a pointer never read (no bias, no multipliers)
+    group = formats.GROUP_ALIGN if w_mult is None else formats.group_size(k, w_mult)
+    kernel[grid](x2, w_packed, *steps, bias if bias is not None else w_step, out, m, n, k,
+                 w_mult if w_mult is not None else w_step, group, HAS_BIAS=bias is not None,
+                 ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, HAS_MULT=w_mult is not None,
                  enable_fp_fusion=False, **flags)
     return out
 
 
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
                 bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int", *,
-                check_values: bool = True) -> torch.Tensor:
+                check_values: bool = True, w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`q4::linear_w4a4` in Triton: int8 codes [..., K] x packed 4-bit [N, ceil(K/2)] in `w_format`
     (formats.py) -> [..., N] in out_dtype.
 
-    y = float32(x_codes @ codes(w).T) * (a_step * w_step) + float32(bias), bit-exact with
+    y = float32(x_codes @ values(w).T) * (a_step * w_step) + float32(bias), bit-exact with
     `reference.linear_w4a4_ref`. w_step float32 [N], a_step 0-dim float32 (finite, > 0).
-    `check_values=False` skips reading the steps' values (a GPU sync, which CUDA-graph capture
-    forbids); the op's CUDA kernel passes it, as its steps are graph constants checked when made.
+    values = the codes' values, times w_mult[n, k // group] with group multipliers (uint8 [N, G],
+    K = G * group, group a multiple of 32, each in 1..formats.max_multiplier(w_format)).
+    `check_values=False` skips reading the steps' and multipliers' values (a GPU sync, which
+    CUDA-graph capture forbids); the op's CUDA kernel passes it, as its steps are graph constants
+    checked when made.
     """
     op = "linear_w4a4 (triton)"
     if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
@@ -252,32 +281,35 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
     check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=check_values)
     check_bias(op, bias, w_packed.shape[0])
-    check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
-    check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias)
+    check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
+    check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
     check_float_dtype(op, "out_dtype", out_dtype)
     if w_format not in formats.FORMATS:
         fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
+    check_multipliers(op, w_mult, w_packed, k, w_format, check_values=check_values)
     mantissa = -1 if w_format == formats.INT else formats.FLOAT_FORMATS[w_format].mantissa_bits
-    out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k, W_MANTISSA=mantissa,
+    out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k, w_mult, W_MANTISSA=mantissa,
                   ROW_STEPS=a_step.dim() > 0)
     return out.reshape(*x_codes.shape[:-1], w_packed.shape[0])
 
 
 def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: Optional[torch.Tensor],
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype] = None, *, w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only int4: float x [..., K] x packed int4 [N, ceil(K/2)] -> [..., N] in out_dtype
-    (default: x's dtype); y = (x @ codes(w).T) * w_step + bias with fp32 accumulation."""
+    (default: x's dtype); y = (x @ values(w).T) * w_step + bias with fp32 accumulation, values = the
+    codes, times w_mult[n, k // group] with group multipliers (uint8 [N, G], each in 1..15)."""
     op = "linear_w4a16 (triton)"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() < 1:
         fail(op, "x", "a float32, float16 or bfloat16 tensor [..., K]", describe(x))
     k = x.shape[-1]
     check_packed(op, w_packed, w_step, k, "x.shape[-1]", check_values=True)
     check_bias(op, bias, w_packed.shape[0])
-    check_device(op, x, w_packed=w_packed, w_step=w_step, bias=bias)
-    check_contiguous(op, x=x, w_packed=w_packed, w_step=w_step, bias=bias)
+    check_device(op, x, w_packed=w_packed, w_step=w_step, bias=bias, w_mult=w_mult)
+    check_contiguous(op, x=x, w_packed=w_packed, w_step=w_step, bias=bias, w_mult=w_mult)
+    check_multipliers(op, w_mult, w_packed, k, formats.INT, check_values=True)
     out_dtype = out_dtype or x.dtype
     check_float_dtype(op, "out_dtype", out_dtype)
-    out = _launch(_w4a16, _rows(x), w_packed, w_step, None, bias, out_dtype, k,
+    out = _launch(_w4a16, _rows(x), w_packed, w_step, None, bias, out_dtype, k, w_mult,
                   WIDEN_X=INTERPRET and x.dtype == torch.bfloat16)
     return out.reshape(*x.shape[:-1], w_packed.shape[0])
 

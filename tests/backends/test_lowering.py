@@ -86,6 +86,28 @@ def test_linear_decomposition_compiled_by_inductor_is_the_op_bit_exactly(m, k, n
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("m", [3, 70])  # the q4_cpu kernel at decode, the GEMM decomposition above SMALL_M
+def test_linear_decompositions_with_group_multipliers_compiled_by_inductor_are_the_ops(m):
+    """The unpacking loop multiplies by the groups' multipliers (formats.apply_multipliers): the
+    integer linear stays bit-exact, the weight-only one equal up to summation order."""
+    g = torch.Generator().manual_seed(m)
+    k, n = 96, lowering.GEMM_COLUMNS + 5  # two column blocks: each reads its rows of the multipliers
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    packed = int4.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g))
+    w_mult = torch.randint(1, 16, (n, 3), dtype=torch.uint8, generator=g)
+    w_step, a_step, b = torch.rand(n, generator=g) + 0.01, torch.tensor(0.07), torch.randn(n, generator=g)
+    gm = make_fx(lambda *args: q4.linear_w4a4(*args, torch.float32, "int", w_mult))(x, packed, w_step, a_step, b)
+    compiled = lowering.lower(gm, [x, packed, w_step, a_step, b], "inductor", "auto", mode=None)
+    assert torch.equal(compiled(x, packed, w_step, a_step, b),
+                       reference.linear_w4a4_ref(x, packed, w_step, a_step, b, torch.float32, "int", w_mult))
+    xf = torch.randn(m, k, generator=g)
+    gm = make_fx(lambda *args: q4.linear_w4a16(*args, torch.float32, w_mult))(xf, packed, w_step, b)
+    compiled = lowering.lower(gm, [xf, packed, w_step, b], "inductor", "auto", mode=None)
+    torch.testing.assert_close(compiled(xf, packed, w_step, b),
+                               reference.linear_w4a16_ref(xf, packed, w_step, b, torch.float32, w_mult),
+                               rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monkeypatch):
     """Q4_KERNELS=triton: the integer GEMMs run through the Triton kernel (the interpreter on CPU)

@@ -135,6 +135,132 @@ def test_linear_w4a16_takes_bfloat16_activations_and_computes_in_float32():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
+# --- group multipliers (w_mult: value * w_mult[n, k // group], formats.py) ------------------------
+
+MULT_GROUPS = {32: [1], 96: [1, 3], 160: [1, 5], 576: [1, 6, 9, 18], 1536: [1, 12, 24, 48]}  # K: G (group K / G)
+
+
+def make_multipliers(n, groups, top, g):
+    """uint8 [n, groups] in 1..top, every value of it where there is room, top at [0, 0] (where
+    make_weight puts the extreme codes)."""
+    w_mult = torch.randint(1, top + 1, (n, groups), dtype=torch.uint8, generator=g)
+    flat = w_mult.view(-1)
+    flat[1 : top + 1] = torch.arange(1, top + 1, dtype=torch.uint8)[: flat.numel() - 1]
+    flat[0] = top
+    return w_mult
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("k", list(MULT_GROUPS))
+@pytest.mark.parametrize("m", M_VALUES)
+def test_linear_w4a4_with_group_multipliers_equals_reference_bit_exactly(m, k, force_scalar):
+    """int4 codes times multipliers 1..15 (-8 * 15 = -120 at the extreme), 8-bit x codes; groups
+    of 32 k to all of K, with a per-tensor and a per-row activation step."""
+    for n in N_VALUES:
+        packed, w_step, g = make_weight(k, n, seed=m * 1000 + k + n)
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        if m:
+            x[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+        bias, rows = torch.randn(n, generator=g), torch.rand(*x.shape[:-1], 1, generator=g) + 0.01
+        for groups in MULT_GROUPS[k]:
+            w_mult = make_multipliers(n, groups, formats.max_multiplier("int"), g)
+            # each step with each bias, the output dtypes alternating
+            for a_step, out_dtypes in ((torch.tensor(0.037), (torch.float32, torch.bfloat16, torch.float32)),
+                                       (rows, (torch.bfloat16, torch.float32, torch.bfloat16))):
+                for b, out_dtype in zip((None, bias, bias.to(torch.bfloat16)), out_dtypes):
+                    got = torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, a_step, b, out_dtype, force_scalar, None,
+                                                       w_mult)
+                    expected = reference.linear_w4a4_ref(x, packed, w_step, a_step, b, out_dtype, "int", w_mult)
+                    assert got.shape == (m, n) and got.dtype == out_dtype
+                    assert torch.equal(got, expected), (n, groups, a_step.dim(), b is not None, out_dtype)
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("fmt", list(formats.FLOAT_FORMATS))
+def test_linear_w4a4_with_a_float_format_and_group_multipliers_equals_reference_bit_exactly(fmt, force_scalar):
+    """FP4 weights (`w_values`) with multipliers up to the format's max_multiplier (E2M1 10, E1M2
+    18, E3M0 1)."""
+    g = torch.Generator().manual_seed(len(fmt))
+    table = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8)
+    top = formats.max_multiplier(fmt)
+    for m, k, n, groups in [(1, 576, 33, 18), (3, 160, 6, 1), (17, 1536, 6, 24), (16, 96, 33, 3)]:
+        values = table[torch.randint(0, 16, (n, k), generator=g)]
+        values[0, :2] = torch.tensor([min(table), max(table)], dtype=torch.int8)
+        packed, w_step = formats.pack(values, fmt), torch.rand(n, generator=g) + 0.01
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        w_mult, b = make_multipliers(n, groups, top, g), torch.randn(n, generator=g)
+        for a_step in (torch.tensor(0.037), torch.rand(m, 1, generator=g) + 0.01):
+            for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+                got = torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, a_step, b, out_dtype, force_scalar,
+                                                   ops.nibble_table(fmt), w_mult)
+                expected = reference.linear_w4a4_ref(x, packed, w_step, a_step, b, out_dtype, fmt, w_mult)
+                assert torch.equal(got, expected), (m, k, n, a_step.dim(), out_dtype)
+
+
+def test_linear_w4a4_extreme_codes_and_multipliers_over_a_long_k_are_exact():
+    k = 11008
+    x = torch.full((3, k), -128, dtype=torch.int8)
+    x[1] = 127
+    packed = int4.pack_int4(torch.full((5, k), -8, dtype=torch.int8))
+    w_mult = torch.full((5, k // 32), 15, dtype=torch.uint8)
+    for force_scalar in PATHS:
+        got = torch.ops.q4_cpu.linear_w4a4(x, packed, torch.ones(5), torch.tensor(1.0), None, torch.float32,
+                                           force_scalar, None, w_mult)
+        expected = torch.tensor([15360.0 * k, -15240.0 * k, 15360.0 * k])[:, None].expand(3, 5)
+        assert torch.equal(got, expected)
+
+
+def test_linear_w4a4_with_multipliers_past_int8_products_is_still_the_reference():
+    """Multipliers the q4 ops refuse (products past int8) are no case for the VNNI tables: those
+    columns take the scalar loop, and every result is still the reference's, wrapped in int32 alike."""
+    g = torch.Generator().manual_seed(11)
+    for fmt, k, groups in (("int", 576, 18), ("e3m0", 1536, 1), ("e2m1", 96, 3)):
+        table = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8)
+        packed = formats.pack(table[torch.randint(0, 16, (9, k), generator=g)], fmt)
+        x = torch.randint(-128, 128, (3, k), dtype=torch.int8, generator=g)
+        w_mult = torch.randint(1, formats.max_multiplier(fmt) + 1, (9, groups), dtype=torch.uint8, generator=g)
+        w_mult[6:, 0] = torch.tensor([255, 16, 0], dtype=torch.uint8)  # only the last tile's columns
+        w_step = torch.rand(9, generator=g) + 0.01
+        expected = reference.linear_w4a4_ref(x, packed, w_step, torch.tensor(0.5), None, torch.float32, fmt, w_mult)
+        for force_scalar in PATHS:
+            got = torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, torch.tensor(0.5), None, torch.float32, force_scalar,
+                                               ops.nibble_table(fmt), w_mult)
+            assert torch.equal(got, expected), (fmt, force_scalar)
+
+
+@pytest.mark.parametrize("force_scalar", PATHS, ids=["simd", "scalar"])
+@pytest.mark.parametrize("k", list(MULT_GROUPS))
+@pytest.mark.parametrize("m", [0, 1, 3, 17])
+def test_linear_w4a16_with_group_multipliers_equals_reference_within_float32_rounding(m, k, force_scalar):
+    for n in N_VALUES:
+        packed, w_step, g = make_weight(k, n, seed=m * 1000 + k + n)
+        x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+        for groups in MULT_GROUPS[k]:
+            w_mult = make_multipliers(n, groups, formats.max_multiplier("int"), g)
+            for b in (None, bias):
+                for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+                    got = torch.ops.q4_cpu.linear_w4a16(x, packed, w_step, b, out_dtype, force_scalar, w_mult)
+                    expected = reference.linear_w4a16_ref(x, packed, w_step, b, out_dtype, w_mult)
+                    assert got.shape == (m, n) and got.dtype == out_dtype
+                    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * 15 * (k ** 0.5))
+
+
+def test_multiplier_one_everywhere_is_no_multiplier():
+    packed, w_step, g = make_weight(576, 33, seed=12)
+    x, xf = torch.randint(-128, 128, (3, 576), dtype=torch.int8, generator=g), torch.randn(3, 576, generator=g)
+    for groups in (1, 18):
+        ones = torch.ones(33, groups, dtype=torch.uint8)
+        for force_scalar in PATHS:
+            assert torch.equal(
+                torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, torch.tensor(0.1), None, torch.float32, force_scalar,
+                                             None, ones),
+                torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, torch.tensor(0.1), None, torch.float32, force_scalar))
+            torch.testing.assert_close(torch.ops.q4_cpu.linear_w4a16(xf, packed, w_step, None, torch.float32,
+                                                                     force_scalar, ones),
+                                       torch.ops.q4_cpu.linear_w4a16(xf, packed, w_step, None, torch.float32,
+                                                                     force_scalar), rtol=1e-6, atol=1e-5)
+
+
 def test_leading_dims_are_kept():
     packed, w_step, g = make_weight(65, 7, seed=4)
     x = torch.randint(-8, 8, (2, 3, 65), dtype=torch.int8, generator=g)
@@ -459,6 +585,35 @@ def test_bad_arguments_are_named():
         q4.linear_w4a16(x, packed, w_step, None, torch.float32)
     with pytest.raises(KernelArgumentError, match="q4::linear_w4a16: argument 'w_step' must be finite and > 0"):
         q4.linear_w4a16(x.float(), packed, w_step * float("nan"), None, torch.float32)
+
+
+def test_bad_multipliers_are_named():
+    packed, w_step, _ = make_weight(96, 4, seed=13)
+    x, xf, a = torch.zeros(1, 96, dtype=torch.int8), torch.zeros(1, 96), torch.tensor(1.0)
+    calls = {"linear_w4a4": lambda w_mult: torch.ops.q4_cpu.linear_w4a4(x, packed, w_step, a, None, torch.float32,
+                                                                         False, None, w_mult),
+             "linear_w4a16": lambda w_mult: torch.ops.q4_cpu.linear_w4a16(xf, packed, w_step, None, torch.float32,
+                                                                          False, w_mult)}
+    for op, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"q4_cpu::{op}: argument 'w_mult' must be None or a uint8 tensor "
+                                               "\\[N, G\\] = \\[4, K / group\\] of group multipliers, got Char"):
+            call(torch.ones(4, 3, dtype=torch.int8))
+        with pytest.raises(RuntimeError, match="argument 'w_mult' must be None or a uint8 tensor .*shape \\[5, 3\\]"):
+            call(torch.ones(5, 3, dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match="argument 'w_mult' must be None or a uint8 tensor .*shape \\[12\\]"):
+            call(torch.ones(12, dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match=f"q4_cpu::{op}: argument 'w_mult' must have G groups dividing K = 96 "
+                                               "into groups of a multiple of 32 k, got G = 5"):
+            call(torch.ones(4, 5, dtype=torch.uint8))  # 5 does not divide 96
+        with pytest.raises(RuntimeError, match="argument 'w_mult' must have G groups dividing K = 96 into groups of a "
+                                               "multiple of 32 k, got G = 2"):
+            call(torch.ones(4, 2, dtype=torch.uint8))  # groups of 48 k
+        with pytest.raises(RuntimeError, match="argument 'w_mult' must be None or a uint8 tensor .*shape \\[4, 0\\]"):
+            call(torch.ones(4, 0, dtype=torch.uint8))
+        if op == "linear_w4a4":  # the checks come before the empty result of M = 0
+            with pytest.raises(RuntimeError, match="argument 'w_mult' must have G groups dividing K = 96"):
+                torch.ops.q4_cpu.linear_w4a4(x[:0], packed, w_step, a, None, torch.float32, False, None,
+                                             torch.ones(4, 2, dtype=torch.uint8))
 
 
 def test_fake_impls_give_shapes_and_check_arguments():

@@ -85,3 +85,19 @@ def test_bad_input_is_named():
         formats.pack(torch.tensor([[5]], dtype=torch.int8), "e2m1")
     with pytest.raises(TypeError, match="2-D int8"):
         formats.pack(torch.zeros(3, dtype=torch.int8), "e2m1")
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_group_multipliers_keep_every_product_in_int8(fmt):
+    """max_multiplier: the largest multiplier whose products with the format's values fit int8;
+    apply_multipliers (the kernels' broadcast) equals the reference's loop over the groups."""
+    top = formats.max_multiplier(fmt)
+    products = [v * m for v in formats.nibble_values(fmt) for m in range(1, top + 1)]
+    assert min(products) >= -128 and max(products) <= 127
+    assert max(abs(v) for v in formats.nibble_values(fmt)) * (top + 1) > 127  # and it is the largest
+    g = torch.Generator().manual_seed(7)
+    values = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8)[torch.randint(0, 16, (5, 96), generator=g)]
+    w_mult = torch.randint(1, top + 1, (5, 3), dtype=torch.uint8, generator=g)
+    expected = reference.weight_values_ref(formats.pack(values, fmt), 96, fmt, w_mult)
+    assert torch.equal(formats.apply_multipliers(values, w_mult), expected.to(torch.int8))
+    assert formats.apply_multipliers(values, None) is values

@@ -377,3 +377,77 @@ def test_row_steps_opcheck_and_bad_shapes():
     assert "'step'" in bad(q4.quantize_per_tensor, torch.randn(2, 3, 12), steps.reshape(2, 3), 4)
     assert "'clip'" in bad(q4.token_steps, torch.randn(3, 4), 4, 0.0)
     assert "'x'" in bad(q4.token_steps, torch.zeros(3, 4, dtype=torch.int8), 4)
+
+
+# --- group multipliers ------------------------------------------------------------------------------
+
+
+def grouped_weight(n: int, k: int, group: int, fmt: str = "int", seed: int = 0):
+    """(packed, w_step, w_mult) with every multiplier 1..max_multiplier(fmt) and extreme codes."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8)[torch.randint(0, 16, (n, k), generator=g)]
+    values.view(-1)[:2] = torch.tensor([min(formats.nibble_values(fmt)), max(formats.nibble_values(fmt))])
+    top = formats.max_multiplier(fmt)
+    w_mult = (torch.arange(n * (k // group)) % top + 1).reshape(n, k // group).to(torch.uint8)
+    return formats.pack(values, fmt), torch.rand(n, generator=g) + 0.01, w_mult
+
+
+@pytest.mark.parametrize("fmt", ["int", "e2m1"])
+@pytest.mark.parametrize("m_shape", [(1,), (5,), (70,), (2, 3)])  # 70: above q4_cpu's SMALL_M, the GEMM path
+@pytest.mark.parametrize("k,group", [(32, 32), (96, 32), (128, 64), (192, 192)])
+def test_group_multipliers_equal_the_references_bit_exactly(fmt, m_shape, k, group):
+    """values = codes * their group's multiplier (int8 still): the linear, the weight-only linear and
+    the dequantize equal their references, 8-bit activation codes included."""
+    g = torch.Generator().manual_seed(k + m_shape[0])
+    packed, w_step, w_mult = grouped_weight(11, k, group, fmt, seed=k)
+    x_codes = torch.randint(-128, 128, (*m_shape, k), dtype=torch.int8, generator=g)
+    a_step, b = torch.tensor(0.037), torch.randn(11, generator=g)
+    w_dq = q4.dequantize_weight_int4(packed, w_step, k, torch.float32, fmt, w_mult)
+    assert torch.equal(w_dq, reference.dequantize_weight_int4_ref(packed, w_step, k, torch.float32, fmt, w_mult))
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = q4.linear_w4a4(x_codes, packed, w_step, a_step, b, out_dtype, fmt, w_mult)
+        assert torch.equal(got, reference.linear_w4a4_ref(x_codes, packed, w_step, a_step, b, out_dtype, fmt, w_mult))
+    assert not torch.equal(got, q4.linear_w4a4(x_codes, packed, w_step, a_step, b, torch.bfloat16, fmt))
+    if fmt == "int":
+        x = torch.randn(*m_shape, k, generator=g)
+        torch.testing.assert_close(q4.linear_w4a16(x, packed, w_step, b, torch.float32, w_mult),
+                                   reference.linear_w4a16_ref(x, packed, w_step, b, torch.float32, w_mult),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_group_multipliers_opcheck_and_fakes():
+    packed, w_step, w_mult = grouped_weight(7, 64, 32)
+    x_codes, a_step = torch.randint(-8, 8, (5, 64), dtype=torch.int8), torch.tensor(0.1)
+    torch.library.opcheck(q4.linear_w4a4.default, (x_codes, packed, w_step, a_step, None, torch.float32, "int", w_mult))
+    torch.library.opcheck(q4.dequantize_weight_int4.default, (packed, w_step, 64, torch.float32, "int", w_mult))
+    torch.library.opcheck(q4.linear_w4a16.default, (torch.randn(5, 64), packed, w_step, None, torch.float32, w_mult))
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(KernelArgumentError, match="'w_mult'"):
+        q4.linear_w4a4(x_codes, packed, w_step, a_step, None, torch.float32, "int", w_mult[:, :1].expand(7, 3))
+
+
+def test_the_int_mm_fallback_is_exact_with_multipliers(monkeypatch):
+    """Without oneDNN's int8 GEMM the codes are multiplied in float: int8 x (codes * multiplier)
+    sums pass 2**24 at K = 1536, so that path sums in float64."""
+    packed, w_step, w_mult = grouped_weight(5, 1536, 32)
+    x_codes = torch.full((70, 1536), -128, dtype=torch.int8)
+    expected = reference.linear_w4a4_ref(x_codes, packed, w_step, torch.tensor(1.0), None, torch.float32, "int", w_mult)
+    monkeypatch.setattr(ops, "_cpu_int_mm_is_fast", lambda: False)
+    got = q4.linear_w4a4(x_codes, packed, w_step, torch.tensor(1.0), None, torch.float32, "int", w_mult)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("w_mult,message", [
+    (torch.ones(7, 3, dtype=torch.uint8), "G groups dividing K = 64 into groups of a multiple of 32 k, got G = 3"),
+    (torch.ones(7, 4, dtype=torch.uint8), "G groups dividing K = 64 into groups of a multiple of 32 k, got G = 4"),
+    (torch.ones(6, 2, dtype=torch.uint8), r"uint8 tensor \[N, G\] = \[7, K / group\]"),
+    (torch.ones(7, 2, dtype=torch.int8), r"uint8 tensor \[N, G\]"),
+    (torch.zeros(7, 2, dtype=torch.uint8), r"multipliers in 1..15 \(their products with int values fit int8\), got 0..0"),
+    (torch.full((7, 2), 16, dtype=torch.uint8), "multipliers in 1..15 .*got 16..16"),
+])
+def test_bad_group_multipliers_name_the_argument(w_mult, message):
+    packed, w_step, _ = grouped_weight(7, 64, 32)
+    x_codes = torch.zeros(2, 64, dtype=torch.int8)
+    with pytest.raises(KernelArgumentError, match=f"q4::linear_w4a4: argument 'w_mult' must be .*{message}"):
+        q4.linear_w4a4(x_codes, packed, w_step, torch.tensor(1.0), None, torch.float32, "int", w_mult)
+    with pytest.raises(KernelArgumentError, match="q4::dequantize_weight_int4: argument 'w_mult'"):
+        q4.dequantize_weight_int4(packed, w_step, 64, torch.float32, "int", w_mult)

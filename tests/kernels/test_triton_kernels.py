@@ -176,6 +176,97 @@ def test_fp4_approximates_the_float_product(fmt):
     assert cos > 0.95
 
 
+# --- group multipliers (w_mult: each group of k its own integer multiple of the row's step) --------
+
+
+# M, N, K, G: groups of 32 k (G = K / 32) and one group a row (G = 1); K = 96 and 160 span the
+# interpreter's BLOCK_K = 64 blocks across group boundaries, M = 33 three M tiles
+MULT_SHAPES = [(1, 3, 32, 1), (5, 17, 96, 3), (33, 17, 160, 5), (5, 3, 160, 1), (33, 3, 96, 1)]
+
+
+def mult_args(m_shape, n, k, groups, bias, fmt="int", seed=11):
+    """x int8 codes (any int8), a packed weight of every nibble of `fmt`, w_step, a_step, bias and
+    multipliers uint8 [N, G] in 1..max_multiplier(fmt), both ends included."""
+    g = gen(seed)
+    x = torch.randint(-128, 128, (*m_shape, k), dtype=torch.int8, generator=g)
+    values = torch.tensor(formats.nibble_values(fmt), dtype=torch.int8)[torch.randint(0, 16, (n, k), generator=g)]
+    top = formats.max_multiplier(fmt)
+    w_mult = torch.randint(1, top + 1, (n, groups), dtype=torch.uint8, generator=g)
+    w_mult.view(-1)[0], w_mult.view(-1)[-1] = top, 1
+    w_step = torch.rand(n, generator=g) + 0.01
+    b = torch.randn(n, generator=g) if bias else None
+    return x, formats.pack(values, fmt), w_step, torch.tensor(0.0173), b, w_mult
+
+
+@pytest.mark.parametrize("m,n,k,groups", MULT_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_w4a4_with_multipliers_is_bit_exact_with_the_reference(m, n, k, groups, bias, out_dtype):
+    *args, w_mult = mult_args((m,), n, k, groups, bias)
+    got = triton_gemm.linear_w4a4(*to_device(*args), out_dtype, w_mult=w_mult.to(DEVICE))
+    assert got.shape == (m, n) and got.dtype == out_dtype
+    expected = reference.linear_w4a4_ref(*args, out_dtype, w_mult=w_mult)
+    assert torch.equal(got.cpu(), expected)
+    assert not torch.equal(expected, reference.linear_w4a4_ref(*args, out_dtype))  # the multipliers count
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_w4a4_with_multipliers_and_a_step_per_row_is_bit_exact(out_dtype):
+    x, packed, w_step, _, b, w_mult = mult_args((2, 3), 17, 160, 5, True)
+    steps = torch.rand(2, 3, 1, generator=gen(12)) + 0.01
+    got = triton_gemm.linear_w4a4(*to_device(x, packed, w_step, steps, b), out_dtype, w_mult=w_mult.to(DEVICE))
+    assert got.shape == (2, 3, 17)
+    assert torch.equal(got.cpu(), reference.linear_w4a4_ref(x, packed, w_step, steps, b, out_dtype, w_mult=w_mult))
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_fp4_with_multipliers_is_bit_exact_with_the_reference(fmt, out_dtype):
+    # multipliers up to 10 (e2m1's +-12), 18 (e1m2's +-7), 1 (e3m0's +-64)
+    *args, w_mult = mult_args((5,), 17, 96, 3, True, fmt)
+    got = triton_gemm.linear_w4a4(*to_device(*args), out_dtype, fmt, w_mult=w_mult.to(DEVICE))
+    assert torch.equal(got.cpu(), reference.linear_w4a4_ref(*args, out_dtype, fmt, w_mult=w_mult))
+
+
+@pytest.mark.parametrize("fmt,value", [("int", -8), ("e2m1", -12), ("e1m2", -7), ("e3m0", -64)])
+def test_multipliers_at_the_int8_limit_accumulate_exactly(fmt, value):
+    # every weight the format's largest magnitude times its group's multiplier, 1..max_multiplier:
+    # products value * w_mult down to -127 (e1m2 -126, int4 -120), x = -128 and 127 (int4: -128 * -120)
+    top = formats.max_multiplier(fmt)
+    n, k, groups = 15, 160, 5
+    w_mult = torch.tensor([[1 + (i + 3 * g) % top for g in range(groups)] for i in range(n)], dtype=torch.uint8)
+    packed = formats.pack(torch.full((n, k), value, dtype=torch.int8), fmt)
+    x = torch.stack([torch.full((k,), -128), torch.full((k,), 127)]).to(torch.int8)
+    one = torch.tensor(1.0)
+    got = triton_gemm.linear_w4a4(*to_device(x, packed, torch.ones(n), one, None), torch.float32, fmt,
+                                  w_mult=w_mult.to(DEVICE))
+    row_sums = w_mult.sum(1).double() * (k // groups) * value  # sum_k w[n, k] * w_mult[n, k // group]
+    assert torch.equal(got.cpu().double(), torch.stack([-128 * row_sums, 127 * row_sums]))
+
+
+@pytest.mark.parametrize("m,n,k,groups", MULT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a16_with_multipliers_matches_the_reference(m, n, k, groups, dtype):
+    _, packed, w_step, _, b, w_mult = mult_args((m,), n, k, groups, True, seed=13)
+    x = torch.randn(m, k, generator=gen(13)).to(dtype)
+    got = triton_gemm.linear_w4a16(*to_device(x, packed, w_step, b), w_mult=w_mult.to(DEVICE))
+    expected = reference.linear_w4a16_ref(x, packed, w_step, b, w_mult=w_mult)
+    assert got.shape == (m, n) and got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_check_values_false_reads_no_multiplier(no_launch):
+    # a 0 multiplier is only found by reading the values (a GPU sync): check_values=False launches;
+    # the shape is still checked
+    x, packed, w_step, a_step, b, w_mult = to_device(*mult_args((3,), 17, 96, 3, True))
+    with pytest.raises(AssertionError, match="launched"):
+        triton_gemm.linear_w4a4(x, packed, w_step, a_step, b, torch.float32, check_values=False, w_mult=w_mult * 0)
+    with pytest.raises(KernelArgumentError, match="'w_mult' must be G groups dividing K = 96"):
+        triton_gemm.linear_w4a4(x, packed, w_step, a_step, b, torch.float32, check_values=False,
+                                w_mult=w_mult[:, :2].contiguous())
+
+
 # --- normalization + quantize --------------------------------------------------------------------
 
 
@@ -317,3 +408,53 @@ def test_odd_k_needs_the_padded_byte(no_launch):
     x, packed, w_step, a_step, _ = to_device(*w4_args((2,), 5, 7, False))
     with pytest.raises(KernelArgumentError, match=r"'w_packed' must be ceil\(K/2\) = 4 bytes a row for K = 7"):
         triton_gemm.linear_w4a4(x, packed[:, :3].contiguous(), w_step, a_step, None, torch.float32)
+
+
+def _bad_multiplier_calls():
+    x, packed, w_step, a_step, b = to_device(*w4_args((3,), 16, 128, True))
+    xf = x.float()
+    w4a4, w4a16 = triton_gemm.linear_w4a4, triton_gemm.linear_w4a16
+    ones = lambda *shape, dtype=torch.uint8: torch.ones(shape, dtype=dtype, device=DEVICE)  # noqa: E731
+    with_value = lambda t, v: t.clone().index_fill_(1, torch.tensor([2], device=t.device), v)  # noqa: E731
+    f32 = torch.float32
+    groups = r"'w_mult' must be G groups dividing K = 128 into groups of a multiple of 32 k, got G = {}"
+    in_range = r"'w_mult' must be multipliers in 1\.\.{} \(their products with {} values fit int8\), got {}"
+    form = r"'w_mult' must be None or a uint8 tensor \[N, G\] = \[16, K / group\] of group multipliers, got {}"
+    return [
+        ("w4a4 G not dividing K", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(16, 3)),
+         groups.format(3)),
+        ("w4a4 group of 16 k", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(16, 8)), groups.format(8)),
+        ("w4a4 multiplier 0", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=with_value(ones(16, 4), 0)),
+         in_range.format(15, "int", r"0\.\.1")),
+        ("w4a4 multiplier 16", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=with_value(ones(16, 4), 16)),
+         in_range.format(15, "int", r"1\.\.16")),
+        ("e2m1 multiplier 11",
+         lambda: w4a4(x, packed, w_step, a_step, b, f32, "e2m1", w_mult=with_value(ones(16, 4), 11)),
+         in_range.format(10, "e2m1", r"1\.\.11")),
+        ("e3m0 multiplier 2", lambda: w4a4(x, packed, w_step, a_step, b, f32, "e3m0", w_mult=ones(16, 1) * 2),
+         in_range.format(1, "e3m0", r"2\.\.2")),
+        ("w4a4 int8 multipliers", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(16, 4, dtype=torch.int8)),
+         form.format("torch.int8 tensor of shape")),
+        ("w4a4 multipliers for 8 rows", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(8, 4)),
+         form.format(r"torch.uint8 tensor of shape \(8, 4\)")),
+        ("w4a4 1-D multipliers", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(16)),
+         form.format(r"torch.uint8 tensor of shape \(16,\)")),
+        ("w4a4 no group", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(16, 0)),
+         form.format(r"torch.uint8 tensor of shape \(16, 0\)")),
+        ("w4a4 strided multipliers", lambda: w4a4(x, packed, w_step, a_step, b, f32, w_mult=ones(4, 16).t()),
+         r"'w_mult' must be contiguous"),
+        ("w4a16 G not dividing K", lambda: w4a16(xf, packed, w_step, b, w_mult=ones(16, 5)),
+         r"q4::linear_w4a16 \(triton\): argument " + groups.format(5)),
+        ("w4a16 multiplier 16", lambda: w4a16(xf, packed, w_step, b, w_mult=with_value(ones(16, 4), 16)),
+         in_range.format(15, "int", r"1\.\.16")),
+        ("w4a16 float multipliers", lambda: w4a16(xf, packed, w_step, b, w_mult=ones(16, 4, dtype=torch.float32)),
+         form.format("torch.float32 tensor of shape")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_multiplier_calls())),
+                         ids=[name for name, _, _ in _bad_multiplier_calls()])
+def test_bad_multipliers_are_named_before_launching(case, no_launch):
+    _, call, message = _bad_multiplier_calls()[case]
+    with pytest.raises(KernelArgumentError, match=message):
+        call()

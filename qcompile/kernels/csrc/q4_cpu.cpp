@@ -1,7 +1,7 @@
 // q4_cpu: CPU decode kernels that read packed int4 weights directly (see qcompile/kernels/cpu_kernels.py).
 //
-//   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar, w_values)
-//   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar)
+//   q4_cpu::linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype, force_scalar, w_values, w_mult)
+//   q4_cpu::linear_w4a16(x, w_packed, w_step, bias, out_dtype, force_scalar, w_mult)
 //   q4_cpu::hadamard(x, n, force_scalar)
 //   q4_cpu::kron_factor(x, factor, inner, force_scalar)
 //   q4_cpu::attention(query, key, value, attn_mask, is_causal, scale, force_scalar)
@@ -25,6 +25,19 @@
 //
 // W4A16 (AVX512F): float32 FMA of the activation (even/odd split the same way) against the
 // sign-extended nibbles converted to float32; then * w_step[n] + bias[n].
+//
+// Group multipliers (`w_mult`, uint8 [N, G], formats.py): the integer multiplied for weight
+// (n, k) is value * w_mult[n, k / group], group = K / G a multiple of 32 k (16 packed bytes).
+// W4A4 stays exact integer arithmetic. In a K step's 64 bytes each 128-bit lane holds 32 codes,
+// one group's, so the VNNI tile looks a lane's nibbles up in the shifted table times the group's
+// multiplier, (value + offset) * m, made by one 16-bit multiply a column and K step for all the
+// rows; the rows' vpdpbusd work is the same as without multipliers, and the accumulators start
+// at -offset * sum_g m_g * (sum of x over group g) (`vpdpwssd`) where the plain tile subtracts
+// offset * sum(x). Exact while (max - min) * m <= 255, i.e. whenever value * m fits int8
+// (formats.max_multiplier); columns with larger multipliers take the scalar loop, which sums
+// each group and multiplies the sum by its multiplier. W4A16 multiplies the float nibbles of
+// each 16-byte K step (32 codes, one group) by the group's multiplier (small integers, exact).
+// Without w_mult every kernel runs the code it ran before.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,6 +48,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -104,6 +118,42 @@ struct Epilogue {
   }
 };
 
+// ---- group multipliers --------------------------------------------------------------------------
+
+constexpr int64_t kGroupAlign = 32;  // k a group holds is a multiple of this (formats.GROUP_ALIGN)
+
+// w_mult of one call: row c's G multipliers start at mult + c * stride.
+struct GroupMult {
+  const uint8_t* mult = nullptr;  // uint8 [N, G], contiguous; nullptr without multipliers (or K = 0)
+  int64_t groups = 0;             // G
+  int64_t group_bytes = 0;        // packed bytes a group: K / G / 2, a multiple of 16
+  int64_t stride = 0;             // bytes from a row to the next: G, or more in a padded copy
+  const uint8_t* row(int64_t c) const { return mult + c * stride; }
+};
+
+// Checks `w_mult` (its values were checked by the q4:: ops) and keeps a contiguous copy in *keep.
+GroupMult group_mult(const char* op, const c10::optional<at::Tensor>& w_mult, at::Tensor* keep, int64_t n,
+                     int64_t k) {
+  GroupMult g;
+  if (!w_mult.has_value()) return g;
+  const at::Tensor& t = *w_mult;
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.dim() == 2 && t.size(0) == n && t.size(1) >= 1, "q4_cpu::", op,
+              ": argument 'w_mult' must be None or a uint8 tensor [N, G] = [", n,
+              ", K / group] of group multipliers, got ", t.scalar_type(), " tensor of shape ", t.sizes());
+  const int64_t groups = t.size(1);
+  TORCH_CHECK(k % groups == 0 && (k / groups) % kGroupAlign == 0, "q4_cpu::", op,
+              ": argument 'w_mult' must have G groups dividing K = ", k, " into groups of a multiple of ", kGroupAlign,
+              " k, got G = ", groups);
+  TORCH_CHECK(t.device().is_cpu(), "q4_cpu::", op, ": argument 'w_mult' must be on the CPU, got ", t.device());
+  if (k == 0) return g;  // no products to multiply
+  *keep = t.contiguous();
+  g.mult = keep->data_ptr<uint8_t>();
+  g.groups = groups;
+  g.group_bytes = k / groups / 2;
+  g.stride = groups;
+  return g;
+}
+
 // ---- W4A4 --------------------------------------------------------------------------------------
 
 // The weight's nibble table: values (signed) and, for vpdpbusd, values + offset (unsigned).
@@ -129,21 +179,28 @@ NibbleTable nibble_table(const c10::optional<c10::ArrayRef<int64_t>>& values) {
   return t;
 }
 
+// With kMult, each group's sum times its multiplier (a group of `w_mult`: gm.group_bytes bytes).
+template <bool kMult>
 void w4a4_scalar(const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad,
-                 int64_t n0, int64_t n1, const NibbleTable& table, const Epilogue& ep) {
+                 int64_t n0, int64_t n1, const NibbleTable& table, const GroupMult& gm, const Epilogue& ep) {
   (void)xsum;
+  const int64_t span = kMult ? gm.group_bytes : kp;  // bytes summed before multiplying: a group, or all
   for (int64_t c = n0; c < n1; ++c) {
     const uint8_t* row = w + c * kp;
     for (int64_t r = 0; r < m; ++r) {
       const int8_t* even = xs + r * 2 * kpad;
       const int8_t* odd = even + kpad;
-      int32_t acc = 0;
-      for (int64_t j = 0; j < kp; ++j) {
-        const int32_t lo = table.value[row[j] & 15];
-        const int32_t hi = table.value[row[j] >> 4];
-        acc += lo * even[j] + hi * odd[j];
+      uint32_t total = 0;  // wraps like the reference's int64 sum cast to int32
+      for (int64_t j0 = 0, g = 0; j0 < kp; j0 += span, ++g) {
+        int32_t acc = 0;
+        for (int64_t j = j0; j < j0 + span; ++j) {
+          const int32_t lo = table.value[row[j] & 15];
+          const int32_t hi = table.value[row[j] >> 4];
+          acc += lo * even[j] + hi * odd[j];
+        }
+        total += kMult ? static_cast<uint32_t>(acc) * gm.row(c)[g] : static_cast<uint32_t>(acc);
       }
-      ep.store(r, c, static_cast<float>(acc));
+      ep.store(r, c, static_cast<float>(static_cast<int32_t>(total)));
     }
   }
 }
@@ -184,7 +241,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_v
       }
     }
   }
+#pragma GCC unroll 4  // unrolled, the accumulators stay in registers (else GCC stores them every K step)
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < NB; ++j)
       ep.store(r0 + i, c0 + j, static_cast<float>(hsum_epi32(acc[i][j]) - table.offset * xsum[r0 + i]));
 }
@@ -210,38 +269,226 @@ void w4a4_vnni(const int8_t* xs, const int32_t* xsum, const uint8_t* w, int64_t 
   for (; c < n1; ++c) w4a4_rows_vnni<1>(xs, xsum, w, m, kp, kpad, c, table, ep);
 }
 
+// With group multipliers: 128-bit lane b of a K step's 64 bytes holds codes 32b..32b+31 of its
+// 128, one group's, and looks its nibbles up in the shifted table times the group's multiplier,
+// (value + offset) * m: one 16-bit multiply of the table (its 16 bytes as 8 words) by m in every
+// word, exact while (max - min) * m <= 255 (so whenever value * m fits int8, formats.py), a carry
+// never crossing into the high byte. The rows' vpdpbusd work is the tile's above; the sum then
+// holds offset * sum_g m_g * X_g too (X_g: the group's sum of x), which the accumulators start
+// without: `vpdpwssd` of offset * m against -X per block of 32 k (32 blocks an instruction, int16:
+// |X| <= 4096), before the K loop (after it, GCC reloads the accumulators from the stack).
+struct MultStep {
+  int64_t at;        // the step reads 4 bytes of a w_mult row from here: its groups', within the row
+  uint8_t pick[64];  // vpshufb of the 4 bytes: lane b's words take its group's, zero-extended
+};
+
+struct MultChunk {  // 32 blocks of 32 k: their multipliers from the bytes of a row at [start, start + count)
+  int64_t start;
+  int32_t count;     // min(32, G - start)
+  int16_t pick[32];  // vpermw: block t takes word (its group - start)
+};
+
+struct MultCall {
+  GroupMult gm;                   // rows of at least 4 bytes (padded with zeros when G < 4)
+  std::vector<uint8_t> padded;
+  std::vector<MultStep> steps;    // one per K step of kChunk packed bytes
+  std::vector<MultChunk> chunks;  // one per 32 blocks of 32 k
+  std::vector<int16_t> xneg;      // [M, chunks, 32]: -(sum of x) of each block of 32 k (0 past K), times
+  bool folded = false;            // ... offset where every product fits int16 (else the tile multiplies m by it)
+  bool identity = false;          // group = 32 k: block t takes byte t (no vpermw)
+  int64_t limit = 255;            // the largest multiplier with (max - min) * m <= 255
+};
+
+MultCall mult_call(const GroupMult& gm, const int8_t* x, int64_t m, int64_t k, int64_t kpad, int64_t n,
+                   const NibbleTable& table) {
+  MultCall mc;
+  mc.gm = gm;
+  if (gm.groups < 4) {  // every K step reads 4 bytes of a row: a copy with rows of 4 (zeros past G)
+    mc.padded.assign(static_cast<size_t>(n * 4), 0);
+    for (int64_t c = 0; c < n; ++c) std::memcpy(mc.padded.data() + c * 4, gm.row(c), static_cast<size_t>(gm.groups));
+    mc.gm.mult = mc.padded.data();
+    mc.gm.stride = 4;
+  }
+  // the group of each block of 32 k, counted without divisions (a decode call is a few µs), the last
+  // group's past K: the padding of the last K step and of the last chunk (their codes meet x = 0)
+  const int64_t per_block = gm.group_bytes * 2 / kGroupAlign, blocks = k / kGroupAlign;
+  const int64_t nsteps = kpad / kChunk, nchunks = (blocks + 31) / 32;
+  std::vector<int64_t> group_of(static_cast<size_t>(std::max(4 * nsteps, 32 * nchunks)));
+  for (int64_t t = 0, g = 0, left = per_block; t < static_cast<int64_t>(group_of.size()); ++t) {
+    group_of[t] = std::min(g, gm.groups - 1);
+    if (--left == 0) ++g, left = per_block;
+  }
+  mc.steps.resize(static_cast<size_t>(nsteps));
+  for (int64_t s = 0; s < nsteps; ++s) {
+    MultStep& st = mc.steps[s];
+    st.at = std::min(group_of[4 * s], std::max<int64_t>(gm.groups, 4) - 4);
+    for (int b = 0; b < 4; ++b)
+      for (int i = 0; i < 16; ++i) st.pick[16 * b + i] = i % 2 ? 0x80 : static_cast<uint8_t>(group_of[4 * s + b] - st.at);
+  }
+  mc.chunks.resize(static_cast<size_t>(nchunks));
+  for (int64_t c = 0; c < nchunks; ++c) {
+    MultChunk& ch = mc.chunks[c];
+    ch.start = group_of[32 * c];
+    ch.count = static_cast<int32_t>(std::min<int64_t>(32, gm.groups - ch.start));
+    for (int t = 0; t < 32; ++t) ch.pick[t] = static_cast<int16_t>(group_of[32 * c + t] - ch.start);
+  }
+  mc.identity = per_block == 1;
+  const int64_t per_row = static_cast<int64_t>(mc.chunks.size()) * 32;
+  std::vector<int32_t> sums(static_cast<size_t>(m * per_row), 0);
+  int32_t top = 0;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t sum = 0;  // a local: a store through int32_t* could alias x (int8_t), chaining every add
+      for (int64_t i = 0; i < kGroupAlign; ++i) sum += x[r * k + b * kGroupAlign + i];
+      sums[r * per_row + b] = -sum;  // in [-4064, 4096]
+      top = std::max(top, std::abs(sum));
+    }
+  }
+  mc.folded = static_cast<int64_t>(top) * table.offset <= 32767;
+  mc.xneg.resize(sums.size());
+  for (size_t i = 0; i < sums.size(); ++i)
+    mc.xneg[i] = static_cast<int16_t>(mc.folded ? sums[i] * table.offset : sums[i]);
+  int32_t span = 0;
+  for (const uint8_t v : table.shifted) span = std::max<int32_t>(span, v);
+  if (span > 0) mc.limit = 255 / span;
+  return mc;
+}
+
+__attribute__((target("avx512f,avx512bw"))) int64_t max_byte(const uint8_t* p, int64_t n) {
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 64) {
+    const __mmask64 mask = n - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (n - i)) - 1;
+    top = _mm512_max_epu8(top, _mm512_maskz_loadu_epi8(mask, p + i));
+  }
+  alignas(64) uint8_t bytes[64];
+  _mm512_store_si512(bytes, top);
+  return *std::max_element(bytes, bytes + 64);
+}
+
+template <int MB, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_vnni_mult(
+    const int8_t* xs, const uint8_t* w, int64_t kp, int64_t kpad, int64_t r0, int64_t c0, const NibbleTable& table,
+    const MultCall& mc, const Epilogue& ep) {
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  // the accumulators start at -offset * sum_g m_g * X_g, 32 blocks of 32 k at a time
+  const __m512i offset = _mm512_set1_epi16(static_cast<int16_t>(table.offset));
+  const int64_t per_row = static_cast<int64_t>(mc.chunks.size()) * 32;
+  for (size_t c = 0; c < mc.chunks.size(); ++c) {
+    const MultChunk& ch = mc.chunks[c];
+    const __m512i pick = _mm512_loadu_si512(ch.pick);
+    const __mmask32 readable = ch.count == 32 ? ~__mmask32(0) : (__mmask32(1) << ch.count) - 1;
+    __m512i om[NB];
+    for (int j = 0; j < NB; ++j) {
+      om[j] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(readable, mc.gm.row(c0 + j) + ch.start));
+      if (!mc.identity) om[j] = _mm512_permutexvar_epi16(pick, om[j]);
+      if (!mc.folded) om[j] = _mm512_mullo_epi16(om[j], offset);  // <= 128 * 255: int16
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xneg = _mm512_loadu_si512(mc.xneg.data() + (r0 + i) * per_row + 32 * static_cast<int64_t>(c));
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], om[j], xneg);
+    }
+  }
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table.shifted)));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const uint8_t* wrow[NB];
+  const uint8_t* mrow[NB];
+  for (int j = 0; j < NB; ++j) {
+    wrow[j] = w + (c0 + j) * kp;
+    mrow[j] = mc.gm.row(c0 + j);
+  }
+  const MultStep* st = mc.steps.data();
+  for (int64_t off = 0; off < kp; off += kChunk, ++st) {
+    const __mmask64 mask = kp - off >= kChunk ? ~__mmask64(0) : (__mmask64(1) << (kp - off)) - 1;
+    const __m512i pick = _mm512_loadu_si512(st->pick);
+    __m512i lo[NB], hi[NB];
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(wrow[j] + off + kPrefetch), _MM_HINT_T0);
+      const __m512i b = _mm512_maskz_loadu_epi8(mask, wrow[j] + off);
+      // the step's 4 multiplier bytes in every 32 bits, then in each word of a lane its group's
+      int32_t bytes;
+      std::memcpy(&bytes, mrow[j] + st->at, 4);
+      const __m512i lut_m = _mm512_mullo_epi16(lut, _mm512_shuffle_epi8(_mm512_set1_epi32(bytes), pick));
+      lo[j] = _mm512_shuffle_epi8(lut_m, _mm512_and_si512(b, low4));
+      hi[j] = _mm512_shuffle_epi8(lut_m, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
+    }
+    for (int i = 0; i < MB; ++i) {
+      const int8_t* even = xs + (r0 + i) * 2 * kpad + off;
+      const __m512i xe = _mm512_loadu_si512(even);
+      const __m512i xo = _mm512_loadu_si512(even + kpad);
+      for (int j = 0; j < NB; ++j) {
+        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xe);
+        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xo);
+      }
+    }
+  }
+#pragma GCC unroll 4  // unrolled, the accumulators stay in registers (else GCC stores them every K step)
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) ep.store(r0 + i, c0 + j, static_cast<float>(hsum_epi32(acc[i][j])));
+}
+
+template <int NB>
+void w4a4_rows_vnni_mult(const int8_t* xs, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad, int64_t c0,
+                         const NibbleTable& table, const MultCall& mc, const Epilogue& ep) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) w4a4_tile_vnni_mult<4, NB>(xs, w, kp, kpad, r, c0, table, mc, ep);
+  switch (m - r) {
+    case 3: w4a4_tile_vnni_mult<3, NB>(xs, w, kp, kpad, r, c0, table, mc, ep); break;
+    case 2: w4a4_tile_vnni_mult<2, NB>(xs, w, kp, kpad, r, c0, table, mc, ep); break;
+    case 1: w4a4_tile_vnni_mult<1, NB>(xs, w, kp, kpad, r, c0, table, mc, ep); break;
+    default: break;
+  }
+}
+
+void w4a4_vnni_mult(const int8_t* xs, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad, int64_t n0, int64_t n1,
+                    const NibbleTable& table, const MultCall& mc, const Epilogue& ep) {
+  int64_t c = n0;
+  for (; c + 4 <= n1; c += 4) w4a4_rows_vnni_mult<4>(xs, w, m, kp, kpad, c, table, mc, ep);
+  for (; c < n1; ++c) w4a4_rows_vnni_mult<1>(xs, w, m, kp, kpad, c, table, mc, ep);
+}
+
 // ---- W4A16 -------------------------------------------------------------------------------------
 
+template <bool kMult>
 void w4a16_scalar(const float* xs, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad, int64_t n0, int64_t n1,
-                  const Epilogue& ep) {
+                  const GroupMult& gm, const Epilogue& ep) {
+  const int64_t span = kMult ? gm.group_bytes : kp;  // bytes sharing a multiplier: a group, or all
   for (int64_t c = n0; c < n1; ++c) {
     const uint8_t* row = w + c * kp;
     for (int64_t r = 0; r < m; ++r) {
       const float* even = xs + r * 2 * kpad;
       const float* odd = even + kpad;
       float acc = 0.f;
-      for (int64_t j = 0; j < kp; ++j) {
-        const int8_t b = static_cast<int8_t>(row[j]);
-        const int lo = static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4;
-        const int hi = b >> 4;
-        acc += even[j] * static_cast<float>(lo);
-        acc += odd[j] * static_cast<float>(hi);
+      for (int64_t j0 = 0, g = 0; j0 < kp; j0 += span, ++g) {
+        const int mul = kMult ? gm.row(c)[g] : 1;
+        for (int64_t j = j0; j < j0 + span; ++j) {
+          const int8_t b = static_cast<int8_t>(row[j]);
+          const int lo = static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4;
+          const int hi = b >> 4;
+          acc += even[j] * static_cast<float>(kMult ? lo * mul : lo);
+          acc += odd[j] * static_cast<float>(kMult ? hi * mul : hi);
+        }
       }
       ep.store(r, c, acc);
     }
   }
 }
 
-// MB rows x NB columns; a K step is 16 packed bytes (32 codes).
-template <int MB, int NB>
+// MB rows x NB columns; a K step is 16 packed bytes (32 codes), with kMult within one group, whose
+// multiplier for column c0 + j is mult[j * G + group] (float32).
+template <int MB, int NB, bool kMult>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void w4a16_tile_avx512(const float* xs, const uint8_t* w,
                                                                           int64_t kp, int64_t kpad, int64_t r0,
-                                                                          int64_t c0, const Epilogue& ep) {
+                                                                          int64_t c0, const GroupMult& gm,
+                                                                          const float* mult, const Epilogue& ep) {
   __m512 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t off = 0; off < kp; off += 16) {
+  for (int64_t off = 0, group = 0, group_end = gm.group_bytes; off < kp; off += 16) {
     const __mmask16 mask = kp - off >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (kp - off)) - 1);
+    if (kMult && off == group_end) ++group, group_end += gm.group_bytes;  // a group is a multiple of 16 bytes
     __m512 lo[NB], hi[NB];
     if ((off & (kChunk - 1)) == 0)  // one prefetch a cache line
       for (int j = 0; j < NB; ++j)
@@ -251,6 +498,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void w4a16_tile_avx512(cons
       const __m512i b = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (c0 + j) * kp + off));
       lo[j] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
       hi[j] = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
+      if constexpr (kMult) {  // code * multiplier: small integers, exact in float32
+        const __m512 mul = _mm512_set1_ps(mult[j * gm.groups + group]);
+        lo[j] = _mm512_mul_ps(lo[j], mul);
+        hi[j] = _mm512_mul_ps(hi[j], mul);
+      }
     }
     for (int i = 0; i < MB; ++i) {
       const float* even = xs + (r0 + i) * 2 * kpad + off;
@@ -266,24 +518,40 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void w4a16_tile_avx512(cons
     for (int j = 0; j < NB; ++j) ep.store(r0 + i, c0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
-template <int NB>
+// The G multipliers of `count` rows of w_mult from row c0 as float32, row after row.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void multipliers_float(const GroupMult& gm, int64_t c0,
+                                                                          int count, float* out) {
+  for (int j = 0; j < count; ++j) {
+    const uint8_t* row = gm.row(c0 + j);
+    for (int64_t g = 0; g < gm.groups; g += 16) {
+      const __mmask16 in = gm.groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (gm.groups - g)) - 1);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, row + g)));
+      _mm512_mask_storeu_ps(out + j * gm.groups + g, in, v);
+    }
+  }
+}
+
+template <int NB, bool kMult>
 void w4a16_rows_avx512(const float* xs, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad, int64_t c0,
-                       const Epilogue& ep) {
+                       const GroupMult& gm, float* mult, const Epilogue& ep) {
+  if (kMult) multipliers_float(gm, c0, NB, mult);  // once for all the row tiles: a broadcast load a K step
   int64_t r = 0;
-  for (; r + 4 <= m; r += 4) w4a16_tile_avx512<4, NB>(xs, w, kp, kpad, r, c0, ep);
+  for (; r + 4 <= m; r += 4) w4a16_tile_avx512<4, NB, kMult>(xs, w, kp, kpad, r, c0, gm, mult, ep);
   switch (m - r) {
-    case 3: w4a16_tile_avx512<3, NB>(xs, w, kp, kpad, r, c0, ep); break;
-    case 2: w4a16_tile_avx512<2, NB>(xs, w, kp, kpad, r, c0, ep); break;
-    case 1: w4a16_tile_avx512<1, NB>(xs, w, kp, kpad, r, c0, ep); break;
+    case 3: w4a16_tile_avx512<3, NB, kMult>(xs, w, kp, kpad, r, c0, gm, mult, ep); break;
+    case 2: w4a16_tile_avx512<2, NB, kMult>(xs, w, kp, kpad, r, c0, gm, mult, ep); break;
+    case 1: w4a16_tile_avx512<1, NB, kMult>(xs, w, kp, kpad, r, c0, gm, mult, ep); break;
     default: break;
   }
 }
 
+template <bool kMult>
 void w4a16_avx512(const float* xs, const uint8_t* w, int64_t m, int64_t kp, int64_t kpad, int64_t n0, int64_t n1,
-                  const Epilogue& ep) {
+                  const GroupMult& gm, const Epilogue& ep) {
+  std::vector<float> mult(kMult ? static_cast<size_t>(4 * gm.groups) : 0);  // a column tile's, as float32
   int64_t c = n0;
-  for (; c + 4 <= n1; c += 4) w4a16_rows_avx512<4>(xs, w, m, kp, kpad, c, ep);
-  for (; c < n1; ++c) w4a16_rows_avx512<1>(xs, w, m, kp, kpad, c, ep);
+  for (; c + 4 <= n1; c += 4) w4a16_rows_avx512<4, kMult>(xs, w, m, kp, kpad, c, gm, mult.data(), ep);
+  for (; c < n1; ++c) w4a16_rows_avx512<1, kMult>(xs, w, m, kp, kpad, c, gm, mult.data(), ep);
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------
@@ -319,7 +587,8 @@ void over_columns(int64_t n, int64_t kp, F&& body) {
 
 at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, const at::Tensor& w_step,
                        const at::Tensor& a_step, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                       bool force_scalar, c10::optional<c10::ArrayRef<int64_t>> w_values) {
+                       bool force_scalar, c10::optional<c10::ArrayRef<int64_t>> w_values,
+                       const c10::optional<at::Tensor>& w_mult) {
   check_common("linear_w4a4", x_codes, w_packed, w_step, bias, out_dtype);
   TORCH_CHECK(!w_values.has_value() || w_values->size() == 16,
               "q4_cpu::linear_w4a4: argument 'w_values' must be None or 16 ints (each nibble's value), got ",
@@ -333,6 +602,8 @@ at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, co
   TORCH_CHECK(a_step.scalar_type() == at::kFloat && (!per_row || (a_step.numel() == m && a_step.size(-1) == 1)),
               "q4_cpu::linear_w4a4: argument 'a_step' must be a 0-dim float32 tensor or one of shape [..., 1] "
               "(a step per row), got ", a_step.scalar_type(), " tensor of shape ", a_step.sizes());
+  at::Tensor mult_keep;
+  const GroupMult gm = group_mult("linear_w4a4", w_mult, &mult_keep, n, k);
   at::Tensor out32 = at::empty({m, n}, x_codes.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return finish(out32, x_codes, n, out_dtype);
 
@@ -341,8 +612,11 @@ at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, co
   const int8_t* xp = x.data_ptr<int8_t>();  // hoisted: data_ptr() checks the dtype at every call
   const std::vector<int8_t> xs = split_even_odd(xp, m, k, kpad);
   std::vector<int32_t> xsum(static_cast<size_t>(m), 0);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < k; ++i) xsum[r] += xp[r * k + i];
+  for (int64_t r = 0; r < m; ++r) {
+    int32_t sum = 0;  // a local: a store through int32_t* could alias x (int8_t), chaining every add
+    for (int64_t i = 0; i < k; ++i) sum += xp[r * k + i];
+    xsum[r] = sum;
+  }
   // the epilogue's scale, rounded once to float32 like `a_step * w_step` in the reference (one
   // IEEE multiply each, here rather than an ATen op: a few µs a call at decode)
   const at::Tensor w_step32 = w_step.contiguous();
@@ -356,20 +630,28 @@ at::Tensor linear_w4a4(const at::Tensor& x_codes, const at::Tensor& w_packed, co
                     per_row ? rows32.data_ptr<float>() : nullptr};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const bool vnni = has_vnni() && !force_scalar;
+  const MultCall mc = vnni && gm.mult ? mult_call(gm, xp, m, k, kpad, n, table) : MultCall();
   over_columns(n, kp, [&](int64_t n0, int64_t n1) {
-    if (vnni) w4a4_vnni(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, ep);
-    else w4a4_scalar(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, ep);
+    // multipliers too large for the tables (the q4 ops refuse them) take the scalar loop
+    if (vnni && gm.mult && max_byte(mc.gm.row(n0), (n1 - n0) * mc.gm.stride) <= mc.limit)
+      w4a4_vnni_mult(xs.data(), wp, m, kp, kpad, n0, n1, table, mc, ep);
+    else if (vnni && !gm.mult) w4a4_vnni(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, ep);
+    else if (gm.mult) w4a4_scalar<true>(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, gm, ep);
+    else w4a4_scalar<false>(xs.data(), xsum.data(), wp, m, kp, kpad, n0, n1, table, gm, ep);
   });
   return finish(out32, x_codes, n, out_dtype);
 }
 
 at::Tensor linear_w4a16(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_step,
-                        const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype, bool force_scalar) {
+                        const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype, bool force_scalar,
+                        const c10::optional<at::Tensor>& w_mult) {
   check_common("linear_w4a16", x_in, w_packed, w_step, bias, out_dtype);
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "q4_cpu::linear_w4a16: argument 'x' must be a float tensor "
               "[..., K], got ", x_in.scalar_type());
   const int64_t k = x_in.size(-1), n = w_packed.size(0), kp = w_packed.size(1);
   const int64_t m = c10::multiply_integers(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  at::Tensor mult_keep;
+  const GroupMult gm = group_mult("linear_w4a16", w_mult, &mult_keep, n, k);
   at::Tensor out32 = at::empty({m, n}, x_in.options().dtype(at::kFloat));
   if (m == 0 || n == 0) return finish(out32, x_in, n, out_dtype);
 
@@ -383,8 +665,10 @@ at::Tensor linear_w4a16(const at::Tensor& x_in, const at::Tensor& w_packed, cons
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const bool simd = has_avx512() && !force_scalar;
   over_columns(n, kp, [&](int64_t n0, int64_t n1) {
-    if (simd) w4a16_avx512(xs.data(), wp, m, kp, kpad, n0, n1, ep);
-    else w4a16_scalar(xs.data(), wp, m, kp, kpad, n0, n1, ep);
+    if (simd && gm.mult) w4a16_avx512<true>(xs.data(), wp, m, kp, kpad, n0, n1, gm, ep);
+    else if (simd) w4a16_avx512<false>(xs.data(), wp, m, kp, kpad, n0, n1, gm, ep);
+    else if (gm.mult) w4a16_scalar<true>(xs.data(), wp, m, kp, kpad, n0, n1, gm, ep);
+    else w4a16_scalar<false>(xs.data(), wp, m, kp, kpad, n0, n1, gm, ep);
   });
   return finish(out32, x_in, n, out_dtype);
 }
@@ -986,9 +1270,9 @@ std::string isa() { return has_vnni() ? "avx512vnni" : "scalar"; }
 
 TORCH_LIBRARY(q4_cpu, m) {
   m.def("linear_w4a4(Tensor x_codes, Tensor w_packed, Tensor w_step, Tensor a_step, Tensor? bias, "
-        "ScalarType out_dtype, bool force_scalar=False, int[]? w_values=None) -> Tensor");
+        "ScalarType out_dtype, bool force_scalar=False, int[]? w_values=None, Tensor? w_mult=None) -> Tensor");
   m.def("linear_w4a16(Tensor x, Tensor w_packed, Tensor w_step, Tensor? bias, ScalarType out_dtype, "
-        "bool force_scalar=False) -> Tensor");
+        "bool force_scalar=False, Tensor? w_mult=None) -> Tensor");
   m.def("hadamard(Tensor x, int n, bool force_scalar=False) -> Tensor");
   m.def("kron_factor(Tensor x, Tensor factor, int inner, bool force_scalar=False) -> Tensor");
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
