@@ -15,6 +15,13 @@ rounds each column to the nearest of them.
 
 After migrate-scales the weight columns of outlier channels are multiplied by large scales and
 per-row rounding of W * s gets much worse; the compensation recovers most of it.
+
+Grouped steps (`quantize_gptq(..., group=32)`, `quantize_grouped`): each group of `group`
+consecutive k of a row gets a step of its own, an integer multiple 1..M of the row's base step
+absmax / (max_value * M) (M = formats.max_multiplier: 15 for int4), so the kernels' integers stay
+int8 (formats.py). Each group's multiplier is the one with the least squared rounding error of
+the group, chosen up front from the weight before any compensation ("static groups", as
+AutoGPTQ does with act order, whose column order scatters a group's columns over the run).
 """
 
 from __future__ import annotations
@@ -46,11 +53,45 @@ def weight_steps(weight: torch.Tensor, bits: int, clips=WEIGHT_CLIPS, fmt: str =
     return torch.where(absmax > 0, best, torch.ones_like(best))
 
 
-def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4,
-                  fmt: str = formats.INT) -> tuple[torch.Tensor, torch.Tensor]:
+def group_multipliers(weight: torch.Tensor, group: int, bits: int = 4,
+                      fmt: str = formats.INT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 base step [N], uint8 multipliers [N, K / group]) of grouped steps: base = the row's
+    absmax / (max_value * M); each group's multiplier in 1..M the one with the least squared
+    rounding error of the group (a clipping search on a grid of M steps). K must be a multiple of
+    `group`; an all-zero row gets base 1 (and multipliers 1: its codes are 0)."""
+    n, k = weight.shape
+    if group <= 0 or k % group:
+        raise ValueError(f"gptq: group {group} does not divide K = {k}")
+    top = formats.max_multiplier(fmt)
+    w = weight.detach().to(torch.float32).reshape(n, k // group, group)
+    absmax = w.abs().amax(dim=(1, 2))
+    base = torch.where(absmax > 0, absmax / (formats.max_value(fmt, bits) * top), torch.ones_like(absmax))
+    best_err = torch.full(w.shape[:2], float("inf"))
+    best = torch.ones(w.shape[:2])
+    for m in range(1, top + 1):
+        step = (base * m)[:, None, None]
+        err = (formats.round_to_format(w / step, fmt, bits) * step - w).pow(2).sum(dim=2)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, float(m), best)
+    return base, best.to(torch.uint8)
+
+
+def quantize_grouped(weight: torch.Tensor, group: int, bits: int = 4,
+                     fmt: str = formats.INT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest with grouped steps: (int8 codes [N, K], base step [N], uint8 multipliers
+    [N, K / group]); w ~ codes * multiplier of the group * base."""
+    base, mult = group_multipliers(weight, group, bits, fmt)
+    steps = base[:, None] * mult.to(torch.float32).repeat_interleave(group, dim=1)
+    codes = formats.round_to_format(weight.detach().to(torch.float32) / steps, fmt, bits)
+    return codes.to(torch.int8), base, mult
+
+
+def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: str = formats.INT,
+                  group: int = 0) -> tuple[torch.Tensor, ...]:
     """(int8 codes [N, K], float32 step [N]) of `weight` [N, K] given its input's Gram matrix
     `gram` [K, K] (sum of x^T x over calibration tokens). Codes are values of `fmt`: for int, in
-    [-2**(bits-1), 2**(bits-1) - 1]."""
+    [-2**(bits-1), 2**(bits-1) - 1]. With `group` (a divisor of K): (codes, base step [N], uint8
+    multipliers [N, K / group]), the weight ~ codes * multiplier of the group * base."""
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"gptq: gram must be [K, K] = {[weight.shape[1]] * 2} for a weight of shape "
                          f"{list(weight.shape)}, got {list(gram.shape)}")
@@ -59,9 +100,14 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4,
     dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate with
     h[dead, dead] = 1
     w[:, dead] = 0
-    step = weight_steps(w, bits, fmt=fmt)
+    if group:
+        base, mult = group_multipliers(w, group, bits, fmt)
+        column_steps = base[:, None] * mult.to(torch.float32).repeat_interleave(group, dim=1)  # [N, K]
+    else:
+        step = weight_steps(w, bits, fmt=fmt)
+        column_steps = step[:, None].expand_as(w)
     order = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, order], h[order][:, order]
+    w, h, column_steps = w[:, order], h[order][:, order], column_steps[:, order]
     h.diagonal().add_(DAMPING * torch.mean(torch.diag(h)))
     # The upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -74,15 +120,15 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4,
         errors = torch.zeros_like(block)
         hblock = hinv[start:end, start:end]
         for i in range(end - start):
-            column = block[:, i]
+            column, step = block[:, i], column_steps[:, start + i]
             c = formats.round_to_format(column / step, fmt, bits)
             codes[:, start + i] = c
             error = (column - c * step) / hblock[i, i]
             block[:, i:] -= error[:, None] * hblock[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
-    inverse = torch.argsort(order)
-    return codes[:, inverse].to(torch.int8), step
+    codes = codes[:, torch.argsort(order)].to(torch.int8)
+    return (codes, base, mult) if group else (codes, step)
 
 
 def low_rank_compensation(error: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

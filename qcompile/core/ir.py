@@ -74,6 +74,7 @@ class QuantizedBy:
     run             the run's pass spec with all its options, `insert-quantizers{w-bits=4,...}`
     w_format, a_format  number formats of the codes (`qcompile/kernels/formats.py`): "int", or a 4-bit
                     float "e2m1" / "e3m0" / "e1m2" (LLM-FP4), as chosen for this linear
+    w_group         k of a weight step group (`w-group`, formats.py), 0: one step per output channel
     """
 
     w_bits: int
@@ -84,6 +85,7 @@ class QuantizedBy:
     run: str
     w_format: str = "int"
     a_format: str = "int"
+    w_group: int = 0
 
 aten = torch.ops.aten
 

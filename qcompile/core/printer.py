@@ -49,7 +49,8 @@ How to read it:
   `{w_step min .. med .. max .., a_step ..}` summarizes the weight's per-output-channel steps
   (the median is the lower middle one) and the activation's per-tensor step (`a_step 0.063, first
   token 8-bit 0.41`: each sequence's first token has a step and codes of its own, see
-  insert-quantizers' `sinks`). The nodes that
+  insert-quantizers' `sinks`; `groups of 32 x1..15`: each group of 32 k of a row steps by an
+  integer multiple of the row's step, these the smallest and largest, see `w-group`). The nodes that
   only feed that linear (the weight's dequantize, the activation's dequantize, the constants)
   get no lines. The activation's `q4.quantize_per_tensor` gets none either when only quantized
   linears read it (q/k/v share one): the line then names the float activation the quantize
@@ -322,6 +323,10 @@ class _Printer:
                           f"max {_num(ordered[-1].item())}")
         elif isinstance(q.w_step, fx.Node):
             scales.append(f"w_step {self.arg(q.w_step)}")
+        mult = self._step_values(q.w_mult) if q.w_mult is not None else None
+        if mult is not None and isinstance(k, int):
+            groups = ir.get_constant(self.gm, q.w_mult).shape[1]
+            scales.append(f"groups of {k // groups} x{int(mult.min())}..{int(mult.max())}")
         if q.sink_steps is not None:
             first, rest = (self._step_values(step) for step in q.sink_steps)
             if first is not None and rest is not None and first.numel() == rest.numel() == 1:

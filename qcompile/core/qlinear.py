@@ -16,12 +16,15 @@ new quantized form is added here once. The forms (`QLinear.form`):
 Codes have a number format (`qcompile/kernels/formats.py`): `int`, or one of LLM-FP4's 4-bit floats
 (`e2m1`, `e3m0`, `e1m2`), given by the ops' optional format arguments (absent: int). An FP4 linear
 has the same forms and ops as an integer one; `q.w_format` and `q.a_format` say which it is.
+A weight with group multipliers (formats.py) has them as the ops' optional `w_mult` argument:
+`q.w_mult` (None: one step per output channel).
 
     q = match(node)
     if q is not None and q.quantized:
         q.x, q.a_bits, q.bias          # the float activation entering the quantizer, its bits
         q.packed, q.w_step             # the weight's nodes
     q.w_format, q.a_format         # "int", "e2m1", ... (a_format None when activations are float)
+    q.w_mult                       # the group multipliers' node, or None
 
 Also here: `constant_weight` (a float linear reading a constant 2-D float weight: what the
 passes rewrite) and `CASTS` (ops that only change the dtype of their first argument).
@@ -75,6 +78,7 @@ class QLinear:
     bias     the bias argument, read one way for every form (None: no bias)
     w_format, a_format   number formats of the weight and activation codes (`kernels.formats`);
              None where there are none (a float weight; float activations or unknown codes)
+    w_mult   the weight's group multipliers (uint8 [N, K / group]), or None: a step per channel
     """
 
     node: fx.Node
@@ -93,6 +97,7 @@ class QLinear:
     bias: Any = None
     w_format: str | None = None
     a_format: str | None = None
+    w_mult: Any = None
 
     @property
     def quantized(self) -> bool:
@@ -157,11 +162,12 @@ def match(node: Any) -> QLinear | None:
         codes, packed, w_step, a_step = node.args[:4]
         x, bits, quant, a_format = _codes(codes)
         return QLinear(node, FUSED, codes, x, bits, quant, packed=packed, w_step=w_step, a_step=a_step,
-                       bias=_arg(node, 4, "bias"), w_format=_arg(node, 6, "w_format") or INT, a_format=a_format)
+                       bias=_arg(node, 4, "bias"), w_format=_arg(node, 6, "w_format") or INT, a_format=a_format,
+                       w_mult=_arg(node, 7, "w_mult"))
     if node.target in WEIGHT_ONLY_OPS:
         x, packed, w_step = node.args[:3]
         return QLinear(node, WEIGHT_ONLY, x, x, packed=packed, w_step=w_step, bias=_arg(node, 3, "bias"),
-                       w_format=INT)
+                       w_format=INT, w_mult=_arg(node, 5, "w_mult"))
     if node.target is not aten.linear.default:
         return None
     x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
@@ -169,14 +175,15 @@ def match(node: Any) -> QLinear | None:
         return QLinear(node, FLOAT, x, x, weight=weight, bias=bias)
     packed, w_step, k = weight.args[:3]
     w_format = _arg(weight, 4, "format") or INT
+    w_mult = _arg(weight, 5, "w_mult")
     if _is(x, q4.dequantize_per_tensor.default):
         codes, a_step = x.args[0], x.args[1]
         source, bits, quant, a_format = _codes(codes)
         return QLinear(node, FAKE_QUANT, x, source if quant is not None else x, bits, quant, x_dq=x, w_dq=weight,
                        packed=packed, w_step=w_step, a_step=a_step, k=k, bias=bias, w_format=w_format,
-                       a_format=a_format)
+                       a_format=a_format, w_mult=w_mult)
     return QLinear(node, WEIGHT_ONLY, x, x, w_dq=weight, packed=packed, w_step=w_step, k=k, bias=bias,
-                   w_format=w_format)
+                   w_format=w_format, w_mult=w_mult)
 
 
 def is_linear(node: Any) -> bool:

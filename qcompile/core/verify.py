@@ -79,7 +79,8 @@ def linear_w4a4_reads_constants(gm: fx.GraphModule, node: fx.Node) -> str | None
     """A fused linear (`q4.linear_w4a4(x_q, w_packed, w_step, a_step, ...)`, or its Triton twin)
     reads its packed uint8 weight and both steps from constants (checked on the module's
     attributes, not on meta); a dynamic activation step is a `q4.token_steps` of the run, and one
-    that steps the first token apart is `where(sinks, sink_step, step)` of two constants."""
+    that steps the first token apart is `where(sinks, sink_step, step)` of two constants; group
+    multipliers, where there are any, are a uint8 constant too."""
     q = qlinear.match(node)
     if q is None or not q.fused:
         return None
@@ -88,11 +89,13 @@ def linear_w4a4_reads_constants(gm: fx.GraphModule, node: fx.Node) -> str | None
         checked = checked[:2]
     elif q.sink_steps is not None:
         checked[2:] = [(3, "first token's activation step", q.sink_steps[0]), (3, "activation step", q.sink_steps[1])]
+    if q.w_mult is not None:
+        checked.append((7, "group multiplier tensor", q.w_mult))
     for index, role, arg in checked:
         value = _constant(gm, arg)
         if not isinstance(value, torch.Tensor):
             return f"its {role} (argument {index}) is not a get_attr constant tensor: {arg!r}"
-        if index == 1 and value.dtype != torch.uint8:
+        if index in (1, 7) and value.dtype != torch.uint8:
             return f"its {role} {arg.target!r} has dtype {value.dtype}, expected torch.uint8"
     return None
 

@@ -24,6 +24,12 @@ activation's stays on its quantize:
     x_q = q4.quantize_per_tensor(x, a_step, 4, "e3m0")
     linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32, "e2m1")
 
+A weight with group multipliers (`insert-quantizers{w-group=32}`: each group of 32 k an integer
+multiple of the row's step, formats.py) keeps them as the kernel's `w_mult` argument:
+
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32, w_mult=w_mult)
+    linear = q4.linear_w4a4(x_q, w_packed, w_step, a_step, b, f32, w_mult=w_mult)
+
 Weight-only linears (float activations, `insert-quantizers{a-bits=16}`) fuse into the
 weight-only kernel, which reads the packed weight (on CPU at decode: directly, no dequantized
 copy of the weight; see qcompile/kernels/cpu_kernels.py):
@@ -95,8 +101,9 @@ class FuseKernels(QPass):
                 target = q4.linear_w4a4.default
                 args = (q.quant, q.packed, q.w_step, q.a_step, q.bias, dtype, *format_arg)
                 sources = [node, q.x_dq, q.w_dq]
+            kwargs = {} if q.w_mult is None else {"w_mult": q.w_mult}
             with graph.inserting_before(node):
-                fused = graph.call_function(target, args)
+                fused = graph.call_function(target, args, kwargs)
             ir.mark_created(fused, self.name, sources)
             node.replace_all_uses_with(fused)
             graph.erase_node(node)

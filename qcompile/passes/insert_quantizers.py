@@ -51,6 +51,17 @@ Each linear a run takes (rounding or not) records what was done in `q4_quantized
     QuantizedBy(w_bits=4, a_bits=4, rounded=True, weights="gptq", act_clip=0.9,
                 run="insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,...}", w_format="int", a_format="int")
 
+`w-group=32` gives each group of 32 consecutive k of a weight row a step of its own, an integer
+multiple (1..15 for int4) of the row's step, held as uint8 multipliers beside the packed codes
+(formats.py: the products code * multiplier still fit int8, so the integer kernels stay exact and
+their epilogue per channel unchanged; llama.cpp's Q4_K nests its scales the same way):
+
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32, w_mult=w_mult)   # w_mult: u8[N, K/32]
+
+A linear whose K is not a multiple of the group keeps one step per row (`weights-per-channel`).
+On all-MiniLM-L6-v2 with float activations (GPTQ, 512 Emma sentences, 200 P&P sentences), the
+cosine to FP32 goes from 0.9798 per channel to 0.9882 with groups of 32 (scratch script).
+
 Number formats (`qcompile/kernels/formats.py`): codes are integers by default; `w-format` / `a-format`
 pick one of LLM-FP4's 4-bit floats (e2m1, e3m0, e1m2), or `search` for the one with the least
 layer-output error on the calibration samples, per linear, alternating weight and activation as
@@ -151,6 +162,8 @@ class InsertQuantizersOptions:
     sinks: bool = option(False, help="static activations: each sequence's first token (position 0, its attention "
                                      "sink) gets a static step of its own and sink-bits codes")
     sink_bits: int = option(8, choices=(4, 5, 6, 7, 8), help="bits of the first token's activation codes (sinks=true)")
+    w_group: int = option(0, help="k of a weight step group: 0, one step per output channel; a multiple of 32, each "
+                                  "group of that many k an integer multiple (1..15 for int4) of the row's step")
 
     def __post_init__(self) -> None:
         for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
@@ -160,6 +173,9 @@ class InsertQuantizersOptions:
         if self.sinks and self.sink_bits < self.a_bits and self.a_bits != FLOAT_ACTIVATIONS:
             raise PipelineError(f"insert-quantizers: sink-bits={self.sink_bits} is below a-bits={self.a_bits}: "
                                 "the first token's codes are never narrower than the others'")
+        if self.w_group < 0 or self.w_group % formats.GROUP_ALIGN:
+            raise PipelineError(f"insert-quantizers: w-group must be 0 (a step per output channel) or a multiple of "
+                                f"{formats.GROUP_ALIGN}, got {self.w_group}")
         if self.low_rank < 0:
             raise PipelineError(f"insert-quantizers: low-rank must be >= 0 (0: no compensation), got {self.low_rank}")
 
@@ -186,7 +202,7 @@ class InsertQuantizers(QPass):
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
                   "weights-gptq", "linears-not-rounded", "formats-searched", "steps-fallback", "linears-compensated",
-                  "linears-with-sinks", "linears-without-sinks")
+                  "linears-with-sinks", "linears-without-sinks", "weights-grouped", "weights-per-channel")
     after = {
         "migrate-scales": "it rewrites float weight constants, which insert-quantizers replaces with packed codes",
         "fold-scales": "it folds scales into float weight constants, which insert-quantizers replaces with packed codes",
@@ -243,17 +259,24 @@ class InsertQuantizers(QPass):
             stem = w_node.meta.get(ir.FQN, w_node.target)
             w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
 
+            group = opts.w_group if opts.w_group and k % opts.w_group == 0 else 0
+            if opts.w_group:
+                self.count("weights-grouped" if group else "weights-per-channel")
             # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
-            method = "rtn"
+            method, w_mult = "rtn", None
             if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-                def run_gptq(weight=weight, gram=stats.gram, fmt=w_format):
-                    codes, w_step = gptq.quantize_gptq(weight, gram, opts.w_bits, fmt)
-                    return formats.pack(codes, fmt), w_step
+                def run_gptq(weight=weight, gram=stats.gram, fmt=w_format, group=group):
+                    codes, *steps = gptq.quantize_gptq(weight, gram, opts.w_bits, fmt, group)
+                    return formats.pack(codes, fmt), *steps
 
                 key = (weight, opts.w_bits) if w_format == formats.INT else (weight, opts.w_bits, w_format)
-                packed, w_step = memoized(gm, "gptq", stem, key, run_gptq)
+                packed, w_step, *w_mult = memoized(gm, "gptq", stem, (*key, group) if group else key, run_gptq)
+                w_mult = w_mult[0] if w_mult else None
                 self.count("weights-gptq")
                 method = "gptq"
+            elif group:
+                codes, w_step, w_mult = gptq.quantize_grouped(weight, group, opts.w_bits, w_format)
+                packed = formats.pack(codes, w_format)
             else:
                 codes, w_step = formats.quantize_weight_per_channel(weight, w_format, opts.w_bits)
                 packed = formats.pack(codes, w_format)
@@ -270,19 +293,23 @@ class InsertQuantizers(QPass):
                     x_in = self._fake_quant_activation(gm, node, stats, dtype, stem, a_format, clip, quantizers)
                 packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
                 w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
+                w_mult_node = None if w_mult is None else graph.get_attr(ir.add_constant(gm, f"{stem}_mult", w_mult))
                 w_dq = graph.call_function(
-                    q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype, *format_arg)
+                    q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype, *format_arg),
+                    {} if w_mult is None else {"w_mult": w_mult_node},
                 )
                 new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, q.bias))
-            for created in (packed_node, w_step_node, w_dq, new):
+            for created in (packed_node, w_step_node, w_mult_node, w_dq, new):
+                if created is None:
+                    continue
                 ir.mark_created(created, self.name, [node])
             if ir.SINKS in node.meta:  # what _sink_mask found, from the linear being replaced
                 new.meta[ir.SINKS] = node.meta[ir.SINKS]
             new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run,
-                                                    w_format, a_format if clip is not None else formats.INT)
+                                                    w_format, a_format if clip is not None else formats.INT, group)
             output = new
             if opts.low_rank and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-                output = self._compensate(gm, node, new, x, weight, packed, w_step, w_format, stats.gram, stem)
+                output = self._compensate(gm, node, new, x, weight, packed, w_step, w_mult, w_format, stats.gram, stem)
             node.replace_all_uses_with(output)
             graph.erase_node(node)
             if not w_node.users:
@@ -295,17 +322,19 @@ class InsertQuantizers(QPass):
         return PassResult(gm, modified)
 
     def _compensate(self, gm: fx.GraphModule, node: fx.Node, quantized: fx.Node, x: fx.Node, weight: torch.Tensor,
-                    packed: torch.Tensor, w_step: torch.Tensor, fmt: str, gram, stem: str) -> fx.Node:
+                    packed: torch.Tensor, w_step: torch.Tensor, w_mult, fmt: str, gram, stem: str) -> fx.Node:
         """quantized + linear(linear(x, B), A): the low-rank term fitted to the weight's rounding
         error through the input's Gram matrix (`gptq.low_rank_compensation`), in float on the
         same input x the quantizer reads."""
         rank, graph = self.options.low_rank, gm.graph
 
         def fit():
-            error = weight.float() - formats.unpack(packed, weight.shape[1], fmt).float() * w_step[:, None]
+            values = formats.apply_multipliers(formats.unpack(packed, weight.shape[1], fmt), w_mult)
+            error = weight.float() - values.float() * w_step[:, None]
             return gptq.low_rank_compensation(error, gram, rank)
 
-        a, b = memoized(gm, "low-rank", stem, (weight, packed, w_step, rank), fit)
+        key = (weight, packed, w_step, rank) if w_mult is None else (weight, packed, w_step, w_mult, rank)
+        a, b = memoized(gm, "low-rank", stem, key, fit)
         dtype = ir.fake_value(x).dtype
         with graph.inserting_before(node):  # the linear being replaced comes right after `quantized`
             b_node = graph.get_attr(ir.add_constant(gm, f"{stem}_low_rank_b", b.to(dtype)))

@@ -3,6 +3,7 @@ matrix it needs is accumulated by calibration only when asked and follows migrat
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qcompile.algorithms import gptq
@@ -73,3 +74,49 @@ def test_insert_quantizers_asks_for_the_gram_and_uses_it():
     assert linears and all(n.meta[ir.CALIB].gram is not None for n in linears)
     result = gptq_pass(gm)
     assert result.modified and gptq_pass.stats["weights-gptq"] == gptq_pass.stats["linears-quantized"] > 0
+
+
+def group_scaled_weight(n: int, k: int, group: int, seed: int = 3) -> torch.Tensor:
+    """A weight whose groups of `group` columns have magnitudes 30x apart: what one step per row
+    rounds badly and a step per group does not."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, 1.5, k // group)[torch.randperm(k // group, generator=g)]
+    return torch.randn(n, k, generator=g) * scales.repeat_interleave(group)
+
+
+def grouped_values(codes, mult, group):
+    return codes.float() * mult.float().repeat_interleave(group, dim=1)
+
+
+def test_grouped_steps_are_integer_multiples_of_the_row_step_and_beat_one_step_a_row():
+    x = correlated_inputs(2048, 96)
+    held_out = correlated_inputs(512, 96, seed=1)
+    weight = group_scaled_weight(40, 96, 32)
+    codes, base, mult = gptq.quantize_gptq(weight, x.t() @ x, bits=4, group=32)
+    assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
+    assert mult.dtype == torch.uint8 and mult.shape == (40, 3) and int(mult.min()) >= 1 and int(mult.max()) <= 15
+    assert base.shape == (40,) and torch.equal(base, weight.abs().amax(dim=1) / (7 * 15))
+    values = grouped_values(codes, mult, 32)
+    grouped = output_sqnr_db(held_out, weight, values, base)
+    per_row = output_sqnr_db(held_out, weight, *gptq.quantize_gptq(weight, x.t() @ x, bits=4))
+    rtn_codes, rtn_base, rtn_mult = gptq.quantize_grouped(weight, 32)
+    rtn = output_sqnr_db(held_out, weight, grouped_values(rtn_codes, rtn_mult, 32), rtn_base)
+    assert grouped > per_row + 3.0 and grouped > rtn + 1.0, (grouped, per_row, rtn)
+
+
+def test_group_multipliers_minimize_each_groups_rounding_error():
+    weight = group_scaled_weight(8, 64, 32)
+    base, mult = gptq.group_multipliers(weight, 32)
+    for row in range(8):
+        for g in range(2):
+            w = weight[row, 32 * g : 32 * (g + 1)]
+            errors = [((torch.round(w / (base[row] * m)).clamp(-8, 7) * base[row] * m - w).pow(2).sum().item(), m)
+                      for m in range(1, 16)]
+            assert min(errors)[1] == int(mult[row, g])
+    zero = gptq.group_multipliers(torch.zeros(2, 64), 32)
+    assert torch.equal(zero[0], torch.ones(2)) and torch.equal(zero[1], torch.ones(2, 2, dtype=torch.uint8))
+
+
+def test_a_group_that_does_not_divide_k_is_refused():
+    with pytest.raises(ValueError, match="group 32 does not divide K = 40"):
+        gptq.group_multipliers(torch.randn(4, 40), 32)

@@ -203,7 +203,8 @@ def test_print_after_change_prints_unified_diffs_of_changed_passes_only(capfd):
     # analyze-outliers and fold-scales change nothing on Llama: no text for them
     assert headers == [
         "// -----// IR Diff After insert-quantizers{w-bits=4,a-bits=4,skip=lm_head,only=,search-clip=false,"
-        "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,low-rank=0,activations=static,sinks=false,sink-bits=8} //----- //",
+        "unmatched=quantize,rounding=true,weights=rtn,w-format=int,a-format=int,low-rank=0,activations=static,"
+        "sinks=false,sink-bits=8,w-group=0} //----- //",
         "// -----// IR Diff After fuse-kernels //----- //",
     ]
     fuse = err.split(headers[1])[1].splitlines()

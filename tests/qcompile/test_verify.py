@@ -23,17 +23,22 @@ pytestmark = pytest.mark.usefixtures("toy_passes")  # the toy passes are registe
 LINEAR_W4A4 = torch.ops.q4.linear_w4a4.default
 
 
-def fused_graph(weight_dtype=torch.uint8, step_from_input=False) -> fx.GraphModule:
-    """x -> q4.linear_w4a4(x, w_packed, w_step, a_step, None, float32), as fuse-kernels leaves it."""
+def fused_graph(weight_dtype=torch.uint8, step_from_input=False, w_mult_dtype=None) -> fx.GraphModule:
+    """x -> q4.linear_w4a4(x, w_packed, w_step, a_step, None, float32), as fuse-kernels leaves it;
+    with w_mult_dtype, group multipliers of that dtype (w_mult=...)."""
     root = torch.nn.Module()
-    root.register_buffer("w_packed", torch.zeros(4, 2, dtype=weight_dtype))
+    root.register_buffer("w_packed", torch.zeros(4, 16, dtype=weight_dtype))
     root.register_buffer("w_step", torch.ones(4))
     root.register_buffer("a_step", torch.tensor(0.1))
     graph = fx.Graph()
     x = graph.placeholder("x")
     a_step = graph.placeholder("a_step_in") if step_from_input else graph.get_attr("a_step")
     args = (x, graph.get_attr("w_packed"), graph.get_attr("w_step"), a_step, None, torch.float32)
-    linear = graph.call_function(LINEAR_W4A4, args)
+    kwargs = {}
+    if w_mult_dtype is not None:
+        root.register_buffer("w_mult", torch.ones(4, 1, dtype=w_mult_dtype))
+        kwargs["w_mult"] = graph.get_attr("w_mult")
+    linear = graph.call_function(LINEAR_W4A4, args, kwargs)
     linear.meta[ir.PROVENANCE] = {"pass": "test-add-node", "from": ["linear"]}
     graph.output(linear)
     return fx.GraphModule(root, graph)
@@ -85,6 +90,12 @@ def test_linear_w4a4_weight_must_be_a_uint8_constant():
 def test_linear_w4a4_steps_must_be_constants():
     error = violation(fused_graph(step_from_input=True))
     assert "activation step (argument 3) is not a get_attr constant" in str(error)
+
+
+def test_linear_w4a4_group_multipliers_must_be_a_uint8_constant():
+    verify(fused_graph(w_mult_dtype=torch.uint8))
+    error = violation(fused_graph(w_mult_dtype=torch.int32))
+    assert "group multiplier tensor 'w_mult' has dtype torch.int32, expected torch.uint8" in str(error)
 
 
 def test_lint_errors_are_verification_errors():

@@ -30,7 +30,8 @@ user's module path, `model.layers.0.self_attn.q_proj`):
 runs as          `W4A4 fused` / `W4A8 fused` (q4.linear_w4a4), `W4A4 fake-quant` (quantized but
                  not fused: fuse-kernels disabled), `W4A16 weight-only`, `W4A4 not rounded`
                  (insert-quantizers{rounding=false}: the float function, measured as if
-                 quantized), or `float` with the reason insert-quantizers gave (`q4_float_reason`)
+                 quantized), or `float` with the reason insert-quantizers gave (`q4_float_reason`);
+                 ` g32` after it: the weight steps by groups of 32 k (insert-quantizers{w-group=32})
 rotation         how rotate-inputs rotated the linear's input: `hadamard` (fixed factors),
                  `learned` (rotate-inputs{learn-steps=N}), `hadamard (learned was worse)` (learned
                  factors did not lower the held-out error, so the fixed ones stayed), or '-'

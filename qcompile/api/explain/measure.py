@@ -157,6 +157,8 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
             runs_as = f"W{w_bits if w_bits is not None else '?'}A{a_bits} {kind}"
             if q.float_formats:  # LLM-FP4
                 runs_as = f"FP4 {q.float_formats} {kind}"
+            if record is not None and record.w_group and q.w_mult is not None:
+                runs_as += f" g{record.w_group}"
             w_bits = w_bits if w_bits is not None else 4  # packed int4 storage
         elif record is not None and not record.rounded and reference is not None and reference.weight is not None:
             a_bits = record.a_bits
