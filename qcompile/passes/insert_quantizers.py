@@ -58,7 +58,8 @@ their epilogue per channel unchanged; llama.cpp's Q4_K nests its scales the same
 
     w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32, w_mult=w_mult)   # w_mult: u8[N, K/32]
 
-A linear whose K is not a multiple of the group keeps one step per row (`weights-per-channel`).
+A linear whose K is not a multiple of the group, or whose weight format leaves no multiplier above 1
+(E3M0, whose values reach 64), keeps one step per row (`weights-per-channel`).
 On all-MiniLM-L6-v2 with float activations (GPTQ, 512 Emma sentences, 200 P&P sentences), the
 cosine to FP32 goes from 0.9798 per channel to 0.9882 with groups of 32 (scratch script).
 
@@ -259,7 +260,9 @@ class InsertQuantizers(QPass):
             stem = w_node.meta.get(ir.FQN, w_node.target)
             w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
 
-            group = opts.w_group if opts.w_group and k % opts.w_group == 0 else 0
+            # E3M0's values reach 64: a multiplier of 1 is all that fits int8, so no groups
+            grouped = opts.w_group and k % opts.w_group == 0 and formats.max_multiplier(w_format) > 1
+            group = opts.w_group if grouped else 0
             if opts.w_group:
                 self.count("weights-grouped" if group else "weights-per-channel")
             # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.

@@ -53,8 +53,8 @@ def test_every_linear_appears_with_finite_sqnr(llama_default):
     assert all(r.sqnr_db is not None and math.isfinite(r.sqnr_db) and r.sqnr_db > 5 for r in rows)
     assert all(r.quantized and r.float_reason == "" for r in rows)
     runs = {r.module: r.runs_as for r in rows}
-    assert runs["lm_head"] == "W4A8 fused"
-    assert {runs[m] for m in runs if m != "lm_head"} == {"W4A4 fused"}
+    assert runs["lm_head"] == "W4A8 fused g32"
+    assert {runs[m] for m in runs if m != "lm_head"} == {"W4A4 fused g32"}
     q = report.linear("model.layers.0.self_attn.q_proj")
     assert (q.w_bits, q.a_bits, q.migration) == (4, 4, "migrated")
     assert q.rotation in ("learned", "hadamard (learned was worse)")  # the default learns rotations
@@ -143,7 +143,7 @@ def test_weight_only_and_unfused_forms():
     model = tiny_llama()
     weight_only = explain(model, llama_inputs(), recipe="w4a16", **QUIET)
     rows = [r for r in weight_only.linears if r.module != "lm_head"]
-    assert {r.runs_as for r in rows} == {"W4A16 weight-only"} and all(r.a_bits == 16 for r in rows)
+    assert {r.runs_as for r in rows} == {"W4A16 weight-only g32"} and all(r.a_bits == 16 for r in rows)
     assert all(math.isfinite(r.sqnr_db) for r in rows)
     unfused = explain(model, llama_inputs(), recipe="w4a4-rtn", disable="fuse-kernels", **QUIET)
     fused = explain(model, llama_inputs(), recipe="w4a4-rtn", **QUIET)
@@ -160,7 +160,7 @@ def test_bert_positional_inputs():
     model = tiny_bert()
     report = explain(model, (ids(12),), **QUIET)
     assert [r.module for r in report.linears] == linear_paths(model)  # 2 x 6 + pooler
-    assert all(r.runs_as == "W4A4 fused" and math.isfinite(r.sqnr_db) for r in report.linears)
+    assert all(r.runs_as == "W4A4 fused g32" and math.isfinite(r.sqnr_db) for r in report.linears)
     # its positions come from an arange buffer (absolute position embeddings): [CLS] is stepped
     # apart, except in the pooler, which reads [CLS] alone (no sequence dim)
     first = {r.module: r.first_token for r in report.linears}
@@ -230,7 +230,7 @@ def test_report_to_dict_is_json(llama_default):
     assert data["pipeline"] == report.pipeline and data["summary"] == report.summary()
     (graph,) = data["graphs"]
     assert [r["module"] for r in graph["linears"]] == [r.module for r in report.linears]
-    assert graph["linears"][0]["runs_as"] == "W4A4 fused" and graph["linears"][0]["quantized"] is True
+    assert graph["linears"][0]["runs_as"] == "W4A4 fused g32" and graph["linears"][0]["quantized"] is True
     assert [p["spec"] for p in graph["passes"]] == [str(s) for s in parse_pipeline(report.pipeline)]
 
 
@@ -246,7 +246,7 @@ def test_cli_help_and_bad_recipe(capsys):
     assert "unknown recipe 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe,runs_as", [("fp4-e2m1", "FP4 e2m1/e2m1 fused"), ("w4a4-dynamic", "W4A4 fused dynamic")])
+@pytest.mark.parametrize("recipe,runs_as", [("fp4-e2m1", "FP4 e2m1/e2m1 fused g32"), ("w4a4-dynamic", "W4A4 fused dynamic g32")])
 def test_fp4_and_dynamic_linears_say_so(recipe, runs_as):
     """An FP4 linear names its weight / activation formats; a dynamic one its per-token steps."""
     model = tiny_llama()

@@ -29,6 +29,7 @@ LINEAR = re.compile(
     r"^  %(?P<name>\w+): f32\[(?P<out>[^\]]*)\] = linear (?P<form>W4A\d+(?: int| fake-quant)?)"
     r"\(%(?P<x>\w+): f32\[(?P<in>[^\]]*)\], w\[(?P<n>\d+), (?P<k>\d+)\](?P<bias>, bias f32\[\d+\])?\) "
     r"\{w_step min (?P<min>\S+) med (?P<med>\S+) max (?P<max>[^,}]+)"
+    r"(?:, groups of (?P<group>\d+) x(?P<mult_min>\d+)\.\.(?P<mult_max>\d+))?"
     r"(?:, a_step (?P<a_step>[^,}]+)(?:, first token (?P<sink_bits>\d)-bit (?P<sink_step>[^}]+))?)?\}"
     r"(?P<provenance>  \[by [^\]]+\])?"
     r"  # (?P<module>[\w.]+)(?:  (?P<source>\S+\.py:\d+))?$"
@@ -91,12 +92,16 @@ def test_a_fused_linear_is_one_line_with_bits_scales_and_source(w4a4_graph):
     w_step = ir.get_constant(gm, node.args[2]).sort().values
     assert [q_proj["min"], q_proj["med"], q_proj["max"]] == [
         f"{w_step[0].item():.3g}", f"{w_step[(len(w_step) - 1) // 2].item():.3g}", f"{w_step[-1].item():.3g}"]
+    # ... and its group multipliers: groups of 32 k, the smallest and largest multiplier
+    w_mult = ir.get_constant(gm, node.kwargs["w_mult"])
+    assert (q_proj["group"], q_proj["mult_min"], q_proj["mult_max"]) == (
+        "32", str(int(w_mult.min())), str(int(w_mult.max())))
     # the default recipe steps each sequence's first token apart: where(sinks, sink_step, step)
     sink_step, a_step = node.args[3].args[1:]
     assert q_proj["a_step"] == f"{ir.get_constant(gm, a_step).item():.3g}"
     assert (q_proj["sink_bits"], q_proj["sink_step"]) == ("8", f"{ir.get_constant(gm, sink_step).item():.3g}")
     # the nodes folded into the linears' lines print nowhere
-    assert not re.search(r"q4\.quantize_per_tensor|q4\.dequantize|get_attr|const \S*(_packed|_step)", text)
+    assert not re.search(r"q4\.quantize_per_tensor|q4\.dequantize|get_attr|const \S*(_packed|_step|_mult)", text)
     # other constants print where they are read, under the user's parameter name
     assert "aten.embedding(const model.embed_tokens.weight f32[256, 64], %" in text
     assert "const model.layers.0.input_layernorm.weight:migrated f32[64]" in text
