@@ -1,14 +1,16 @@
-"""The accuracy table on the real models, short: it must show migration, rotation, GPTQ and the
-first token's own step working, the learned rotations beating the fixed ones on MiniLM, and
-LLM-FP4's codes beating integer ones.
+"""The accuracy table on the real models, short: it must show migration, rotation, GPTQ, the
+first token's own step and grouped weight steps working, and on MiniLM the learned rotations
+beating the fixed ones and LLM-FP4's codes beating integer ones.
 
-The bounds sit between measurements of this exact command (1024 tokens, 4 calibration batches).
-At 0954f0d (every static recipe steps the first token apart): FP32 19.34, w4a4-hadamard 25.36
-(1.31x), w4a4 26.25 (1.36x), fp4 25.26 (1.31x); MiniLM 0.9447, 0.9553, 0.9509. On two windows the
-learned rotations do not beat the fixed ones on SmolLM2 (they do on the 64k-token table in the
-README, 38.05 against 39.02), so that comparison is MiniLM's here. Before the first token's step
-(1.74x for the fixed rotation), broken once each with Q4_DISABLE: without migrate-scales 3.46x,
-without rotate-inputs 684x and cosine 0.487.
+The bounds sit between measurements of this exact command (1024 tokens, 4 calibration batches,
+512 MiniLM calibration sentences). At 38b69b5 (weights stepped in groups of 32): FP32 19.34,
+w4a4-hadamard 24.61 (1.27x), w4a4 25.36 (1.31x), fp4 25.51 (1.32x); MiniLM 0.9518, 0.9606,
+0.9605. On two SmolLM2 windows the three are within noise of each other (on the 64k-token table
+in the README w4a4 37.13 and fp4 36.93 beat w4a4-hadamard's 37.51), so the orderings are
+MiniLM's here. At 0954f0d (a step per weight row, 64 MiniLM sentences): 1.31x, 1.36x, 1.31x;
+MiniLM 0.9447, 0.9553, 0.9509. Before the first token's step (1.74x for the fixed rotation),
+broken once each with Q4_DISABLE: without migrate-scales 3.46x, without rotate-inputs 684x and
+cosine 0.487.
 
 The command runs once per session (`eval_table` in tests/conftest.py: `qcompile eval` with the
 arguments above, recipes w4a4-hadamard, w4a4 and fp4); tests/test_cli.py reads the same table.
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import pytest
 
-MAX_W4A4_RATIO = 1.6  # measured 1.31 (fixed rotation) and 1.36 (learned); 1.74 before the first token's step
-MIN_MINILM_COSINE = 0.9  # measured 0.9447 and 0.9553; 0.487 without rotation
-MAX_FP4_RATIO = 2.0  # issue 14's bound; measured 1.31
+MAX_W4A4_RATIO = 1.5  # measured 1.27 (fixed rotation) and 1.31 (learned); 1.74 before the first token's step
+MIN_MINILM_COSINE = 0.93  # measured 0.9518 and 0.9606; 0.487 without rotation
+MAX_FP4_RATIO = 2.0  # issue 14's bound; measured 1.32
 
 
 def table(stdout: str) -> dict[tuple[str, str], float]:
@@ -52,11 +54,12 @@ def test_eval_table_shows_the_w4a4_recipe_working(eval_table):
 @pytest.mark.model
 def test_eval_table_shows_the_fp4_recipe_below_the_integer_one(eval_table):
     """LLM-FP4's 4-bit floats with the same passes as w4a4 but its learning (w4a4-hadamard):
-    lower perplexity than the integer codes, within 2x FP32, and MiniLM's embeddings as close."""
+    within 2x FP32 on SmolLM2, and MiniLM's embeddings closer than the integer codes' (on two
+    SmolLM2 windows the two are within noise: see the module docstring)."""
     proc = eval_table
     assert proc.returncode == 0, proc.stderr[-4000:]
     values = table(proc.stdout)
-    fp32, hadamard, fp4 = (values[("SmolLM2-135M", r)] for r in ("FP32", "w4a4-hadamard", "fp4"))
-    assert fp4 < hadamard, (fp4, hadamard)
+    fp32, fp4 = (values[("SmolLM2-135M", r)] for r in ("FP32", "fp4"))
     assert fp4 < MAX_FP4_RATIO * fp32, (fp4, fp32)
-    assert values[("all-MiniLM-L6-v2", "fp4")] >= MIN_MINILM_COSINE
+    minilm_fp4, minilm_hadamard = (values[("all-MiniLM-L6-v2", r)] for r in ("fp4", "w4a4-hadamard"))
+    assert minilm_fp4 >= MIN_MINILM_COSINE and minilm_fp4 > minilm_hadamard, (minilm_fp4, minilm_hadamard)
