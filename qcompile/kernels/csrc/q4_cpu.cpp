@@ -209,6 +209,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline int32_t h
   return _mm512_reduce_add_epi32(v);
 }
 
+// One K step of a tile: MB activation rows (even and odd k) against NB columns' unpacked nibbles.
+template <int MB, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline void dot_rows(
+    __m512i (&acc)[MB][NB], const __m512i (&lo)[NB], const __m512i (&hi)[NB], const int8_t* xs, int64_t r0,
+    int64_t kpad, int64_t off) {
+  for (int i = 0; i < MB; ++i) {
+    const int8_t* even = xs + (r0 + i) * 2 * kpad + off;
+    const __m512i xe = _mm512_loadu_si512(even);
+    const __m512i xo = _mm512_loadu_si512(even + kpad);
+    for (int j = 0; j < NB; ++j) {
+      acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xe);
+      acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xo);
+    }
+  }
+}
+
 // MB activation rows x NB weight columns, all of K, accumulators in registers.
 template <int MB, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_vnni(
@@ -231,15 +247,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_v
       lo[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, low4));
       hi[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
     }
-    for (int i = 0; i < MB; ++i) {
-      const int8_t* even = xs + (r0 + i) * 2 * kpad + off;
-      const __m512i xe = _mm512_loadu_si512(even);
-      const __m512i xo = _mm512_loadu_si512(even + kpad);
-      for (int j = 0; j < NB; ++j) {
-        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xe);
-        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xo);
-      }
-    }
+    dot_rows<MB, NB>(acc, lo, hi, xs, r0, kpad, off);
   }
 #pragma GCC unroll 4  // unrolled, the accumulators stay in registers (else GCC stores them every K step)
   for (int i = 0; i < MB; ++i)
@@ -413,15 +421,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void w4a4_tile_v
       lo[j] = _mm512_shuffle_epi8(lut_m, _mm512_and_si512(b, low4));
       hi[j] = _mm512_shuffle_epi8(lut_m, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
     }
-    for (int i = 0; i < MB; ++i) {
-      const int8_t* even = xs + (r0 + i) * 2 * kpad + off;
-      const __m512i xe = _mm512_loadu_si512(even);
-      const __m512i xo = _mm512_loadu_si512(even + kpad);
-      for (int j = 0; j < NB; ++j) {
-        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xe);
-        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xo);
-      }
-    }
+    dot_rows<MB, NB>(acc, lo, hi, xs, r0, kpad, off);
   }
 #pragma GCC unroll 4  // unrolled, the accumulators stay in registers (else GCC stores them every K step)
   for (int i = 0; i < MB; ++i)
