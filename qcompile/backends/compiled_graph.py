@@ -64,12 +64,12 @@ class CompiledGraph:
         return tabulate(rows, headers=["linear", "runs as", "why float", "migration", "detail"])
 
     def quantized_weight_bytes(self) -> int:
-        """Bytes held by packed weights and their steps (constants read by q4 ops)."""
+        """Bytes held by packed weights, their steps and group multipliers (constants read by q4 ops)."""
         seen: set[str] = set()
         total = 0
         for n in self.graph_module.graph.nodes:
             if n.op == "call_function" and getattr(n.target, "namespace", None) == "q4":
-                for arg in n.args:
+                for arg in (*n.args, *n.kwargs.values()):
                     t = ir.get_constant(self.graph_module, arg)
                     if t is not None and arg.target not in seen:
                         seen.add(arg.target)

@@ -120,7 +120,7 @@ def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monk
 
     calls = []
     original = triton_gemm.linear_w4a4
-    monkeypatch.setattr(triton_gemm, "linear_w4a4", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(triton_gemm, "linear_w4a4", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     for lower in ("eager", "inductor"):
         calls.clear()
         _, out, art = compile_and_run(llama, {**options, "lower": lower}, ids(12))

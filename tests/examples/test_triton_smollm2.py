@@ -36,7 +36,8 @@ def test_smollm2_logits_through_the_triton_gemm_match_the_cpu_path(monkeypatch, 
 
     calls = []
     gemm = triton_gemm.linear_w4a4
-    monkeypatch.setattr(triton_gemm, "linear_w4a4", lambda *args: calls.append(args[0].shape) or gemm(*args))
+    monkeypatch.setattr(triton_gemm, "linear_w4a4",
+                        lambda *args, **kwargs: calls.append(args[0].shape) or gemm(*args, **kwargs))
     monkeypatch.setattr(artifact, "_run", lowering.use_triton_kernels(artifact.graph_module))
     start = time.perf_counter()
     with torch.no_grad():
