@@ -40,9 +40,9 @@ def test_explain_smollm2_default_recipe(smollm2):
     assert all(r.sqnr_db is not None and math.isfinite(r.sqnr_db) for r in rows)
     assert all(r.outliers_before is not None and r.outliers_after is not None for r in rows)
     head = report.linear("lm_head")
-    assert head.runs_as == "W4A8 fused"
+    assert head.runs_as == "W4A8 fused g32"  # weight steps in groups of 32
     body = [r for r in rows if r.module != "lm_head"]
-    assert {r.runs_as for r in body} == {"W4A4 fused"}
+    assert {r.runs_as for r in body} == {"W4A4 fused g32"}
     assert {r.migration for r in body} == {"migrated"}
     median = statistics.median(r.sqnr_db for r in body)
     assert 5 < median < 40  # measured 18.8 dB with GPTQ
