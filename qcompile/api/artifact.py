@@ -10,16 +10,22 @@
 A saved artifact (a directory; its format: `qcompile.frontend.saved_artifact`) holds what the
 pipeline needs that only calibration or an expensive step can give: every linear's calibration
 statistics, the results of the expensive steps (GPTQ, searched clipping ratios and migration
-scales), the pipeline, and hashes of the parameters it was made from.
+scales), the pipeline, and hashes of the parameters it was made from; and the constants the
+pipeline computed (packed weights, steps, folded norm weights, rotations, ...).
 
 Loading compiles the model as the backend always does (capture, normalize, freeze), attaches
 the saved statistics instead of calibrating, and runs the same pipeline with the saved results
-given back, so the expensive steps are looked up, not computed: the quantized graph is the one
-that was saved, constant for constant, and the model computes the same logits to the bit.
-Because nothing is tied to one captured graph, a loaded model serves any call Dynamo captures
-(another sequence length, a decode step, a graph break) as the original did. A different model,
-another format version, or a truncated or corrupted file each raise `ArtifactError` saying
-which, before any weight is used.
+given back, so the expensive steps are looked up, not computed. The cheap float steps it runs
+again may give other last bits on another machine (another thread count, torch version or CPU
+kind): a result is found when its inputs agree within a tolerance, and every constant the
+pipeline computed is checked against the saved one within the tolerance and replaced by the
+saved bytes. So the quantized graph is the one that was saved, constant for constant, and the
+model computes the same logits to the bit, wherever it is loaded. Constants are saved by name,
+and the names come from the linears, not from one captured graph: a loaded model serves any
+call Dynamo captures (another sequence length, a decode step, a graph break) as the original
+did. A different model, another format version, a truncated or corrupted file, or a replay
+beyond the tolerance (another pipeline) each raise `ArtifactError` saying which, before the
+model runs: loading never recomputes an expensive step and never returns a different model.
 """
 
 from __future__ import annotations

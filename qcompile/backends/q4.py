@@ -13,8 +13,9 @@ prepare    capture, normalize, freeze, calibrate (`qcompile.frontend`): frozen A
 passes     the recipe's pipeline (or `options["pipeline"]` / `Q4_PIPELINE`) under the pass manager.
 artifact   with `options["artifact"]` (a directory `qcompile.quantize(...).save` wrote), the
            statistics come from the saved artifact instead of calibration, and its pipeline runs
-           with the saved results of its expensive steps (`qcompile.frontend.saved_artifact`,
-           `qcompile.core.memo`).
+           with the saved results of its expensive steps; the constants it computes are then
+           checked against the saved ones and replaced by them, bit-exact on any machine
+           (`qcompile.frontend.saved_artifact`, `qcompile.core.memo`).
 lower      `lower="inductor"` (default): the final graph goes through Inductor, which sees the
            q4 ops decomposed into ATen where that lets it fuse them (qcompile/backends/lowering.py);
            `lower="eager"`: the final graph module runs as it is. `kernels="triton"`: the
@@ -50,7 +51,14 @@ from qcompile.core.pipeline import parse_pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
 from qcompile.frontend.capture import compiled_frame, prompt_limit
 from qcompile.frontend.prepare import prepare
-from qcompile.frontend.saved_artifact import ArtifactError, Replay, SavedArtifact, read_cached
+from qcompile.frontend.saved_artifact import (
+    ArtifactError,
+    Replay,
+    SavedArtifact,
+    computed_constants,
+    graph_constants,
+    read_cached,
+)
 
 __all__ = ["q4_backend", "Q4Backend", "CompiledGraph", "compiled_graphs"]
 
@@ -117,7 +125,7 @@ class Q4Backend:
         memo = frozen.meta[MEMO] = saved.memo() if saved is not None else self.calibration_cache.memo_for(
             prepared.parameters, opts.calibration)
         replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
-        result = _run_passes(manager, frozen, saved)
+        result = _run_passes(manager, frozen, saved, replay)
         stop = self.stop_after == "passes"
         with torch.no_grad():
             run = None if stop else lower(result.graph_module, inputs, opts.lower, opts.kernels, self.mode)
@@ -134,20 +142,29 @@ class Q4Backend:
         return gm.forward if stop else graph
 
 
-def _run_passes(manager: PassManager, frozen: fx.GraphModule, saved: SavedArtifact | None) -> PassManagerResult:
-    """Run the pipeline; with a saved artifact, a result it lacks is an ArtifactError."""
+def _run_passes(manager: PassManager, frozen: fx.GraphModule, saved: SavedArtifact | None,
+                replay: Replay | None) -> PassManagerResult:
+    """Run the pipeline. Quantizing, `replay` records the constants it computed; from a saved
+    artifact, a result it lacks is an ArtifactError, and the constants it computed are checked
+    against the saved ones and replaced by them (the saved graph to the bit, on any machine)."""
+    before = graph_constants(frozen)  # what the pipeline did not compute
     with torch.no_grad():
         try:
-            return manager.run(frozen)
+            result = manager.run(frozen)
         except PassFailure as e:
             if isinstance(e.__cause__, MemoMiss):
                 raise ArtifactError(
-                    f"artifact {saved.path} does not match this model or pipeline: pass {e.pass_text} "
-                    f"found {e.__cause__}: the results are keyed by the exact bytes of what they were "
-                    "computed from, so another model, pipeline or torch build (whose float arithmetic "
-                    "differs in the last bits) misses them; quantize again here"
+                    f"artifact {saved.path} does not match this model or pipeline: in pass {e.pass_text}, "
+                    f"{e.__cause__} (results are looked up by step, linear and arguments, their tensor inputs "
+                    "compared within a tolerance that last-bit float differences pass): quantize again here"
                 ) from e
             raise
+    computed = computed_constants(result.graph_module, before)
+    if saved is not None:
+        saved.restore_constants(result.graph_module, computed)
+    elif replay is not None:
+        replay.constants = computed
+    return result
 
 
 # The entry point's state: calibration statistics shared by every q4 compile of the process, and

@@ -2,22 +2,39 @@
 backend reads back (`options={"artifact": dir}`) instead of calibrating.
 
 An artifact directory holds what the pipeline needs that only calibration or an expensive step
-can give:
+can give, and what makes a load bit-exact on any machine:
 
 - the calibration statistics of every linear's input, by the linear's weight name (per-channel
   ranges and the token samples the passes measure errors on; not GPTQ's Gram matrices),
 - the results of the expensive steps (`qcompile.core.memo`): GPTQ's rounded weights and steps, the
-  searched clipping ratios and migration scales,
+  searched clipping ratios and migration scales, each keyed by step, linear and non-tensor
+  arguments, with a fingerprint of the tensors it was computed from (checked within a tolerance),
+- the constants of the final graphs that the pipeline computed (packed weights, steps, group
+  multipliers, activation steps, folded norm weights, rotations, ...), by constant name; the
+  names come from the linear's weight or module, so a graph compiled later (a decode step,
+  another length) finds its own,
 - the pipeline string and recipe, the qcompile and torch versions, a hash of every parameter
   the quantized graphs read (and of the whole model).
 
+Loading replays the pipeline (`qcompile.backends.q4`), and the cheap float steps it runs again
+may give other last bits on another machine (another thread count, torch version or CPU kind).
+So a memo lookup compares fingerprints within a tolerance rather than exact bytes, and after the
+passes every constant the pipeline computed is compared with the saved one (same name; failing
+that, any saved constant of its dtype and shape) within `qcompile.core.memo.tolerance` of its
+dtype (for integer constants, such as codes, the share of elements that may differ), then
+replaced by the saved bytes: the loaded graph is the saved one, constant for constant. A
+difference beyond the tolerance is an `ArtifactError` naming the step or the constant: another
+model or pipeline, never a wrong model and never a silent recomputation.
+
 `q4.safetensors`: its metadata holds the manifest (JSON under the key "qcompile"); its tensors
 are stored once per distinct content (q, k and v read the same activation: its samples are
-stored once), named by the sha256 of that content, which reading checks. Beside it,
-`compiled.bin`, the compiled-kernels cache: torch.compiler's cache artifacts of the quantizing
-process (`torch.compiler.save_cache_artifacts`: Inductor's generated and compiled kernels).
-Another format version, or a truncated or corrupted file each raise `ArtifactError` saying
-which, before any weight is used.
+stored once; a packed weight constant is GPTQ's result), named by the sha256 of that content,
+which reading checks. Beside it, `compiled.bin`, the compiled-kernels cache: torch.compiler's
+cache artifacts of the quantizing process (`torch.compiler.save_cache_artifacts`: Inductor's
+generated and compiled kernels).
+Another format version (version 1 keyed results by the exact bytes of their inputs, and is
+refused), or a truncated or corrupted file each raise `ArtifactError` saying which, before any
+weight is used.
 
 What loading trusts: `q4.safetensors` is read with safetensors (tensors and a JSON manifest: no
 code, no pickle), so a default load runs nothing that came with the artifact; Inductor compiles
@@ -33,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -44,13 +62,15 @@ from torch import fx
 import qcompile
 from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir
-from qcompile.core.memo import Memo, tensor_hash
+from qcompile.core.memo import Entry, Fingerprint, Memo, tensor_hash, tolerance
 from qcompile.frontend.calibrate import observed_linears
 
 __all__ = ["ArtifactError", "Replay", "SavedArtifact", "save", "read", "read_cached", "FORMAT_VERSION",
-           "FILE_NAME"]
+           "FILE_NAME", "graph_constants", "computed_constants"]
 
-FORMAT_VERSION = 1
+# 2: results keyed by step, linear and arguments with fingerprints of their inputs; the final
+# graphs' computed constants (1: results keyed by the exact bytes of their inputs)
+FORMAT_VERSION = 2
 FILE_NAME = "q4.safetensors"
 # the compiled-kernels cache: torch.compiler's cache artifacts (Inductor's kernels) of the quantizing process
 KERNEL_CACHE_FILE_NAME = "compiled.bin"
@@ -59,8 +79,8 @@ _OPTIONAL_STATS_FIELDS = ("sinks", "rest_absmax")  # absent from artifacts saved
 
 
 class ArtifactError(ValueError):
-    """A saved artifact cannot be used: another model, another format version, or a truncated
-    or corrupted file (the message says which)."""
+    """A saved artifact cannot be used: another model or pipeline, another format version, or a
+    truncated or corrupted file (the message says which)."""
 
 
 def tensors_hash(named: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -82,12 +102,14 @@ def parameter_hash(model: torch.nn.Module) -> str:
 
 @dataclasses.dataclass
 class Replay:
-    """What compiling one graph needed from calibration and from expensive steps: calibration
-    statistics by weight name, the memo of expensive results, and the parameters it froze."""
+    """What compiling one graph needed from calibration and from expensive steps, and what it
+    made: calibration statistics by weight name, the memo of expensive results, the parameters
+    it froze, and the constants the pipeline computed (set after the passes)."""
 
     stats: dict[str, ChannelStats]
     memo: Memo
     parameters: dict[str, torch.Tensor]
+    constants: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def collect(cls, frozen: fx.GraphModule, memo: Memo) -> Replay:
@@ -99,6 +121,47 @@ class Replay:
             if n.op == "call_function" and ir.CALIB in n.meta and ir.FQN in getattr(n.args[1], "meta", {}):
                 stats[n.args[1].meta[ir.FQN]] = n.meta[ir.CALIB]
         return cls(stats, memo, parameters)
+
+
+def graph_constants(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors the graph's `get_attr` nodes read, by name."""
+    constants = {}
+    for n in gm.graph.nodes:
+        t = ir.get_constant(gm, n)
+        if t is not None:
+            constants[n.target] = t
+    return constants
+
+
+def computed_constants(gm: fx.GraphModule, before: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The constants of `gm` (after the passes) that the pipeline computed: all but the tensors
+    the graph held `before` them (the frozen parameters, which the artifact checks by hash)."""
+    frozen = {id(t) for t in before.values()}  # `before` keeps them alive: no id is reused
+    return {name: t for name, t in graph_constants(gm).items() if id(t) not in frozen}
+
+
+def _distance(replayed: torch.Tensor, saved: torch.Tensor) -> tuple[float, str]:
+    """How far a replayed constant is from a saved one, in units of the tolerance (at most 1:
+    the same value computed on another machine), and in words."""
+    if replayed.dtype != saved.dtype or replayed.shape != saved.shape:
+        return math.inf, (f"it is {replayed.dtype} {list(replayed.shape)}, saved {saved.dtype} "
+                          f"{list(saved.shape)}")
+    a, b = replayed.detach().to("cpu"), saved
+    if not saved.numel():
+        return 0.0, "equal"
+    rtol = tolerance(saved.dtype)
+    if not saved.dtype.is_floating_point:  # codes, multipliers: a share of them may round the other way
+        differing, allowed = int((a != b).sum()), int(saved.numel() * rtol)
+        distance = 0.0 if not differing else differing / allowed if allowed else math.inf
+        return distance, f"{differing} of its {saved.numel()} elements differ (at most {allowed} may)"
+    a, b = a.double(), b.double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    # relative to each element, and to the tensor's mean magnitude for elements near zero
+    ratio = ((a - b).abs() / (rtol * (b.abs() + b.abs().mean()))).nan_to_num(nan=math.inf).masked_fill(same, 0)
+    distance = float(ratio.max())
+    worst = int(ratio.argmax())
+    return distance, (f"element {worst} is {a.reshape(-1)[worst].item():.9g}, saved {b.reshape(-1)[worst].item():.9g} "
+                      f"({distance:.3g} times the tolerance {rtol:.2g} relative)")
 
 
 # --- the file ----------------------------------------------------------------------------------
@@ -118,15 +181,20 @@ def save(directory: str | Path, replays: list[Replay], info: Mapping[str, Any],
         blobs.setdefault(digest, t)
         return digest
 
-    stats, memo, parameters = {}, {}, {}
+    stats, memo, parameters, constants = {}, {}, {}, {}
     for replay in replays:
         for fqn, s in replay.stats.items():
             stats[fqn] = {"num_tokens": s.num_tokens, **{f: blob(getattr(s, f)) for f in _STATS_FIELDS},
                           **{f: blob(getattr(s, f)) for f in _OPTIONAL_STATS_FIELDS if getattr(s, f) is not None}}
-        for key, values in replay.memo.entries.items():
-            memo[key] = [blob(v) for v in values]
+        for key, entries in replay.memo.entries.items():  # the graphs of a model share one memo
+            memo[key] = [{"inputs": [f.to_json() for f in e.inputs], "result": [blob(v) for v in e.result]}
+                         for e in entries]
         for fqn, t in replay.parameters.items():
             parameters[fqn] = tensor_hash(t)
+        for name, t in replay.constants.items():  # a name has one value in every graph, but keep any other
+            digests = constants.setdefault(name, [])
+            if (digest := blob(t)) not in digests:
+                digests.append(digest)
     manifest = {
         "format_version": FORMAT_VERSION,
         "qcompile_version": qcompile.__version__,
@@ -135,6 +203,7 @@ def save(directory: str | Path, replays: list[Replay], info: Mapping[str, Any],
         "parameters": parameters,
         "stats": stats,
         "memo": memo,
+        "constants": constants,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -171,9 +240,37 @@ class SavedArtifact:
         }
 
     def memo(self) -> Memo:
-        """The saved results, strict: a step without one is an error, never recomputed."""
-        return Memo({key: tuple(self.blobs[d] for d in digests) for key, digests in self.manifest["memo"].items()},
-                    strict=True)
+        """The saved results, strict: a step without one (or whose inputs differ beyond the
+        tolerance) is an error, never recomputed."""
+        return Memo({key: [Entry(tuple(Fingerprint.from_json(f) for f in e["inputs"]),
+                                 tuple(self.blobs[d] for d in e["result"])) for e in entries]
+                     for key, entries in self.manifest["memo"].items()}, strict=True)
+
+    def restore_constants(self, gm: fx.GraphModule, computed: Mapping[str, torch.Tensor]) -> None:
+        """Put the saved bytes in place of every constant the replayed pipeline `computed`, each
+        checked first against the saved one of its name (or, for a name no saved graph had, any
+        saved constant of its dtype and shape) within the tolerance: the graph is then the saved
+        one to the bit, whatever this machine's float arithmetic gave. No match is an ArtifactError."""
+        named = self.manifest["constants"]
+        by_shape: dict[tuple, list[torch.Tensor]] = {}
+        for digests in named.values():
+            for d in digests:
+                by_shape.setdefault((self.blobs[d].dtype, tuple(self.blobs[d].shape)), []).append(self.blobs[d])
+        for name, t in computed.items():
+            candidates = [self.blobs[d] for d in named.get(name, ())]
+            (distance, why), best = min(((_distance(t, c), c) for c in candidates), key=lambda x: x[0][0],
+                                        default=((math.inf, "no saved constant has its name"), None))
+            if distance > 1:  # a graph that names it otherwise (node names differ): by content
+                others = by_shape.get((t.dtype, tuple(t.shape)), [])
+                distance, best = min(((_distance(t, c)[0], c) for c in others), key=lambda x: x[0],
+                                     default=(math.inf, None))
+            if distance > 1:
+                raise ArtifactError(
+                    f"artifact {self.path} does not match this model or pipeline: the quantized graph's constant "
+                    f"{name!r} is not the saved one ({why}): quantize again here"
+                )
+            module, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(module), attr, best.to(t.device))
 
     def check_parameters(self, frozen: fx.GraphModule) -> None:
         """Every parameter the graph froze that the artifact knows must hash the same."""
@@ -239,11 +336,25 @@ def read(directory: str | Path) -> SavedArtifact:
                 if tensor_hash(t) != digest:
                     raise ArtifactError(f"{path} is corrupted: tensor {digest[:12]}... does not match its hash")
                 blobs[digest] = t
+            missing = set(_referenced(manifest)) - blobs.keys()
+            if missing:
+                raise ArtifactError(f"{path} is corrupted: its manifest names {len(missing)} tensors it does not hold")
     except ArtifactError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors and json report truncation in many ways
         raise ArtifactError(f"{path} is truncated or corrupted ({type(e).__name__}: {e})") from None
     return SavedArtifact(path, manifest, blobs)
+
+
+def _referenced(manifest: dict) -> Iterable[str]:
+    """The digests of every tensor the manifest names."""
+    for entry in manifest["stats"].values():
+        yield from (entry[f] for f in (*_STATS_FIELDS, *_OPTIONAL_STATS_FIELDS) if f in entry)
+    for entries in manifest["memo"].values():
+        for e in entries:
+            yield from e["result"]
+    for digests in manifest["constants"].values():
+        yield from digests
 
 
 _READ_CACHE: dict[tuple, SavedArtifact] = {}
