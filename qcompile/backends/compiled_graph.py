@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +15,10 @@ from qcompile.core import ir, qlinear
 from qcompile.frontend.capture import PromptLimit
 from qcompile.frontend.saved_artifact import Replay
 from qcompile.passes.analyze_outliers import outlier_report
+
+# How each form of linear runs, as the reports say it (a weight-only linear, fused or not, is not fake-quant)
+FORMS = {qlinear.FUSED: "fused int4", qlinear.FAKE_QUANT: "fake-quant", qlinear.WEIGHT_ONLY: "weight-only int4",
+         qlinear.FLOAT: "float"}
 
 
 class CompiledGraph:
@@ -30,10 +36,57 @@ class CompiledGraph:
         self._run = run  # None when the backend stopped before lowering (`Q4Backend(stop_after=...)`)
         self._keep = keep  # the graph inputs that stay inputs (the rest were frozen)
         self._limit = limit  # a static KV cache's length, checked at each call
+        self._frozen: dict[int, torch.Tensor] = {}  # the parameters frozen into it, by input index
+        self._versions: dict[int, tuple[str, int, int]] = {}  # their names, in-place versions and storages
+        self._compile_for: Callable[[list], CompiledGraph] | None = None
+        self._variants: dict[tuple, CompiledGraph] = {}
+        self._lock = threading.Lock()
+
+    def bind_parameters(self, frozen: dict[int, torch.Tensor], names: dict[int, str],
+                        compile_for: Callable[[list], CompiledGraph]) -> None:
+        """Say which parameters were frozen into this graph (and their names), and how to compile
+        it for others.
+
+        Dynamo shares one captured graph between module instances of one class, passing each
+        instance's parameters as inputs: two models of one architecture in a process, or a layer
+        Dynamo compiles on its own because its caller broke the graph (the same forward for
+        every layer). This graph holds one instance's weights, so a call with another's
+        parameters runs a graph compiled for those (`compile_for(inputs)`, once per instance and
+        input shapes), never the wrong weights. A parameter changed in place after compiling
+        (its version counter or storage moved) is an error: the graph holds its old value."""
+        self._frozen, self._compile_for = frozen, compile_for
+        self._versions = {i: (names[i], t._version, t.data_ptr()) for i, t in frozen.items()}
+
+    def _check_unchanged(self) -> None:
+        for i, t in self._frozen.items():
+            name, version, pointer = self._versions[i]
+            if t._version != version or t.data_ptr() != pointer:
+                raise RuntimeError(
+                    f"qcompile: parameter {name!r} was changed in place after graph {self.graph_id} quantized it; "
+                    "the compiled model still holds its old value. Quantize the changed model again "
+                    "(torch._dynamo.reset(), then torch.compile / qcompile.quantize)")
+
+    def _variant(self, args: tuple) -> CompiledGraph:
+        key = (tuple(id(args[i]) for i in self._frozen),
+               tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in self._keep)))
+        with self._lock:
+            if key not in self._variants:
+                if not self._variants:
+                    warnings.warn(
+                        f"qcompile: graph {self.graph_id} serves several module instances (two models of one class, "
+                        "or a layer whose caller broke the graph); each instance gets a quantized graph of its own, "
+                        "compiled at its first call with each input shape (slow; torch._dynamo.reset() between "
+                        "models, or no graph break inside repeated layers, avoids it)", stacklevel=3)
+                self._variants[key] = self._compile_for(list(args))
+            return self._variants[key]
 
     def __call__(self, *args: Any) -> Any:
         if self._limit is not None:
             self._limit.check(args)
+        if self._frozen:
+            if any(args[i] is not t for i, t in self._frozen.items()):
+                return self._variant(args)(*args)
+            self._check_unchanged()
         with torch.no_grad():
             return self._run(*[args[i] for i in self._keep])
 
@@ -51,14 +104,17 @@ class CompiledGraph:
 
     def migration_report(self) -> str:
         """One row per linear of the final graph: its module, whether it was quantized or left in
-        float (and why), and what migrate-scales did with it (and why not)."""
+        float (and why), and what migrate-scales did with it (and why not); and one per other op
+        that reads a constant weight and stays in float (insert-quantizers says why)."""
         rows = []
         for n in self.graph_module.graph.nodes:
             q = qlinear.match(n)
             if q is None:
+                if ir.FLOAT_REASON in n.meta:  # another op reading a weight (a grouped expert GEMM)
+                    rows.append([ir.module_path(n) or n.name, "float", n.meta[ir.FLOAT_REASON], "-", ""])
                 continue
             migration = n.meta.get(ir.MIGRATION, {"status": "-", "reason": "no migration pass ran"})
-            form = "fused int4" if q.fused else "fake-quant" if q.quantized else "float"
+            form = FORMS[q.form]
             rows.append([ir.module_path(n) or n.name, form, n.meta.get(ir.FLOAT_REASON, ""),
                          migration["status"], migration["reason"]])
         return tabulate(rows, headers=["linear", "runs as", "why float", "migration", "detail"])

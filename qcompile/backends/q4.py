@@ -93,7 +93,10 @@ class Q4Backend:
         self.stop_after, self.first_call_after_break = stop_after, first_call_after_break
         self.__name__ = "q4"  # how Dynamo names a backend in its errors
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], *,
+                 parameter_names: dict[int, str] | None = None) -> Callable:
+        """Compile `gm`; `parameter_names`: its parameter inputs, when compiling it again for
+        another module instance's parameters (`CompiledGraph.bind_parameters`)."""
         opts = self.options if isinstance(self.options, Q4Options) else resolve_options(self.options)
         frame = compiled_frame()
         limit = prompt_limit(example_inputs, frame)
@@ -111,7 +114,7 @@ class Q4Backend:
         base = PassManager.from_options(pipeline, opts, stream=sys.stderr)
         manager = PassManager(pipeline, [*base.instruments, *self.instruments()], stream=sys.stderr, progress=opts.progress)
         prepared = prepare(gm, example_inputs, opts, frame, None if saved is not None else self.calibration_cache,
-                           manager.on_stage, pipeline.calibration_needs())
+                           manager.on_stage, pipeline.calibration_needs(), parameter_names)
         frozen, inputs = prepared.graph_module, [example_inputs[i] for i in prepared.keep]
         if self.stop_after == "prepare":
             self.on_compiled(CompiledGraph(frozen, str(pipeline), [], None, prepared.keep, graph_id), inputs)
@@ -137,6 +140,9 @@ class Q4Backend:
                 node.meta.pop(ir.CALIB, None)
         graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay,
                               limit)
+        if not stop:
+            graph.bind_parameters({i: example_inputs[i] for i in prepared.names}, prepared.names,
+                                  lambda args: self(gm, args, parameter_names=prepared.names))
         self.on_compiled(graph, inputs)
         release_freed_memory()  # calibration's and the passes' gigabytes, freed, back to the system
         return gm.forward if stop else graph

@@ -34,7 +34,7 @@ from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir, qlinear
 from qcompile.core.config import Q4Options
 from qcompile.core.memo import Memo
-from qcompile.frontend.capture import Frame
+from qcompile.frontend.capture import Frame, calling_modules
 
 
 class CalibrationError(ValueError):
@@ -92,23 +92,30 @@ def observe(
 
 
 class _LinearInputObserver(TorchFunctionMode):
-    """Feeds the input of every `F.linear` whose weight is watched into that weight's stats."""
+    """Feeds the input of every `F.linear` (or GPT-2 Conv1D's `torch.addmm(bias, x, weight)`)
+    whose weight is watched into that weight's stats, made at its first input."""
 
-    def __init__(self, watched: dict[int, str], stats: dict[str, ChannelStats]):
+    def __init__(self, watched: dict[int, str], stats: dict[str, ChannelStats], gram: bool):
         super().__init__()
         self.watched = watched  # id(weight parameter) -> its name
         self.stats = stats
+        self.gram = gram
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        x = weight = None
         if func is F.linear:
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
-            name = self.watched.get(id(weight))
-            if name is not None:
-                if not torch.isfinite(x).all():
-                    raise CalibrationError(f"non-finite activation reaches the linear of {name!r}")
-                self.stats[name].update(x)
+        elif func is torch.addmm and len(args) == 3:
+            x, weight = args[1], args[2]
+        name = self.watched.get(id(weight)) if weight is not None else None
+        if name is not None:
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"non-finite activation reaches the linear of {name!r}")
+            if name not in self.stats:
+                self.stats[name] = ChannelStats.empty(x.shape[-1], self.gram)
+            self.stats[name].update(x)
         return func(*args, **kwargs)
 
 
@@ -138,8 +145,8 @@ def observe_model(
     graph specialized to another, and covers every graph of a model with graph breaks.
     `watched` maps weight parameters to their names; the module is only read, never written.
     """
-    stats = {name: ChannelStats.empty(w.shape[1], gram) for w, name in watched.items()}
-    observer = _LinearInputObserver({id(w): name for w, name in watched.items()}, stats)
+    stats: dict[str, ChannelStats] = {}
+    observer = _LinearInputObserver({id(w): name for w, name in watched.items()}, stats, gram)
     signature = inspect.signature(module.forward)
     count = 0
     with torch.no_grad():
@@ -257,17 +264,19 @@ def calibrate_graph(aten_gm: fx.GraphModule, example_inputs: list[Any], state: d
 
     if any(cache.get(owner(n), opts.calibration, gram) is None for n in linears):
         user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
-        for n, s in _observe(aten_gm, linears, params, user_inputs, opts, frame, gram).items():
-            cache.put(owner(n), opts.calibration, gram, s)
+        for weight, s in _observe(aten_gm, linears, owner, user_inputs, opts, frame, gram):
+            cache.put(weight, opts.calibration, gram, s)
     for n in linears:
         if (s := cache.get(owner(n), opts.calibration, gram)) is not None:
             n.meta[ir.CALIB] = s
 
 
-def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, torch.Tensor],
-             user_inputs: list[Any], opts: Q4Options, frame: Frame, gram: bool) -> dict[fx.Node, ChannelStats]:
-    """Run the calibration: the user's module on the batches, or the graph on the first call's
-    inputs. `params` maps weight names to the user's parameters."""
+def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], owner: Callable[[fx.Node], torch.Tensor],
+             user_inputs: list[Any], opts: Q4Options, frame: Frame,
+             gram: bool) -> list[tuple[torch.Tensor, ChannelStats]]:
+    """Run the calibration: the user's module on the batches (statistics of every weight of the
+    model it reaches), or the graph on the first call's inputs (of this graph's linears).
+    `owner` maps a linear to the user's weight, which the statistics are returned by."""
     total = len(opts.calibration) if hasattr(opts.calibration, "__len__") else None
     progress = lambda it: tqdm(it, total=total, desc="q4 calibration", unit="batch",  # noqa: E731
                                disable=not opts.progress, leave=False)
@@ -277,17 +286,13 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, 
             "calibrating static activation scales on the first call's inputs",
             stacklevel=2,
         )
-        return observe(aten_gm, [user_inputs], progress, gram)
+        return [(owner(n), s) for n, s in observe(aten_gm, [user_inputs], progress, gram).items()]
 
-    module = frame.module
-    if module is None or frame.resumed:
-        raise CalibrationError(
-            "calibration batches need the model's forward: this graph "
-            + ("starts after a graph break" if frame.resumed else "was not captured from an nn.Module's forward")
-            + " (compile the module itself, or leave out 'calibration' to calibrate on the first call)"
-        )
-    watched = {params[n.args[1].meta[ir.FQN]]: n.args[1].meta[ir.FQN] for n in linears
-               if n.args[1].meta.get(ir.FQN) in params}
+    module = _model_of(opts.calibration, frame)
+    # Watch every weight of the model, not only this graph's: one run calibrates the graphs that
+    # follow a graph break too, which then find their statistics in the cache.
+    watched = {p: name for name, p in module.named_parameters(remove_duplicate=False) if p.dim() == 2}
+    watched.update({owner(n): n.args[1].meta.get(ir.FQN, n.name) for n in linears})
     try:
         by_name = observe_model(module, opts.calibration, watched, progress, gram)
     except CalibrationError as e:
@@ -297,4 +302,32 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], params: dict[str, 
                 "pass a list so recompiles can reuse it)"
             ) from None
         raise
-    return {n: by_name[n.args[1].meta[ir.FQN]] for n in linears if n.args[1].meta.get(ir.FQN) in by_name}
+    return [(p, by_name[name]) for p, name in watched.items() if name in by_name]
+
+
+def _fits(module: torch.nn.Module, batch: Any) -> bool:
+    args, kwargs = _split_batch(batch, 0)
+    try:
+        inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+def _model_of(calibration: Any, frame: Frame) -> torch.nn.Module:
+    """The module calibration batches are run through: the one Dynamo is compiling when its
+    forward takes them, else the outermost running module that does (a graph that starts after a
+    graph break, or a submodule's forward Dynamo compiles on its own after one)."""
+    first = next(iter(calibration), None) if isinstance(calibration, Sequence) else None
+    candidates = [] if frame.resumed or frame.module is None else [frame.module]
+    candidates += calling_modules()
+    if first is not None:
+        module = next((m for m in candidates if _fits(m, first)), None)
+        if module is not None:
+            return module
+    if candidates:
+        return candidates[0]  # an iterator, or no match: observe_model names the mismatch
+    raise CalibrationError(
+        "calibration batches need the model's forward: this graph was not captured from an nn.Module's "
+        "forward (compile the module itself, or leave out 'calibration' to calibrate on the first call)"
+    )

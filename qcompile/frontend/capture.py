@@ -45,6 +45,23 @@ class Frame:
         return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
 
 
+def calling_modules() -> list[torch.nn.Module]:
+    """The modules whose calls are running now, outermost first: every `self` on the Python
+    stack that is an nn.Module, a compiled module (`torch.compile(model)`) as the model itself.
+    While Dynamo compiles a graph after a graph break, the model the user called is among them:
+    the one whose forward calibration batches fit."""
+    found: list[torch.nn.Module] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module):
+            module = getattr(module, "_orig_mod", module)  # torch._dynamo's OptimizedModule
+            if not any(m is module for m in found):
+                found.append(module)
+        frame = frame.f_back
+    return found[::-1]
+
+
 def compiled_frame() -> Frame:
     """The frame Dynamo is compiling now: calibration runs the module found there."""
     try:
@@ -76,13 +93,38 @@ def fqn(source: str) -> str:
 
 
 def graph_state(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, tuple[torch.Tensor, str]]:
-    """The graph inputs that are the user's parameters and buffers: {input index: (tensor, fqn)}."""
+    """The graph inputs that are the user's parameters and buffers: {input index: (tensor, fqn)}.
+
+    A source names a tensor from the frame Dynamo compiles; when that frame is a submodule's
+    forward (Dynamo compiles it on its own after its caller broke the graph), the name is made
+    whole from the model the user compiled (`block0.down.weight`, not `down.weight`)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return {
-        i: (v, fqn(source_name(n)))
-        for i, (n, v) in enumerate(zip(placeholders, example_inputs))
-        if is_state(n, v)
-    }
+    state = {i: (v, fqn(source_name(n))) for i, (n, v) in enumerate(zip(placeholders, example_inputs))
+             if is_state(n, v)}
+    root = compiled_model()
+    if root is None:
+        return state
+    names: dict[int, str] = {}
+    for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), name)  # a tied weight: its first name, as Dynamo's source gives it
+    lookup = dict(root.named_parameters(remove_duplicate=False)) | dict(root.named_buffers(remove_duplicate=False))
+    return {i: (v, name if lookup.get(name) is v else names.get(id(v), name)) for i, (v, name) in state.items()}
+
+
+def compiled_model() -> torch.nn.Module | None:
+    """The model being run through torch.compile now: the one the innermost compiled module on
+    the stack wraps, else the outermost running module (a compiled forward), else None."""
+    modules: list[torch.nn.Module] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module):
+            orig = getattr(module, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+            if isinstance(orig, torch.nn.Module):
+                return orig
+            modules.append(module)
+        frame = frame.f_back
+    return modules[-1] if modules else None
 
 
 # --- a static KV cache's length -------------------------------------------------------------------

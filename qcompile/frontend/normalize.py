@@ -7,7 +7,15 @@ normalize  make_fx in pre-dispatch mode over fake copies of the inputs: ATen ops
 freeze     parameter and buffer inputs become constants of the graph module (`get_attr`),
            detached from autograd; they alias the user's tensors, which are never written to.
            (Freezing after normalizing, not before, lets the tracer see parameters as ordinary
-           fake inputs instead of mixing real constants into fake tracing.)
+           fake inputs instead of mixing real constants into fake tracing.) A linear written as
+           `addmm(bias, x, W)` with W a [in, out] parameter (GPT-2's Conv1D) becomes the
+           `aten.linear` the passes rewrite, reading W's transpose (a view of the user's tensor):
+
+               %view_1 = aten.view(%layer_norm, [-1, 64])
+               %addmm = aten.addmm(%c_attn_bias, %view_1, %c_attn_weight)      # W: [64, 192]
+               %view_2 = aten.view(%addmm, [2, 12, 192])
+           ->
+               %linear = aten.linear(%layer_norm, %c_attn_weight_t, %c_attn_bias)  # [192, 64]
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ def normalize(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphModule:
 
     def fakify(value: Any, node: fx.Node) -> Any:
         if not isinstance(value, torch.Tensor):
-            return node.meta.get("example_value", value)
+            # compiling: Dynamo's symbolic value; called again at run time (another module
+            # instance's parameters, `CompiledGraph.bind_parameters`): the concrete one
+            return value if context is None else node.meta.get("example_value", value)
         symbolic = context.tensor_to_context.get(value) if context is not None else None
         if symbolic is not None:
             return fake_mode.from_tensor(value, symbolic_context=symbolic,
@@ -67,5 +77,37 @@ def freeze(aten_gm: fx.GraphModule, state: dict[int, tuple[torch.Tensor, str]]) 
         const.meta[ir.FQN] = fqn
         node.replace_all_uses_with(const)
         graph.erase_node(node)
+    _addmm_as_linear(aten_gm)
     aten_gm.recompile()
     return aten_gm
+
+
+def _addmm_as_linear(gm: fx.GraphModule) -> None:
+    """`view(addmm(b, view(x, [-1, K]), W), [..., N])` with constant W [K, N] -> `linear(x, W.T, b)`."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.addmm.default or node.kwargs:
+            continue
+        bias, x, w_node = node.args
+        weight = ir.get_constant(gm, w_node)
+        if weight is None or weight.dim() != 2 or ir.get_constant(gm, bias) is None:
+            continue
+        with graph.inserting_before(node):
+            w_t = graph.get_attr(ir.add_constant(gm, f"{w_node.target}_t", weight.t()))
+        w_t.meta.update(w_node.meta)  # its FQN: calibration and artifacts know it as the parameter
+        ir.set_fake_value(w_t)
+        # the flattening views around it go: the linear reads the [..., K] input as it was
+        flat = x.target is torch.ops.aten.view.default and len(node.users) == 1
+        unflat = next(iter(node.users)) if flat else None
+        if flat and unflat.target is torch.ops.aten.view.default and \
+                list(unflat.meta["val"].shape[:-1]) == list(x.args[0].meta["val"].shape[:-1]):
+            x, replaced = x.args[0], unflat
+        else:
+            replaced = node
+        with graph.inserting_before(replaced):
+            linear = graph.call_function(torch.ops.aten.linear.default, (x, w_t, bias))
+        ir.copy_meta(linear, node)
+        linear.meta["val"] = replaced.meta["val"]
+        replaced.replace_all_uses_with(linear)
+    graph.eliminate_dead_code()
+    ir.delete_unused_constants(gm)

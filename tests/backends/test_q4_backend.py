@@ -219,6 +219,17 @@ def test_model_without_linear_layers_compiles_and_runs():
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
 
 
+@pytest.mark.parametrize("options,form", [({}, "weight-only int4"), ({"disable": "fuse-kernels"}, "weight-only int4"),
+                                          ({"recipe": "w4a4-rtn"}, "fused int4")])
+def test_migration_report_says_how_each_linear_runs(options, form):
+    """A weight-only linear, fused (q4.linear_w4a16) or not, was reported as fake-quant (found by tests/fuzz)."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(2, 3, 32)
+    _, _, art = compile_and_run(model, {**EAGER, "recipe": "w4a16", "calibration": [(x,)], **options}, x)
+    rows = art.migration_report().splitlines()[2:]
+    assert len(rows) == 2 and all(row.split()[1:3] == form.split() for row in rows), rows
+
+
 def test_unknown_option_key_lists_valid_ones(llama):
     message = compile_error(llama, {"recipes": "w4a4-rtn"}, ids(8))
     assert "recipes" in message and "recipe" in message and "calibration" in message
@@ -356,3 +367,55 @@ def test_fp4_through_inductor_matches_its_fake_quant_reference(llama):
     assert fake_art.count_ops(torch.ops.q4.linear_w4a4.default) == 0
     cosine = torch.nn.functional.cosine_similarity(fused.logits.flatten(), fake.logits.flatten(), dim=0)
     assert cosine > 0.9999, cosine
+
+
+def test_two_models_of_one_class_each_run_their_own_weights():
+    """Dynamo shares one compiled forward between instances of a class, passing each one's
+    parameters as inputs; q4 freezes them, so the second model must get a graph of its own
+    (it once ran the first model's weights)."""
+    first, second = tiny_llama(seed=0), tiny_llama(seed=1)
+    x = ids(10)
+    options = {**EAGER, "recipe": "w4a4-rtn", "rounding": False, "calibration": [(x,)]}
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.warns(UserWarning, match="serves several module instances"):
+        got = [torch.compile(m, backend="q4", options=options)(x, use_cache=False).logits for m in (first, second)]
+    with torch.no_grad():
+        expected = [m(x, use_cache=False).logits for m in (first, second)]
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() <= 1e-4 * e.abs().max()
+
+
+def test_a_parameter_changed_in_place_after_compiling_is_an_error():
+    """The quantized graph holds the weight it was compiled from: a later in-place change would
+    be silently ignored, so the next call says so (and what to do) instead."""
+    model, x = tiny_llama(), ids(8)
+    compiled = torch.compile(model, backend="q4", options={**EAGER_RTN, "calibration": [(x,)]})
+    with torch.no_grad():
+        compiled(x, use_cache=False)
+        model.model.layers[1].self_attn.o_proj.weight.mul_(2)
+        with pytest.raises(RuntimeError, match=r"parameter 'model.layers.1.self_attn.o_proj.weight' was changed "
+                                               r"in place after graph .* quantized it.*Quantize the changed model again"):
+            compiled(x, use_cache=False)
+
+
+def test_two_threads_calling_one_compiled_model_get_what_one_thread_gets():
+    import threading
+
+    model = tiny_llama()
+    inputs = [ids(9, seed=s) for s in range(6)]
+    compiled = torch.compile(model, backend="q4", options={**EAGER_RTN, "calibration": [(inputs[0],)]})
+    with torch.no_grad():
+        expected = [compiled(x, use_cache=False).logits for x in inputs]  # compiled here, before the threads
+    got: dict[int, torch.Tensor] = {}
+
+    def run(indices):
+        with torch.no_grad():
+            for i in indices:
+                got[i] = compiled(inputs[i], use_cache=False).logits
+
+    threads = [threading.Thread(target=run, args=(range(k, 6, 2),)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[i], expected[i]) for i in range(6))
