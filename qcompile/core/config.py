@@ -22,14 +22,13 @@ strings are taken as they are (`Q4_PIPELINE=` is the empty pipeline).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from qcompile.core.pass_api import parse_value
+from qcompile.core.pass_api import named, parse_value
 from qcompile.core.recipes import DEFAULT_RECIPE
 
 __all__ = ["Q4Options", "resolve_options", "ENV_PREFIX", "env_names"]
@@ -131,11 +130,7 @@ def _check(name: str, value: Any, where: str) -> Any:
 
 def _named(words: list[str], valid: Iterable[str]) -> str:
     """'a' (did you mean 'b'?), 'c' -- for error messages about unknown names."""
-    parts = []
-    for word in words:
-        close = difflib.get_close_matches(word, list(valid), n=1)
-        parts.append(repr(word) + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ", ".join(parts)
+    return ", ".join(named(word, valid) for word in words)
 
 
 def resolve_options(options: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ) -> Q4Options:

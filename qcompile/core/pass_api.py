@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import re
 import typing
 from collections import Counter
@@ -217,7 +218,7 @@ class QPass(PassBase):
             if key not in fields:
                 valid = ", ".join(fields) or "(this pass takes no options)"
                 raise PipelineError(
-                    f"pass {cls.name!r} has no option {key!r}; valid options: {valid}"
+                    f"pass {cls.name!r} has no option {named(key, fields)}; valid options: {valid}"
                 )
             field = fields[key]
             where = f"option {key!r} of pass {cls.name!r}"
@@ -290,11 +291,17 @@ def registry_restored() -> Iterator[None]:
         _REGISTRY.update(saved)
 
 
+def named(word: str, valid: Iterable[str]) -> str:
+    """`'word'`, with ` (did you mean 'close'?)` when a valid name is close: for errors about unknown names."""
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return repr(word) + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def get_pass_class(name: str) -> type[QPass]:
     passes = registry()
     if name not in passes:
         valid = ", ".join(sorted(passes))
-        raise PipelineError(f"unknown pass {name!r}; registered passes: {valid}")
+        raise PipelineError(f"unknown pass {named(name, passes)}; registered passes: {valid}")
     return passes[name]
 
 

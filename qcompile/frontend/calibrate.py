@@ -210,8 +210,8 @@ class CalibrationCache:
 
     def memo_for(self, weights: Sequence[torch.Tensor], calibration: Any) -> Memo:
         """The memo shared by the graphs reading any of `weights` and calibrated on `calibration`
-        (a new one if none is). Its keys hash each step's tensor inputs, not the statistics, so
-        it is shared only by graphs with the same calibration."""
+        (a new one if none is). Its keys name each step, linear and arguments, not the
+        statistics, so it is shared only by graphs with the same calibration."""
         found = (self._recent(self._memos, w, calibration) for w in weights)
         memo = next((m for m in found if m is not None), None)
         if memo is None:

@@ -10,8 +10,9 @@ front of a quantizer, distorts the range the quantizer sees. It folds exactly in
 
 (`div` by c likewise, with 1 / c.) A multiply is folded only where that is provably the same
 function: the constant broadcasts along the last dimension only (shape [C], [1] or a scalar),
-the folded-away node has no other reader, and a multiply feeding linears is folded into them
-only when every reader is a linear with a constant weight. A norm's own weight (`weight * h`
+the folded-away node has no other reader. A multiply that linears (with constant weights) read
+beside other ops is folded into those linears' columns and stays for the others: no quantizer
+reads a scaled input, and the other readers see what they saw. A norm's own weight (`weight * h`
 after the RMS normalization, or layer_norm's weight) stays where it is: it is where migrated
 scales live, and folding it into the linears would undo the migration; so does the multiply
 migrate-scales puts on attention's output (`ir.MIGRATION_SCALE`).
@@ -103,7 +104,9 @@ _ROTATE = torch.ops.q4.rotate.default
 def per_channel_scales_are_folded(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Once fold-scales has run: no constant multiply (other than a norm's own weight) produces a
     quantized linear's input (through its quantize, rotation and casts) or reads its output; the
-    kernel epilogue is the only per-channel arithmetic left around a quantized linear."""
+    kernel epilogue is the only per-channel arithmetic left around a quantized linear. (A linear
+    whose output also goes elsewhere, as into GPT-2's tanh GELU `0.5 * x * (1 + tanh(...x...))`,
+    keeps its multiply: no epilogue can scale one use and not the other.)"""
     if node.op == "call_function" and node.target is torch.ops.q4.quantize_per_tensor.default:
         producer = node.args[0]
         while isinstance(producer, fx.Node) and producer.op == "call_function" and (
@@ -113,7 +116,7 @@ def per_channel_scales_are_folded(gm: fx.GraphModule, node: fx.Node) -> str | No
         if isinstance(producer, fx.Node) and constant_scale(gm, producer) and not is_kept_scale(gm, producer):
             return f"its input comes from a constant multiply %{producer.name} that fold-scales left"
     q = qlinear.match(node)
-    if q is not None and q.quantized:
+    if q is not None and q.quantized and len(node.users) == 1:
         for user in node.users:
             if constant_scale(gm, user):
                 return f"its output is multiplied by a constant in %{user.name}, which belongs in the epilogue"
@@ -131,26 +134,29 @@ class FoldScales(QPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in self.nodes(gm):
-            if node.op != "call_function" or not node.users:
-                continue
-            found = constant_scale(gm, node)
-            if found is None or is_kept_scale(gm, node):
-                continue
-            x, c = found
-            channels = ir.fake_value(node).shape[-1] if ir.fake_value(node) is not None else None
-            if c.dim() == 1 and c.shape[0] not in (1, channels):
-                continue
-            rules = (self._into_norm, self._into_scale, self._into_columns, self._into_rows)
-            if any(rule(gm, node, x, c) for rule in rules):  # the first that applies folds it
-                modified = True
-            elif (any(qlinear.constant_weight(gm, u) is not None for u in node.users)
-                  or qlinear.constant_weight(gm, x) is not None):
-                self.count("scales-left")
+            if node.op == "call_function" and node.users:
+                modified |= self._fold(gm, node)
         if modified:
             gm.graph.eliminate_dead_code()
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _fold(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Fold `node` if it is a constant scale: by the first rule that applies."""
+        found = constant_scale(gm, node)
+        if found is None or is_kept_scale(gm, node):
+            return False
+        x, c = found
+        channels = ir.fake_value(node).shape[-1] if ir.fake_value(node) is not None else None
+        if c.dim() == 1 and c.shape[0] not in (1, channels):
+            return False
+        rules = (self._into_norm, self._into_scale, self._into_columns, self._into_rows, self._into_some_columns)
+        if any(rule(gm, node, x, c) for rule in rules):
+            return True
+        if any(qlinear.constant_weight(gm, u) is not None for u in node.users) or qlinear.constant_weight(gm, x) is not None:
+            self.count("scales-left")
+        return False
 
     def _constant(self, gm: fx.GraphModule, stem: str, value: torch.Tensor, before: fx.Node, source: fx.Node) -> fx.Node:
         with gm.graph.inserting_before(before):
@@ -190,13 +196,32 @@ class FoldScales(QPass):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         self.count("scales-folded-into-scales")
+        self._fold(gm, new)  # the merged scale folds on (`linear(x * 2 / 3)`: into the columns); the sweep is past it
         return True
 
     def _into_columns(self, gm, node, x, c) -> bool:
         """linear(mul(x, c), W) -> linear(x, W * c) for every reader, all linears with constant weights."""
         users = list(node.users)
-        if not users or any(qlinear.constant_weight(gm, u) is None or u.args[0] is not node for u in users):
+        if not users or any(not self._reads_as_input(gm, u, node) for u in users):
             return False
+        self._fold_columns(gm, node, x, c, users)
+        gm.graph.erase_node(node)
+        return True
+
+    def _into_some_columns(self, gm, node, x, c) -> bool:
+        """The same for the readers that are linears when other ops read the multiply too (say
+        `h = x / n` feeding a linear and a matmul): the multiply stays for those others only."""
+        users = [u for u in node.users if self._reads_as_input(gm, u, node)]
+        if not users:
+            return False
+        self._fold_columns(gm, node, x, c, users)
+        return True
+
+    @staticmethod
+    def _reads_as_input(gm, user: fx.Node, node: fx.Node) -> bool:
+        return qlinear.constant_weight(gm, user) is not None and user.args[0] is node
+
+    def _fold_columns(self, gm, node, x, c, users: list[fx.Node]) -> None:
         for lin in users:
             weight = qlinear.constant_weight(gm, lin)
             new_w = self._constant(gm, str(lin.args[1].meta.get(ir.FQN, lin.args[1].target)),
@@ -205,9 +230,7 @@ class FoldScales(QPass):
             lin.update_arg(1, new_w)
             if ir.CALIB in lin.meta:  # the linear now reads x = (x * c) / c
                 lin.meta[ir.CALIB] = lin.meta[ir.CALIB].scaled(c.expand(weight.shape[1]))
-        gm.graph.erase_node(node)
         self.count("scales-folded-into-columns")
-        return True
 
     def _into_rows(self, gm, node, x, c) -> bool:
         """mul(linear(x, W, b), c) -> linear(x, W * c[:, None], b * c), the linear read only here."""

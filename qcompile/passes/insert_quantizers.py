@@ -112,6 +112,7 @@ activations and the rest what the second run says.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -127,13 +128,60 @@ from qcompile.core.select import LinearFilter
 from qcompile.kernels import formats
 
 q4 = torch.ops.q4
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the q4 ops compute in
 FLOAT_ACTIVATIONS = 16  # a-bits=16: weight-only quantization, the linear reads x as it is
 
-# Ops that multiply by a weight-like constant but are not (yet) quantized: counted, left in float.
+# Ops that multiply by a weight-like constant but are not (yet) quantized: counted, left in float
+# with a reason (so is any op named *grouped_mm*: a mixture of experts' grouped GEMM).
 UNHANDLED = {
     ir.aten.matmul.default, ir.aten.mm.default, ir.aten.bmm.default, ir.aten.addmm.default,
     ir.aten.einsum.default, ir.aten.conv1d.default, ir.aten.conv2d.default, ir.aten.conv3d.default,
 }
+# What a weight passes through on its way into such an op (3-D expert weights: transposed, indexed).
+_WEIGHT_VIEWS = {
+    ir.aten.t.default, ir.aten.transpose.int, ir.aten.permute.default, ir.aten.view.default,
+    ir.aten.reshape.default, ir.aten.expand.default, ir.aten.unsqueeze.default, ir.aten.index.Tensor,
+    ir.aten.select.int, ir.aten.slice.Tensor, ir.aten.contiguous.default, ir.aten.clone.default,
+    ir.aten._to_copy.default, ir.aten.to.dtype,
+}
+# From a router's logits to the experts it picks: no more than a few of these ops lie between.
+_ROUTER_PATH = {
+    ir.aten.softmax.int, ir.aten._softmax.default, ir.aten.sigmoid.default, ir.aten._to_copy.default,
+    ir.aten.to.dtype, ir.aten.view.default, ir.aten.reshape.default, ir.aten.add.Tensor,
+}
+
+
+def _weight_constant(gm: fx.GraphModule, node: Any, depth: int = 6) -> fx.Node | None:
+    """The constant of at least 2 dimensions `node` is a view, slice or gather of, if any."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        value = ir.get_constant(gm, node)
+        if value is not None:
+            return node if value.dim() >= 2 and value.is_floating_point() else None
+        if node.op != "call_function" or node.target not in _WEIGHT_VIEWS:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _unhandled_weight_op(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The constant weight a matmul-like op other than aten.linear reads, if any."""
+    if node.op != "call_function" or not (node.target in UNHANDLED or "grouped_mm" in str(node.target)):
+        return None
+    return next((c for c in map(lambda a: _weight_constant(gm, a), node.args) if c is not None), None)
+
+
+def _picks_experts(node: fx.Node, depth: int = 4) -> bool:
+    """Does this linear's output choose experts (reach an aten.topk through a softmax, a cast, a
+    view)? Then it is a mixture of experts' router."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        if any(u.target is ir.aten.topk.default for u in frontier):
+            return True
+        frontier = [u for u in frontier if u.target in _ROUTER_PATH]
+    return False
 
 
 @dataclass(frozen=True)
@@ -225,9 +273,11 @@ class InsertQuantizers(QPass):
         linears = LinearFilter(skip=opts.skip, only=opts.only)
         modified = False
         for node in self.nodes(gm):
-            if node.op == "call_function" and node.target in UNHANDLED and any(
-                ir.get_constant(gm, a) is not None for a in node.args
-            ):
+            weight_of = _unhandled_weight_op(gm, node)
+            if weight_of is not None:
+                op = str(node.target).removesuffix(".default")
+                shape = "x".join(map(str, ir.get_constant(gm, weight_of).shape))
+                node.meta[ir.FLOAT_REASON] = f"{op} of a constant {shape} weight: no quantized kernel for this op"
                 self.count("unhandled-ops-in-float")
             q = qlinear.match(node)
             if q is None or q.quantized or ir.QUANTIZED in node.meta or ir.LOW_RANK in node.meta \
@@ -238,10 +288,14 @@ class InsertQuantizers(QPass):
             reason = None
             if weight is None:
                 reason = "its weight is not a constant 2-D float tensor"
+            elif weight.dtype not in KERNEL_DTYPES:
+                reason = f"its weight is {str(weight.dtype).removeprefix('torch.')}: the q4 kernels take float32, float16, bfloat16"
             elif stats is None:
                 reason = "no calibration statistics reach it"
             elif linears.skips(node):
                 reason = f"its module path matches skip={opts.skip!r}"
+            elif _picks_experts(node):
+                reason = "a mixture-of-experts router: its output picks the experts (top-k), which rounding would change"
             elif opts.unmatched == "float" and node.meta.get(ir.MIGRATION, {}).get("status") == "unmatched":
                 reason = "unmatched=float: migration found no structure"
             if reason is not None:

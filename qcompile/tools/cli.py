@@ -7,6 +7,7 @@
     qcompile eval [...]                      the accuracy table (`python -m qcompile.tools.accuracy --help`)
     qcompile bench kernels|prefill|decode|artifact [...]   the speed tables (`python -m qcompile.tools.bench --help`)
     qcompile generate --prompt TEXT [...]    quantize, generate greedily, print the text and tokens/s (`--help`)
+    qcompile zoo-matrix [...]                every recipe on tiny models of twelve architectures, fp32/fp16/bf16 (`--help`)
 
 `passes --import my_package.my_passes` imports modules first, so passes they register (with
 `qcompile.core.pass_api.register_pass`) are listed beside qcompile's own.
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         "bench": ("qcompile.tools.bench", "the speed tables: bench kernels|prefill|decode|artifact (qcompile bench --help)"),
         "generate": ("qcompile.tools.generate", "quantize a model, generate from a prompt, print text and tokens/s "
                                                 "(qcompile generate --help)"),
+        "zoo-matrix": ("qcompile.tools.zoo_matrix", "every recipe on tiny models of twelve architectures in fp32/fp16/bf16 "
+                                                    "(qcompile zoo-matrix --help)"),
     }
     for command, (_, text) in delegated.items():
         sub.add_parser(command, help=text, add_help=False)
@@ -78,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command in delegated:
         module = importlib.import_module(delegated[args.command][0])
-        module.main(rest)
+        status = module.main(rest)
+        if isinstance(status, int) and status:
+            sys.exit(status)  # zoo-matrix: a failing cell
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,6 +1,10 @@
 """`qcompile explain`: what q4 does to a shipped model, linear by linear (`qcompile.api.explain`).
 
-    qcompile explain [--model smollm2|minilm] [--recipe w4a4] [--pipeline TEXT] [--tokens 256] [--json FILE]
+    qcompile explain [--model smollm2|minilm|tiny-FAMILY] [--recipe w4a4] [--pipeline TEXT] [--tokens 256] [--json FILE]
+
+`--model tiny-mixtral` (any family of `qcompile.tools.tiny_models`, as `qcompile zoo-matrix`
+compiles them) explains the tiny random-weight model of that architecture, calibrated on random
+token ids: which of its linears run quantized, and why the others stay in float.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from typing import Any
 from qcompile.api.explain import ExplainReport, explain
 from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
 from qcompile.tools import zoo
+from qcompile.tools.tiny_models import FAMILIES
+
+TINY = [f"tiny-{name}" for name in FAMILIES]
 
 
 def main(argv: list[str] | None = None) -> ExplainReport:
@@ -22,8 +29,9 @@ def main(argv: list[str] | None = None) -> ExplainReport:
                     "float), its input's outlier ratio before and after migration/rotation, and its local "
                     "quantization SQNR on Emma tokens; the passes with times and statistics; the pipeline "
                     "that reproduces it. Nothing is lowered or compiled.")
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "minilm"),
-                        help="shipped model: SmolLM2-135M (default) or all-MiniLM-L6-v2")
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "minilm", *TINY), metavar="MODEL",
+                        help="shipped model: smollm2 (SmolLM2-135M, default) or minilm (all-MiniLM-L6-v2); or a "
+                             f"tiny random-weight model of an architecture: {', '.join(TINY)}")
     parser.add_argument("--recipe", default=None,
                         help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or Q4_RECIPE)")
     parser.add_argument("--pipeline", default=None, help="a pipeline string replacing the recipe's")
@@ -42,14 +50,19 @@ def main(argv: list[str] | None = None) -> ExplainReport:
     if args.pipeline is not None:
         options["pipeline"] = args.pipeline
 
-    if args.model == "smollm2":
-        model, tokenizer = zoo.load_smollm2()
-        extra = {"use_cache": False}  # no KV cache output: v_proj rows can take o_proj's migration
+    if args.model in TINY:
+        family = FAMILIES[args.model.removeprefix("tiny-")]
+        model = family.build()
+        calibration = [family.inputs(seed, batch=1, seq=args.window) for seed in range(-(-args.tokens // args.window))]
     else:
-        model, tokenizer = zoo.load_minilm()
-        extra = {}
-    windows = zoo.token_windows(tokenizer, "emma", args.tokens, args.window)
-    calibration = [{"input_ids": ids, **extra} for ids in windows]
+        if args.model == "smollm2":
+            model, tokenizer = zoo.load_smollm2()
+            extra = {"use_cache": False}  # no KV cache output: v_proj rows can take o_proj's migration
+        else:
+            model, tokenizer = zoo.load_minilm()
+            extra = {}
+        windows = zoo.token_windows(tokenizer, "emma", args.tokens, args.window)
+        calibration = [{"input_ids": ids, **extra} for ids in windows]
     report = explain(model, calibration[0], calibration=calibration, **options)
     print(report)
     if args.json:

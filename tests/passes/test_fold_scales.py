@@ -99,3 +99,52 @@ def test_calibration_stats_follow_a_fold_into_columns():
     # free now reads x itself, not x / layer_scale
     torch.testing.assert_close(free.meta[ir.CALIB].absmax, x.abs().amax(dim=(0, 1)))
     assert not torch.allclose(absmax_before, free.meta[ir.CALIB].absmax)
+
+
+class SharedScale(torch.nn.Module):
+    """A scaled activation read by a linear and by a matmul, as in `(a(h) @ b(h).T) @ h` with
+    `h = x / n` (found by tests/fuzz): the linear's input is scaled, but not only for it; and two
+    scales in a row, which merge into one that must fold on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("scale", torch.rand(16) + 0.5)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = x * self.scale / 3
+        return self.lin(h) @ h.transpose(-1, -2)
+
+
+def test_a_scale_read_by_a_linear_and_another_op_folds_into_the_linear_and_stays_for_the_other():
+    x = torch.randn(2, 5, 16)
+    gm = capture(SharedScale().eval(), x)
+    before = first_output(gm, x).detach().clone()
+    result, stats = run_pass("fold-scales", gm)
+    assert stats["scales-folded-into-scales"] == 1 and stats["scales-folded-into-columns"] == 1
+    lin = next(n for n in result.graph_module.graph.nodes if n.target is ir.aten.linear.default)
+    assert lin.args[0].op == "placeholder"  # the linear reads x; the matmul still reads x * scale / 3
+    torch.testing.assert_close(first_output(result.graph_module, x), before, rtol=1e-5, atol=1e-5)
+    run_pass("insert-quantizers", gm)
+    run_pass("fuse-kernels", gm)
+    verify(gm)  # before the fix: a scale fold-scales left in front of the linear's quantizer
+
+
+class Chained(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.lin(x * 2.0 / 3)
+
+
+def test_two_scales_in_a_row_merge_and_fold_into_the_linear():
+    x = torch.randn(2, 5, 16)
+    chained = capture(Chained().eval(), x)
+    before = first_output(chained, x).detach().clone()
+    _, stats = run_pass("fold-scales", chained)
+    assert stats["scales-folded-into-scales"] == 1 and stats["scales-folded-into-columns"] == 1
+    assert "aten.mul" not in chained.code and "aten.div" not in chained.code
+    torch.testing.assert_close(first_output(chained, x), before, rtol=1e-5, atol=1e-5)

@@ -141,6 +141,11 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
     for node in final_gm.graph.nodes:
         q = qlinear.match(node)
         if q is None:
+            if ir.FLOAT_REASON in node.meta:  # another op reading a weight (a grouped expert GEMM)
+                described.append((node, dict(graph=graph, module=ir.module_path(node) or node.name, runs_as="float",
+                                             w_bits=None, a_bits=None, float_reason=node.meta[ir.FLOAT_REASON],
+                                             migration="-", rotation="-", split=0, first_token="-",
+                                             outliers_before=None, node=node.name)))
             continue
         module = ir.module_path(node) or node.name
         original = recorder.origin.get(node.name)
@@ -179,5 +184,6 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
     if probes:
         with torch.no_grad():
             _Measure(final_gm, probes).run(*inputs)
-    return [LinearRow(**fields, outliers_after=probes[node].ratio, sqnr_db=probes[node].sqnr)
+    return [LinearRow(**fields, outliers_after=probes[node].ratio if node in probes else None,
+                      sqnr_db=probes[node].sqnr if node in probes else None)
             for node, fields in described]
