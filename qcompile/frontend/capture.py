@@ -45,21 +45,28 @@ class Frame:
         return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
 
 
-def calling_modules() -> list[torch.nn.Module]:
-    """The modules whose calls are running now, outermost first: every `self` on the Python
-    stack that is an nn.Module, a compiled module (`torch.compile(model)`) as the model itself.
-    While Dynamo compiles a graph after a graph break, the model the user called is among them:
-    the one whose forward calibration batches fit."""
+def _running_modules() -> list[torch.nn.Module]:
+    """Every nn.Module that is `self` in a frame on the Python stack, innermost first."""
     found: list[torch.nn.Module] = []
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_locals.get("self")
-        if isinstance(module, torch.nn.Module):
-            module = getattr(module, "_orig_mod", module)  # torch._dynamo's OptimizedModule
-            if not any(m is module for m in found):
-                found.append(module)
+        if isinstance(module, torch.nn.Module) and not any(m is module for m in found):
+            found.append(module)
         frame = frame.f_back
-    return found[::-1]
+    return found
+
+
+def calling_modules() -> list[torch.nn.Module]:
+    """The modules whose calls are running now, outermost first, a compiled module
+    (`torch.compile(model)`) as the model itself. While Dynamo compiles a graph after a graph
+    break, the model the user called is among them: the one whose forward calibration batches fit."""
+    found: list[torch.nn.Module] = []
+    for module in reversed(_running_modules()):
+        module = getattr(module, "_orig_mod", module)  # torch._dynamo's OptimizedModule
+        if not any(m is module for m in found):
+            found.append(module)
+    return found
 
 
 def compiled_frame() -> Frame:
@@ -114,17 +121,9 @@ def graph_state(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, tupl
 def compiled_model() -> torch.nn.Module | None:
     """The model being run through torch.compile now: the one the innermost compiled module on
     the stack wraps, else the outermost running module (a compiled forward), else None."""
-    modules: list[torch.nn.Module] = []
-    frame = sys._getframe(1)
-    while frame is not None:
-        module = frame.f_locals.get("self")
-        if isinstance(module, torch.nn.Module):
-            orig = getattr(module, "_orig_mod", None)  # torch._dynamo's OptimizedModule
-            if isinstance(orig, torch.nn.Module):
-                return orig
-            modules.append(module)
-        frame = frame.f_back
-    return modules[-1] if modules else None
+    running = _running_modules()
+    wrapped = [m._orig_mod for m in running if isinstance(getattr(m, "_orig_mod", None), torch.nn.Module)]
+    return wrapped[0] if wrapped else running[-1] if running else None
 
 
 # --- a static KV cache's length -------------------------------------------------------------------

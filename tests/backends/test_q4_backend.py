@@ -396,26 +396,3 @@ def test_a_parameter_changed_in_place_after_compiling_is_an_error():
         with pytest.raises(RuntimeError, match=r"parameter 'model.layers.1.self_attn.o_proj.weight' was changed "
                                                r"in place after graph .* quantized it.*Quantize the changed model again"):
             compiled(x, use_cache=False)
-
-
-def test_two_threads_calling_one_compiled_model_get_what_one_thread_gets():
-    import threading
-
-    model = tiny_llama()
-    inputs = [ids(9, seed=s) for s in range(6)]
-    compiled = torch.compile(model, backend="q4", options={**EAGER_RTN, "calibration": [(inputs[0],)]})
-    with torch.no_grad():
-        expected = [compiled(x, use_cache=False).logits for x in inputs]  # compiled here, before the threads
-    got: dict[int, torch.Tensor] = {}
-
-    def run(indices):
-        with torch.no_grad():
-            for i in indices:
-                got[i] = compiled(inputs[i], use_cache=False).logits
-
-    threads = [threading.Thread(target=run, args=(range(k, 6, 2),)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(got[i], expected[i]) for i in range(6))
