@@ -5,6 +5,8 @@
     python -m qcompile.tools.bench decode [--prompt-tokens 64] [--new-tokens 128] [--batch 1,4]
                                           [--recipes w4a4,w4a8,w4a16] [--repeats 3] [--calibration-batches 2] [--tiny]
     python -m qcompile.tools.bench artifact [--recipe w4a4] [--calibration-tokens 4096] [--prompt-tokens 256]
+    python -m qcompile.tools.bench memory [--recipe w4a4] [--calibration-tokens 4096] [--window 512]
+                                          [--lower eager|inductor] [--tiny]
 
 kernels: one quantized linear on Llama-2-7B shapes (K x N) for each M.
   CPU: FP32 `F.linear` against the q4 CPU paths as a compiled model runs them, lowered through
@@ -37,6 +39,16 @@ artifact: how long `qcompile.quantize` takes (calibration, passes, compile, firs
   them), and whether the loaded model's logits equal the quantized
   model's bit for bit; the target is < 25%.
 
+memory: peak memory of `qcompile.quantize` (calibration, passes, first call) of SmolLM2-135M (or a
+  tiny random Llama) against the FP32 model's size, in a fresh process: the baseline is its
+  resident memory after the imports, before the model loads; M the model's parameter bytes; A
+  one calibration batch of activations (the peak of a plain FP32 forward of the first batch above
+  the loaded model); the quantize peak is above the baseline, so it holds the model itself. The
+  target is 2M + A: the model, one more copy of its weights (statistics, quantized constants),
+  and one batch in flight. Lowering is eager by default, so the number is about quantizing, not
+  about Inductor's compile (--lower inductor measures that too). Linux only for the peaks (a
+  reset of VmHWM); elsewhere they are the whole process's.
+
 Each repetition calls every variant once, in turn, so load from other processes hits all alike;
 tables show the median after a warm-up call (which compiles).
 """
@@ -51,7 +63,7 @@ from collections.abc import Callable
 import torch
 from tabulate import tabulate
 
-from qcompile.core.recipes import RECIPES
+from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288))  # (K, N)
 M_VALUES = (1, 16, 128, 2048, 8192)
@@ -524,6 +536,97 @@ def load_artifact(directory: str, work: str, prompt_file: str, trust_compiled: b
     (Path(work) / "result.json").write_text(json.dumps({"seconds": seconds, "calibrated": bool(calibrated)}))
 
 
+# --- memory --------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    """This process's resident set now (VmRSS); 0 without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _settle() -> int:
+    """Collect garbage and give freed memory back to the system, so the next peak starts from
+    live memory only (glibc keeps freed blocks resident until asked); returns the RSS then."""
+    import gc
+
+    from qcompile.backends.memory import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
+    return _rss_bytes()
+
+
+def memory_row(spec: dict) -> dict:
+    """`bench memory` in this (fresh) process: baseline RSS after the imports, the model's bytes,
+    one batch's activations, then the peak while quantizing (first call included)."""
+    import torch._dynamo  # noqa: F401 - imported before the baseline: quantize's imports are not its memory
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import qcompile
+    from qcompile.tools import zoo
+
+    baseline = _settle()
+    tokens, window = spec["calibration_tokens"], spec["window"]
+    if spec["tiny"]:
+        model = _tiny_llama()
+        gen = torch.Generator().manual_seed(1)
+        windows = list(torch.randint(0, 256, (1, tokens), generator=gen).split(window, dim=1))
+    else:
+        model, tokenizer = zoo.load_smollm2()
+        windows = zoo.token_windows(tokenizer, "emma", tokens, window)
+    calibration = [{"input_ids": ids, "use_cache": False} for ids in windows]
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+
+    loaded = _settle()
+    resettable = _peak_rss_reset()
+    with torch.no_grad():
+        model(**calibration[0])
+    activations = _peak_rss_bytes() - loaded
+
+    _settle()
+    _peak_rss_reset()
+    qmodel = qcompile.quantize(model, calibration, recipe=spec["recipe"], lower=spec["lower"], progress=False)
+    peak = _peak_rss_bytes() - baseline
+    return {"baseline": baseline, "loaded": loaded - baseline, "model_bytes": model_bytes,
+            "activations": activations, "peak": peak, "after": _settle() - baseline, "seconds": qmodel.seconds,
+            "peak_reset": resettable, "batches": len(calibration),
+            "tokens": sum(b["input_ids"].numel() for b in calibration), "threads": torch.get_num_threads()}
+
+
+def bench_memory(recipe: str, calibration_tokens: int, window: int, lower: str, tiny: bool) -> str:
+    """Run `memory_row` in a fresh process (its own baseline and peak) and print its table."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    spec = {"recipe": recipe, "calibration_tokens": calibration_tokens, "window": window, "lower": lower, "tiny": tiny}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "memory-row", json.dumps(spec), out], check=True)
+        with open(out) as f:
+            r = json.load(f)
+    mib = 2**20
+    target = 2 * r["model_bytes"] + r["activations"]
+    row = [recipe, r["model_bytes"] / mib, r["activations"] / mib, r["peak"] / mib, target / mib,
+           r["peak"] / target, r["seconds"]]
+    name = "tiny random Llama" if tiny else "SmolLM2-135M"
+    title = (f"{name} {recipe}, calibration {r['tokens']} tokens {'(random)' if tiny else 'of Emma'} in "
+             f"{r['batches']} batches, lower={lower}, {r['threads']} CPU threads, a fresh process: baseline "
+             f"(after imports) {r['baseline'] / mib:.0f} MiB; model loaded {r['loaded'] / mib:.0f} MiB above it; "
+             f"after quantize {r['after'] / mib:.0f} MiB above it"
+             + ("" if r["peak_reset"] else "; peaks are the whole process's (no /proc/self/clear_refs)"))
+    table = tabulate([row], headers=["recipe", "model MiB (M)", "one batch's activations MiB (A)",
+                                     "quantize peak above baseline MiB", "target 2M + A MiB", "peak / target",
+                                     "quantize s"], floatfmt=("", ".1f", ".1f", ".1f", ".1f", ".2f", ".1f"))
+    return title + "\n" + table
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -572,6 +675,16 @@ def main(argv: list[str] | None = None) -> None:
     artifact.add_argument("--dir", default="q4-artifact-bench", help="where to save the artifact")
     artifact.add_argument("--no-compiling-load", action="store_true",
                           help="skip the load that compiles its kernels itself (the slow row)")
+    memory = sub.add_parser("memory", help="peak memory of qcompile.quantize against the FP32 model's size")
+    memory.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES))
+    memory.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of Emma to calibrate on")
+    memory.add_argument("--window", type=int, default=512, help="tokens per calibration batch")
+    memory.add_argument("--lower", default="eager", choices=("eager", "inductor"),
+                        help="lowering of the first call (default eager: the peak of quantizing, not of compiling)")
+    memory.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama instead of SmolLM2")
+    memory_internal = sub.add_parser("memory-row", help="(internal) the fresh process of `bench memory`")
+    memory_internal.add_argument("spec", help="the run as JSON")
+    memory_internal.add_argument("out", help="where to write the result as JSON")
     internal = sub.add_parser("load-artifact", help="(internal) the fresh process of `bench artifact`")
     internal.add_argument("directory")
     internal.add_argument("work")
@@ -579,7 +692,17 @@ def main(argv: list[str] | None = None) -> None:
     internal.add_argument("--trust-compiled", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.command == "artifact":
+    if args.command == "memory":
+        if args.calibration_tokens < 1 or args.window < 1:
+            parser.error("--calibration-tokens and --window must be positive")
+        print(bench_memory(args.recipe, args.calibration_tokens, args.window, args.lower, args.tiny))
+    elif args.command == "memory-row":
+        import json
+
+        result = memory_row(json.loads(args.spec))
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    elif args.command == "artifact":
         print(bench_artifact(args.recipe, args.calibration_tokens, args.prompt_tokens, args.dir,
                              not args.no_compiling_load))
     elif args.command == "load-artifact":

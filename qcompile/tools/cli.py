@@ -5,7 +5,7 @@
     qcompile passes [--import MODULE|FILE.py ...]   every registered pass: summary, options, statistics
     qcompile recipes                         every recipe and its pipeline string
     qcompile eval [...]                      the accuracy table (`python -m qcompile.tools.accuracy --help`)
-    qcompile bench kernels|prefill|decode|artifact [...]   the speed tables (`python -m qcompile.tools.bench --help`)
+    qcompile bench kernels|prefill|decode|artifact|memory [...]   the speed and memory tables (`python -m qcompile.tools.bench --help`)
     qcompile generate --prompt TEXT [...]    quantize, generate greedily, print the text and tokens/s (`--help`)
     qcompile zoo-matrix [...]                every recipe on tiny models of twelve architectures, fp32/fp16/bf16 (`--help`)
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         "quantize": ("qcompile.tools.quantize", "quantize a model and save the artifact qcompile.load runs (qcompile quantize --help)"),
         "explain": ("qcompile.tools.explain", "per pass and per linear: what the pipeline did, SQNR (qcompile explain --help)"),
         "eval": ("qcompile.tools.accuracy", "the accuracy table (qcompile eval --help)"),
-        "bench": ("qcompile.tools.bench", "the speed tables: bench kernels|prefill|decode|artifact (qcompile bench --help)"),
+        "bench": ("qcompile.tools.bench", "the speed and memory tables: bench kernels|prefill|decode|artifact|memory "
+                                          "(qcompile bench --help)"),
         "generate": ("qcompile.tools.generate", "quantize a model, generate from a prompt, print text and tokens/s "
                                                 "(qcompile generate --help)"),
         "zoo-matrix": ("qcompile.tools.zoo_matrix", "every recipe on tiny models of twelve architectures in fp32/fp16/bf16 "

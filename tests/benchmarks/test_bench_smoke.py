@@ -43,3 +43,16 @@ def test_bench_prefill_prints_its_table():
     assert "speedup vs FP32 eager" in out
     assert [v for v in variants if v] == ["q4 w4a4", "q4 w4a4-rtn"]
     assert "FP32 + Inductor" in out
+
+
+def test_bench_memory_prints_its_table():
+    out = run("-m", "qcompile.tools.bench", "memory", "--tiny", "--recipe", "w4a4-rtn", "--calibration-tokens", "256",
+              "--window", "128")
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("recipe"))
+    for column in ("model MiB (M)", "one batch's activations MiB (A)", "quantize peak above baseline MiB",
+                   "target 2M + A MiB", "peak / target", "quantize s"):
+        assert column in lines[header]
+    row = lines[header + 2].split()
+    assert row[0] == "w4a4-rtn" and "2 batches, lower=eager" in out
+    assert all(float(v) > 0 for v in row[1:])
