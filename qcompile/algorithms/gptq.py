@@ -26,6 +26,8 @@ AutoGPTQ does with act order, whose column order scatters a group's columns over
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qcompile.kernels import formats
@@ -98,6 +100,11 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: 
     w = weight.detach().to(torch.float32).clone()
     h = gram.to(torch.float32).clone()
     dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate with
+    if not dead.all():
+        # GPTQ does not depend on the scale of H. Divided by the power of 4 nearest its mean live
+        # diagonal (exactly: every later step rounds as it did), the factorizations stay within
+        # float32's range: inputs of 1e-19 made a Gram matrix of 1e-38 that Cholesky could not factor.
+        h /= 4.0 ** round(math.log(torch.diag(h)[~dead].double().mean().item(), 4))
     h[dead, dead] = 1
     w[:, dead] = 0
     if group:

@@ -51,6 +51,17 @@ def test_gptq_handles_dead_channels_and_odd_k():
     assert (codes[:, 5] == 0).all()
 
 
+@pytest.mark.parametrize("scale", [1e-21, 1e16])
+def test_gptq_does_not_depend_on_the_scale_of_the_inputs(scale):
+    """Inputs of 1e-19 (products of projections of small values, found by tests/fuzz) made a Gram
+    matrix of 1e-38 whose Cholesky factorization failed ('not positive-definite'); 1e-21 here."""
+    x = correlated_inputs(256, 33)
+    weight = torch.randn(7, 33, generator=torch.Generator().manual_seed(3))
+    codes, step = gptq.quantize_gptq(weight, x.t() @ x)
+    scaled = (x.double() * scale).t() @ (x.double() * scale)
+    assert torch.equal(gptq.quantize_gptq(weight, scaled.float())[0], codes)
+
+
 def test_gram_is_accumulated_only_when_asked_and_follows_migration():
     x = torch.randn(2, 5, 8)
     stats = ChannelStats.empty(8, gram=True)
