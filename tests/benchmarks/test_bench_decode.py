@@ -51,5 +51,5 @@ def test_bench_decode_tiny_prints_every_row_at_every_batch():
     (["--batch", "0"], "must be positive"),
 ])
 def test_bench_decode_rejects_bad_options(args, message):
-    proc = bench("--tiny", *args, timeout=120)
+    proc = bench("--tiny", *args, timeout=600)  # generous: only the exit and message are checked
     assert proc.returncode == 2 and message in proc.stderr
