@@ -40,7 +40,10 @@ def test_bench_decode_tiny_prints_every_row_at_every_batch():
             cells = row[len(variant):].replace("(static cache)", "").split()
             if variant.startswith(("FP32", "q4")):  # these must run; a torchao config may say why it cannot
                 tokens_per_s, ratio, ttft, ttft_ratio, weight_mib, peak_mib = map(float, cells[1:7])
-                assert min(tokens_per_s, ratio, ttft, ttft_ratio, weight_mib, peak_mib) > 0, row
+                assert min(tokens_per_s, ttft, weight_mib, peak_mib) > 0, row
+                # ratios print with 2 decimals: a row 300x slower than eager on a loaded machine (the
+                # tiny model's numbers are noise) prints 0.00, seen in CI
+                assert min(ratio, ttft_ratio) >= 0, row
     eager_rows = [line for line in lines if line.startswith("FP32 eager ")]
     assert all(line.split()[4] == "1.00" for line in eager_rows)  # its own ratio
 
