@@ -46,3 +46,13 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected| in float64 (the exactness checks' measure); 0 for
+    empty tensors, inf when `expected` is all zeros and `got` is not."""
+    if not expected.numel():
+        return 0.0
+    diff = (got.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))

@@ -38,7 +38,7 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from qcompile.algorithms.metrics import sqnr_db
+from qcompile.algorithms.metrics import max_relative_error, sqnr_db
 from qcompile.backends.q4 import CompiledGraph, Q4Backend
 from qcompile.core import ir, qlinear
 from qcompile.core.recipes import RECIPES
@@ -91,11 +91,6 @@ class Cell:
         return found
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.double(), expected.double()
-    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def pipeline_of(recipe: str, quick: bool) -> str:
     pipeline = RECIPES[recipe]
     return pipeline.replace(*QUICK_LEARNING) if quick else pipeline
@@ -144,9 +139,9 @@ def run_cell(family: str, dtype: str, recipe: str, lower: str = "eager", quick: 
                 reference = expected
             else:  # the half model's own rounding, measured against its fp32 copy
                 reference = fam.output(fam.build(dtype=torch.float32)(**run))
-                cell.exact_bound = max(EXACT_FP32, EXACT_HALF_FACTOR * relative_error(expected, reference))
+                cell.exact_bound = max(EXACT_FP32, EXACT_HALF_FACTOR * max_relative_error(expected, reference))
         unrounded, _ = _compile_and_run(model, pipeline, calibration, run, lower, rounding=False)
-        cell.exact_error = relative_error(fam.output(unrounded), reference)
+        cell.exact_error = max_relative_error(fam.output(unrounded), reference)
         fused, graphs = _compile_and_run(model, pipeline, calibration, run, lower)
         fake, _ = _compile_and_run(model, pipeline, calibration, run, lower, disable="fuse-kernels")
         fused, fake = fam.output(fused).double(), fam.output(fake).double()

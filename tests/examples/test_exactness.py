@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qcompile.algorithms import split_channels
+from qcompile.algorithms.metrics import max_relative_error
 from qcompile.backends import q4 as q4_backend
 from qcompile.core.recipes import RECIPES
 from qcompile.tools import zoo
@@ -22,10 +23,6 @@ from tests.helpers.recipes import quick
 TOLERANCE = 1e-4
 # w4a4 learns its rotations; w4a4-split splits channels (MergeQuant's dimensional reconstruction)
 PIPELINES = {"w4a4-hadamard": RECIPES["w4a4-hadamard"], "w4a4": quick("w4a4"), "w4a4-split": RECIPES["w4a4-split"]}
-
-
-def max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
 def compile_unrounded(model, calibration, pipeline):

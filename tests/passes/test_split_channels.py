@@ -10,6 +10,7 @@ from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.algorithms import split_channels
+from qcompile.algorithms.metrics import max_relative_error
 from qcompile.api.testing import capture
 from qcompile.core import ir
 from qcompile.core.pass_api import PipelineError
@@ -27,10 +28,6 @@ def planted_graph():
         model.model.layers[0].input_layernorm.weight[OUTLIER] *= 40
     x = inputs()
     return capture(model, x, use_cache=False), x
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).abs().max() / before.abs().max()).item()
 
 
 def q_proj(gm, layer: int = 0):
@@ -53,7 +50,7 @@ def test_before_after_ir_splits_the_planted_outlier_and_is_exact():
     assert ir.get_constant(gm, q.args[1]).shape == (64, 64 + extra)
     index = ir.get_constant(gm, q.args[0].args[2])
     assert torch.equal(index[:64], torch.arange(64)) and (index[64:] == OUTLIER).any()
-    assert relative_error(first_output(gm, x), before) <= 1e-4
+    assert max_relative_error(first_output(gm, x), before) <= 1e-4
 
 
 def test_budget_zero_changes_nothing_and_a_negative_budget_is_refused():
@@ -93,7 +90,7 @@ def test_a_split_is_exact_in_real_arithmetic_on_every_family(family, monkeypatch
     result, stats = run_pass("split-channels", gm, budget=6, skip="^$")
     assert stats["groups-split"] > 0 and stats["channels-added"] == 6 * stats["groups-split"]
     assert stats["linears-split"] == groups
-    assert relative_error(first_output(result.graph_module, x), before) <= 1e-4
+    assert max_relative_error(first_output(result.graph_module, x), before) <= 1e-4
 
 
 def test_fold_scales_folds_the_multiply_into_the_norm():
@@ -107,7 +104,7 @@ def test_fold_scales_folds_the_multiply_into_the_norm():
     assert not any("split_multiplier" in str(a.target) for a in norm.args if isinstance(a, torch.fx.Node))
     assert not any(n.op == "get_attr" and "layers_0_self_attn_q_proj_split_multiplier" in str(n.target)
                    for n in gm.graph.nodes)
-    assert relative_error(first_output(gm, x), before) <= 1e-4
+    assert max_relative_error(first_output(gm, x), before) <= 1e-4
 
 
 # --- the choice -------------------------------------------------------------------------------------
