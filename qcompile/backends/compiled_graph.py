@@ -11,6 +11,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
+from qcompile.backends.range_check import RangeMonitor
 from qcompile.core import ir, qlinear
 from qcompile.frontend.capture import PromptLimit
 from qcompile.frontend.saved_artifact import Replay
@@ -27,7 +28,8 @@ class CompiledGraph:
     for it (None when the graph was loaded from a saved artifact)."""
 
     def __init__(self, graph_module: fx.GraphModule, pipeline: str, records: list, run: Callable | None,
-                 keep: list[int], graph_id: str, replay: Replay | None = None, limit: PromptLimit | None = None):
+                 keep: list[int], graph_id: str, replay: Replay | None = None, limit: PromptLimit | None = None,
+                 monitor: RangeMonitor | None = None):
         self.graph_module = graph_module
         self.pipeline = pipeline
         self.records = records
@@ -36,6 +38,7 @@ class CompiledGraph:
         self._run = run  # None when the backend stopped before lowering (`Q4Backend(stop_after=...)`)
         self._keep = keep  # the graph inputs that stay inputs (the rest were frozen)
         self._limit = limit  # a static KV cache's length, checked at each call
+        self._monitor = monitor  # `run` also returns the activations' ranges, for the range check
         self._frozen: dict[int, torch.Tensor] = {}  # the parameters frozen into it, by input index
         self._versions: dict[int, tuple[str, int, int]] = {}  # their names, in-place versions and storages
         self._compile_for: Callable[[list], CompiledGraph] | None = None
@@ -88,7 +91,8 @@ class CompiledGraph:
                 return self._variant(args)(*args)
             self._check_unchanged()
         with torch.no_grad():
-            return self._run(*[args[i] for i in self._keep])
+            outputs = self._run(*[args[i] for i in self._keep])
+        return outputs if self._monitor is None else self._monitor.split(outputs)
 
     def count_ops(self, op: Any) -> int:
         """How many nodes of the final graph call `op` (an OpOverload or OpOverloadPacket)."""

@@ -38,7 +38,7 @@ import torch
 from torch import fx
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes the pipelines name)
-from qcompile.backends import generation
+from qcompile.backends import generation, range_check
 from qcompile.backends.compiled_graph import CompiledGraph
 from qcompile.backends.lowering import lower
 from qcompile.backends.memory import release_freed_memory
@@ -130,8 +130,10 @@ class Q4Backend:
         replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
         result = _run_passes(manager, frozen, saved, replay)
         stop = self.stop_after == "passes"
+        lowered, monitor = (result.graph_module, None) if stop or not opts.range_warning else \
+            range_check.monitored(result.graph_module, graph_id)
         with torch.no_grad():
-            run = None if stop else lower(result.graph_module, inputs, opts.lower, opts.kernels, self.mode)
+            run = None if stop else lower(lowered, inputs, opts.lower, opts.kernels, self.mode)
         if not stop:
             # the statistics the passes left on the linears (rotated and rescaled copies, Gram
             # matrices included) are not read again; `replay` and the calibration cache keep the
@@ -139,7 +141,7 @@ class Q4Backend:
             for node in result.graph_module.graph.nodes:
                 node.meta.pop(ir.CALIB, None)
         graph = CompiledGraph(result.graph_module, str(pipeline), result.records, run, prepared.keep, graph_id, replay,
-                              limit)
+                              limit, monitor)
         if not stop:
             graph.bind_parameters({i: example_inputs[i] for i in prepared.names}, prepared.names,
                                   lambda args: self(gm, args, parameter_names=prepared.names))

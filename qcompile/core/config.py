@@ -75,6 +75,8 @@ class Q4Options:
     # exact, for debugging the kernels with a model's real operands)
     kernels: str = _field("auto", choices=("auto", "triton"))
     progress: bool = True  # tqdm progress bars
+    # warn once when a call's activations go far beyond the calibrated range (qcompile/backends/range_check.py)
+    range_warning: bool = True
     # a directory saved by qcompile.quantize(...).save(dir): its statistics replace calibration
     # and its pipeline replays with the saved results of its expensive steps (qcompile/frontend/saved_artifact.py)
     artifact: str | None = None

@@ -61,6 +61,9 @@ SPLIT = "q4_split"
 LOW_RANK = "q4_low_rank"
 # how insert-quantizers{sinks=true} stepped a linear's first token: "first token 8-bit" or "none: why"
 SINKS = "q4_sinks"
+# on a static activation quantizer: the largest |x| calibration saw at its input (float), for the
+# run-time check that warns when a call goes far beyond it (qcompile/backends/range_check.py)
+CALIBRATED_RANGE = "q4_calibrated_range"
 
 
 @dataclasses.dataclass(frozen=True)

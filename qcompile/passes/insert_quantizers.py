@@ -518,6 +518,9 @@ class InsertQuantizers(QPass):
                                       (x, a_step_node, opts.a_bits, *(extra or format_arg)))
             ir.mark_created(a_step_node, self.name, [node])
             ir.mark_created(x_q, self.name, [node])
+            if opts.activations != "dynamic":  # what a call far outside is measured against
+                seen = [stats.absmax, stats.sink_absmax if sinks is not None else None]
+                x_q.meta[ir.CALIBRATED_RANGE] = max(float(t.max()) for t in seen if t is not None and t.numel())
             quantizers[key] = x_q
         x_dq = graph.call_function(q4.dequantize_per_tensor.default, (x_q, x_q.args[1], dtype))
         return ir.mark_created(x_dq, self.name, [node])

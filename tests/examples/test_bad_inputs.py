@@ -223,6 +223,29 @@ def _changed_in_place():
     return model, message
 
 
+@entry("a call far outside the calibrated range (inputs 50x larger than the calibration batches)",
+       "a warning, once (the outputs those of the quantized model, as with the check off): qcompile: a call to graph N "
+       "went far outside the activation range calibrated for 2 quantized linear input(s): up (50.0x)")
+def _far_outside():
+    model = _Mlp()
+    torch._dynamo.reset()
+    options = {**QUIET, "calibration": [(_x(),)]}
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="q4", options=options)
+        usual = compiled(_x())
+        far = [compiled(_x() * 50) for _ in range(3)]
+        said = [str(w.message) for w in caught if "far outside" in str(w.message)]
+        assert len(said) == 1 and torch.equal(compiled(_x()), usual)  # once; the usual calls unchanged
+        # still correct: what the quantized model computes, the same with the check off
+        torch._dynamo.reset()
+        unchecked = torch.compile(model, backend="q4", options={**options, "range_warning": False})
+        assert unchecked(_x()).equal(usual) and all(unchecked(_x() * 50).equal(f) for f in far)
+    graph_id = said[0].split(" went")[0].split("graph ")[-1]
+    return model, ("a warning, once (the outputs those of the quantized model, as with the check off): "
+                   + said[0].replace(f"graph {graph_id} ", "graph N ", 1))
+
+
 @entry("two threads calling one compiled model", "each gets what one thread gets")
 def _threads():
     model = tiny_llama()

@@ -1,0 +1,112 @@
+"""The run-time range check: warn once when a call's activations go far beyond what calibration saw.
+
+A static activation step was chosen on the calibration batches. A call whose activations are
+many times larger (text of another kind, an input scaled by mistake, an fp16 overflow upstream)
+is clipped to the largest code: the model still computes what the quantized model computes for
+it, the same values as without the check, but that can be far from the float model. Nothing
+else would tell the user, so the lowered graph computes, beside its outputs, the largest |x| at
+each static quantizer's input divided by the largest calibration saw there (one reduction per
+quantizer, which Inductor fuses with the loop that quantizes), and the first call where one goes
+past `FAR_OUTSIDE` warns, naming the linears:
+
+    graph (final)                         lowered graph (range_check.monitored)
+    x_q = q4.quantize_per_tensor(x, s, 4)  x_q = q4.quantize_per_tensor(x, s, 4)
+    ...                                    r0 = amax(abs(x)) / 3.71   (x_q.meta[CALIBRATED_RANGE])
+    return (y,)                            ...
+                                           return (y, stack([r0, r1, ...]))
+
+`CompiledGraph` strips the last output and hands it to `RangeMonitor.check`. On CUDA the values
+are read at the next call (reading them at once would wait for the GPU at every call). Dynamic
+activations (steps per token at run time) have nothing to check. Off with the option
+`range_warning=False` (`Q4_RANGE_WARNING=0`).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+
+from qcompile.core import ir
+
+# How far beyond the calibrated max |x| a call must go to warn. Rotated statistics come from a
+# sample of the calibration tokens, so the range they give can fall a little short of the true
+# one; normal text stays well within 2x of it on SmolLM2.
+FAR_OUTSIDE = 4.0
+
+aten = torch.ops.aten
+
+
+class RangeMonitor:
+    """The sites a lowered graph checks (in the order of its extra output) and the warning."""
+
+    def __init__(self, graph_id: str, sites: list[str]):
+        self.graph_id, self.sites = graph_id, sites
+        self._warned = False
+        self._pending: torch.Tensor | None = None  # CUDA: this call's ratios, read at the next call
+        self._lock = threading.Lock()
+
+    def split(self, outputs: Any) -> Any:
+        """The graph's own outputs, checking (or keeping, on CUDA) the ratios appended to them."""
+        ratios, outputs = outputs[-1], outputs[:-1]
+        if not self._warned:
+            if ratios.device.type == "cpu":
+                self.check(ratios)
+            else:
+                with self._lock:
+                    pending, self._pending = self._pending, ratios.detach()
+                if pending is not None:
+                    self.check(pending)
+        return outputs
+
+    def check(self, ratios: torch.Tensor) -> None:
+        """Warn (once) when a site's max |x| went past FAR_OUTSIDE times its calibrated range."""
+        ratios = ratios.float().cpu()
+        far = (ratios > FAR_OUTSIDE) | ratios.isnan()
+        if not bool(far.any()):
+            return
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        worst = sorted(far.nonzero().flatten().tolist(), key=lambda i: -float(ratios[i].nan_to_num(float("inf"))))
+        listed = ", ".join(f"{self.sites[i]} ({_times(float(ratios[i]))})" for i in worst[:3])
+        more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+        warnings.warn(
+            f"qcompile: a call to graph {self.graph_id} went far outside the activation range calibrated for "
+            f"{len(worst)} quantized linear input(s): {listed}{more} (max |x| over the calibrated max). Static "
+            "steps clip such values to the largest 4-bit code, so this output may be far from the float model's. "
+            "Calibrate on data like this call's, or use a recipe with dynamic activations (w4a4-dynamic). "
+            "Said once per graph; range_warning=False turns the check off.", stacklevel=3)
+
+
+def _times(ratio: float) -> str:
+    return "non-finite" if ratio != ratio or ratio == float("inf") else f"{ratio:.1f}x"
+
+
+def monitored(gm: fx.GraphModule, graph_id: str) -> tuple[fx.GraphModule, RangeMonitor | None]:
+    """A graph module like `gm` (sharing its constants) that also returns each static
+    quantizer's max |x| / calibrated range as a last output (float32 [sites]), and its
+    monitor; `gm` itself and None when it has no static quantizer to check."""
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(ir.CALIBRATED_RANGE, 0) > 0]
+    if not sites or not isinstance(gm.graph.output_node().args[0], (tuple, list)):
+        return gm, None
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    output = graph.output_node()
+    ratios = []
+    with graph.inserting_before(output):
+        for site in sites:
+            x = by_name[site.args[0].name]
+            peak = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (x,)),))
+            peak = graph.call_function(aten._to_copy.default, (peak,), {"dtype": torch.float32})
+            ratios.append(graph.call_function(aten.div.Scalar, (peak, site.meta[ir.CALIBRATED_RANGE])))
+        stacked = graph.call_function(aten.stack.default, (ratios,))
+    (outputs,) = output.args
+    output.args = ((*outputs, stacked),)
+    names = [ir.module_path(site) or site.name for site in sites]
+    return fx.GraphModule(gm, graph), RangeMonitor(graph_id, names)

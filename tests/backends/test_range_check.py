@@ -1,0 +1,65 @@
+"""The run-time range check (qcompile/backends/range_check.py): the lowered graph's extra output,
+and when it warns. The user's view (a call 50x outside, warned once, outputs unchanged) is in the
+bad-input catalogue (tests/examples/test_bad_inputs.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import fx
+
+import qcompile.kernels.ops  # noqa: F401  (defines torch.ops.q4)
+from qcompile.backends import range_check
+from qcompile.core import ir
+
+q4 = torch.ops.q4
+
+
+def _graph() -> fx.GraphModule:
+    """x -> quantize(x, 0.5) (calibrated max |x| 3.5) -> dequantize -> (y,)"""
+    root = torch.nn.Module()
+    root.register_buffer("a_step", torch.tensor(0.5))
+    graph = fx.Graph()
+    x, step = graph.placeholder("x"), graph.get_attr("a_step")
+    x_q = graph.call_function(q4.quantize_per_tensor.default, (x, step, 4))
+    x_q.meta[ir.CALIBRATED_RANGE] = 3.5
+    graph.output((graph.call_function(q4.dequantize_per_tensor.default, (x_q, step, torch.float32)),))
+    return fx.GraphModule(root, graph)
+
+
+def test_the_monitored_graph_also_returns_each_quantizers_range_over_its_calibrated_one():
+    gm = _graph()
+    monitored, monitor = range_check.monitored(gm, "0")
+    targets = [str(n.target) for n in monitored.graph.nodes if n.op == "call_function"]
+    assert targets == ["q4.quantize_per_tensor.default", "q4.dequantize_per_tensor.default", "aten.abs.default",
+                       "aten.amax.default", "aten._to_copy.default", "aten.div.Scalar", "aten.stack.default"]
+    x = torch.tensor([[1.0, -7.0], [0.5, 2.0]])
+    y, ratios = monitored(x)
+    assert torch.equal(y, gm(x)[0]) and torch.equal(ratios, torch.tensor([2.0]))  # 7 / 3.5
+    assert len(monitor.sites) == 1
+    assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] == targets[:2]  # gm unchanged
+
+
+def test_a_graph_without_static_quantizers_is_not_monitored():
+    gm = _graph()
+    for node in gm.graph.nodes:
+        node.meta.pop(ir.CALIBRATED_RANGE, None)
+    assert range_check.monitored(gm, "0") == (gm, None)
+
+
+@pytest.mark.parametrize("ratios, warns", [([1.0, 3.9], False), ([1.0, 4.5], True), ([float("nan"), 1.0], True),
+                                           ([float("inf"), 0.0], True)])
+def test_it_warns_past_four_times_the_calibrated_range_or_on_non_finite_values(ratios, warns):
+    monitor = range_check.RangeMonitor("3", ["a.q_proj", "a.down_proj"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = monitor.split((torch.ones(1), torch.tensor(ratios)))
+        monitor.split((torch.ones(1), torch.tensor(ratios)))
+    assert len(outputs) == 1
+    said = [str(w.message) for w in caught]
+    assert len(said) == (1 if warns else 0)  # once, not at every call
+    if warns:
+        assert "graph 3 went far outside" in said[0]
+        assert ("4.5x" in said[0]) if 4.5 in ratios else ("non-finite" in said[0])
