@@ -43,11 +43,27 @@ class ChannelStats:
     robust: torch.Tensor  # float32 [channels]
     samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, channels]
     num_tokens: int = 0
-    # sum of x^T x over all tokens, float32 [channels, channels]; only when a pass needs it
-    # (GPTQ weight rounding), as it costs channels**2 floats per linear
-    gram: torch.Tensor | None = None
+    # sum of x^T x over all tokens of the observed activation, float32 [channels, channels]; only
+    # when a pass needs it (GPTQ weight rounding), as it costs channels**2 floats per activation
+    observed_gram: torch.Tensor | None = None
     sinks: torch.Tensor | None = None  # float32 [<= SAMPLE_ROWS, channels]; None: not observed
     rest_absmax: torch.Tensor | None = None  # float32 [channels]; None: not observed
+    # How this activation derives from the observed one (migrated, rotated, split), as steps
+    # applied to `observed_gram` when `gram` is read: a pass that transforms the statistics of
+    # every linear makes no second copy of every Gram matrix (SmolLM2: ~400 MB a copy).
+    gram_steps: tuple = ()
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """Sum of x^T x over all tokens of this activation, float32 [channels, channels]; None
+        unless calibration kept it. Computed from `observed_gram` at each read when the
+        activation was transformed: read it once and drop it when done."""
+        gram = self.observed_gram
+        if gram is None:
+            return None
+        for step, *args in self.gram_steps:
+            gram = _GRAM_STEPS[step](gram, *args)
+        return gram
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -64,8 +80,8 @@ class ChannelStats:
         self.robust = torch.maximum(self.robust, flat.kthvalue(k, dim=0).values)
         # samples stand for the tokens a per-tensor step serves: not the sinks, which `sinks` keeps
         self._sample(rest if rest.shape[0] else rows)
-        if self.gram is not None:
-            self.gram.addmm_(rows.t(), rows)
+        if self.observed_gram is not None:
+            self.observed_gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
 
     def _update_sinks(self, first: torch.Tensor, rest: torch.Tensor) -> None:
@@ -94,7 +110,7 @@ class ChannelStats:
     def empty(cls, channels: int, gram: bool = False) -> ChannelStats:
         zeros = torch.zeros(channels, dtype=torch.float32)
         return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
-                   gram=torch.zeros(channels, channels) if gram else None)
+                   observed_gram=torch.zeros(channels, channels) if gram else None)
 
     @property
     def sink_absmax(self) -> torch.Tensor | None:
@@ -112,31 +128,49 @@ class ChannelStats:
             robust = flat.kthvalue(max(1, math.ceil(ROBUST_QUANTILE * flat.shape[0])), dim=0).values
         else:
             absmax, robust = self.absmax, self.robust
-        gram = None if self.gram is None else \
-            rotate(rotate(self.gram, factors, hadamard).t().contiguous(), factors, hadamard).t()
         sinks = self.sinks
         if sinks is not None and sinks.shape[0]:
             sinks = rotate(sinks, factors, hadamard)
         # the rest's range, like absmax, from the rotated samples (which hold no first row)
         rest = None if self.rest_absmax is None else absmax if samples.shape[0] else self.rest_absmax
-        return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, gram=gram, sinks=sinks,
-                                   rest_absmax=rest)
+        return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, sinks=sinks,
+                                   rest_absmax=rest, gram_steps=self._then("rotate", tuple(factors), hadamard))
 
     def split(self, index: torch.Tensor, multiplier: torch.Tensor) -> ChannelStats:
         """The statistics of (x * multiplier)[..., index], as split-channels leaves the input: each
         channel's range times its multiplier, gathered; the Gram matrix gathered on both sides."""
-        gram = None
-        if self.gram is not None:
-            gram = (self.gram * torch.outer(multiplier, multiplier))[index][:, index]
         return dataclasses.replace(self, absmax=(self.absmax * multiplier)[index], robust=(self.robust * multiplier)[index],
-                                   samples=(self.samples * multiplier)[:, index], gram=gram,
+                                   samples=(self.samples * multiplier)[:, index],
+                                   gram_steps=self._then("split", index, multiplier),
                                    sinks=None if self.sinks is None else (self.sinks * multiplier)[:, index],
                                    rest_absmax=None if self.rest_absmax is None else (self.rest_absmax * multiplier)[index])
 
     def scaled(self, scales: torch.Tensor) -> ChannelStats:
         """The statistics of x / scales (per channel), as a migration leaves the input."""
-        gram = None if self.gram is None else self.gram / torch.outer(scales, scales)
         return dataclasses.replace(self, absmax=self.absmax / scales, robust=self.robust / scales,
-                                   samples=self.samples / scales, gram=gram,
+                                   samples=self.samples / scales, gram_steps=self._then("scale", scales),
                                    sinks=None if self.sinks is None else self.sinks / scales,
                                    rest_absmax=None if self.rest_absmax is None else self.rest_absmax / scales)
+
+    def _then(self, step: str, *args) -> tuple:
+        """`gram_steps` with one more step (none without a Gram matrix: nothing to apply it to)."""
+        return self.gram_steps + ((step, *args),) if self.observed_gram is not None else ()
+
+
+def _rotated_gram(gram: torch.Tensor, factors: tuple[torch.Tensor, ...], hadamard: bool) -> torch.Tensor:
+    """R^T G R of x @ R, R = kron(*factors)."""
+    factors = list(factors)
+    return rotate(rotate(gram, factors, hadamard).t().contiguous(), factors, hadamard).t()
+
+
+def _split_gram(gram: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of (x * multiplier)[..., index]: scaled and gathered on both sides."""
+    return (gram * torch.outer(multiplier, multiplier))[index][:, index]
+
+
+def _scaled_gram(gram: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of x / scales."""
+    return gram / torch.outer(scales, scales)
+
+
+_GRAM_STEPS = {"rotate": _rotated_gram, "split": _split_gram, "scale": _scaled_gram}

@@ -35,6 +35,7 @@ from qcompile.kernels import formats
 # Per-row clipping ratios of the weight step tried before rounding (1.0: the row's absmax).
 WEIGHT_CLIPS = tuple(1.0 - 0.05 * i for i in range(8))
 BLOCK = 128  # columns updated together (the lazy batch update of the paper; any size is exact)
+ROWS = 4096  # rows rounded together (rows are independent: any size rounds alike)
 DAMPING = 0.01  # fraction of the mean diagonal added to H so its inverse exists
 
 
@@ -97,7 +98,6 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: 
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"gptq: gram must be [K, K] = {[weight.shape[1]] * 2} for a weight of shape "
                          f"{list(weight.shape)}, got {list(gram.shape)}")
-    w = weight.detach().to(torch.float32).clone()
     h = gram.to(torch.float32).clone()
     dead = torch.diag(h) == 0  # channels never active in calibration: nothing to compensate with
     if not dead.all():
@@ -106,6 +106,23 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: 
         # float32's range: inputs of 1e-19 made a Gram matrix of 1e-38 that Cholesky could not factor.
         h /= 4.0 ** round(math.log(torch.diag(h)[~dead].double().mean().item(), 4))
     h[dead, dead] = 1
+    order = torch.argsort(torch.diag(h), descending=True)
+    h = h[order][:, order]
+    h.diagonal().add_(DAMPING * torch.mean(torch.diag(h)))
+    # The upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # Each row is rounded on its own (H is shared): by blocks of rows, a wide weight's temporaries
+    # (five or so [rows, K] float32 copies) stay small: an lm_head of 49152 x 576 made ~0.5 GB of them.
+    parts = [_gptq_rows(weight[r:r + ROWS], dead, order, hinv, bits, fmt, group)
+             for r in range(0, weight.shape[0], ROWS)] or [_gptq_rows(weight, dead, order, hinv, bits, fmt, group)]
+    return tuple(torch.cat(results) for results in zip(*parts))
+
+
+def _gptq_rows(weight: torch.Tensor, dead: torch.Tensor, order: torch.Tensor, hinv: torch.Tensor, bits: int,
+               fmt: str, group: int) -> tuple[torch.Tensor, ...]:
+    """`quantize_gptq` of some rows of a weight, given H's dead channels, the column order and
+    the upper Cholesky factor of H^-1 (in that order)."""
+    w = weight.detach().to(torch.float32).clone()
     w[:, dead] = 0
     if group:
         base, mult = group_multipliers(w, group, bits, fmt)
@@ -113,11 +130,7 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: 
     else:
         step = weight_steps(w, bits, fmt=fmt)
         column_steps = step[:, None].expand_as(w)
-    order = torch.argsort(torch.diag(h), descending=True)
-    w, h, column_steps = w[:, order], h[order][:, order], column_steps[:, order]
-    h.diagonal().add_(DAMPING * torch.mean(torch.diag(h)))
-    # The upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w, column_steps = w[:, order], column_steps[:, order]
 
     codes = torch.zeros_like(w)
     k = w.shape[1]

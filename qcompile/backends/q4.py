@@ -116,6 +116,7 @@ class Q4Backend:
         prepared = prepare(gm, example_inputs, opts, frame, None if saved is not None else self.calibration_cache,
                            manager.on_stage, pipeline.calibration_needs(), parameter_names)
         frozen, inputs = prepared.graph_module, [example_inputs[i] for i in prepared.keep]
+        release_freed_memory()  # calibration's activations, freed: the passes' peak starts lower
         if self.stop_after == "prepare":
             self.on_compiled(CompiledGraph(frozen, str(pipeline), [], None, prepared.keep, graph_id), inputs)
             return gm.forward

@@ -189,6 +189,21 @@ def delete_unused_constants(gm: fx.GraphModule) -> int:
     return dropped
 
 
+def drop_constant(gm: fx.GraphModule, node: Any) -> bool:
+    """Erase the `get_attr` node `node` if nothing reads it, and its attribute with it when no
+    other node names that attribute; True if the node went. A pass that replaces a weight calls
+    it right away, so the weight it replaced is freed before the next one is made (a pass over
+    every linear would otherwise hold two copies of the model's weights until it ends)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node.users:
+        return False
+    target = node.target
+    gm.graph.erase_node(node)
+    if "." not in target and target in gm._buffers and \
+            not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        delattr(gm, target)
+    return True
+
+
 def copy_meta(new: fx.Node, old: fx.Node) -> None:
     """Give `new` the user-facing meta of `old` (module stack, source line)."""
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", FQN, OUTLIERS, MIGRATION, ROTATION,

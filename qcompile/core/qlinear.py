@@ -28,6 +28,21 @@ A weight with group multipliers (formats.py) has them as the ops' optional `w_mu
 
 Also here: `constant_weight` (a float linear reading a constant 2-D float weight: what the
 passes rewrite) and `CASTS` (ops that only change the dtype of their first argument).
+
+A mixture of experts' grouped GEMM (transformers' `grouped_mm_experts_forward`: the rows of x
+sorted by expert, `offs` the experts' cumulative row counts) has forms of its own, which
+`match_grouped(node)` recognizes (`GroupedLinear`; `match` does not: no pass but
+insert-quantizers and fuse-kernels handles them):
+
+    float        G(x, aten.transpose(W, -2, -1), offs)        W: a constant [E, N, K]
+                 G = transformers.grouped_mm_fallback (fp32/fp16 under compile) or aten._grouped_mm
+    fake-quant   G(q4.dequantize_per_tensor(q4.quantize_per_tensor(x, a_step, bits), a_step, dtype),
+                   aten.transpose(aten.view(q4.dequantize_weight_int4(packed, w_step, K, dtype), [E, N, K]),
+                                  -2, -1), offs)
+                 packed [E * N, ceil(K/2)], w_step [E * N]: the experts' rows stacked, each expert
+                 per output row (as insert-quantizers leaves it)
+    weight-only  G(x, the same dequantized weight, offs)   (a-bits=16: float activations; not fused)
+    fused        q4.grouped_linear_w4a4(x_codes, packed, w_step, a_step, offs, dtype)
 """
 
 from __future__ import annotations
@@ -42,7 +57,8 @@ from qcompile.core import ir
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.kernels.formats import INT
 
-__all__ = ["QLinear", "match", "constant_weight", "is_linear", "CASTS",
+__all__ = ["QLinear", "match", "constant_weight", "is_linear", "CASTS", "GroupedLinear", "match_grouped",
+           "is_grouped_mm", "constant_expert_weight",
            "FLOAT", "FAKE_QUANT", "WEIGHT_ONLY", "FUSED", "FUSED_OPS", "WEIGHT_ONLY_OPS"]
 
 q4 = torch.ops.q4
@@ -201,3 +217,110 @@ def constant_weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if weight is None or weight.dim() != 2 or not weight.is_floating_point():
         return None
     return weight
+
+
+# --- a mixture of experts' grouped GEMM ------------------------------------------------------------
+
+GROUPED_FUSED_OPS = (q4.grouped_linear_w4a4.default,)
+
+
+def is_grouped_mm(target: Any) -> bool:
+    """aten._grouped_mm, or transformers' opaque fallback for it (registered when transformers'
+    MoE integration is imported; matched by name so this module never imports transformers)."""
+    return target is aten._grouped_mm.default or str(target) == "transformers.grouped_mm_fallback.default"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedLinear:
+    """A grouped expert GEMM of the IR (see the module doc) and the nodes it is made of.
+
+    node     the grouped op (G or q4.grouped_linear_w4a4)
+    form     FLOAT, FAKE_QUANT, WEIGHT_ONLY or FUSED
+    x        the float activation [S, K] (entering the quantizer, when there is one)
+    offs     the experts' cumulative row counts [E]
+    weight   FLOAT: the constant node of W [E, N, K] (`transposed`: G reads it transposed; else
+             W is stored [E, K, N] and G reads it as it is)
+    quant, x_dq, w_dq, packed, w_step, a_step, w_mult, a_bits, w_format, a_format: as QLinear's
+    """
+
+    node: fx.Node
+    form: str
+    x: Any
+    offs: Any
+    weight: Any = None
+    transposed: bool = True
+    a_bits: int | None = None
+    quant: fx.Node | None = None
+    x_dq: fx.Node | None = None
+    w_dq: fx.Node | None = None
+    packed: Any = None
+    w_step: Any = None
+    a_step: Any = None
+    w_format: str | None = None
+    a_format: str | None = None
+    w_mult: Any = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.form != FLOAT
+
+    @property
+    def fused(self) -> bool:
+        return self.form == FUSED
+
+
+def match_grouped(node: Any) -> GroupedLinear | None:
+    """The GroupedLinear rooted at `node`, or None (also for a grouped GEMM with a bias or an
+    out_dtype of aten._grouped_mm's own, which no form holds)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target in GROUPED_FUSED_OPS:
+        codes, packed, w_step, a_step, offs = node.args[:5]
+        x, bits, quant, a_format = _codes(codes)
+        return GroupedLinear(node, FUSED, x, offs, a_bits=bits, quant=quant, packed=packed, w_step=w_step,
+                             a_step=a_step, w_format=_arg(node, 6, "w_format") or INT, a_format=a_format,
+                             w_mult=_arg(node, 7, "w_mult"))
+    if not is_grouped_mm(node.target) or len(node.args) < 3 and "offs" not in node.kwargs:
+        return None
+    if any(_arg(node, i, name) is not None for i, name in ((3, "bias"), (4, "out_dtype"))):
+        return None
+    x, w, offs = node.args[0], node.args[1], _arg(node, 2, "offs")
+    transposed = _is(w, aten.transpose.int) and sorted(a % 3 for a in w.args[1:3]) == [1, 2]
+    inner = w.args[0] if transposed else w
+    if transposed and _is(inner, aten.view.default) and _is(inner.args[0], q4.dequantize_weight_int4.default):
+        w_dq = inner.args[0]
+        packed, w_step = w_dq.args[:2]
+        w_format, w_mult = _arg(w_dq, 4, "format") or INT, _arg(w_dq, 5, "w_mult")
+        if _is(x, q4.dequantize_per_tensor.default):
+            source, bits, quant, a_format = _codes(x.args[0])
+            return GroupedLinear(node, FAKE_QUANT, source if quant is not None else x, offs, a_bits=bits,
+                                 quant=quant, x_dq=x, w_dq=w_dq, packed=packed, w_step=w_step, a_step=x.args[1],
+                                 w_format=w_format, a_format=a_format, w_mult=w_mult)
+        return GroupedLinear(node, WEIGHT_ONLY, x, offs, w_dq=w_dq, packed=packed, w_step=w_step,
+                             w_format=w_format, w_mult=w_mult)
+    return GroupedLinear(node, FLOAT, x, offs, weight=inner, transposed=transposed)
+
+
+# on a quantized grouped GEMM: the user's name of the expert weight it was made from (insert-quantizers)
+EXPERT_WEIGHT = "q4_expert_weight"
+
+
+def grouped_name(node: fx.Node) -> str:
+    """What reports call a grouped expert GEMM: its expert weight's name
+    (`model.layers.0.mlp.experts.gate_up_proj`), else its module path, else the node's name."""
+    g = match_grouped(node)
+    weight = g.weight if g is not None and g.form == FLOAT else None
+    name = node.meta.get(EXPERT_WEIGHT) or (weight.meta.get(ir.FQN) if isinstance(weight, fx.Node) else None)
+    return name or ir.module_path(node) or node.name
+
+
+def constant_expert_weight(gm: fx.GraphModule, node: Any) -> tuple[fx.Node, torch.Tensor] | None:
+    """(its constant node, W as [E, N, K]) when `node` is a float grouped GEMM reading a constant
+    3-D float weight (what insert-quantizers rewrites, and calibration observes); else None."""
+    g = match_grouped(node)
+    if g is None or g.form != FLOAT:
+        return None
+    weight = ir.get_constant(gm, g.weight)
+    if weight is None or weight.dim() != 3 or not weight.is_floating_point():
+        return None
+    return g.weight, weight if g.transposed else weight.transpose(-2, -1)

@@ -42,8 +42,22 @@ class CalibrationError(ValueError):
 
 
 def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:
-    """The linear nodes whose weight is a frozen constant: the ones quantization can touch."""
-    return [n for n in gm.graph.nodes if qlinear.constant_weight(gm, n) is not None]
+    """The linear nodes whose weight is a frozen constant: the ones quantization can touch; and
+    the grouped expert GEMMs reading a constant 3-D weight (`qlinear.constant_expert_weight`),
+    whose stats pool every expert's rows (one activation step for the op)."""
+    return [n for n in gm.graph.nodes
+            if qlinear.constant_weight(gm, n) is not None or qlinear.constant_expert_weight(gm, n) is not None]
+
+
+def weight_node(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+    """The constant weight node of an observed linear or grouped expert GEMM."""
+    expert = qlinear.constant_expert_weight(gm, n)
+    return n.args[1] if expert is None else expert[0]
+
+
+def _in_features(gm: fx.GraphModule, n: fx.Node) -> int:
+    expert = qlinear.constant_expert_weight(gm, n)
+    return ir.get_constant(gm, n.args[1]).shape[1] if expert is None else expert[1].shape[-1]
 
 
 class _Observer(fx.Interpreter):
@@ -73,7 +87,7 @@ def observe(
 ) -> dict[fx.Node, ChannelStats]:
     """Run `gm` on each batch of graph inputs; return the stats of every observed linear
     (with Gram matrices if `gram`)."""
-    stats = {n: ChannelStats.empty(ir.get_constant(gm, n.args[1]).shape[1], gram) for n in observed_linears(gm)}
+    stats = {n: ChannelStats.empty(_in_features(gm, n), gram) for n in observed_linears(gm)}
     observer = _Observer(gm, stats)
     count = 0
     with torch.no_grad():
@@ -91,15 +105,29 @@ def observe(
 # --- calibration batches: the user's model, run eagerly ------------------------------------------
 
 
+# transformers' opaque grouped GEMM (fp32/fp16 under compile), as a torch function sees it
+_TRANSFORMERS_GROUPED_MM = ("transformers.grouped_mm_fallback", "transformers.grouped_mm_fallback.default")
+
+
 class _LinearInputObserver(TorchFunctionMode):
     """Feeds the input of every `F.linear` (or GPT-2 Conv1D's `torch.addmm(bias, x, weight)`)
     whose weight is watched into that weight's stats, made at its first input."""
 
-    def __init__(self, watched: dict[int, str], stats: dict[str, ChannelStats], gram: bool):
+    def __init__(self, watched: dict[int, str], stats: dict[str, ChannelStats], gram: bool, share: bool = True):
         super().__init__()
         self.watched = watched  # id(weight parameter) -> its name
         self.stats = stats
         self.gram = gram
+        # Linears that read the very tensor the watched linear before them read (q/k/v, gate/up)
+        # share its stats, updated once: one Gram matrix per activation, not per linear. Exact
+        # only while every call of a follower reads the input of one update of its owner, each
+        # update once: checked at each call and by `check_shares` at the end.
+        self.share = share
+        self.shares: dict[str, str] = {}  # follower name -> owner name (whose stats it shares)
+        self.calls: dict[str, int] = {}  # an owner's updates, a follower's calls
+        self.followed: dict[str, int] = {}  # follower name -> the number of the update it read last
+        self.last: tuple[torch.Tensor, str, int] | None = None  # (input, owner, number) of the last update
+        self.updates = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -109,14 +137,47 @@ class _LinearInputObserver(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs["weight"]
         elif func is torch.addmm and len(args) == 3:
             x, weight = args[1], args[2]
+        elif func is torch._grouped_mm or str(func) in _TRANSFORMERS_GROUPED_MM:
+            # a mixture of experts' grouped GEMM: x [S, K] (every expert's rows), the 3-D expert
+            # weight read through a transpose (a view: its _base is the parameter) or as it is
+            x, weight = args[0], args[1]
+            if id(weight) not in self.watched and weight._base is not None:
+                weight = weight._base
         name = self.watched.get(id(weight)) if weight is not None else None
         if name is not None:
             if not torch.isfinite(x).all():
                 raise CalibrationError(f"non-finite activation reaches the linear of {name!r}")
+            last_x, last_name, update = self.last or (None, None, 0)
             if name not in self.stats:
-                self.stats[name] = ChannelStats.empty(x.shape[-1], self.gram)
-            self.stats[name].update(x)
+                if self.share and x is last_x and self.calls[last_name] == 1:  # its stats hold x alone
+                    self.shares[name] = last_name
+                    self.stats[name] = self.stats[last_name]
+                else:
+                    self.stats[name] = ChannelStats.empty(x.shape[-1], self.gram)
+            owner = self.shares.get(name)
+            if owner is None:
+                self.stats[name].update(x)
+                self.updates += 1
+                self.last = (x, name, self.updates)
+            elif x is not last_x or last_name != owner or update <= self.followed.get(name, 0):
+                raise _SharedInputDiverged(f"the linear of {name!r} shares the stats of {owner!r} (the same "
+                                           "input on its first call) but read another input")
+            else:
+                self.followed[name] = update
+            self.calls[name] = self.calls.get(name, 0) + 1
         return func(*args, **kwargs)
+
+    def check_shares(self) -> None:
+        """After the last batch: each follower read as many inputs as its owner was updated with."""
+        for name, owner in self.shares.items():
+            if self.calls[name] != self.calls[owner]:
+                raise _SharedInputDiverged(f"the linear of {name!r} shares the stats of {owner!r} but was called "
+                                           f"{self.calls[name]} times, {owner!r} {self.calls[owner]} times")
+
+
+class _SharedInputDiverged(CalibrationError):
+    """Two linears that shared their stats (one input on the first batch) read different inputs
+    later: calibration runs again with stats of their own (`observe_model(share=False)`)."""
 
 
 def _split_batch(batch: Any, index: int) -> tuple[tuple, dict]:
@@ -138,15 +199,17 @@ def observe_model(
     watched: dict[torch.Tensor, str],
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     gram: bool = False,
+    share: bool = True,
 ) -> dict[str, ChannelStats]:
-    """Run the user's module eagerly on each batch; return {weight name: stats of its input}.
+    """Run the user's module eagerly on each batch; return {weight name: stats of its input}
+    (linears reading one input share one stats object unless `share` is false).
 
     Running the module itself (not the captured graph) lets batches of any shape calibrate a
     graph specialized to another, and covers every graph of a model with graph breaks.
     `watched` maps weight parameters to their names; the module is only read, never written.
     """
     stats: dict[str, ChannelStats] = {}
-    observer = _LinearInputObserver({id(w): name for w, name in watched.items()}, stats, gram)
+    observer = _LinearInputObserver({id(w): name for w, name in watched.items()}, stats, gram, share)
     signature = inspect.signature(module.forward)
     count = 0
     with torch.no_grad():
@@ -167,6 +230,8 @@ def observe_model(
                 # the user's own code, not back into this compile
                 with observer, torch.compiler.set_stance("force_eager"):
                     module(*args, **kwargs)
+            except _SharedInputDiverged:
+                raise
             except CalibrationError as e:
                 raise CalibrationError(f"calibration batch {index}: {e}") from None
             except Exception as e:  # noqa: BLE001 - name the batch, keep the model's own error
@@ -179,6 +244,7 @@ def observe_model(
             count += 1
     if count == 0:
         raise CalibrationError("the calibration iterable is empty: give at least one batch")
+    observer.check_shares()
     return stats
 
 
@@ -260,7 +326,8 @@ def calibrate_graph(aten_gm: fx.GraphModule, example_inputs: list[Any], state: d
     params = {fqn: tensor for tensor, fqn in state.values()}
 
     def owner(n: fx.Node) -> torch.Tensor:
-        return params.get(n.args[1].meta.get(ir.FQN), ir.get_constant(aten_gm, n.args[1]))
+        w = weight_node(aten_gm, n)
+        return params.get(w.meta.get(ir.FQN), ir.get_constant(aten_gm, w))
 
     if any(cache.get(owner(n), opts.calibration, gram) is None for n in linears):
         user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
@@ -291,10 +358,16 @@ def _observe(aten_gm: fx.GraphModule, linears: list[fx.Node], owner: Callable[[f
     module = _model_of(opts.calibration, frame)
     # Watch every weight of the model, not only this graph's: one run calibrates the graphs that
     # follow a graph break too, which then find their statistics in the cache.
-    watched = {p: name for name, p in module.named_parameters(remove_duplicate=False) if p.dim() == 2}
-    watched.update({owner(n): n.args[1].meta.get(ir.FQN, n.name) for n in linears})
+    watched = {p: name for name, p in module.named_parameters(remove_duplicate=False) if p.dim() in (2, 3)}
+    watched.update({owner(n): weight_node(aten_gm, n).meta.get(ir.FQN, n.name) for n in linears})
     try:
-        by_name = observe_model(module, opts.calibration, watched, progress, gram)
+        try:
+            by_name = observe_model(module, opts.calibration, watched, progress, gram)
+        except _SharedInputDiverged:
+            if not isinstance(opts.calibration, Sequence):
+                raise
+            # a model whose linears share an input on some calls only: each linear its own stats
+            by_name = observe_model(module, opts.calibration, watched, progress, gram, share=False)
     except CalibrationError as e:
         if "empty" in str(e) and iter(opts.calibration) is opts.calibration:
             raise CalibrationError(

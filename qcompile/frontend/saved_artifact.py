@@ -63,7 +63,7 @@ import qcompile
 from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir
 from qcompile.core.memo import Entry, Fingerprint, Memo, tensor_hash, tolerance
-from qcompile.frontend.calibrate import observed_linears
+from qcompile.frontend.calibrate import observed_linears, weight_node
 
 __all__ = ["ArtifactError", "Replay", "SavedArtifact", "save", "read", "read_cached", "FORMAT_VERSION",
            "FILE_NAME", "graph_constants", "computed_constants"]
@@ -118,8 +118,9 @@ class Replay:
         for n in frozen.graph.nodes:
             if n.op == "get_attr" and ir.FQN in n.meta:
                 parameters[n.meta[ir.FQN]] = ir.get_constant(frozen, n)
-            if n.op == "call_function" and ir.CALIB in n.meta and ir.FQN in getattr(n.args[1], "meta", {}):
-                stats[n.args[1].meta[ir.FQN]] = n.meta[ir.CALIB]
+            w = weight_node(frozen, n) if n.op == "call_function" and ir.CALIB in n.meta else None
+            if w is not None and ir.FQN in getattr(w, "meta", {}):  # a linear's or a grouped expert GEMM's
+                stats[w.meta[ir.FQN]] = n.meta[ir.CALIB]
         return cls(stats, memo, parameters)
 
 
@@ -306,7 +307,7 @@ class SavedArtifact:
         """Put the saved statistics where calibration would have (`q4_calib` on each linear)."""
         stats = self.stats()
         for n in observed_linears(frozen):
-            fqn = n.args[1].meta.get(ir.FQN)
+            fqn = weight_node(frozen, n).meta.get(ir.FQN)
             if fqn in stats:
                 n.meta[ir.CALIB] = stats[fqn]
 

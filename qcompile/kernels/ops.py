@@ -22,6 +22,9 @@ K < 262144), the same bound under which the epilogue's float32(acc) is exact.
                                                       -> (x_codes @ values(w).T) * (a_step * w_step) + bias
     q4::linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult=None)
                                                       -> F.linear(x, values(w) * w_step[:, None], bias)
+    q4::grouped_linear_w4a4(x_codes, w_packed, w_step, a_step, offs, out_dtype, w_format="int", w_mult=None)
+                                                      -> a mixture of experts' grouped GEMM: rows
+                                                         offs[e-1]:offs[e] through expert e's linear_w4a4
 
 A weight's values are its codes, or with group multipliers `w_mult` (uint8 [N, K / group],
 formats.py) its codes times their group's multiplier: integers that still fit int8, so every
@@ -368,6 +371,71 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
 def _(x, w_packed, w_step, bias, out_dtype, w_mult=None):
     _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult, check_values=False)
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+
+# --- grouped_linear_w4a4 (a mixture of experts' grouped GEMM) -------------------------------------
+
+
+def _check_grouped_linear(x_codes, w_packed, w_step, a_step, offs, out_dtype, w_format, w_mult,
+                          check_values: bool) -> None:
+    op = "grouped_linear_w4a4"
+    check_format(op, "w_format", w_format)
+    if x_codes.dtype != torch.int8 or x_codes.dim() != 2:
+        fail(op, "x_codes", "an int8 tensor [S, K] of activation codes, its rows sorted by expert", describe(x_codes))
+    if offs.dim() != 1 or offs.dtype not in (torch.int32, torch.int64) or offs.shape[0] < 1:
+        fail(op, "offs", "an int32 or int64 tensor [E] of the experts' cumulative row counts", describe(offs))
+    experts = offs.shape[0]
+    if w_packed.dim() != 2 or w_packed.shape[0] % experts:
+        fail(op, "w_packed", f"a 2-D uint8 tensor [E * N, ceil(K/2)] of the {experts} experts' stacked rows",
+             describe(w_packed))
+    check_packed(op, w_packed, w_step, x_codes.shape[-1], "x_codes.shape[-1]", check_values)
+    check_multipliers(op, w_mult, w_packed, x_codes.shape[-1], w_format, check_values)
+    check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values)
+    check_device(op, x_codes, w_packed=w_packed, a_step=a_step, offs=offs)
+    check_float_dtype(op, "out_dtype", out_dtype)
+    if check_values and experts:
+        bounds = offs.tolist()
+        if any(b < a for a, b in zip([0, *bounds], bounds)) or bounds[-1] > x_codes.shape[0]:
+            fail(op, "offs", f"non-decreasing, from 0 up to at most S = {x_codes.shape[0]}", str(bounds))
+
+
+@torch.library.custom_op("q4::grouped_linear_w4a4", mutates_args=())
+def grouped_linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
+                        offs: torch.Tensor, out_dtype: torch.dtype, w_format: str = "int",
+                        w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A mixture of experts' grouped integer linear, [S, N] in out_dtype. The E experts' weights
+    are stacked along the output rows (expert e: rows e*N:(e+1)*N of w_packed, w_step, w_mult),
+    the activation rows are sorted by expert, and offs[e] is the end of expert e's rows:
+
+        rows(e) = offs[e-1]:offs[e]          (offs[-1] := 0; an expert may have no rows)
+        y[rows(e)] = linear_w4a4(x_codes[rows(e)], w_packed[e*N:(e+1)*N], w_step[e*N:(e+1)*N], a_step,
+                                 None, out_dtype, w_format, w_mult[e*N:(e+1)*N])
+        y[offs[E-1]:] = 0                    (rows no expert takes)
+
+    so each expert's rows are exact int32 sums as in linear_w4a4, with its epilogue
+    acc * (a_step * w_step[n]). x_codes int8 [S, K]; w_packed uint8 [E * N, ceil(K/2)]; w_step
+    float32 [E * N]; a_step 0-dim float32 (or one per row, [S, 1]); offs int32/int64 [E],
+    non-decreasing, at most S (what transformers' grouped_mm_experts_forward passes its grouped
+    GEMMs). No bias: transformers adds an expert's bias after the grouped GEMM.
+    """
+    _check_grouped_linear(x_codes, w_packed, w_step, a_step, offs, out_dtype, w_format, w_mult, check_values=True)
+    n = w_packed.shape[0] // offs.shape[0]
+    out = x_codes.new_zeros((x_codes.shape[0], n), dtype=out_dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one host read of the offsets, as transformers' own fallback
+        if end > start:
+            rows, experts_rows = slice(start, end), slice(e * n, (e + 1) * n)
+            out[rows] = linear_w4a4(x_codes[rows], w_packed[experts_rows], w_step[experts_rows],
+                                    a_step[rows] if a_step.dim() else a_step, None, out_dtype, w_format,
+                                    None if w_mult is None else w_mult[experts_rows])
+        start = end
+    return out
+
+
+@grouped_linear_w4a4.register_fake
+def _(x_codes, w_packed, w_step, a_step, offs, out_dtype, w_format="int", w_mult=None):
+    _check_grouped_linear(x_codes, w_packed, w_step, a_step, offs, out_dtype, w_format, w_mult, check_values=False)
+    return x_codes.new_empty((x_codes.shape[0], w_packed.shape[0] // offs.shape[0]), dtype=out_dtype)
 
 
 # --- the Triton route ------------------------------------------------------------------------------

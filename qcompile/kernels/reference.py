@@ -111,6 +111,24 @@ def linear_w4a4_ref(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch
     return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w.shape[0])
 
 
+def grouped_linear_w4a4_ref(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
+                            a_step: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, w_format: str = "int",
+                            w_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """y[offs[e-1]:offs[e]] = linear_w4a4_ref of those rows with expert e's stacked weight rows
+    e*N:(e+1)*N; rows past offs[-1] are 0."""
+    experts = offs.shape[0]
+    n = w_packed.shape[0] // experts
+    out = torch.zeros(x_codes.shape[0], n, dtype=out_dtype)
+    ends = [int(end) for end in offs]
+    for e in range(experts):
+        start, end = (ends[e - 1] if e else 0), ends[e]
+        w = slice(e * n, (e + 1) * n)
+        out[start:end] = linear_w4a4_ref(x_codes[start:end], w_packed[w], w_step[w],
+                                         a_step[start:end] if a_step.dim() else a_step, None, out_dtype, w_format,
+                                         None if w_mult is None else w_mult[w])
+    return out
+
+
 def fake_quant_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_step: torch.Tensor,
                           w_bits: int = 4, a_bits: int = 4) -> torch.Tensor:
     """The float ("fake-quant") semantics of a W4A4 linear, what the compiled model approximates:

@@ -222,14 +222,19 @@ class FoldScales(QPass):
         return qlinear.constant_weight(gm, user) is not None and user.args[0] is node
 
     def _fold_columns(self, gm, node, x, c, users: list[fx.Node]) -> None:
+        scaled = {}  # linears reading one input share its statistics: rescale them once (kept: ids stay theirs)
         for lin in users:
             weight = qlinear.constant_weight(gm, lin)
-            new_w = self._constant(gm, str(lin.args[1].meta.get(ir.FQN, lin.args[1].target)),
-                                   weight * c.to(weight.dtype), lin, node)
+            old = lin.args[1]
+            new_w = self._constant(gm, str(old.meta.get(ir.FQN, old.target)), weight * c.to(weight.dtype), lin, node)
             lin.update_arg(0, x)
             lin.update_arg(1, new_w)
+            ir.drop_constant(gm, old)  # freed now, not when the pass ends
             if ir.CALIB in lin.meta:  # the linear now reads x = (x * c) / c
-                lin.meta[ir.CALIB] = lin.meta[ir.CALIB].scaled(c.expand(weight.shape[1]))
+                stats = lin.meta[ir.CALIB]
+                if id(stats) not in scaled:
+                    scaled[id(stats)] = stats, stats.scaled(c.expand(weight.shape[1]))
+                lin.meta[ir.CALIB] = scaled[id(stats)][1]
         self.count("scales-folded-into-columns")
 
     def _into_rows(self, gm, node, x, c) -> bool:

@@ -41,6 +41,20 @@ Before:
 After:
     linear = q4.linear_w4a16(x, w_packed, w_step, b, f32)
 
+A mixture of experts' grouped GEMM in its fake-quant form (`qcompile.core.qlinear.match_grouped`:
+transformers' grouped_mm_fallback or aten._grouped_mm on the experts' stacked dequantized
+weight) becomes the grouped integer kernel, each expert's rows a linear_w4a4 of their own:
+
+Before:
+    x_q = q4.quantize_per_tensor(x, a_step, 4)
+    x_dq = q4.dequantize_per_tensor(x_q, a_step, f32)
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32)     # w_packed: u8[E * N, K/2]
+    out = transformers.grouped_mm_fallback(x_dq, aten.transpose(aten.view(w_dq, [E, N, K]), -2, -1), offs)
+
+After:
+    x_q = q4.quantize_per_tensor(x, a_step, 4)
+    out = q4.grouped_linear_w4a4(x_q, w_packed, w_step, a_step, offs, f32)
+
 A fake-quantized linear whose codes do not come from a q4.quantize_per_tensor, and a weight-only
 linear with a 4-bit float weight (the weight-only kernel reads int4), are left as they are and
 counted in `linears-not-fused`.
@@ -64,7 +78,7 @@ q4 = torch.ops.q4
 
 def fake_quant_linears_are_fused(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Once fuse-kernels has run, every fake-quantized linear it could fuse is fused."""
-    q = qlinear.match(node)
+    q = qlinear.match(node) or qlinear.match_grouped(node)
     if q is not None and q.form == qlinear.FAKE_QUANT and q.quant is not None:
         return f"a fake-quantized W4A{q.a_bits} linear is left unfused (made after fuse-kernels ran?)"
     return None
@@ -84,6 +98,9 @@ class FuseKernels(QPass):
         graph = gm.graph
         modified = False
         for node in self.nodes(gm):
+            if self._fuse_grouped(gm, node):
+                modified = True
+                continue
             q = qlinear.match(node)
             if q is None or q.form not in (qlinear.FAKE_QUANT, qlinear.WEIGHT_ONLY) or q.w_dq is None:
                 continue  # not a quantized linear, or already the fused weight-only op
@@ -115,3 +132,30 @@ class FuseKernels(QPass):
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _fuse_grouped(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """A fake-quantized grouped expert GEMM becomes q4.grouped_linear_w4a4; whether it did."""
+        g = qlinear.match_grouped(node)
+        if g is None or g.form != qlinear.FAKE_QUANT:
+            return False
+        if g.quant is None:  # codes from elsewhere: no activation step to fuse with
+            self.count("linears-not-fused")
+            return False
+        graph = gm.graph
+        dtype = g.x_dq.args[2]
+        format_arg = () if g.w_format == formats.INT else (g.w_format,)
+        kwargs = {} if g.w_mult is None else {"w_mult": g.w_mult}
+        with graph.inserting_before(node):
+            fused = graph.call_function(q4.grouped_linear_w4a4.default,
+                                        (g.quant, g.packed, g.w_step, g.a_step, g.offs, dtype, *format_arg), kwargs)
+        transpose = node.args[1]
+        view = transpose.args[0]
+        ir.mark_created(fused, self.name, [node, g.x_dq, g.w_dq])
+        fused.meta[qlinear.EXPERT_WEIGHT] = node.meta.get(qlinear.EXPERT_WEIGHT)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        for dead in (g.x_dq, transpose, view, g.w_dq):
+            if not dead.users:
+                graph.erase_node(dead)
+        self.count("linears-fused")
+        return True

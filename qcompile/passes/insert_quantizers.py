@@ -103,6 +103,23 @@ absmax, at run time): 119.8; in float: 29.00, what 8 bits give. A graph
 without positions it can read (OPT's and RoBERTa's are offset, computed from the attention mask)
 keeps one step for all rows, and the linear says why in `q4_sinks` meta and in `qcompile explain`.
 
+A mixture of experts' grouped GEMM (transformers' `grouped_mm_experts_forward`: Mixtral's,
+Qwen-MoE's experts; `qcompile.core.qlinear.match_grouped`) whose 3-D expert weight W [E, N, K]
+is a constant is quantized too: the experts' weights stacked into one [E * N, K] weight, rounded
+per output row like a linear's (so each expert per row; GPTQ, where the options ask for it, with
+the Gram matrix of every expert's rows pooled), and its input [S, K] (the rows of all experts,
+sorted by expert) quantized with ONE static step for the op: calibration pools every expert's
+rows, there is no step per expert. fuse-kernels makes it `q4.grouped_linear_w4a4`:
+
+    x_q = q4.quantize_per_tensor(x, a_step, 4)
+    x_dq = q4.dequantize_per_tensor(x_q, a_step, f32)
+    w_dq = q4.dequantize_weight_int4(w_packed, w_step, K, f32)      # w_packed: u8[E * N, K/2]
+    out = transformers.grouped_mm_fallback(x_dq, aten.transpose(aten.view(w_dq, [E, N, K]), -2, -1), offs)
+
+(`aten._grouped_mm` in bf16). Neither migrate-scales nor rotate-inputs touches the experts, and
+the router (the linear whose output reaches top-k) stays in float. With a-bits=16 the grouped
+GEMM reads x as it is and the dequantized weight (weight-only: packed storage, no fused kernel).
+
 The pass may run more than once with different bit widths: `only` (a module-path regex) limits
 one run to the linears it matches, and a run leaves linears an earlier run took alone, so
 `insert-quantizers{only=lm_head,skip=,a-bits=8},insert-quantizers{...}` gives the head 8-bit
@@ -251,7 +268,8 @@ class InsertQuantizers(QPass):
     Options = InsertQuantizersOptions
     statistics = ("linears-quantized", "linears-left-in-float", "quantizers-shared", "unhandled-ops-in-float",
                   "weights-gptq", "linears-not-rounded", "formats-searched", "steps-fallback", "linears-compensated",
-                  "linears-with-sinks", "linears-without-sinks", "weights-grouped", "weights-per-channel")
+                  "linears-with-sinks", "linears-without-sinks", "weights-grouped", "weights-per-channel",
+                  "expert-gemms-quantized")
     after = {
         "migrate-scales": "it rewrites float weight constants, which insert-quantizers replaces with packed codes",
         "fold-scales": "it folds scales into float weight constants, which insert-quantizers replaces with packed codes",
@@ -273,6 +291,17 @@ class InsertQuantizers(QPass):
         linears = LinearFilter(skip=opts.skip, only=opts.only)
         modified = False
         for node in self.nodes(gm):
+            if qlinear.constant_expert_weight(gm, node) is not None and ir.QUANTIZED not in node.meta:
+                if linears.selects(node):  # else a later run's (only=)
+                    reason = self._quantize_experts(gm, node, run, linears, quantizers)
+                    if reason is None:
+                        modified = modified or opts.rounding  # rounding=false only records it
+                        continue
+                    node.meta[ir.FLOAT_REASON] = reason
+                    self.count("unhandled-ops-in-float")
+                elif ir.FLOAT_REASON not in node.meta:
+                    node.meta[ir.FLOAT_REASON] = "no insert-quantizers run took it (see their only=/skip=)"
+                continue
             weight_of = _unhandled_weight_op(gm, node)
             if weight_of is not None:
                 op = str(node.target).removesuffix(".default")
@@ -313,30 +342,7 @@ class InsertQuantizers(QPass):
             k = weight.shape[1]
             stem = w_node.meta.get(ir.FQN, w_node.target)
             w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
-
-            # E3M0's values reach 64: a multiplier of 1 is all that fits int8, so no groups
-            grouped = opts.w_group and k % opts.w_group == 0 and formats.max_multiplier(w_format) > 1
-            group = opts.w_group if grouped else 0
-            if opts.w_group:
-                self.count("weights-grouped" if group else "weights-per-channel")
-            # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
-            method, w_mult = "rtn", None
-            if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-                def run_gptq(weight=weight, gram=stats.gram, fmt=w_format, group=group):
-                    codes, *steps = gptq.quantize_gptq(weight, gram, opts.w_bits, fmt, group)
-                    return formats.pack(codes, fmt), *steps
-
-                key = (weight, opts.w_bits) if w_format == formats.INT else (weight, opts.w_bits, w_format)
-                packed, w_step, *w_mult = memoized(gm, "gptq", stem, (*key, group) if group else key, run_gptq)
-                w_mult = w_mult[0] if w_mult else None
-                self.count("weights-gptq")
-                method = "gptq"
-            elif group:
-                codes, w_step, w_mult = gptq.quantize_grouped(weight, group, opts.w_bits, w_format)
-                packed = formats.pack(codes, w_format)
-            else:
-                codes, w_step = formats.quantize_weight_per_channel(weight, w_format, opts.w_bits)
-                packed = formats.pack(codes, w_format)
+            packed, w_step, w_mult, method, group = self._round_weight(gm, weight, stats, w_format, stem)
             # an all-zero weight row or activation has no range: its step is 1 (codes 0), never 0 or NaN
             zero_rows = int((weight.detach().abs().amax(dim=1) == 0).sum()) if weight.shape[1] else weight.shape[0]
             if zero_rows or (opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
@@ -369,14 +375,105 @@ class InsertQuantizers(QPass):
                 output = self._compensate(gm, node, new, x, weight, packed, w_step, w_mult, w_format, stats.gram, stem)
             node.replace_all_uses_with(output)
             graph.erase_node(node)
-            if not w_node.users:
-                graph.erase_node(w_node)
+            del weight  # with its constant (a rotated or migrated copy): freed now, not when the pass ends
+            ir.drop_constant(gm, w_node)
             self.count("linears-quantized")
             modified = True
         if modified:
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _round_weight(self, gm: fx.GraphModule, weight: torch.Tensor, stats, w_format: str,
+                      stem: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str, int]:
+        """(packed codes, w_step [N], w_mult or None, "rtn" or "gptq", group) of a 2-D weight [N, K]:
+        GPTQ where the options ask for it and the Gram matrix is there, else round to nearest; in
+        groups of w-group k where K allows."""
+        opts = self.options
+        k = weight.shape[1]
+        # E3M0's values reach 64: a multiplier of 1 is all that fits int8, so no groups
+        grouped = opts.w_group and k % opts.w_group == 0 and formats.max_multiplier(w_format) > 1
+        group = opts.w_group if grouped else 0
+        if opts.w_group:
+            self.count("weights-grouped" if group else "weights-per-channel")
+        # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
+        if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
+            def run_gptq(weight=weight, gram=stats.gram, fmt=w_format, group=group):
+                codes, *steps = gptq.quantize_gptq(weight, gram, opts.w_bits, fmt, group)
+                return formats.pack(codes, fmt), *steps
+
+            key = (weight, opts.w_bits) if w_format == formats.INT else (weight, opts.w_bits, w_format)
+            packed, w_step, *w_mult = memoized(gm, "gptq", stem, (*key, group) if group else key, run_gptq)
+            self.count("weights-gptq")
+            return packed, w_step, w_mult[0] if w_mult else None, "gptq", group
+        if group:
+            codes, w_step, w_mult = gptq.quantize_grouped(weight, group, opts.w_bits, w_format)
+            return formats.pack(codes, w_format), w_step, w_mult, "rtn", group
+        codes, w_step = formats.quantize_weight_per_channel(weight, w_format, opts.w_bits)
+        return formats.pack(codes, w_format), w_step, None, "rtn", group
+
+    def _quantize_experts(self, gm: fx.GraphModule, node: fx.Node, run: str, linears: LinearFilter,
+                          quantizers: dict) -> str | None:
+        """A mixture of experts' grouped GEMM G(x, W^T, offs), W a constant [E, N, K], becomes its
+        fake-quant form (`qlinear.match_grouped`): the experts' weights stacked into one [E * N, K]
+        weight and rounded per output row as a linear's are (so each expert per row: RTN, grouped
+        steps, or GPTQ through the Gram matrix of all the op's rows, every expert's pooled), and x
+        quantized with one static step for every expert's rows (calibration pools them). None when
+        done, else why it stays in float."""
+        opts, graph = self.options, gm.graph
+        w_node, weight3 = qlinear.constant_expert_weight(gm, node)
+        stats = node.meta.get(ir.CALIB)
+        if weight3.dtype not in KERNEL_DTYPES:
+            return f"its weight is {str(weight3.dtype).removeprefix('torch.')}: the q4 kernels take float32, float16, bfloat16"
+        if stats is None:
+            return "no calibration statistics reach it"
+        if linears.skips(node):
+            return f"its module path matches skip={opts.skip!r}"
+        node.meta.pop(ir.FLOAT_REASON, None)  # an earlier run's (only=), which the new nodes would copy
+        if not opts.rounding:  # the identity, as for a linear
+            node.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, False, opts.weights, None, run)
+            self.count("linears-not-rounded")
+            return None
+        experts, n, k = weight3.shape
+        weight = weight3.reshape(experts * n, k)
+        x = node.args[0]
+        dtype = ir.fake_value(x).dtype
+        stem = w_node.meta.get(ir.FQN, w_node.target)
+        w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
+        packed, w_step, w_mult, method, group = self._round_weight(gm, weight, stats, w_format, stem)
+        static = opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
+        if int((weight.detach().abs().amax(dim=1) == 0).sum()) or (static and not bool(stats.absmax.max() > 0)):
+            self.count("steps-fallback")  # as for a linear: a step of 1 where there is no range
+        format_arg = () if w_format == formats.INT else (w_format,)
+        old_view = node.args[1]
+        with graph.inserting_before(node):
+            if opts.a_bits == FLOAT_ACTIVATIONS:  # weight-only: the dequantized weight, x as it is
+                x_in, clip = x, None
+            else:
+                x_in = self._fake_quant_activation(gm, node, stats, dtype, stem, a_format, clip, quantizers)
+            packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
+            w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
+            w_mult_node = None if w_mult is None else graph.get_attr(ir.add_constant(gm, f"{stem}_mult", w_mult))
+            w_dq = graph.call_function(q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype, *format_arg),
+                                       {} if w_mult is None else {"w_mult": w_mult_node})
+            w_experts = graph.call_function(ir.aten.view.default, (w_dq, [experts, n, k]))
+            w_t = graph.call_function(ir.aten.transpose.int, (w_experts, -2, -1))
+            new = graph.call_function(node.target, (x_in, w_t, *node.args[2:]), dict(node.kwargs))
+        for created in (packed_node, w_step_node, w_mult_node, w_dq, w_experts, w_t, new):
+            if created is not None:
+                ir.mark_created(created, self.name, [node])
+        if ir.SINKS in node.meta:
+            new.meta[ir.SINKS] = node.meta[ir.SINKS]
+        new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run, w_format,
+                                                a_format if clip is not None else formats.INT, group)
+        new.meta[qlinear.EXPERT_WEIGHT] = stem  # the reports' name for it
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        if isinstance(old_view, fx.Node) and old_view is not w_node and not old_view.users:
+            graph.erase_node(old_view)  # the transposed view
+        ir.drop_constant(gm, w_node)  # the float weight: freed now
+        self.count("expert-gemms-quantized")
+        return None
 
     def _compensate(self, gm: fx.GraphModule, node: fx.Node, quantized: fx.Node, x: fx.Node, weight: torch.Tensor,
                     packed: torch.Tensor, w_step: torch.Tensor, w_mult, fmt: str, gram, stem: str) -> fx.Node:

@@ -260,6 +260,9 @@ class MigrateScales(QPass):
                 new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / per_row).contiguous()))
             ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [site])
             site.update_arg(i, new)
+            ir.drop_constant(gm, old)
+        # one set of statistics for the group's shared input (the Gram matrix is channels**2 floats)
+        scaled = act.scaled(s)
         for lin, w in zip(linears, weights):
             old = lin.args[1]
             with graph.inserting_before(lin):
@@ -267,4 +270,5 @@ class MigrateScales(QPass):
                                                      (w.detach() * s.to(w.dtype)).contiguous()))
             ir.mark_created(new, self.name, [old])
             lin.update_arg(1, new)
-            lin.meta[ir.CALIB] = act.scaled(s)
+            ir.drop_constant(gm, old)  # a weight an earlier pass computed is freed now, not when the pass ends
+            lin.meta[ir.CALIB] = scaled

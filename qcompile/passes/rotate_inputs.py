@@ -157,5 +157,6 @@ class RotateInputs(QPass):
             ir.mark_created(new, self.name, [old])
             lin.update_arg(0, rotated)
             lin.update_arg(1, new)
+            ir.drop_constant(gm, old)  # the weight before rotation (migrate-scales' copy): freed now
             lin.meta[ir.CALIB] = stats
             lin.meta.pop(ir.ACT_CLIP, None)

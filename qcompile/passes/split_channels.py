@@ -126,6 +126,7 @@ class SplitChannels(QPass):
             ir.mark_created(new, self.name, [old])
             lin.update_arg(0, gathered)
             lin.update_arg(1, new)
+            ir.drop_constant(gm, old)  # the unsplit weight (migrate-scales' copy): freed now
             lin.meta[ir.CALIB] = stats
             lin.meta.pop(ir.ACT_CLIP, None)  # a clip chosen for the unsplit input no longer applies
             lin.meta[ir.SPLIT] = split.extra

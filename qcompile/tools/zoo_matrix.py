@@ -22,7 +22,8 @@ fake       the same pipeline without fuse-kernels: fake-quant ops in float, the 
 
 Reported: both errors, the quantized output's SQNR against the model (random weights: no
 outliers, so it measures only that quantization ran, not a recipe's quality), how many linears
-run quantized or in float and why, and the seconds. Nothing is downloaded; a cell that raises
+(a mixture of experts' grouped expert GEMMs counted with them) run quantized or in float and
+why, and the seconds. Nothing is downloaded; a cell that raises
 reports the exception (and fails the check) instead of stopping the matrix.
 """
 
@@ -113,7 +114,7 @@ def _count_linears(cell: Cell, graphs: list[CompiledGraph]) -> None:
     reasons: collections.Counter = collections.Counter()
     for graph in graphs:
         for node in graph.graph_module.graph.nodes:
-            q = qlinear.match(node)
+            q = qlinear.match(node) or qlinear.match_grouped(node)  # a linear, or a grouped expert GEMM
             if q is not None and q.quantized:
                 cell.quantized += 1
             elif q is not None or ir.FLOAT_REASON in node.meta:

@@ -46,16 +46,15 @@ def test_every_recipe_in_every_dtype(family, dtype, recipe):
 
 def test_what_each_architecture_leaves_in_float_and_why():
     """The linears an architecture keeps in float are named with their reason: Mixtral's router
-    (it picks the experts) and its experts' grouped GEMMs (no quantized kernel yet); the rest
-    quantize every linear but the head w4a4-rtn skips."""
+    (it picks the experts), whose experts' grouped GEMMs run quantized (q4.grouped_linear_w4a4,
+    counted with the linears); the rest quantize every linear but the head w4a4-rtn skips."""
     cell = zoo_matrix.run_cell("mixtral", "float32", "w4a4-rtn")
     assert not cell.problems(), cell
     assert cell.reasons == {
         "a mixture-of-experts router: its output picks the experts (top-k), which rounding would change": 2,
-        "transformers.grouped_mm_fallback of a constant 4x256x64 weight: no quantized kernel for this op": 2,
-        "transformers.grouped_mm_fallback of a constant 4x64x128 weight: no quantized kernel for this op": 2,
         "its module path matches skip='lm_head'": 1,
     }
+    assert cell.quantized == 8 + 4  # q/k/v/o of 2 layers, and 2 layers' gate_up and down expert GEMMs
     gpt2 = zoo_matrix.run_cell("gpt2", "float32", "w4a4-rtn")  # Conv1D's transposed weights
     assert (gpt2.quantized, gpt2.reasons) == (8, {"its module path matches skip='lm_head'": 1})
 
@@ -78,6 +77,7 @@ def test_explain_names_the_linears_an_architecture_keeps_in_float(capsys):
     floats = {(r.module, r.float_reason) for r in report.linears if not r.quantized}
     assert ("model.layers.1.mlp.gate", "a mixture-of-experts router: its output picks the experts (top-k), "
             "which rounding would change") in floats
-    assert sum(r.module == "model.layers.0.mlp.experts" and "no quantized kernel" in r.float_reason
-               for r in report.linears) == 2
-    assert "8 quantized, 7 float" in capsys.readouterr().out
+    experts = {r.module: r.runs_as for r in report.linears if ".mlp.experts." in r.module}
+    assert experts == {f"model.layers.{i}.mlp.experts.{w}": "W4A4 experts fused"
+                       for i in (0, 1) for w in ("gate_up_proj", "down_proj")}
+    assert "12 quantized, 3 float" in capsys.readouterr().out

@@ -79,3 +79,27 @@ class Planted(torch.nn.Module):
 
     def forward(self, x):
         return self.b(self.a(x * self.gain))
+
+
+class Experts(torch.nn.Module):
+    """A mixture of experts' two grouped GEMMs as transformers runs them (x's rows sorted by
+    expert, `offs` their cumulative counts): gate_up [E, 2I, H], a gated product, down [E, H, I].
+    `aten=True` calls torch._grouped_mm (bf16 under compile), else transformers' opaque fallback."""
+
+    def __init__(self, experts: int = 3, hidden: int = 16, inner: int = 8, aten: bool = False, seed: int = 0):
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers)
+
+        g = torch.Generator().manual_seed(seed)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * inner, hidden, generator=g) / hidden**0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, inner, generator=g) / inner**0.5)
+        self.aten = aten
+
+    def grouped_mm(self, x, w, offs):
+        if self.aten:
+            return torch._grouped_mm(x, w.transpose(-2, -1), offs)
+        return torch.ops.transformers.grouped_mm_fallback(x, w.transpose(-2, -1), offs)
+
+    def forward(self, x, offs):
+        gate, up = self.grouped_mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return self.grouped_mm(torch.nn.functional.silu(gate) * up, self.down_proj, offs)

@@ -451,3 +451,86 @@ def test_bad_group_multipliers_name_the_argument(w_mult, message):
         q4.linear_w4a4(x_codes, packed, w_step, torch.tensor(1.0), None, torch.float32, "int", w_mult)
     with pytest.raises(KernelArgumentError, match="q4::dequantize_weight_int4: argument 'w_mult'"):
         q4.dequantize_weight_int4(packed, w_step, 64, torch.float32, "int", w_mult)
+
+
+# --- grouped_linear_w4a4: a mixture of experts' grouped GEMM ------------------------------------------
+
+
+def make_experts(counts, k, n, seed=0, group=0, tail=0):
+    """(x_codes [S, K], packed [E*N, ceil(K/2)], w_step [E*N], offs int32 [E]): len(counts) experts
+    taking counts[e] rows each, sorted by expert, then `tail` rows no expert takes; with `group`,
+    also group multipliers [E*N, K / group]."""
+    g = torch.Generator().manual_seed(seed)
+    experts = len(counts)
+    x_codes = torch.randint(-8, 8, (sum(counts) + tail, k), generator=g, dtype=torch.int8)
+    codes, w_step = int4.quantize_weight_per_channel(torch.randn(experts * n, k, generator=g))
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    w_mult = None
+    if group:
+        w_mult = torch.randint(1, 16, (experts * n, k // group), generator=g, dtype=torch.uint8)
+    return x_codes, int4.pack_int4(codes), w_step, offs, w_mult
+
+
+# empty experts (first, middle, last, all), one row, odd K and N, rows no expert takes, and an
+# expert above q4_cpu's SMALL_M (the GEMM path) beside ones below it (the decode kernel)
+EXPERT_SHAPES = [([3, 0, 5, 1], 33, 7, 0), ([0, 0, 1], 8, 4, 0), ([1], 7, 5, 0), ([0, 0], 16, 3, 0),
+                 ([2, 70, 0, 9], 65, 17, 0), ([4, 3], 15, 9, 3)]
+
+
+@pytest.mark.parametrize("counts,k,n,tail", EXPERT_SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grouped_linear_w4a4_equals_reference_bit_exactly(counts, k, n, tail, out_dtype):
+    x_codes, packed, w_step, offs, _ = make_experts(counts, k, n, seed=k + n, tail=tail)
+    a_step = torch.tensor(0.037)
+    got = q4.grouped_linear_w4a4(x_codes, packed, w_step, a_step, offs, out_dtype)
+    assert got.shape == (sum(counts) + tail, n) and got.dtype == out_dtype
+    assert torch.equal(got, reference.grouped_linear_w4a4_ref(x_codes, packed, w_step, a_step, offs, out_dtype))
+    # each expert's rows are that expert's own linear_w4a4, bit for bit; the tail rows are 0
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        rows = slice(e * n, (e + 1) * n)
+        assert torch.equal(got[start:end], q4.linear_w4a4(x_codes[start:end], packed[rows], w_step[rows], a_step,
+                                                          None, out_dtype))
+        start = end
+    assert not got[start:].any()
+
+
+def test_grouped_linear_w4a4_with_multipliers_formats_and_row_steps_equals_reference():
+    x_codes, packed, w_step, offs, w_mult = make_experts([5, 0, 3], 64, 6, group=32)
+    a_step = torch.tensor(0.05)
+    got = q4.grouped_linear_w4a4(x_codes, packed, w_step, a_step, offs, torch.float32, "int", w_mult)
+    assert torch.equal(got, reference.grouped_linear_w4a4_ref(x_codes, packed, w_step, a_step, offs, torch.float32,
+                                                              "int", w_mult))
+    e2m1 = formats.pack(formats.round_to_format(torch.randn(18, 64) * 4, "e2m1").to(torch.int8), "e2m1")
+    got = q4.grouped_linear_w4a4(x_codes, e2m1, w_step, a_step, offs, torch.float32, "e2m1")
+    assert torch.equal(got, reference.grouped_linear_w4a4_ref(x_codes, e2m1, w_step, a_step, offs, torch.float32, "e2m1"))
+    row_steps = torch.rand(8, 1) + 0.01  # a dynamic step per row (token)
+    got = q4.grouped_linear_w4a4(x_codes, packed, w_step, row_steps, offs, torch.float32)
+    assert torch.equal(got, reference.grouped_linear_w4a4_ref(x_codes, packed, w_step, row_steps, offs, torch.float32))
+
+
+def test_grouped_linear_w4a4_opcheck_and_fake():
+    x_codes, packed, w_step, offs, w_mult = make_experts([2, 0, 3], 64, 5, group=32)
+    a_step = torch.tensor(0.1)
+    torch.library.opcheck(q4.grouped_linear_w4a4.default, (x_codes, packed, w_step, a_step, offs, torch.float32))
+    torch.library.opcheck(q4.grouped_linear_w4a4.default,
+                          (x_codes, packed, w_step, a_step, offs.long(), torch.bfloat16, "int", w_mult))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = q4.grouped_linear_w4a4(x_codes, packed, w_step, a_step, offs, torch.float16)
+    assert out.shape == (5, 5) and out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(offs=torch.tensor([3, 2, 5], dtype=torch.int32)), r"'offs' must be non-decreasing, from 0 up to at most S = 5"),
+    (dict(offs=torch.tensor([1, 2, 6], dtype=torch.int32)), r"'offs' must be non-decreasing"),
+    (dict(offs=torch.tensor([1.0, 2.0, 5.0])), r"'offs' must be an int32 or int64 tensor \[E\]"),
+    (dict(offs=torch.tensor([2, 5], dtype=torch.int32)), r"'w_packed' must be a 2-D uint8 tensor \[E \* N, ceil\(K/2\)\] of the 2"),
+    (dict(x_codes=torch.zeros(5, 8, dtype=torch.int8)), r"'w_packed' must be ceil\(K/2\) = 4 bytes a row"),
+    (dict(x_codes=torch.zeros(1, 5, 64, dtype=torch.int8)), r"'x_codes' must be an int8 tensor \[S, K\]"),
+])
+def test_bad_grouped_linear_arguments_name_the_argument(change, message):
+    x_codes, packed, w_step, offs, _ = make_experts([2, 0, 3], 64, 5)
+    args = dict(x_codes=x_codes, packed=packed, w_step=w_step, a_step=torch.tensor(0.1), offs=offs) | change
+    with pytest.raises(KernelArgumentError, match=f"q4::grouped_linear_w4a4: argument {message}"):
+        q4.grouped_linear_w4a4(args["x_codes"], args["packed"], args["w_step"], args["a_step"], args["offs"],
+                               torch.float32)

@@ -425,3 +425,111 @@ def test_grouped_weights_lower_the_output_error_of_a_weight_with_uneven_columns(
 def test_a_weight_group_that_is_not_a_multiple_of_32_is_a_pipeline_error(group):
     with pytest.raises(PipelineError, match=f"w-group must be 0 .* or a multiple of 32, got {group}"):
         run_pass("insert-quantizers", capture(GroupedPair().eval(), torch.randn(2, 3, 64)), w_group=group)
+
+
+# --- a mixture of experts' grouped GEMMs -------------------------------------------------------------
+
+
+def expert_inputs(counts=(4, 0, 5), hidden=16, seed=0):
+    """(x [S, hidden], offs int32 [E]): rows sorted by expert, expert 1 empty."""
+    x = torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(seed))
+    return x, torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+
+
+def fake_quant_experts_ref(x, w, offs, a_step):
+    """Expert by expert: F.linear of the fake-quantized rows and the expert's per-row rounded weight."""
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=x.dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = reference.fake_quant_linear_ref(x[start:end], w[e], None, a_step)
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("aten", [False, True])
+def test_grouped_expert_gemms_before_after_ir_and_semantics(aten):
+    from tests.helpers.models import Experts
+
+    dtype = torch.bfloat16 if aten else torch.float32  # aten._grouped_mm on CPU takes bf16 only
+    model = Experts(aten=aten).eval().to(dtype)
+    x, offs = expert_inputs()
+    x = x.to(dtype)
+    gm = capture(model, x, offs)
+    op = "aten._grouped_mm.default" if aten else "transformers.grouped_mm_fallback.default"
+    FileCheck().check_count(op, 2, exactly=True).check_not("q4.").run(gm.code)
+
+    result, stats = run_pass("insert-quantizers", gm)
+
+    assert result.modified and stats["expert-gemms-quantized"] == 2 and stats["unhandled-ops-in-float"] == 0
+    (FileCheck()
+        .check("q4.quantize_per_tensor.default")
+        .check("q4.dequantize_per_tensor.default")
+        .check("q4.dequantize_weight_int4.default")
+        .check("aten.view.default")
+        .check("aten.transpose.int")
+        .check(op)
+        .check("q4.quantize_per_tensor.default")
+        .check("q4.dequantize_weight_int4.default")
+        .check(op)
+        .run(result.graph_module.code))
+    # the 3-D float weights are gone: the experts' rows stacked, packed, a step per row
+    buffers = dict(result.graph_module.named_buffers())
+    assert not {"gate_up_proj", "down_proj"} & set(buffers), sorted(buffers)
+    assert buffers["gate_up_proj_packed"].shape == (3 * 16, 8) and buffers["gate_up_proj_step"].shape == (3 * 16,)
+    assert buffers["down_proj_packed"].shape == (3 * 16, 4)
+    if aten:
+        return  # bf16: the semantics are checked in float32 (the same rewrite)
+    with torch.no_grad():  # each expert's rows: its own fake-quant linear, one activation step for all
+        gate, up = model.grouped_mm(x, model.gate_up_proj, offs).chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+        step_h = h.abs().max() / 7
+        gate, up = fake_quant_experts_ref(x, model.gate_up_proj, offs, x.abs().max() / 7).chunk(2, dim=-1)
+        expected = fake_quant_experts_ref(torch.nn.functional.silu(gate) * up, model.down_proj, offs, step_h)
+    torch.testing.assert_close(result.graph_module(x, offs)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_expert_gemms_weight_only_and_skipped():
+    from tests.helpers.models import Experts
+
+    model = Experts().eval()
+    x, offs = expert_inputs()
+    result, stats = run_pass("insert-quantizers", capture(model, x, offs), a_bits=16)
+    assert stats["expert-gemms-quantized"] == 2
+    # weight-only: x as it is, the dequantized weight (each expert per row, round to nearest)
+    (FileCheck().check_not("q4.quantize_per_tensor").check("q4.dequantize_weight_int4")
+        .check("transformers.grouped_mm_fallback").run(result.graph_module.code))
+    with torch.no_grad():
+        def weight_only(h, w):
+            codes, step = formats.quantize_weight_per_channel(w.reshape(-1, w.shape[-1]), "int", 4)
+            w_dq = (codes.float() * step[:, None]).reshape(w.shape)
+            return model.grouped_mm(h, w_dq, offs)
+
+        gate, up = weight_only(x, model.gate_up_proj).chunk(2, dim=-1)
+        expected = weight_only(torch.nn.functional.silu(gate) * up, model.down_proj)
+    torch.testing.assert_close(result.graph_module(x, offs)[0], expected, rtol=1e-5, atol=1e-5)
+
+    result, stats = run_pass("insert-quantizers", capture(model, x, offs), skip=".*")
+    reasons = [n.meta.get(ir.FLOAT_REASON) for n in result.graph_module.graph.nodes if "grouped_mm" in str(n.target)]
+    assert reasons == ["its module path matches skip='.*'"] * 2
+    assert stats["unhandled-ops-in-float"] == 2 and stats["expert-gemms-quantized"] == 0
+
+
+def test_grouped_expert_weights_stored_transposed_are_read_as_they_are():
+    """A model whose experts' weights are stored [E, K, N] (transformers' is_transposed) passes
+    them to the grouped GEMM untransposed: the same rewrite, the same numbers."""
+    from tests.helpers.models import Experts
+
+    class Transposed(Experts):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(self.gate_up_proj.detach().transpose(-2, -1).contiguous())
+            self.down_proj = torch.nn.Parameter(self.down_proj.detach().transpose(-2, -1).contiguous())
+
+        def grouped_mm(self, x, w, offs):
+            return torch.ops.transformers.grouped_mm_fallback(x, w, offs)
+
+    x, offs = expert_inputs()
+    plain = run_pass("insert-quantizers", capture(Experts().eval(), x, offs))[0].graph_module
+    result, stats = run_pass("insert-quantizers", capture(Transposed().eval(), x, offs))
+    assert stats["expert-gemms-quantized"] == 2
+    torch.testing.assert_close(result.graph_module(x, offs)[0], plain(x, offs)[0], rtol=1e-5, atol=1e-5)

@@ -57,3 +57,21 @@ def test_sinks_follow_rotation_scaling_and_splitting():
     split = stats.split(index, multiplier)
     assert torch.equal(split.sinks, (stats.sinks * multiplier)[:, index])
     assert torch.equal(split.rest_absmax, (stats.rest_absmax * multiplier)[index])
+
+
+def test_transformed_stats_compute_their_gram_from_the_observed_one_when_read():
+    """Migrated, rotated and split statistics hold no Gram matrix of their own (a pass over every
+    linear would copy them all): they share the observed one and compute theirs, to the same bits
+    as the transformations applied right away."""
+    stats = ChannelStats.empty(8, gram=True)
+    for x in _batches():
+        stats.update(x)
+    factors, scales = rotation_factors(8), torch.arange(1.0, 9.0)
+    index, multiplier = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6, 7]), torch.tensor([1, 1, 1, 0.5, 1, 1, 1, 1])
+    derived = stats.scaled(scales).rotated(factors).split(index, multiplier)
+    assert derived.observed_gram is stats.observed_gram
+    expected = stats.gram / torch.outer(scales, scales)
+    expected = rotate(rotate(expected, factors).t().contiguous(), factors).t()
+    expected = (expected * torch.outer(multiplier, multiplier))[index][:, index]
+    assert torch.equal(derived.gram, expected)
+    assert ChannelStats.empty(8).scaled(scales).rotated(factors).gram is None

@@ -131,3 +131,15 @@ def test_group_multipliers_minimize_each_groups_rounding_error():
 def test_a_group_that_does_not_divide_k_is_refused():
     with pytest.raises(ValueError, match="group 32 does not divide K = 40"):
         gptq.group_multipliers(torch.randn(4, 40), 32)
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_rows_rounded_by_blocks_equal_all_rows_at_once(group, monkeypatch):
+    """GPTQ rounds a wide weight (an lm_head) by blocks of rows, each row on its own: the same
+    codes and steps as one block of every row."""
+    x = correlated_inputs(256, 64)
+    weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(1))
+    whole = gptq.quantize_gptq(weight, x.t() @ x, 4, group=group)
+    monkeypatch.setattr(gptq, "ROWS", 16)
+    blocks = gptq.quantize_gptq(weight, x.t() @ x, 4, group=group)
+    assert len(whole) == len(blocks) and all(torch.equal(a, b) for a, b in zip(whole, blocks))

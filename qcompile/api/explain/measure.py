@@ -140,9 +140,22 @@ def linear_rows(final_gm: fx.GraphModule, inputs: list[Any], recorder: Recorder,
         by_module.setdefault(ref.module, []).append(name)
     for node in final_gm.graph.nodes:
         q = qlinear.match(node)
+        g = qlinear.match_grouped(node) if q is None else None
+        if g is not None and g.quantized:  # a mixture of experts' grouped GEMM, quantized (no SQNR probe)
+            record = node.meta.get(ir.QUANTIZED)
+            w_bits = record.w_bits if record is not None else 4
+            a_bits = g.a_bits if g.a_bits is not None else 16  # weight-only: float activations
+            kind = "fused" if g.fused else "fake-quant" if a_bits != 16 else "weight-only"
+            group = f" g{record.w_group}" if record is not None and record.w_group and g.w_mult is not None else ""
+            described.append((node, dict(graph=graph, module=qlinear.grouped_name(node),
+                                         runs_as=f"W{w_bits}A{a_bits} experts {kind}{group}", w_bits=w_bits,
+                                         a_bits=a_bits, float_reason="", migration="not migrated", rotation="-",
+                                         split=0, first_token=node.meta.get(ir.SINKS, "-").removeprefix("first token "),
+                                         outliers_before=None, node=node.name)))
+            continue
         if q is None:
             if ir.FLOAT_REASON in node.meta:  # another op reading a weight (a grouped expert GEMM)
-                described.append((node, dict(graph=graph, module=ir.module_path(node) or node.name, runs_as="float",
+                described.append((node, dict(graph=graph, module=qlinear.grouped_name(node), runs_as="float",
                                              w_bits=None, a_bits=None, float_reason=node.meta[ir.FLOAT_REASON],
                                              migration="-", rotation="-", split=0, first_token="-",
                                              outliers_before=None, node=node.name)))
