@@ -348,23 +348,11 @@ class InsertQuantizers(QPass):
             if zero_rows or (opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
                              and not bool(stats.absmax.max() > 0)):
                 self.count("steps-fallback")
-            format_arg = () if w_format == formats.INT else (w_format,)
             with graph.inserting_before(node):
-                if opts.a_bits == FLOAT_ACTIVATIONS:
-                    x_in, clip = x, None
-                else:
-                    x_in = self._fake_quant_activation(gm, node, stats, dtype, stem, a_format, clip, quantizers)
-                packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
-                w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
-                w_mult_node = None if w_mult is None else graph.get_attr(ir.add_constant(gm, f"{stem}_mult", w_mult))
-                w_dq = graph.call_function(
-                    q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype, *format_arg),
-                    {} if w_mult is None else {"w_mult": w_mult_node},
-                )
+                x_in, clip, w_dq, made = self._operands(gm, node, x, stats, dtype, stem, a_format, clip,
+                                                        quantizers, packed, w_step, w_mult, k, w_format)
                 new = graph.call_function(ir.aten.linear.default, (x_in, w_dq, q.bias))
-            for created in (packed_node, w_step_node, w_mult_node, w_dq, new):
-                if created is None:
-                    continue
+            for created in (*made, new):
                 ir.mark_created(created, self.name, [node])
             if ir.SINKS in node.meta:  # what _sink_mask found, from the linear being replaced
                 new.meta[ir.SINKS] = node.meta[ir.SINKS]
@@ -383,6 +371,23 @@ class InsertQuantizers(QPass):
             ir.delete_unused_constants(gm)
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _operands(self, gm: fx.GraphModule, node: fx.Node, x: fx.Node, stats, dtype: torch.dtype, stem: str,
+                  a_format: str, clip: float | None, quantizers: dict, packed: torch.Tensor, w_step: torch.Tensor,
+                  w_mult: torch.Tensor | None, k: int, w_format: str) -> tuple[fx.Node, float | None, fx.Node, list]:
+        """(x's fake-quant form, or x itself when weight-only; the clip, None when weight-only; the
+        dequantized weight from new constants; the weight nodes made, for `mark_created`)."""
+        graph = gm.graph
+        if self.options.a_bits == FLOAT_ACTIVATIONS:  # weight-only: the dequantized weight, x as it is
+            x_in, clip = x, None
+        else:
+            x_in = self._fake_quant_activation(gm, node, stats, dtype, stem, a_format, clip, quantizers)
+        constants = [graph.get_attr(ir.add_constant(gm, f"{stem}{suffix}", value))
+                     for suffix, value in (("_packed", packed), ("_step", w_step), ("_mult", w_mult)) if value is not None]
+        format_arg = () if w_format == formats.INT else (w_format,)
+        w_dq = graph.call_function(q4.dequantize_weight_int4.default, (*constants[:2], k, dtype, *format_arg),
+                                   {} if w_mult is None else {"w_mult": constants[2]})
+        return x_in, clip, w_dq, [*constants, w_dq]
 
     def _round_weight(self, gm: fx.GraphModule, weight: torch.Tensor, stats, w_format: str,
                       stem: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str, int]:
@@ -444,24 +449,15 @@ class InsertQuantizers(QPass):
         static = opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
         if int((weight.detach().abs().amax(dim=1) == 0).sum()) or (static and not bool(stats.absmax.max() > 0)):
             self.count("steps-fallback")  # as for a linear: a step of 1 where there is no range
-        format_arg = () if w_format == formats.INT else (w_format,)
         old_view = node.args[1]
         with graph.inserting_before(node):
-            if opts.a_bits == FLOAT_ACTIVATIONS:  # weight-only: the dequantized weight, x as it is
-                x_in, clip = x, None
-            else:
-                x_in = self._fake_quant_activation(gm, node, stats, dtype, stem, a_format, clip, quantizers)
-            packed_node = graph.get_attr(ir.add_constant(gm, f"{stem}_packed", packed))
-            w_step_node = graph.get_attr(ir.add_constant(gm, f"{stem}_step", w_step))
-            w_mult_node = None if w_mult is None else graph.get_attr(ir.add_constant(gm, f"{stem}_mult", w_mult))
-            w_dq = graph.call_function(q4.dequantize_weight_int4.default, (packed_node, w_step_node, k, dtype, *format_arg),
-                                       {} if w_mult is None else {"w_mult": w_mult_node})
+            x_in, clip, w_dq, made = self._operands(gm, node, x, stats, dtype, stem, a_format, clip, quantizers,
+                                                    packed, w_step, w_mult, k, w_format)
             w_experts = graph.call_function(ir.aten.view.default, (w_dq, [experts, n, k]))
             w_t = graph.call_function(ir.aten.transpose.int, (w_experts, -2, -1))
             new = graph.call_function(node.target, (x_in, w_t, *node.args[2:]), dict(node.kwargs))
-        for created in (packed_node, w_step_node, w_mult_node, w_dq, w_experts, w_t, new):
-            if created is not None:
-                ir.mark_created(created, self.name, [node])
+        for created in (*made, w_experts, w_t, new):
+            ir.mark_created(created, self.name, [node])
         if ir.SINKS in node.meta:
             new.meta[ir.SINKS] = node.meta[ir.SINKS]
         new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run, w_format,
