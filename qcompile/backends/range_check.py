@@ -11,7 +11,7 @@ past `FAR_OUTSIDE` warns, naming the linears:
 
     graph (final)                         lowered graph (range_check.monitored)
     x_q = q4.quantize_per_tensor(x, s, 4)  x_q = q4.quantize_per_tensor(x, s, 4)
-    ...                                    r0 = amax(abs(x)) / 3.71   (x_q.meta[CALIBRATED_RANGE])
+    ...                                    r0 = amax(abs(reshape(x, [-1])), [0]) / 3.71
     return (y,)                            ...
                                            return (y, stack([r0, r1, ...]))
 
@@ -102,7 +102,10 @@ def monitored(gm: fx.GraphModule, graph_id: str) -> tuple[fx.GraphModule, RangeM
     with graph.inserting_before(output):
         for site in sites:
             x = by_name[site.args[0].name]
-            peak = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (x,)),))
+            # flattened and reduced over dim 0: `amax(t)` with no dims means "all" in eager but
+            # "none" in the ATen reference Inductor lowers through (seen: a ratio per element)
+            flat = graph.call_function(aten.reshape.default, (x, [-1]))
+            peak = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (flat,)), [0]))
             peak = graph.call_function(aten._to_copy.default, (peak,), {"dtype": torch.float32})
             ratios.append(graph.call_function(aten.div.Scalar, (peak, site.meta[ir.CALIBRATED_RANGE])))
         stacked = graph.call_function(aten.stack.default, (ratios,))

@@ -33,7 +33,8 @@ def test_the_monitored_graph_also_returns_each_quantizers_range_over_its_calibra
     gm = _graph()
     monitored, monitor = range_check.monitored(gm, "0")
     targets = [str(n.target) for n in monitored.graph.nodes if n.op == "call_function"]
-    assert targets == ["q4.quantize_per_tensor.default", "q4.dequantize_per_tensor.default", "aten.abs.default",
+    assert targets == ["q4.quantize_per_tensor.default", "q4.dequantize_per_tensor.default", "aten.reshape.default",
+                       "aten.abs.default",
                        "aten.amax.default", "aten._to_copy.default", "aten.div.Scalar", "aten.stack.default"]
     x = torch.tensor([[1.0, -7.0], [0.5, 2.0]])
     y, ratios = monitored(x)
