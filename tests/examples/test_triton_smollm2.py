@@ -39,6 +39,7 @@ def test_smollm2_logits_through_the_triton_gemm_match_the_cpu_path(monkeypatch, 
     monkeypatch.setattr(triton_gemm, "linear_w4a4",
                         lambda *args, **kwargs: calls.append(args[0].shape) or gemm(*args, **kwargs))
     monkeypatch.setattr(artifact, "_run", lowering.use_triton_kernels(artifact.graph_module))
+    monkeypatch.setattr(artifact, "_monitor", None)  # that graph module has no range-check output
     start = time.perf_counter()
     with torch.no_grad():
         triton_logits = compiled(input_ids=prompt, use_cache=False).logits
