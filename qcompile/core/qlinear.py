@@ -73,8 +73,23 @@ WEIGHT_ONLY_OPS = (q4.linear_w4a16.default,)
 CASTS = (aten.to.dtype, aten.type_as.default, aten._to_copy.default)
 
 
+class _Form:
+    """What a matched op's `form` says of it (QLinear and GroupedLinear)."""
+
+    form: str
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weight is rounded (stored packed): every form but FLOAT."""
+        return self.form != FLOAT
+
+    @property
+    def fused(self) -> bool:
+        return self.form == FUSED
+
+
 @dataclasses.dataclass(frozen=True)
-class QLinear:
+class QLinear(_Form):
     """A linear of the IR and the nodes it is made of.
 
     node     the linear itself (aten.linear or the fused op)
@@ -114,15 +129,6 @@ class QLinear:
     w_format: str | None = None
     a_format: str | None = None
     w_mult: Any = None
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the weight is rounded (stored packed): every form but FLOAT."""
-        return self.form != FLOAT
-
-    @property
-    def fused(self) -> bool:
-        return self.form == FUSED
 
     @property
     def float_formats(self) -> str | None:
@@ -231,7 +237,7 @@ def is_grouped_mm(target: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class GroupedLinear:
+class GroupedLinear(_Form):
     """A grouped expert GEMM of the IR (see the module doc) and the nodes it is made of.
 
     node     the grouped op (G or q4.grouped_linear_w4a4)
@@ -259,14 +265,6 @@ class GroupedLinear:
     w_format: str | None = None
     a_format: str | None = None
     w_mult: Any = None
-
-    @property
-    def quantized(self) -> bool:
-        return self.form != FLOAT
-
-    @property
-    def fused(self) -> bool:
-        return self.form == FUSED
 
 
 def match_grouped(node: Any) -> GroupedLinear | None:

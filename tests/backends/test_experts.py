@@ -9,18 +9,14 @@ import torch
 
 from qcompile.frontend.calibrate import observe_model
 from tests.helpers.backend import counting_backend
-from tests.helpers.models import Experts
-from tests.passes.test_insert_quantizers import expert_inputs
+from tests.helpers.models import Experts, expert_inputs, experts_case
 
 q4 = torch.ops.q4
 
 
 @pytest.mark.parametrize("aten", [False, True])
 def test_calibration_batches_observe_the_grouped_gemms_inputs(aten):
-    dtype = torch.bfloat16 if aten else torch.float32  # torch._grouped_mm on CPU takes bf16 only
-    model = Experts(aten=aten).eval().to(dtype)
-    x, offs = expert_inputs()
-    x = x.to(dtype)
+    model, x, offs = experts_case(aten)
     stats = observe_model(model, [(x, offs)], {model.gate_up_proj: "gate_up_proj", model.down_proj: "down_proj"})
     assert set(stats) == {"gate_up_proj", "down_proj"}
     # every expert's rows pooled: the per-channel absmax of the whole input

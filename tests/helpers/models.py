@@ -103,3 +103,16 @@ class Experts(torch.nn.Module):
     def forward(self, x, offs):
         gate, up = self.grouped_mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
         return self.grouped_mm(torch.nn.functional.silu(gate) * up, self.down_proj, offs)
+
+
+def expert_inputs(counts=(4, 0, 5), hidden=16, seed=0):
+    """(x [S, hidden], offs int32 [E]): rows sorted by expert, expert 1 empty."""
+    x = torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(seed))
+    return x, torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+
+
+def experts_case(aten: bool):
+    """(Experts(aten), x, offs) in the dtype its grouped GEMM takes: torch._grouped_mm on CPU takes bf16 only."""
+    dtype = torch.bfloat16 if aten else torch.float32
+    x, offs = expert_inputs()
+    return Experts(aten=aten).eval().to(dtype), x.to(dtype), offs

@@ -98,13 +98,10 @@ def test_its_invariant_holds_from_then_on():
 
 @pytest.mark.parametrize("aten", [False, True])
 def test_grouped_expert_gemms_fuse_into_the_grouped_kernel(aten):
-    from tests.helpers.models import Experts
-    from tests.passes.test_insert_quantizers import expert_inputs
+    from tests.helpers.models import experts_case
 
-    dtype = torch.bfloat16 if aten else torch.float32  # aten._grouped_mm on CPU takes bf16 only
-    x, offs = expert_inputs()
-    x = x.to(dtype)
-    gm = capture(Experts(aten=aten).eval().to(dtype), x, offs)
+    model, x, offs = experts_case(aten)
+    gm = capture(model, x, offs)
     fake_quant = run_pass("insert-quantizers", gm)[0].graph_module
     expected = copy.deepcopy(fake_quant)(x, offs)[0]
 

@@ -13,7 +13,7 @@ from qcompile.core import ir
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.printer import format_graph
 from qcompile.kernels import formats, reference
-from tests.helpers.models import Positioned, TwoHeads, Zero
+from tests.helpers.models import Experts, Positioned, TwoHeads, Zero, expert_inputs, experts_case
 from tests.helpers.passes import run_pass
 
 
@@ -430,12 +430,6 @@ def test_a_weight_group_that_is_not_a_multiple_of_32_is_a_pipeline_error(group):
 # --- a mixture of experts' grouped GEMMs -------------------------------------------------------------
 
 
-def expert_inputs(counts=(4, 0, 5), hidden=16, seed=0):
-    """(x [S, hidden], offs int32 [E]): rows sorted by expert, expert 1 empty."""
-    x = torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(seed))
-    return x, torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-
-
 def fake_quant_experts_ref(x, w, offs, a_step):
     """Expert by expert: F.linear of the fake-quantized rows and the expert's per-row rounded weight."""
     out = torch.zeros(x.shape[0], w.shape[1], dtype=x.dtype)
@@ -448,12 +442,7 @@ def fake_quant_experts_ref(x, w, offs, a_step):
 
 @pytest.mark.parametrize("aten", [False, True])
 def test_grouped_expert_gemms_before_after_ir_and_semantics(aten):
-    from tests.helpers.models import Experts
-
-    dtype = torch.bfloat16 if aten else torch.float32  # aten._grouped_mm on CPU takes bf16 only
-    model = Experts(aten=aten).eval().to(dtype)
-    x, offs = expert_inputs()
-    x = x.to(dtype)
+    model, x, offs = experts_case(aten)
     gm = capture(model, x, offs)
     op = "aten._grouped_mm.default" if aten else "transformers.grouped_mm_fallback.default"
     FileCheck().check_count(op, 2, exactly=True).check_not("q4.").run(gm.code)
@@ -489,8 +478,6 @@ def test_grouped_expert_gemms_before_after_ir_and_semantics(aten):
 
 
 def test_grouped_expert_gemms_weight_only_and_skipped():
-    from tests.helpers.models import Experts
-
     model = Experts().eval()
     x, offs = expert_inputs()
     result, stats = run_pass("insert-quantizers", capture(model, x, offs), a_bits=16)
@@ -517,8 +504,6 @@ def test_grouped_expert_gemms_weight_only_and_skipped():
 def test_grouped_expert_weights_stored_transposed_are_read_as_they_are():
     """A model whose experts' weights are stored [E, K, N] (transformers' is_transposed) passes
     them to the grouped GEMM untransposed: the same rewrite, the same numbers."""
-    from tests.helpers.models import Experts
-
     class Transposed(Experts):
         def __init__(self):
             super().__init__()
