@@ -31,21 +31,21 @@ RECIPES: dict[str, str] = {
     # 32.26 then, at twice the quantize time.
     "w4a4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,"
     "rotate-inputs{skip=,learn-steps=120,learn-rate=0.02,learn-skip=down_proj},"
-    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},"
-    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
+    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq,sinks=true,w-group=32},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
     # w4a4 with the fixed Hadamard-like rotation (no learning: the default until learned rotations;
     # a third of its quantize time). The searched QSM strength (`migrate-scales{rotated=true}`)
     # gave 56.4 here against the fixed 0.5's 36.9, so the fixed 0.5 it is.
     "w4a4-hadamard": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
-    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},"
-    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
+    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq,sinks=true,w-group=32},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
     # w4a4-hadamard with MergeQuant's dimensional reconstruction: each group's widest channels split
     # into copies (at most 16 more input channels), chosen by the output error as the fixed
     # rotation will leave the group.
     "w4a4-split": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},split-channels{budget=16,rotated=true},"
     "fold-scales,rotate-inputs{skip=},"
-    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},"
-    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
+    "insert-quantizers{w-bits=4,a-bits=4,search-clip=true,weights=gptq,sinks=true,w-group=32},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
     # QSM as MergeQuant describes it, without rotation: per group, the migration strength and
     # the activation clipping ratio searched against the layer-output error.
     "w4a4-qsm": "analyze-outliers,migrate-scales{method=qsm,w-bits=4,a-bits=4},fold-scales,"
@@ -61,19 +61,19 @@ RECIPES: dict[str, str] = {
     # The head keeps w4a4's 8-bit integer activations. SmolLM2-135M, 2048 P&P tokens, 4 x 512
     # calibration tokens, eager lowering: 33.33 (1.600x FP32 20.83), w4a4 37.60 (1.805x).
     "fp4": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
-    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},"
-    "insert-quantizers{w-format=search,a-format=search,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
+    "insert-quantizers{w-format=search,a-format=search,search-clip=true,weights=gptq,sinks=true,w-group=32},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
     # The same with E2M1 alone on both sides (the FP4 of MXFP4 / NVFP4 hardware): no format search,
     # a third of the quantize time; 33.22 (1.595x) on the same 2048 tokens.
     "fp4-e2m1": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
-    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},"
-    "insert-quantizers{w-format=e2m1,a-format=e2m1,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
+    "insert-quantizers{w-format=e2m1,a-format=e2m1,search-clip=true,weights=gptq,sinks=true,w-group=32},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,search-clip=true,weights=gptq,sinks=true,w-group=32},fuse-kernels",
     # The dynamic reference of w4a4: the same passes, each token's activation step computed at run
     # time from its own absmax (q4.token_steps, fused into the loop that rotates and quantizes;
     # the epilogue multiplies by a_step[token] * w_step[n]). It shows what static steps cost.
     "w4a4-dynamic": "analyze-outliers,migrate-scales{method=smoothquant,alpha=0.5},fold-scales,rotate-inputs{skip=},"
-    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,activations=dynamic,weights=gptq,w-group=32},"
-    "insert-quantizers{w-bits=4,a-bits=4,activations=dynamic,weights=gptq,w-group=32},fuse-kernels",
+    "insert-quantizers{w-bits=4,a-bits=4,activations=dynamic,weights=gptq,w-group=32},"
+    "insert-quantizers{only=lm_head,skip=,w-bits=4,a-bits=8,activations=dynamic,weights=gptq,w-group=32},fuse-kernels",
     # Weight-only int4 with GPTQ in groups of 32 (activations stay in float): the fused q4.linear_w4a16.
     "w4a16": "analyze-outliers,fold-scales,insert-quantizers{w-bits=4,a-bits=16,weights=gptq,w-group=32},fuse-kernels",
 }

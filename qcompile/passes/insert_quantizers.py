@@ -123,7 +123,9 @@ GEMM reads x as it is and the dequantized weight (weight-only: packed storage, n
 The pass may run more than once with different bit widths: `only` (a module-path regex) limits
 one run to the linears it matches, and a run leaves linears an earlier run took alone, so
 `insert-quantizers{only=lm_head,skip=,a-bits=8},insert-quantizers{...}` gives the head 8-bit
-activations and the rest what the second run says.
+activations and the rest what the second run says. The recipes put the head's run last: by then
+the other linears' float weight copies (migrated, rotated) are packed int4, so the head's GPTQ and
+clipping search (temporaries of its 49152 x 576 weight, on SmolLM2) do not add to them.
 """
 
 from __future__ import annotations
@@ -331,6 +333,9 @@ class InsertQuantizers(QPass):
                 node.meta[ir.FLOAT_REASON] = reason
                 self.count("linears-left-in-float")
                 continue
+            # an earlier run's skip= (the recipes round the head last) no longer holds, nor for the
+            # nodes made from this one (mark_created copies its meta)
+            node.meta.pop(ir.FLOAT_REASON, None)
             if not opts.rounding:
                 # quantize . dequantize without rounding is the identity, and packed int4 cannot
                 # hold unrounded codes: the linear stays as it is

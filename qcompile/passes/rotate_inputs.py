@@ -151,12 +151,28 @@ class RotateInputs(QPass):
             old = lin.args[1]
             weight = ir.get_constant(gm, old)
             with graph.inserting_before(lin):
-                new = graph.get_attr(ir.add_constant(
-                    gm, f"{old.meta.get(ir.FQN, old.target)}_rotated",
-                    rotation.rotate(weight.detach().float(), factors, hadamard).to(weight.dtype).contiguous()))
+                new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.target)}_rotated",
+                                                     _rotated_weight(weight, factors, hadamard)))
             ir.mark_created(new, self.name, [old])
             lin.update_arg(0, rotated)
             lin.update_arg(1, new)
             ir.drop_constant(gm, old)  # the weight before rotation (migrate-scales' copy): freed now
             lin.meta[ir.CALIB] = stats
             lin.meta.pop(ir.ACT_CLIP, None)
+
+
+# Rows of a weight rotated at once: an lm_head of 49152 x 576 rotated whole made ~200 MiB of
+# float32 temporaries; in blocks they stay small. A weight of fewer rows is rotated whole, as before;
+# a taller one's values may round differently in the last bit (a GEMM's kernel can depend on its
+# row count; at SmolLM2's width they were the same bits).
+WEIGHT_ROWS = 4096
+
+
+def _rotated_weight(weight: torch.Tensor, factors: list[torch.Tensor], hadamard: bool) -> torch.Tensor:
+    """W @ R (R = kron(*factors)) in float32, stored in W's dtype, a block of rows at a time."""
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    w = weight.detach()
+    for r in range(0, w.shape[0], WEIGHT_ROWS):
+        out[r:r + WEIGHT_ROWS] = rotation.rotate(w[r:r + WEIGHT_ROWS].float(), factors, hadamard)
+    return out
+

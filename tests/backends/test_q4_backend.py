@@ -267,7 +267,9 @@ def test_unhandled_ops_stay_in_float_and_are_counted():
     _, out, art = compile_and_run(model, EAGER, x)
     assert art.count_ops(torch.ops.q4.linear_w4a4.default) == 1
     assert art.count_ops(torch.ops.aten.matmul.default) == 1
-    stats = {r.name: r.stats for r in art.records}
+    stats = {}
+    for r in art.records:  # the first insert-quantizers run: the default recipe's main one (the head's is last)
+        stats.setdefault(r.name, r.stats)
     assert stats["insert-quantizers"]["linears-quantized"] == 1
     assert stats["insert-quantizers"]["unhandled-ops-in-float"] == 1
 
