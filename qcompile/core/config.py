@@ -62,6 +62,7 @@ class Q4Options:
     verify_each: bool = True
     timing: bool = False
     stats: bool = False
+    memory: bool = False  # resident memory after each stage and pass (instrument.Memory)
     disable: tuple[str, ...] = ()  # passes dropped from the pipeline (Pipeline.without)
     # False: insert-quantizers{rounding=false}: nothing is rounded, so the compiled graph is the
     # migrated, rotated, folded float graph and must compute the model's own function (exactness)

@@ -37,7 +37,7 @@ from qcompile.core.pipeline import PassSpec
 from qcompile.core.printer import format_graph
 from qcompile.core.verify import verify
 
-__all__ = ["Instrument", "PrintIR", "DumpIR", "VerifyEach", "Timing", "Statistics", "ir_text"]
+__all__ = ["Instrument", "PrintIR", "DumpIR", "VerifyEach", "Timing", "Statistics", "Memory", "ir_text"]
 
 
 def ir_text(gm: fx.GraphModule, provenance: bool = False) -> str:
@@ -225,6 +225,55 @@ class Timing(Instrument):
         table.append(("", "total", total, 100.0))
         self.write("// -----// Pass execution timing report //----- //\n"
                    + tabulate(table, headers=("#", "pass", "seconds", "%"), floatfmt=("", "", ".4f", ".1f")))
+        self.rows = []
+
+
+def _status_bytes(field: str) -> int | None:
+    """A size line of /proc/self/status (VmRSS: resident now; VmHWM: the process's peak) in bytes;
+    None without /proc (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+class Memory(Instrument):
+    """Resident memory after each stage and pass, and the process's peak so far, printed as a table
+    when the run finishes; a row where the peak rose says the stage or pass (or the calibration
+    before the first pass) that set it. Read only, never reset (a benchmark's own peak stays whole),
+    so a pass whose temporaries stay below an earlier peak does not show. Linux (/proc); elsewhere
+    it says it cannot measure."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream
+        self.rows: list[tuple[str, int | None, int | None]] = []
+
+    def _record(self, label: str) -> None:
+        self.rows.append((label, _status_bytes("VmRSS"), _status_bytes("VmHWM")))
+
+    def on_stage(self, name: str, gm: fx.GraphModule) -> None:
+        self._record(name)
+
+    def before_pass(self, index: int, qpass: QPass, gm: fx.GraphModule) -> None:
+        if index == 0 and self.rows and self.rows[-1][0] == "freeze":
+            self._record("calibrate")  # prepare reports "freeze", then calibrates
+
+    def after_pass(self, index: int, qpass: QPass, gm: fx.GraphModule, result: PassResult, seconds: float) -> None:
+        self._record(f"{index} {qpass.name}")
+
+    def finish(self) -> None:
+        if not self.rows:
+            return
+        if self.rows[0][1] is None:
+            self.write("// -----// Memory report //----- //\n(no /proc/self/status here: nothing measured)")
+        else:
+            mib, table, peak = 2**20, [], self.rows[0][2]  # rises after the first row
+            for label, resident, high in self.rows:
+                table.append((label, resident / mib, high / mib, "peak rose" if high >= peak + mib else ""))
+                peak = max(peak, high)
+            self.write("// -----// Memory report (resident MiB) //----- //\n"
+                       + tabulate(table, headers=("after", "resident", "process peak so far", ""), floatfmt=".0f"))
         self.rows = []
 
 

@@ -30,7 +30,7 @@ from torch import fx
 
 from qcompile.core import ir
 from qcompile.core.config import Q4Options
-from qcompile.core.instrument import DumpIR, Instrument, PrintIR, Statistics, Timing, VerifyEach
+from qcompile.core.instrument import DumpIR, Instrument, Memory, PrintIR, Statistics, Timing, VerifyEach
 from qcompile.core.pass_api import PassResult, QPass
 from qcompile.core.pipeline import PassSpec, Pipeline, parse_pipeline
 
@@ -115,6 +115,8 @@ class PassManager:
             instruments.append(Timing())
         if o.stats:
             instruments.append(Statistics())
+        if o.memory:
+            instruments.append(Memory())
         return cls(pipeline, instruments, stream, progress=o.progress)
 
     def on_stage(self, name: str, gm: fx.GraphModule) -> None:

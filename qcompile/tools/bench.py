@@ -47,7 +47,8 @@ memory: peak memory of `qcompile.quantize` (calibration, passes, first call) of 
   target is 2M + A: the model, one more copy of its weights (statistics, quantized constants),
   and one batch in flight. Lowering is eager by default, so the number is about quantizing, not
   about Inductor's compile (--lower inductor measures that too). Linux only for the peaks (a
-  reset of VmHWM); elsewhere they are the whole process's.
+  reset of VmHWM); elsewhere they are the whole process's. With `Q4_MEMORY=1` the quantizing
+  process also prints resident memory after each stage and pass and which one raised the peak.
 
 Each repetition calls every variant once, in turn, so load from other processes hits all alike;
 tables show the median after a warm-up call (which compiles).

@@ -20,7 +20,7 @@ def test_defaults():
 
 def test_every_documented_variable_is_read():
     documented = {"Q4_PIPELINE", "Q4_PRINT_BEFORE", "Q4_PRINT_AFTER", "Q4_PRINT_AFTER_ALL", "Q4_PRINT_AFTER_CHANGE",
-                  "Q4_PRINT_AFTER_FAILURE", "Q4_DUMP_DIR", "Q4_VERIFY_EACH", "Q4_TIMING", "Q4_STATS", "Q4_DISABLE",
+                  "Q4_PRINT_AFTER_FAILURE", "Q4_DUMP_DIR", "Q4_VERIFY_EACH", "Q4_TIMING", "Q4_STATS", "Q4_MEMORY", "Q4_DISABLE",
                   "Q4_LOWER", "Q4_RECIPE"}
     assert documented <= set(env_names())
     assert "Q4_CALIBRATION" not in env_names()  # an object, not text

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 import torch
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.core.config import resolve_options
-from qcompile.core.instrument import DumpIR, PrintIR, Statistics, Timing, VerifyEach
+from qcompile.core.instrument import DumpIR, Memory, PrintIR, Statistics, Timing, VerifyEach
 from qcompile.core.pass_api import PipelineError
 from qcompile.core.pass_manager import PassFailure, PassManager
 from qcompile.core.pipeline import parse_pipeline
@@ -160,6 +161,27 @@ def test_statistics_table():
     assert rows == [["0", "test-noop", "nodes-seen", "4"], ["1", "test-add-node", "nodes-added", "3"]]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_table_says_which_step_raised_the_peak():
+    """Stages and passes each get a row (calibration: what ran between "freeze" and the first
+    pass); 256 MB touched and freed during "freeze" raise the process's peak there, not later."""
+    stream = io.StringIO()
+    graph = tiny_graph()
+    manager = PassManager(parse_pipeline("test-noop,test-add-node"), [Memory()], stream=stream)
+    manager.on_stage("capture", graph)
+    big = torch.ones(64 * 2**20)
+    del big
+    manager.on_stage("freeze", graph)
+    manager.run(graph)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "// -----// Memory report (resident MiB) //----- //"
+    rows = [line.split() for line in lines[3:]]
+    assert [row[0] for row in rows] == ["capture", "freeze", "calibrate", "0", "1"]
+    capture_peak, freeze_peak = float(rows[0][2]), float(rows[1][2])
+    assert rows[1][-2:] == ["peak", "rose"] and freeze_peak > capture_peak + 200
+    assert all(row[-1] != "rose" for row in rows[:1] + rows[2:])
+
+
 def test_failure_names_pass_node_source_previous_passes_and_reproducer():
     stream = io.StringIO()
     manager = PassManager(parse_pipeline("test-noop,test-add-node{count=2},test-fail,test-noop"),
@@ -190,10 +212,10 @@ def test_failure_of_the_first_pass_without_a_known_node():
 
 def test_from_options_builds_the_requested_instruments(tmp_path):
     options = resolve_options({"print_after": "test-noop", "dump_dir": str(tmp_path), "timing": True,
-                               "stats": True}, environ={})
+                               "stats": True, "memory": True}, environ={})
     stream = io.StringIO()
     manager = PassManager.from_options("test-noop", options, stream=stream)
-    assert [type(i) for i in manager.instruments] == [PrintIR, DumpIR, VerifyEach, Timing, Statistics]
+    assert [type(i) for i in manager.instruments] == [PrintIR, DumpIR, VerifyEach, Timing, Statistics, Memory]
     assert all(i.stream is stream for i in manager.instruments if hasattr(i, "rows"))
     manager.run(tiny_graph())
     assert "IR Dump After test-noop" in stream.getvalue() and "timing report" in stream.getvalue()
