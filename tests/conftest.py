@@ -110,33 +110,3 @@ def smollm2_artifact(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Pat
          "--prompt-tokens", "24", "--no-compiling-load", "--dir", str(directory)],
         capture_output=True, text=True, timeout=1500, cwd=ROOT, env={**os.environ, "Q4_PIPELINE": quick("w4a4")})
     return proc, directory
-
-
-# --- two workers (pytest-xdist: scripts/test.sh runs `-n 2 --dist loadgroup`) ---------------------
-
-# Tests that read one of these session fixtures run in one worker, so it is computed once.
-SHARED_RUNS = ("eval_table", "smollm2_artifact")
-
-
-def pytest_configure(config):
-    """A worker of N gets cores / N intra-op threads (its subprocesses too, through
-    OMP_NUM_THREADS): two workers of two threads each on two cores would fight over them."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Workers take tests one at a time, except those that share work: the tests of a real-model
-    module (module fixtures, and the calibration cache their compiles share) go to one worker,
-    and so do the readers of each shared run (SHARED_RUNS)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
-        if group is None and item.get_closest_marker("model") is not None:
-            group = item.module.__name__
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
