@@ -9,13 +9,14 @@ big blocks are freed), and the arenas of PyTorch's worker threads, are not retur
 `malloc_trim(0)` brings it to 1.8 GB. A test session that compiles SmolLM2 a dozen times grew
 to 17 GB without it.
 
-While the passes run, `returned_as_freed` goes further: a block of 128 KiB or more that the heap's
-free chunks cannot serve gets its own mapping, which `free` unmaps at once. The passes replace weights one linear at a time (a
-migrated copy by a rotated one, a rotated one by packed int4); with glibc's default the freed
-copies stay in the heap, fragmented, and the process grew by about twice what it held. SmolLM2
-w4a4-hadamard (`qcompile.quantize`, eager lowering; peak resident memory above the model and the
-imports, during the passes): 2577 MiB without it, 2156 MiB with it. Calibration and inference
-keep the default: mapping each activation anew costs page faults at every call.
+While the passes run, `returned_as_freed` goes further: a block of 128 KiB or more that the
+heap's free chunks cannot serve gets its own mapping, which `free` unmaps at once. The passes
+replace weights one linear at a time (a migrated copy by a rotated one, a rotated one by packed
+int4); with glibc's default the freed copies stay in the heap, fragmented, and the process grew by
+about twice what it held. SmolLM2 w4a4-hadamard (`qcompile.quantize` on 4096 tokens, eager
+lowering; peak resident memory above the imports during the passes, a scratch script reading
+VmHWM): 2577 MiB without it, 2156 MiB with it. Calibration and inference keep the default:
+mapping each activation anew costs page faults at every call.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def _mallopt():
 @contextlib.contextmanager
 def returned_as_freed():
     """Within: a block of 128 KiB or more that the heap's free chunks cannot serve is mapped on its
-    own and unmapped when freed (glibc; elsewhere nothing changes). On leaving, the threshold is glibc's largest sliding one and the
-    freed memory goes back to the system. Process-wide, as glibc's allocator is: another thread
-    allocating meanwhile gets the same treatment."""
+    own and unmapped when freed (glibc; elsewhere nothing changes). On leaving, the thresholds are
+    glibc's largest sliding ones and the freed memory goes back to the system. Process-wide, as
+    glibc's allocator is: another thread allocating meanwhile gets the same treatment."""
     mallopt = _mallopt()
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
