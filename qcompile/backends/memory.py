@@ -29,14 +29,18 @@ import sys
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's `malloc_trim`, or None where there is none (macOS, Windows, musl)."""
+def _glibc(name: str):
+    """The C library's function `name` on Linux, or None where there is none (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+
+
+def _malloc_trim():
+    return _glibc("malloc_trim")
 
 
 # mallopt's parameter numbers (malloc.h)
@@ -47,15 +51,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _THRESHOLD_AFTER = 32 * 1024 * 1024
 
 
-@functools.cache
 def _mallopt():
-    """glibc's `mallopt`, or None where there is none."""
-    if _malloc_trim() is None:
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
+    return _glibc("mallopt") if _malloc_trim() is not None else None  # glibc's: musl has no malloc_trim
 
 
 @contextlib.contextmanager
