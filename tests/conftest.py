@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qcompile.passes  # noqa: E402, F401  (declares qcompile's own passes, before any registry snapshot)
-from qcompile.backends.memory import release_freed_memory  # noqa: E402
 from qcompile.core import pass_api  # noqa: E402
+from qcompile.core.memory import release_freed_memory  # noqa: E402
 from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
 from tests.helpers.passes import TOY_PASSES  # noqa: E402
 from tests.helpers.recipes import quick  # noqa: E402
@@ -40,7 +40,7 @@ def fresh_dynamo():
 def freed_memory_returned(request):
     """After a test on a real model, the allocator's freed memory goes back to the system: each
     such test frees gigabytes (activations, logits of 2048 tokens) that glibc would otherwise keep,
-    and the session would grow to the machine's limit (qcompile/backends/memory.py)."""
+    and the session would grow to the machine's limit (qcompile/core/memory.py)."""
     yield
     if request.node.get_closest_marker("model") is not None:
         release_freed_memory()

@@ -41,11 +41,11 @@ import qcompile.passes  # noqa: F401  (declares the built-in passes the pipeline
 from qcompile.backends import generation, range_check
 from qcompile.backends.compiled_graph import CompiledGraph
 from qcompile.backends.lowering import lower
-from qcompile.backends.memory import release_freed_memory, returned_as_freed
 from qcompile.core import ir
 from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
 from qcompile.core.memo import MEMO, MemoMiss
+from qcompile.core.memory import release_freed_memory
 from qcompile.core.pass_manager import PassFailure, PassManager, PassManagerResult
 from qcompile.core.pipeline import parse_pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
@@ -129,8 +129,7 @@ class Q4Backend:
         memo = frozen.meta[MEMO] = saved.memo() if saved is not None else self.calibration_cache.memo_for(
             prepared.parameters, opts.calibration)
         replay = Replay.collect(frozen, memo) if saved is None else None  # before the passes edit it
-        with returned_as_freed():  # each weight copy a pass replaces goes back to the system as it goes
-            result = _run_passes(manager, frozen, saved, replay)
+        result = _run_passes(manager, frozen, saved, replay)
         stop = self.stop_after == "passes"
         lowered, monitor = (result.graph_module, None) if stop or not opts.range_warning else \
             range_check.monitored(result.graph_module, graph_id)

@@ -38,6 +38,8 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
+from qcompile.core.memory import TRIM_AFTER_BYTES, release_freed_memory
+
 PROVENANCE = "q4_provenance"
 CALIB = "q4_calib"
 FQN = "q4_fqn"
@@ -193,14 +195,19 @@ def drop_constant(gm: fx.GraphModule, node: Any) -> bool:
     """Erase the `get_attr` node `node` if nothing reads it, and its attribute with it when no
     other node names that attribute; True if the node went. A pass that replaces a weight calls
     it right away, so the weight it replaced is freed before the next one is made (a pass over
-    every linear would otherwise hold two copies of the model's weights until it ends)."""
+    every linear would otherwise hold two copies of the model's weights until it ends). A large
+    weight's memory goes back to the system then (glibc would keep it, fragmented among the pass's
+    other allocations: qcompile/core/memory.py)."""
     if not isinstance(node, fx.Node) or node.op != "get_attr" or node.users:
         return False
     target = node.target
     gm.graph.erase_node(node)
     if "." not in target and target in gm._buffers and \
             not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        large = gm._buffers[target].nbytes >= TRIM_AFTER_BYTES
         delattr(gm, target)
+        if large:
+            release_freed_memory()
     return True
 
 

@@ -554,7 +554,7 @@ def _settle() -> int:
     live memory only (glibc keeps freed blocks resident until asked); returns the RSS then."""
     import gc
 
-    from qcompile.backends.memory import release_freed_memory
+    from qcompile.core.memory import release_freed_memory
 
     gc.collect()
     release_freed_memory()

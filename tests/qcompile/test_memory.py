@@ -1,0 +1,70 @@
+"""release_freed_memory: what a compile frees goes back to the operating system (glibc)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qcompile.core.memory import release_freed_memory
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim is Linux's")
+def test_freed_heap_blocks_go_back_to_the_system():
+    """256 MB of 64 KB tensors (heap blocks, below glibc's mmap threshold), all freed but the
+    last (which keeps the heap's top, so free() alone cannot shrink it): glibc keeps the pages
+    until release_freed_memory asks."""
+    blocks = [torch.ones(16 * 1024) for _ in range(4096)]
+    last = blocks[-1]
+    del blocks
+    before = resident_mb()
+    assert release_freed_memory()
+    after = resident_mb()
+    assert before - after > 128, (before, after)
+    assert last.sum() == 16 * 1024
+
+
+# In a fresh process (its heap's state known): 256 constants of 1 MB, each followed by a small
+# tensor that lives on (as a pass's other allocations do), so the heap cannot shrink from its top.
+# glibc's mmap threshold is set where its sliding one ends (32 MB), so they are all in the heap.
+DROPPED_CONSTANTS = """
+import ctypes
+import torch
+from torch import fx
+from qcompile.core import ir
+
+def resident_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+for size in (256 * 1024, 32 * 1024):  # 1 MB constants (trimmed after), then 128 KB ones (not)
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    nodes, keep = [], []
+    for i in range(256 if size > 32 * 1024 else 2048):
+        gm.register_buffer(f"w{i}", torch.ones(size))
+        nodes.append(gm.graph.get_attr(f"w{i}"))
+        keep.append(torch.ones(16))
+    before = resident_mb()
+    for node in nodes:
+        assert ir.drop_constant(gm, node)
+    print(size, before - resident_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim is Linux's")
+def test_a_dropped_large_constant_goes_back_to_the_system_at_once():
+    """`ir.drop_constant` (a pass freeing the weight it replaced) trims after a constant of 1 MB or
+    more: the 256 MB of them leave the process as they are dropped. Smaller ones are left to the
+    next trim (a trim walks the whole heap): 256 MB of 128 KB constants stay resident."""
+    out = subprocess.run([sys.executable, "-c", DROPPED_CONSTANTS], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split()
+    dropped = dict(zip(map(int, out[::2]), map(float, out[1::2])))
+    assert dropped[256 * 1024] > 200 and dropped[32 * 1024] < 64, dropped
