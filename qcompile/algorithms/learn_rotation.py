@@ -93,12 +93,53 @@ def _quantized_error(x_rot: torch.Tensor, wq: torch.Tensor, reference: torch.Ten
     return (_fake_quant(x_rot, a_step, a_bits) @ wq.t() - reference).pow(2).sum()
 
 
-def _best_error(x: torch.Tensor, weight: torch.Tensor, factors: Sequence[torch.Tensor], w_bits: int,
+def _best_error(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], w_bits: int,
                 a_bits: int) -> tuple[float, float]:
-    """(least output error over the clipping ratios, that ratio) of x and weight rotated by factors."""
-    x_rot, wq = kron_apply(x, factors), _quantized_weight(kron_apply(weight, factors), w_bits)
-    reference = x @ weight.t()
-    return min((_quantized_error(x_rot, wq, reference, c, a_bits).item(), c) for c in CLIPS)
+    """(least output error over the clipping ratios, that ratio) of x and the stacked rows of
+    `weights` rotated by factors, summed over blocks of rows (they round independently)."""
+    x_rot = kron_apply(x, factors)
+    errors = [0.0] * len(CLIPS)
+    for block in _row_blocks(weights):
+        wq, reference = _quantized_weight(kron_apply(block, factors), w_bits), x @ block.t()
+        for i, c in enumerate(CLIPS):
+            errors[i] += _quantized_error(x_rot, wq, reference, c, a_bits).item()
+    return min(zip(errors, CLIPS))
+
+
+# Rows of the stacked weights measured at once. An lm_head of 49152 x 576 whole made about
+# 400 MiB of float32 temporaries (its copy, rotated, rounded), the peak of SmolLM2's whole
+# quantization; in blocks they stay small. Groups of fewer rows (every other SmolLM2 group) are
+# one block, computed as before to the bit.
+BLOCK_ROWS = 4096
+
+
+def _row_blocks(weights: Sequence[torch.Tensor]):
+    """The rows of `weights` stacked, in float32, BLOCK_ROWS at a time (the last block shorter)."""
+    pieces, rows = [], 0
+    for w in weights:
+        start = 0
+        while start < w.shape[0]:
+            piece = w.detach()[start:start + BLOCK_ROWS - rows].float()
+            pieces.append(piece)
+            rows += piece.shape[0]
+            start += piece.shape[0]
+            if rows == BLOCK_ROWS:
+                yield torch.cat(pieces)
+                pieces, rows = [], 0
+    if pieces:
+        yield torch.cat(pieces)
+
+
+def _gather_rows(weights: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """torch.cat(weights)[rows] in float32, without stacking the weights (copies only)."""
+    ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0)
+    which = torch.searchsorted(ends, rows, right=True)
+    out = torch.empty(rows.shape[0], weights[0].shape[1])
+    for k, w in enumerate(weights):
+        picked = which == k
+        if picked.any():
+            out[picked] = w.detach()[rows[picked] - (ends[k] - w.shape[0])].float()
+    return out
 
 
 def learn_rotation(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Sequence[torch.Tensor],
@@ -107,24 +148,25 @@ def learn_rotation(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Se
     """Fit orthogonal factors (starting from `factors`) to the quantized output error of `weights`
     (each [out, n]) on the sample rows `x` ([rows, n], unrotated); see the module docstring."""
     start = [f.detach().float() for f in factors]
-    weight = torch.cat([w.detach().float() for w in weights])  # rows quantize independently
     x = x.detach().float()
     held = torch.arange(x.shape[0]) % 4 == 3
     train, test = (x[~held], x[held]) if held.any() and (~held).any() else (x, x)
     with torch.no_grad():
-        error_start, clip = _best_error(test, weight, start, w_bits, a_bits)
+        error_start, clip = _best_error(test, weights, start, w_bits, a_bits)
     if steps <= 0 or train.shape[0] == 0 or not math.isfinite(error_start) or error_start == 0.0:
         return LearnedRotation(start, False, error_start, error_start)
     generator = torch.Generator().manual_seed(seed)
     skews = [torch.zeros_like(f, requires_grad=True) for f in start]
     optimizer = torch.optim.Adam(skews, lr=rate)
-    reference = train @ weight.t()
+    with torch.no_grad():
+        reference = torch.cat([train @ block.t() for block in _row_blocks(weights)], dim=1)
     scale = reference.pow(2).sum().clamp_min(1e-30)
+    total_rows = sum(w.shape[0] for w in weights)  # rows quantize independently: drawn from all
     with torch.enable_grad():  # (the backend runs the passes under no_grad)
         for _ in range(steps):
-            rows = torch.randperm(weight.shape[0], generator=generator)[:MAX_WEIGHT_ROWS]
+            rows = torch.randperm(total_rows, generator=generator)[:MAX_WEIGHT_ROWS]
             current = [f @ torch.linalg.matrix_exp(a - a.t()) for f, a in zip(start, skews)]
-            wq = _quantized_weight(kron_apply(weight[rows], current), w_bits)
+            wq = _quantized_weight(kron_apply(_gather_rows(weights, rows), current), w_bits)
             loss = _quantized_error(kron_apply(train, current), wq, reference[:, rows], clip, a_bits) / scale
             if not torch.isfinite(loss):
                 return LearnedRotation(start, False, error_start, math.nan)
@@ -134,6 +176,6 @@ def learn_rotation(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Se
     with torch.no_grad():  # orthogonal to float64 precision, then float32
         learned = [(f.double() @ torch.linalg.matrix_exp((a - a.t()).double())).float().contiguous()
                    for f, a in zip(start, skews)]
-        error_learned, _ = _best_error(test, weight, learned, w_bits, a_bits)
+        error_learned, _ = _best_error(test, weights, learned, w_bits, a_bits)
     better = error_learned < error_start
     return LearnedRotation(learned if better else start, better, error_start, error_learned)

@@ -79,6 +79,9 @@ _SIGNS = torch.stack([torch.ones(_PERIOD, dtype=torch.float64),
                       1 - 2 * ((torch.arange(_PERIOD) * 2654435761 >> 13) & 1).double()])  # fixed pseudo-random
 
 
+_CHUNK = 1 << 22  # elements summed in float64 at once
+
+
 def _summarize(t: torch.Tensor) -> tuple[float, ...]:
     x = t.detach().reshape(-1).to("cpu")
     if not x.is_floating_point():
@@ -86,12 +89,19 @@ def _summarize(t: torch.Tensor) -> tuple[float, ...]:
     if not x.numel():
         return (0.0,) * len(_SUMMARIES)
     whole = x.numel() // _PERIOD * _PERIOD
-    columns = torch.cat([x[:whole].view(-1, _PERIOD).sum(0, dtype=torch.float64),
-                         torch.zeros(_PERIOD, dtype=torch.float64)])
+    # Every float64 reduction a chunk at a time: each converts its whole input first (a whole
+    # lm_head, 49152 x 576, made a 217 MiB copy). A tensor of one chunk is summed as before.
+    rows = x[:whole].view(-1, _PERIOD).split(_CHUNK // _PERIOD)
+    columns = torch.cat([sum(r.sum(0, dtype=torch.float64) for r in rows) if rows else
+                         torch.zeros(_PERIOD, dtype=torch.float64), torch.zeros(_PERIOD, dtype=torch.float64)])
     columns[_PERIOD:_PERIOD + x.numel() - whole] = x[whole:].double()  # the last, partial row
     columns = columns.view(2, _PERIOD).sum(0)
-    norms = [torch.linalg.vector_norm(x, order, dtype=torch.float64) for order in (1, 2, math.inf)]
-    return tuple(float(v) for v in (*norms, *(_SIGNS @ columns)))
+    chunks = x.split(_CHUNK)
+    l1 = sum(torch.linalg.vector_norm(c, 1, dtype=torch.float64) for c in chunks)
+    l2 = torch.linalg.vector_norm(x, 2, dtype=torch.float64) if len(chunks) == 1 else \
+        sum(torch.linalg.vector_norm(c, 2, dtype=torch.float64) ** 2 for c in chunks).sqrt()
+    largest = max(torch.linalg.vector_norm(c, math.inf, dtype=torch.float64) for c in chunks)
+    return tuple(float(v) for v in (l1, l2, largest, *(_SIGNS @ columns)))
 
 
 @dataclasses.dataclass(frozen=True)

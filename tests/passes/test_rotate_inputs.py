@@ -149,6 +149,31 @@ def test_a_learned_rotation_lowers_the_error_it_learns_on():
     torch.testing.assert_close(dense @ dense.t(), torch.eye(64), rtol=0, atol=1e-5)
 
 
+def test_learning_reads_many_weight_rows_a_block_at_a_time(monkeypatch):
+    """A group's weights are read in blocks of rows (an lm_head whole made ~400 MiB of float32
+    temporaries): blocks that cut across weights hold exactly the stacked rows, drawn rows are
+    exactly the stacked weights' rows, and learning in blocks of 40 rows does as well as in one."""
+    from qcompile.algorithms import learn_rotation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    weights = [torch.randn(96, 64, generator=g), torch.randn(32, 64, generator=g).half()]
+    stacked = torch.cat([w.float() for w in weights])
+    whole = learn_rotation.learn_rotation(x, weights, rotation.rotation_factors(64), steps=10, rate=0.02)
+    monkeypatch.setattr(learn_rotation, "BLOCK_ROWS", 40)
+    blocks = list(learn_rotation._row_blocks(weights))
+    assert [b.shape[0] for b in blocks] == [40, 40, 40, 8]
+    assert torch.equal(torch.cat(blocks), stacked)
+    rows = torch.randperm(128, generator=g)[:50]
+    assert torch.equal(learn_rotation._gather_rows(weights, rows), stacked[rows])
+    blocked = learn_rotation.learn_rotation(x, weights, rotation.rotation_factors(64), steps=10, rate=0.02)
+    # the same measure to float32's rounding; Adam's steps amplify the last bits of near-zero
+    # gradients, so the learned factors are as good, not the same bits
+    assert blocked.error_start == pytest.approx(whole.error_start, rel=1e-5)
+    assert blocked.learned and whole.learned
+    assert blocked.error_learned == pytest.approx(whole.error_learned, rel=0.02)
+
+
 def test_a_learned_rotation_that_is_not_better_keeps_the_fixed_factors():
     # a rate so small the factors do not move: no lower error, so the fixed factors stay
     gm = capture_family("llama", inputs())

@@ -220,6 +220,19 @@ def test_a_memo_lookup_passes_last_bit_differences_and_names_any_other():
         memoized(gm, "gptq", "w", (w, 3), never)
 
 
+def test_a_fingerprint_sums_a_large_tensor_a_chunk_at_a_time(monkeypatch):
+    """Float64 sums convert their input whole (an lm_head's fingerprint made a 217 MiB copy): they
+    run a chunk at a time, and agree with one sum over the whole to float64's rounding."""
+    from qcompile.core import memo
+
+    t = torch.randn(10 * 1024 + 77, generator=torch.Generator().manual_seed(0))
+    whole = memo._summarize(t)
+    monkeypatch.setattr(memo, "_CHUNK", 2048)
+    chunked = memo._summarize(t)
+    assert chunked == pytest.approx(whole, rel=1e-12, abs=1e-9)
+    assert memo.Fingerprint.of(t).mismatch(memo.Fingerprint("float32", tuple(t.shape), whole)) is None
+
+
 @pytest.fixture
 def no_expensive_steps(monkeypatch):
     """A load looks every expensive step up: computing one fails the test."""
