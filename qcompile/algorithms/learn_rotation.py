@@ -132,9 +132,11 @@ def _row_blocks(weights: Sequence[torch.Tensor]):
 
 def _gather_rows(weights: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """torch.cat(weights)[rows] in float32, without stacking the weights (copies only)."""
-    ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0)
+    device = weights[0].device
+    rows = rows.to(device)
+    ends = torch.tensor([w.shape[0] for w in weights], device=device).cumsum(0)
     which = torch.searchsorted(ends, rows, right=True)
-    out = torch.empty(rows.shape[0], weights[0].shape[1])
+    out = torch.empty(rows.shape[0], weights[0].shape[1], device=device)
     for k, w in enumerate(weights):
         picked = which == k
         if picked.any():
