@@ -75,3 +75,33 @@ def test_transformed_stats_compute_their_gram_from_the_observed_one_when_read():
     expected = (expected * torch.outer(multiplier, multiplier))[index][:, index]
     assert torch.equal(derived.gram, expected)
     assert ChannelStats.empty(8).scaled(scales).rotated(factors).gram is None
+
+
+def test_a_packed_gram_keeps_its_upper_triangle_and_reads_as_the_whole_matrix():
+    """Once calibrated (`CalibrationCache.put`), the Gram matrix is kept as its upper triangle, half
+    the bytes; read, it is the whole symmetric matrix, also through derived statistics."""
+    stats = ChannelStats.empty(8, gram=True)
+    for x in _batches():
+        stats.update(x)
+    whole = stats.gram
+    assert torch.equal(whole, whole.t())
+    factors, scales = rotation_factors(8), torch.arange(1.0, 9.0)
+    derived_whole = stats.scaled(scales).rotated(factors).gram
+    stats.pack_gram()
+    stats.pack_gram()  # once packed, left alone
+    assert stats.observed_gram.shape == (8 * 9 // 2,)
+    assert torch.equal(stats.gram, whole)
+    assert torch.equal(stats.scaled(scales).rotated(factors).gram, derived_whole)
+
+
+def test_the_calibration_cache_holds_packed_grams():
+    from qcompile.frontend.calibrate import CalibrationCache
+
+    stats, weight, calibration = ChannelStats.empty(8, gram=True), torch.randn(4, 8), [object()]
+    for x in _batches():
+        stats.update(x)
+    whole = stats.gram
+    cache = CalibrationCache()
+    cache.put(weight, calibration, True, stats)
+    cached = cache.get(weight, calibration, True)
+    assert cached.observed_gram.dim() == 1 and torch.equal(cached.gram, whole)
