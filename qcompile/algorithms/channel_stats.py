@@ -115,7 +115,7 @@ class ChannelStats:
         calibration is over (`update` needs the whole matrix)."""
         g = self.observed_gram
         if g is not None and g.dim() == 2:
-            rows, cols = torch.triu_indices(*g.shape)
+            rows, cols = torch.triu_indices(*g.shape, device=g.device)
             self.observed_gram = g[rows, cols]
 
     @classmethod
@@ -172,8 +172,8 @@ class ChannelStats:
 def _unpacked_gram(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric [n, n] matrix whose upper triangle, row by row, is `upper`."""
     n = (math.isqrt(8 * upper.numel() + 1) - 1) // 2
-    rows, cols = torch.triu_indices(n, n)
-    gram = torch.empty(n, n, dtype=upper.dtype)
+    rows, cols = torch.triu_indices(n, n, device=upper.device)
+    gram = torch.empty(n, n, dtype=upper.dtype, device=upper.device)
     gram[rows, cols] = upper
     gram[cols, rows] = upper
     return gram
