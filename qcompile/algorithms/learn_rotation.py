@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qcompile.algorithms.scale_search import CLIPS
+from qcompile.algorithms.scale_search import BLOCK_ROWS, CLIPS
 from qcompile.kernels import formats
 
 # A step's loss is measured on a fresh uniform draw of this many weight rows (they round
@@ -106,15 +106,11 @@ def _best_error(x: torch.Tensor, weights: Sequence[torch.Tensor], factors: Seque
     return min(zip(errors, CLIPS))
 
 
-# Rows of the stacked weights measured at once. An lm_head of 49152 x 576 whole made about
-# 400 MiB of float32 temporaries (its copy, rotated, rounded), the peak of SmolLM2's whole
-# quantization; in blocks they stay small. Groups of fewer rows (every other SmolLM2 group) are
-# one block, computed as before to the bit.
-BLOCK_ROWS = 4096
-
-
 def _row_blocks(weights: Sequence[torch.Tensor]):
-    """The rows of `weights` stacked, in float32, BLOCK_ROWS at a time (the last block shorter)."""
+    """The rows of `weights` stacked, in float32, BLOCK_ROWS at a time (the last block shorter).
+    An lm_head of 49152 x 576 stacked, rotated and rounded whole made about 400 MiB of float32
+    temporaries; groups of fewer rows (every SmolLM2 group but the head) are one block, computed
+    as before to the bit."""
     pieces, rows = [], 0
     for w in weights:
         start = 0

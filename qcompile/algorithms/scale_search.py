@@ -21,9 +21,10 @@ from qcompile.kernels.rotation import rotate as rotation_op
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 
 
-# Weight rows measured at once by `output_error`. The head's clip search on SmolLM2's lm_head
-# (49152 x 576) whole made ~400 MiB of float32 temporaries per clip, the peak of its whole
-# quantization; a weight of fewer rows is one block, measured as before to the bit.
+# Weight rows measured at once by an output error (`output_error` here, `learn_rotation`'s): rows
+# round independently. The head's clip search on SmolLM2's lm_head (49152 x 576) whole made
+# ~400 MiB of float32 temporaries per clip, the peak of its whole quantization; a weight of fewer
+# rows is one block, measured as before to the bit.
 BLOCK_ROWS = 4096
 
 
