@@ -37,7 +37,7 @@ from qcompile.core.pipeline import PassSpec
 from qcompile.core.printer import format_graph
 from qcompile.core.verify import verify
 
-__all__ = ["Instrument", "PrintIR", "DumpIR", "VerifyEach", "Timing", "Statistics", "Memory", "ir_text"]
+__all__ = ["Instrument", "PrintIR", "DumpIR", "VerifyEach", "Timing", "Statistics", "Memory", "ir_text", "status_bytes"]
 
 
 def ir_text(gm: fx.GraphModule, provenance: bool = False) -> str:
@@ -228,7 +228,7 @@ class Timing(Instrument):
         self.rows = []
 
 
-def _status_bytes(field: str) -> int | None:
+def status_bytes(field: str) -> int | None:
     """A size line of /proc/self/status (VmRSS: resident now; VmHWM: the process's peak) in bytes;
     None without /proc (not Linux)."""
     try:
@@ -250,7 +250,7 @@ class Memory(Instrument):
         self.rows: list[tuple[str, int | None, int | None]] = []
 
     def _record(self, label: str) -> None:
-        self.rows.append((label, _status_bytes("VmRSS"), _status_bytes("VmHWM")))
+        self.rows.append((label, status_bytes("VmRSS"), status_bytes("VmHWM")))
 
     def on_stage(self, name: str, gm: fx.GraphModule) -> None:
         self._record(name)

@@ -64,6 +64,7 @@ from collections.abc import Callable
 import torch
 from tabulate import tabulate
 
+from qcompile.core.instrument import status_bytes
 from qcompile.core.recipes import DEFAULT_RECIPE, RECIPES
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288))  # (K, N)
@@ -313,13 +314,12 @@ def _peak_rss_reset() -> bool:
 
 def _peak_rss_bytes() -> int:
     """Peak resident set since the last reset (VmHWM), or since the start (ru_maxrss) without /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
+    peak = status_bytes("VmHWM")
+    if peak is None:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
 
 
 def _decode_inputs(spec: dict):
@@ -540,15 +540,6 @@ def load_artifact(directory: str, work: str, prompt_file: str, trust_compiled: b
 # --- memory --------------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    """This process's resident set now (VmRSS); 0 without /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
-
-
 def _settle() -> int:
     """Collect garbage and give freed memory back to the system, so the next peak starts from
     live memory only (glibc keeps freed blocks resident until asked); returns the RSS then."""
@@ -558,7 +549,7 @@ def _settle() -> int:
 
     gc.collect()
     release_freed_memory()
-    return _rss_bytes()
+    return status_bytes("VmRSS") or 0
 
 
 def memory_row(spec: dict) -> dict:
