@@ -47,7 +47,7 @@ def invalidate(gm: fx.GraphModule) -> None:
 
 
 class ActivationGroups:
-    """The float linears with a constant 2-D float weight (`qlinear.constant_weight`), grouped by
+    """The float linears with a constant 2-D float weight (`qlinear.weight_shape`), grouped by
     the activation they read, in graph order: q/k/v share the normalized input, gate/up theirs.
     migrate-scales and rotate-inputs give each group one scale vector or one rotation.
 
@@ -58,7 +58,7 @@ class ActivationGroups:
     def __init__(self, gm: fx.GraphModule):
         self.groups: dict[fx.Node, list[fx.Node]] = {}
         for node in gm.graph.nodes:
-            if qlinear.constant_weight(gm, node) is not None:
+            if qlinear.weight_shape(gm, node) is not None:
                 self.groups.setdefault(node.args[0], []).append(node)
 
     def select(self, keep) -> dict[fx.Node, list[fx.Node]]:

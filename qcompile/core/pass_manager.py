@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from torch import fx
 
-from qcompile.core import ir
+from qcompile.core import ir, weights
 from qcompile.core.config import Q4Options
 from qcompile.core.instrument import DumpIR, Instrument, Memory, PrintIR, Statistics, Timing, VerifyEach
 from qcompile.core.pass_api import PassResult, QPass
@@ -131,6 +131,8 @@ class PassManager:
             for index, qpass in enumerate(self.pipeline.instantiate()):
                 gm, record = self._run_pass(index, qpass, gm)
                 records.append(record)
+            # the weights of linears left in float, as constants: what lowering and artifacts take
+            weights.fold(gm)
         finally:
             for instrument in self.instruments:
                 instrument.finish()

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.core import ir
+from qcompile.core import ir, weights
 from qcompile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.q4)
 from qcompile.kernels.formats import INT
 
@@ -213,16 +213,21 @@ def is_linear(node: Any) -> bool:
     return match(node) is not None
 
 
-def constant_weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    """The weight of `node` when it is a float `aten.linear` reading a constant 2-D float weight
-    (what insert-quantizers, migrate-scales, fold-scales and rotate-inputs rewrite); else None."""
+def weight_shape(gm: fx.GraphModule, node: Any) -> torch.Size | None:
+    """The shape of `node`'s weight when it is a float `aten.linear` reading a constant 2-D float
+    weight or a weight expression of one (core/weights.py; what insert-quantizers, migrate-scales,
+    fold-scales and rotate-inputs rewrite), read without computing it; else None."""
     q = match(node)
-    if q is None or q.form != FLOAT:
+    found = weights.shape_and_dtype(gm, q.weight) if q is not None and q.form == FLOAT else None
+    if found is None or len(found[0]) != 2 or not found[1].is_floating_point:
         return None
-    weight = ir.get_constant(gm, q.weight)
-    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
-        return None
-    return weight
+    return found[0]
+
+
+def constant_weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The weight of `node` when `weight_shape` has one: the constant, or its expression computed
+    now (a new tensor: hold it no longer than needed); else None."""
+    return weights.value(gm, match(node).weight) if weight_shape(gm, node) is not None else None
 
 
 # --- a mixture of experts' grouped GEMM ------------------------------------------------------------

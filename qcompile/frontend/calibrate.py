@@ -46,7 +46,7 @@ def observed_linears(gm: fx.GraphModule) -> list[fx.Node]:
     the grouped expert GEMMs reading a constant 3-D weight (`qlinear.constant_expert_weight`),
     whose stats pool every expert's rows (one activation step for the op)."""
     return [n for n in gm.graph.nodes
-            if qlinear.constant_weight(gm, n) is not None or qlinear.constant_expert_weight(gm, n) is not None]
+            if qlinear.weight_shape(gm, n) is not None or qlinear.constant_expert_weight(gm, n) is not None]
 
 
 def weight_node(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
@@ -57,7 +57,7 @@ def weight_node(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
 
 def _in_features(gm: fx.GraphModule, n: fx.Node) -> int:
     expert = qlinear.constant_expert_weight(gm, n)
-    return ir.get_constant(gm, n.args[1]).shape[1] if expert is None else expert[1].shape[-1]
+    return qlinear.weight_shape(gm, n)[1] if expert is None else expert[1].shape[-1]
 
 
 class _Observer(fx.Interpreter):

@@ -138,6 +138,28 @@ def _(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> to
     return torch.empty_like(x)
 
 
+# Rows of a weight rotated at once: an lm_head of 49152 x 576 rotated whole made ~200 MiB of
+# float32 temporaries; in blocks they stay small. A weight of fewer rows is rotated whole; a
+# taller one's values may round differently in the last bit than rotated whole (a GEMM's kernel
+# can depend on its row count; at SmolLM2's width they were the same bits).
+WEIGHT_ROWS = 4096
+
+
+@torch.library.custom_op("q4::rotate_weight", mutates_args=())
+def rotate_weight(weight: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> torch.Tensor:
+    """W @ kron(*factors) for a linear's weight W [N, K] (rotate-inputs' weight side, see
+    `q4::rotate`): computed in float32 and stored in W's dtype, WEIGHT_ROWS rows at a time."""
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    for r in range(0, weight.shape[0], WEIGHT_ROWS):
+        out[r:r + WEIGHT_ROWS] = rotate(weight[r:r + WEIGHT_ROWS].float(), factors, hadamard)
+    return out
+
+
+@rotate_weight.register_fake
+def _(weight: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> torch.Tensor:
+    return torch.empty_like(weight)
+
+
 def rotate_decomposed(x: torch.Tensor, factors: list[torch.Tensor], hadamard: bool = True) -> torch.Tensor:
     """`q4::rotate` in plain ATen ops that Inductor fuses (see the module docstring).
 

@@ -1,4 +1,4 @@
-"""fold-scales: fold every per-channel (or scalar) constant multiply around a linear into constants.
+"""fold-scales: fold every per-channel (or scalar) constant multiply around a linear into constants or weights.
 
 A multiply by a constant next to a linear costs a pass over the activation at run time and, in
 front of a quantizer, distorts the range the quantizer sees. It folds exactly into:
@@ -15,7 +15,10 @@ beside other ops is folded into those linears' columns and stays for the others:
 reads a scaled input, and the other readers see what they saw. A norm's own weight (`weight * h`
 after the RMS normalization, or layer_norm's weight) stays where it is: it is where migrated
 scales live, and folding it into the linears would undo the migration; so does the multiply
-migrate-scales puts on attention's output (`ir.MIGRATION_SCALE`).
+migrate-scales puts on attention's output (`ir.MIGRATION_SCALE`). Into a linear's weight, the
+scale goes as a weight expression (`aten.mul(W, c)`, core/weights.py), computed when read and
+rounded by insert-quantizers: no scaled float copy of the weight is held; into a norm's vectors, as
+new constants.
 
 Before:
     h = aten.mul(w_norm, normalized)             # the norm's weight: kept
@@ -36,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.core import ir, qlinear
+from qcompile.core import ir, qlinear, weights
 from qcompile.core.pass_api import PassResult, QPass, register_pass
 from qcompile.core.qlinear import CASTS
 from qcompile.kernels import rotation as _rotation  # noqa: F401  (registers q4.rotate)
@@ -54,7 +57,8 @@ def _norm_weight_arg(node: fx.Node) -> object:
 def constant_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
     """(the other operand, c as a multiplier) when `node` multiplies or divides by a constant that
     broadcasts along the last dimension only; None otherwise."""
-    if node.op != "call_function" or node.target not in SCALE_OPS or node.kwargs or len(node.args) != 2:
+    if node.op != "call_function" or node.target not in SCALE_OPS or node.kwargs or len(node.args) != 2 \
+            or weights.is_expression(node):  # a weight's own rewrite, not a scale of an activation
         return None
     a, b = node.args
     for other, const, index in ((a, b, 1), (b, a, 0)):
@@ -154,7 +158,7 @@ class FoldScales(QPass):
         rules = (self._into_norm, self._into_scale, self._into_columns, self._into_rows, self._into_some_columns)
         if any(rule(gm, node, x, c) for rule in rules):
             return True
-        if any(qlinear.constant_weight(gm, u) is not None for u in node.users) or qlinear.constant_weight(gm, x) is not None:
+        if any(qlinear.weight_shape(gm, u) is not None for u in node.users) or qlinear.weight_shape(gm, x) is not None:
             self.count("scales-left")
         return False
 
@@ -219,36 +223,40 @@ class FoldScales(QPass):
 
     @staticmethod
     def _reads_as_input(gm, user: fx.Node, node: fx.Node) -> bool:
-        return qlinear.constant_weight(gm, user) is not None and user.args[0] is node
+        return qlinear.weight_shape(gm, user) is not None and user.args[0] is node
 
     def _fold_columns(self, gm, node, x, c, users: list[fx.Node]) -> None:
         scaled = {}  # linears reading one input share its statistics: rescale them once (kept: ids stay theirs)
         for lin in users:
-            weight = qlinear.constant_weight(gm, lin)
+            shape, dtype = weights.shape_and_dtype(gm, lin.args[1])
             old = lin.args[1]
-            new_w = self._constant(gm, str(old.meta.get(ir.FQN, old.target)), weight * c.to(weight.dtype), lin, node)
+            # W[:, j] * c[j], computed when it is read (core/weights.py)
+            new_w = weights.derive(gm, ir.aten.mul.Tensor, old, [c.to(dtype)], "folded", self.name, lin)
             lin.update_arg(0, x)
             lin.update_arg(1, new_w)
-            ir.drop_constant(gm, old)  # freed now, not when the pass ends
+            weights.drop(gm, old)
             if ir.CALIB in lin.meta:  # the linear now reads x = (x * c) / c
                 stats = lin.meta[ir.CALIB]
                 if id(stats) not in scaled:
-                    scaled[id(stats)] = stats, stats.scaled(c.expand(weight.shape[1]))
+                    scaled[id(stats)] = stats, stats.scaled(c.expand(shape[1]))
                 lin.meta[ir.CALIB] = scaled[id(stats)][1]
         self.count("scales-folded-into-columns")
 
     def _into_rows(self, gm, node, x, c) -> bool:
         """mul(linear(x, W, b), c) -> linear(x, W * c[:, None], b * c), the linear read only here."""
-        weight = qlinear.constant_weight(gm, x)
-        if weight is None or len(x.users) != 1:
+        shape = qlinear.weight_shape(gm, x)
+        if shape is None or len(x.users) != 1:
             return False
         bias_node = qlinear.match(x).bias
         bias = ir.get_constant(gm, bias_node) if bias_node is not None else None
         if bias_node is not None and bias is None:
             return False
-        rows = c.to(weight.dtype).expand(weight.shape[0])
-        new_w = self._constant(gm, str(x.args[1].meta.get(ir.FQN, x.args[1].target)), weight * rows[:, None], x, node)
+        old = x.args[1]
+        rows = c.to(weights.shape_and_dtype(gm, old)[1]).expand(shape[0])
+        # W[i, :] * c[i], computed when it is read (core/weights.py)
+        new_w = weights.derive(gm, ir.aten.mul.Tensor, old, [rows[:, None].contiguous()], "folded", self.name, x)
         x.update_arg(1, new_w)
+        weights.drop(gm, old)
         if bias is not None:
             new_b = self._constant(gm, str(bias_node.meta.get(ir.FQN, bias_node.target)), bias * rows.to(bias.dtype), x, node)
             if len(x.args) > 2:

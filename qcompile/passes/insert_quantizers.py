@@ -138,7 +138,7 @@ from torch import fx
 
 from qcompile.algorithms import gptq
 from qcompile.algorithms import scale_search as search
-from qcompile.core import ir, qlinear
+from qcompile.core import ir, qlinear, weights
 from qcompile.core.memo import memoized, replaying
 from qcompile.core.pass_api import PassResult, PipelineError, QPass, option, register_pass
 from qcompile.core.pipeline import PassSpec
@@ -368,8 +368,8 @@ class InsertQuantizers(QPass):
                 output = self._compensate(gm, node, new, x, weight, packed, w_step, w_mult, w_format, stats.gram, stem)
             node.replace_all_uses_with(output)
             graph.erase_node(node)
-            del weight  # with its constant (a rotated or migrated copy): freed now, not when the pass ends
-            ir.drop_constant(gm, w_node)
+            del weight  # computed from its expression (core/weights.py) for this linear alone: freed now
+            weights.drop(gm, w_node)
             self.count("linears-quantized")
             modified = True
         if modified:

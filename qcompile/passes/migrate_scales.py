@@ -34,12 +34,19 @@ Structure comes from the graph, not from module names:
 - when `a` also feeds anything but a quantizable linear (BERT's post-norm residual, say), the
   migration would change that other use: it is left alone and counted.
 
+The norm's vectors are rewritten as new constants; a linear's weight as a weight expression
+(core/weights.py): `aten.mul(W, s)` (`aten.div(W_up, s[:, None])` for up_proj's rows), computed
+when a later pass reads it and rounded by insert-quantizers, so no migrated float copy of every
+weight is held in between.
+
 Before:
     norm = aten.mul(w_norm, h)                 # w_norm: f32[C] constant
     q = aten.linear(norm, w_q); k = aten.linear(norm, w_k)
-After (new constants, no new nodes):
-    norm = aten.mul(w_norm_migrated, h)        # w_norm / s
-    q = aten.linear(norm, w_q_migrated); k = aten.linear(norm, w_k_migrated)   # W[:, j] * s[j]
+After:
+    norm = aten.mul(w_norm_migrated, h)        # w_norm / s, a new constant
+    w_q_s = aten.mul(w_q, w_q_migration_scale) # W[:, j] * s[j], an expression
+    w_k_s = aten.mul(w_k, w_k_migration_scale)
+    q = aten.linear(norm, w_q_s); k = aten.linear(norm, w_k_s)
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from torch import fx
 
 from qcompile.algorithms import scale_search as search
 from qcompile.algorithms.scale_search import CLIPS
-from qcompile.core import ir, qlinear
+from qcompile.core import ir, qlinear, weights
 from qcompile.core.analysis import ActivationGroups, get_analysis
 from qcompile.core.memo import memoized
 from qcompile.core.pass_api import PassResult, QPass, option, register_pass
@@ -196,14 +203,14 @@ class MigrateScales(QPass):
             if len(node.users) != 1:
                 return None
             node = node.args[0]
-        weight = qlinear.constant_weight(gm, node)
-        if weight is None or len(node.users) != 1 or weight.shape[0] != channels:
+        weight = qlinear.weight_shape(gm, node)
+        if weight is None or len(node.users) != 1 or weight[0] != channels:
             return None
         bias = qlinear.match(node).bias
         return [(node, 1)] + ([(node, 2)] if ir.get_constant(gm, bias) is not None else [])
 
     def _search(self, gm: fx.GraphModule, name: str, act, candidates: list[torch.Tensor],
-                weights: list[torch.Tensor]) -> tuple[int, float]:
+                values: list[torch.Tensor]) -> tuple[int, float]:
         """QSM: which candidate scale vector (over the migration-strength grid), and which
         activation clipping ratio, give the least quantized output error on the samples."""
         if act.samples.shape[0] == 0:
@@ -212,12 +219,12 @@ class MigrateScales(QPass):
         o = self.options
 
         def run() -> tuple[int, float]:
-            best, clip = search.search_migration(act.samples, weights, candidates, CLIPS, o.w_bits, o.a_bits,
+            best, clip = search.search_migration(act.samples, values, candidates, CLIPS, o.w_bits, o.a_bits,
                                                  rotation=rotation)
             return next(i for i, c in enumerate(candidates) if c is best), clip
 
         index, clip = memoized(gm, "search-migration", name,
-                               (act.samples, weights, candidates, o.w_bits, o.a_bits, o.rotated), run)
+                               (act.samples, values, candidates, o.w_bits, o.a_bits, o.rotated), run)
         return int(index), float(clip)
 
     # --- rewrite -----------------------------------------------------------------------------------
@@ -225,14 +232,14 @@ class MigrateScales(QPass):
     def _migrate(self, gm: fx.GraphModule, activation: fx.Node, sites: list[tuple[fx.Node, int]] | str,
                  linears: list[fx.Node]) -> None:
         act = linears[0].meta[ir.CALIB]
-        weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
-        weight_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+        values = [weights.value(gm, lin.args[1]) for lin in linears]
+        weight_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in values]).amax(dim=0)
         if self.options.method == "smoothquant":
             s = smoothquant_scales(act.absmax, weight_absmax, self.options.alpha)
         else:
             candidates = [smoothquant_scales(act.absmax, weight_absmax, a) for a in ALPHAS]
             name = linears[0].args[1].meta.get(ir.FQN, linears[0].name)
-            k, clip = self._search(gm, name, act, candidates, weights)
+            k, clip = self._search(gm, name, act, candidates, values)
             s = candidates[k]
             for lin in linears:
                 lin.meta[ir.ACT_CLIP] = clip
@@ -253,22 +260,24 @@ class MigrateScales(QPass):
             sites = []
         for site, i in sites:
             old = site.args[i]
-            value = ir.constant_value(gm, old)
             stem = getattr(old, "meta", {}).get(ir.FQN) or f"{site.name}_arg{i}"
-            per_row = s.to(value.dtype).view(-1, *[1] * (value.dim() - 1))  # dim 0 runs over channels
-            with graph.inserting_before(site):
-                new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / per_row).contiguous()))
-            ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [site])
+            if i == 1 and qlinear.match(site) is not None:  # a producing linear's weight rows: W[j, :] / s[j], computed when read
+                dtype = weights.shape_and_dtype(gm, old)[1]
+                new = weights.derive(gm, ir.aten.div.Tensor, old, [s.to(dtype)[:, None].contiguous()],
+                                     "migrated", self.name, site)
+            else:  # a norm's weight or bias, or a bias: a vector, folded now
+                value = ir.constant_value(gm, old)
+                with graph.inserting_before(site):
+                    new = graph.get_attr(ir.add_constant(gm, f"{stem}_migrated", (value / s.to(value.dtype)).contiguous()))
+                ir.mark_created(new, self.name, [old] if isinstance(old, fx.Node) else [site])
             site.update_arg(i, new)
-            ir.drop_constant(gm, old)
+            weights.drop(gm, old)
         # one set of statistics for the group's shared input (the Gram matrix is channels**2 floats)
         scaled = act.scaled(s)
-        for lin, w in zip(linears, weights):
+        for lin, w in zip(linears, values):
+            # W[:, j] * s[j], computed when it is read (core/weights.py): no migrated copy of every weight held
             old = lin.args[1]
-            with graph.inserting_before(lin):
-                new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.target)}_migrated",
-                                                     (w.detach() * s.to(w.dtype)).contiguous()))
-            ir.mark_created(new, self.name, [old])
+            new = weights.derive(gm, ir.aten.mul.Tensor, old, [s.to(w.dtype)], "migrated", self.name, lin)
             lin.update_arg(1, new)
-            ir.drop_constant(gm, old)  # a weight an earlier pass computed is freed now, not when the pass ends
+            weights.drop(gm, old)
             lin.meta[ir.CALIB] = scaled

@@ -7,15 +7,19 @@ outlier channel of x is spread evenly over all channels of x R, so one static pe
 the rotated activation far better (QuaRot, SpinQuant); the weight's rows are flattened the same
 way. On SmolLM2-135M, rotating down_proj's input raises its 4-bit output SQNR from 4-10 dB (the
 best migration) to 12-19 dB. The rotation of x runs at run time (one `q4.rotate` node, shared by
-the linears that read the same activation: q/k/v, gate/up); the rotation of W is folded into the
-weight constant. It needs no structure around the linear, so it also serves activations that
-migration must leave alone (BERT's post-norm residual, inputs without an affine producer).
+the linears that read the same activation: q/k/v, gate/up); the rotation of W is a weight
+expression (`q4.rotate_weight` over the same factors, core/weights.py): computed when a pass reads
+the weight, rounded by insert-quantizers, folded into a constant if the linear stays in float. It
+needs no structure around the linear, so it also serves activations that migration must leave
+alone (BERT's post-norm residual, inputs without an affine producer).
 
 Before:
     q = aten.linear(h, w_q); k = aten.linear(h, w_k)
 After:
     h_rot = q4.rotate(h, [rotation_576_0, rotation_576_1, rotation_576_2])   # h @ R
-    q = aten.linear(h_rot, w_q_rotated); k = aten.linear(h_rot, w_k_rotated) # W @ R
+    w_q_rot = q4.rotate_weight(w_q, [rotation_576_0, ...])                   # W @ R
+    w_k_rot = q4.rotate_weight(w_k, [rotation_576_0, ...])
+    q = aten.linear(h_rot, w_q_rot); k = aten.linear(h_rot, w_k_rot)
 
 Calibration statistics follow: the samples and the Gram matrix are rotated exactly; per-channel
 ranges of the rotated activation are taken from the rotated samples (the full calibration set was
@@ -40,7 +44,7 @@ import torch
 from torch import fx
 
 from qcompile.algorithms import learn_rotation
-from qcompile.core import ir
+from qcompile.core import ir, weights
 from qcompile.core.analysis import ActivationGroups, get_analysis
 from qcompile.core.memo import memoized
 from qcompile.core.pass_api import PassResult, PipelineError, QPass, option, register_pass
@@ -71,7 +75,7 @@ class RotateInputsOptions:
 @register_pass
 class RotateInputs(QPass):
     name = "rotate-inputs"
-    summary = ("Rotate quantized linears' inputs (at run time) and weights (folded) by a Hadamard-like orthogonal matrix, "
+    summary = ("Rotate quantized linears' inputs (at run time) and weights (an expression) by a Hadamard-like orthogonal matrix, "
                "or one learned for each layer.")
     Options = RotateInputsOptions
     statistics = ("groups-rotated", "linears-rotated", "rotations-learned", "learned-rotations-worse")
@@ -83,7 +87,7 @@ class RotateInputs(QPass):
         factor_nodes: dict[int, list[fx.Node]] = {}
         for activation, linears in self.progress(groups.items(), "group"):
             self.current_node = activation
-            n = ir.get_constant(gm, linears[0].args[1]).shape[1]
+            n = weights.shape_and_dtype(gm, linears[0].args[1])[0][1]
             factors = rotation.rotation_factors(n)
             how = "hadamard"
             if self.options.learn_steps and not any(learn_skip.skips(lin) for lin in linears):
@@ -110,17 +114,17 @@ class RotateInputs(QPass):
                factors: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
         """The group's learned factors, and what its linears run with ("learned" or why not)."""
         o = self.options
-        weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
+        values = [weights.value(gm, lin.args[1]) for lin in linears]
         samples = linears[0].meta[ir.CALIB].samples
         name = str(linears[0].args[1].meta.get(ir.FQN, linears[0].name))
 
         def run() -> tuple:
-            result = learn_rotation.learn_rotation(samples, weights, factors, o.learn_steps, o.w_bits, o.a_bits,
+            result = learn_rotation.learn_rotation(samples, values, factors, o.learn_steps, o.w_bits, o.a_bits,
                                                    o.learn_rate)
             return (*result.factors, float(result.learned))
 
         *learned, kept = memoized(gm, "learn-rotation", name,
-                                  (samples, *weights, o.learn_steps, o.learn_rate, o.w_bits, o.a_bits), run)
+                                  (samples, *values, o.learn_steps, o.learn_rate, o.w_bits, o.a_bits), run)
         if not float(kept):
             self.count("learned-rotations-worse")
             return factors, "hadamard (learned was worse)"
@@ -148,31 +152,10 @@ class RotateInputs(QPass):
                                           {} if hadamard else {"hadamard": False})
         ir.mark_created(rotated, self.name, linears)
         for lin in linears:
-            old = lin.args[1]
-            weight = ir.get_constant(gm, old)
-            with graph.inserting_before(lin):
-                new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.target)}_rotated",
-                                                     _rotated_weight(weight, factors, hadamard)))
-            ir.mark_created(new, self.name, [old])
+            # W @ R, computed when it is read (core/weights.py): no rotated copy of every weight held
+            new = weights.derive(gm, q4.rotate_weight.default, lin.args[1], [factor_nodes, hadamard], "rotated",
+                                 self.name, lin)
             lin.update_arg(0, rotated)
             lin.update_arg(1, new)
-            ir.drop_constant(gm, old)  # the weight before rotation (migrate-scales' copy): freed now
             lin.meta[ir.CALIB] = stats
             lin.meta.pop(ir.ACT_CLIP, None)
-
-
-# Rows of a weight rotated at once: an lm_head of 49152 x 576 rotated whole made ~200 MiB of
-# float32 temporaries; in blocks they stay small. A weight of fewer rows is rotated whole, as before;
-# a taller one's values may round differently in the last bit (a GEMM's kernel can depend on its
-# row count; at SmolLM2's width they were the same bits).
-WEIGHT_ROWS = 4096
-
-
-def _rotated_weight(weight: torch.Tensor, factors: list[torch.Tensor], hadamard: bool) -> torch.Tensor:
-    """W @ R (R = kron(*factors)) in float32, stored in W's dtype, a block of rows at a time."""
-    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    w = weight.detach()
-    for r in range(0, w.shape[0], WEIGHT_ROWS):
-        out[r:r + WEIGHT_ROWS] = rotation.rotate(w[r:r + WEIGHT_ROWS].float(), factors, hadamard)
-    return out
-

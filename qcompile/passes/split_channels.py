@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from qcompile.algorithms import split_channels
-from qcompile.core import ir
+from qcompile.core import ir, weights
 from qcompile.core.analysis import ActivationGroups, get_analysis
 from qcompile.core.memo import memoized
 from qcompile.core.pass_api import PassResult, PipelineError, QPass, option, register_pass
@@ -91,16 +91,16 @@ class SplitChannels(QPass):
     def _choose(self, gm: fx.GraphModule, linears: list[fx.Node]) -> split_channels.ChannelSplit:
         o = self.options
         stats = linears[0].meta[ir.CALIB]
-        weights = [ir.get_constant(gm, lin.args[1]) for lin in linears]
+        values = [weights.value(gm, lin.args[1]) for lin in linears]
         name = str(linears[0].args[1].meta.get(ir.FQN, linears[0].name))
 
         def run() -> tuple:
-            s = split_channels.choose_split(stats.samples, weights, stats.absmax, o.budget, o.w_bits, o.a_bits,
+            s = split_channels.choose_split(stats.samples, values, stats.absmax, o.budget, o.w_bits, o.a_bits,
                                             o.rotated)
             return s.index, s.multiplier, s.error, s.error_unsplit
 
         index, multiplier, error, unsplit = memoized(
-            gm, "split-channels", name, (stats.samples, stats.absmax, *weights, o.budget, o.w_bits, o.a_bits, o.rotated),
+            gm, "split-channels", name, (stats.samples, stats.absmax, *values, o.budget, o.w_bits, o.a_bits, o.rotated),
             run)
         return split_channels.ChannelSplit(index, multiplier, float(error), float(unsplit))
 
@@ -119,14 +119,15 @@ class SplitChannels(QPass):
         stats = linears[0].meta[ir.CALIB].split(split.index, split.multiplier)
         for lin in linears:
             old = lin.args[1]
-            weight = ir.get_constant(gm, old)
+            weight = weights.value(gm, old)  # the new shape is a constant of its own, not an expression
             with graph.inserting_before(lin):
-                new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.target)}_split",
+                new = graph.get_attr(ir.add_constant(gm, f"{old.meta.get(ir.FQN, old.name)}_split",
                                                      split.weight(weight).contiguous()))
+            del weight
             ir.mark_created(new, self.name, [old])
             lin.update_arg(0, gathered)
             lin.update_arg(1, new)
-            ir.drop_constant(gm, old)  # the unsplit weight (migrate-scales' copy): freed now
+            weights.drop(gm, old)  # the unsplit weight and its expression: freed now
             lin.meta[ir.CALIB] = stats
             lin.meta.pop(ir.ACT_CLIP, None)  # a clip chosen for the unsplit input no longer applies
             lin.meta[ir.SPLIT] = split.extra

@@ -8,6 +8,7 @@ from torch.testing import FileCheck
 
 import qcompile.passes  # noqa: F401  (declares the built-in passes)
 from qcompile.api.testing import capture
+from qcompile.core import weights
 from tests.helpers.models import Planted, inputs, tiny_model
 from tests.helpers.passes import capture_family, first_output, run_pass
 
@@ -54,26 +55,33 @@ def test_attention_output_scale_is_one_multiply_and_v_proj_keeps_its_rows():
     o = next(n for n in gm.graph.nodes if ir.module_path(n).endswith("layers.0.self_attn.o_proj"))
     v = next(n for n in gm.graph.nodes if ir.module_path(n).endswith("layers.0.self_attn.v_proj"))
     model = tiny_model("llama")
-    s = ir.get_constant(gm, o.args[1])[0] / model.model.layers[0].self_attn.o_proj.weight[0]
+    s = weights.value(gm, o.args[1])[0] / model.model.layers[0].self_attn.o_proj.weight[0]
     scaled = o.args[0]
     assert scaled.target is torch.ops.aten.mul.Tensor
     torch.testing.assert_close(ir.get_constant(gm, scaled.args[1]), 1 / s)  # o_proj's input * (1 / s)
     assert not torch.allclose(s, torch.ones_like(s))  # one scale per channel, not per KV head
     # v_proj's columns carry only the input norm's migration: a common factor for every row of a column
-    t = model.model.layers[0].self_attn.v_proj.weight / ir.get_constant(gm, v.args[1])
+    t = model.model.layers[0].self_attn.v_proj.weight / weights.value(gm, v.args[1])
     torch.testing.assert_close(t, t[:1].expand_as(t))
 
 
-def test_migrated_scales_are_changed_constants_not_new_multiplies():
+def test_migrated_scales_are_changed_norms_and_weight_expressions_not_new_multiplies():
     gm = capture_family("llama", inputs())
     muls_before = gm.code.count("aten.mul.Tensor")
+    buffers_before = dict(gm.named_buffers())
     result, stats = run_pass("migrate-scales", gm)
-    code = result.graph_module.code
-    assert code.count("aten.mul.Tensor") == muls_before + 2  # but for o_proj's input, one a layer
+    gm = result.graph_module
+    expressions = [n for n in gm.graph.nodes if weights.is_expression(n)]
+    activation_muls = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor and n not in expressions]
+    assert len(activation_muls) == muls_before + 2  # but for o_proj's input, one a layer
     assert stats["linears-migrated"] == 14  # every linear of both layers
-    FileCheck().check("input_layernorm_weight_migrated").check("q_proj_weight_migrated").run(code)
-    # the user's parameter constants the migration replaced are gone from the graph module
-    assert "model_layers_0_self_attn_q_proj_weight " not in code
+    # each linear's weight: W * s (gate/up: W_up / s[:, None] first), computed when read
+    assert len(expressions) == 14 + 2
+    FileCheck().check("input_layernorm_weight_migrated").check("q_proj_weight_migrated = ").check(
+        "aten.mul.Tensor(model_layers_0_self_attn_q_proj_weight, ").run(gm.code)
+    # no migrated copy of a weight: the new constants are vectors (the norms', the scales)
+    new = {name: b for name, b in gm.named_buffers() if name not in buffers_before}
+    assert new and all(b.dim() == 1 or 1 in b.shape for b in new.values()), [(n, b.shape) for n, b in new.items()]
 
 
 def test_calibration_stats_follow_the_migration():
@@ -150,8 +158,8 @@ def test_power_of_two_scales_are_exact_and_only_change_exponents(family):
     migrated = 0
     for node in result.graph_module.graph.nodes:
         stem = node.meta.get(ir.FQN)
-        if node.op == "get_attr" and stem in originals and node.target.endswith("_migrated"):
-            ratio = ir.get_constant(result.graph_module, node) / originals[stem]
+        if weights.is_expression(node) and stem in originals and node.name.endswith("_migrated"):
+            ratio = weights.value(result.graph_module, node) / originals[stem]
             exponent = torch.log2(ratio[originals[stem] != 0])
             assert torch.equal(exponent, exponent.round()), stem
             migrated += 1

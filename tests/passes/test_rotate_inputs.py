@@ -218,17 +218,15 @@ def test_rotation_op_with_any_factors_matches_the_dense_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hadamard", [True, False])
 def test_a_tall_weight_is_rotated_in_blocks_of_rows_to_the_same_values(hadamard, dtype):
-    """The pass rotates a weight WEIGHT_ROWS rows at a time (an lm_head's temporaries stay small):
-    the values of rotating it whole in float32, over a row count no block size divides. Not always
-    the same bits: a GEMM's kernel, and with it the rounding, may depend on the row count (here at
-    width 96; at SmolLM2's 576 they were the same)."""
-    from qcompile.passes.rotate_inputs import WEIGHT_ROWS, _rotated_weight
-
+    """q4.rotate_weight (the pass's weight expression) rotates a weight WEIGHT_ROWS rows at a time
+    (an lm_head's temporaries stay small): the values of rotating it whole in float32, over a row
+    count no block size divides. Not always the same bits: a GEMM's kernel, and with it the
+    rounding, may depend on the row count (here at width 96; at SmolLM2's 576 they were the same)."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(2 * WEIGHT_ROWS + 3, 96, generator=gen).to(dtype)
+    weight = torch.randn(2 * rotation.WEIGHT_ROWS + 3, 96, generator=gen).to(dtype)
     factors = rotation.rotation_factors(96)
     if not hadamard:  # learned factors: any orthogonal ones
         factors = [torch.linalg.qr(torch.randn(f.shape, generator=gen))[0] for f in factors]
-    rotated = _rotated_weight(weight, factors, hadamard)
+    rotated = torch.ops.q4.rotate_weight(weight, factors, hadamard)
     assert rotated.dtype == dtype
     torch.testing.assert_close(rotated, rotation.rotate(weight.float(), factors, hadamard).to(dtype))

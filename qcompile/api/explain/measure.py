@@ -18,7 +18,7 @@ from torch import fx
 
 from qcompile.algorithms.metrics import sqnr_db
 from qcompile.api.explain.report import LinearRow
-from qcompile.core import ir, qlinear
+from qcompile.core import ir, qlinear, weights
 from qcompile.core.instrument import Instrument
 from qcompile.core.pass_api import PassResult, QPass
 
@@ -55,7 +55,7 @@ class Recorder(Instrument):
                 continue
             bias_value = ir.get_constant(gm, q.bias) if isinstance(q.bias, fx.Node) else None
             self.references[node.name] = _Reference(
-                ir.module_path(node), ir.get_constant(gm, q.weight), bias_value,
+                ir.module_path(node), weights.value(gm, q.weight), bias_value,
                 q.bias is None or bias_value is not None)
             self.origin[node.name] = node.name
 
