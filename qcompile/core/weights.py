@@ -6,9 +6,9 @@ kept a second float copy of the model's weights alive from the first of the pass
 insert-quantizers rounded each one: 515 MiB on SmolLM2-135M, the largest thing held while
 quantizing it. Instead a pass writes its rewrite as an op on the weight it found, in the graph:
 
-    w_q = get_attr[model.layers.0.self_attn.q_proj.weight]            # the user's parameter
-    w_q_migrated = aten.mul(w_q, q_proj_weight_migration_scale)        # W[:, j] * s[j]
-    w_q_rotated = q4.rotate_weight(w_q_migrated, [rotation_576_0, ..]) # W @ R
+    w_q = get_attr[model.layers.0.self_attn.q_proj.weight]      # the user's parameter
+    w_q_migrated = aten.mul(w_q, w_q_migrated_scale)             # W[:, j] * s[j]
+    w_q_rotated = q4.rotate_weight(w_q_migrated, [rotation_576_0, ...])   # W @ R
     q = aten.linear(h_rot, w_q_rotated)
 
 The graph is still the program it was (it runs the expression when it is run), every rewrite
@@ -38,11 +38,6 @@ WEIGHT_EXPRESSION = "q4_weight_expression"
 
 def is_expression(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and bool(node.meta.get(WEIGHT_EXPRESSION))
-
-
-def is_weight(gm: fx.GraphModule, node: Any) -> bool:
-    """Whether `node` is a constant tensor or a weight expression (checked without computing it)."""
-    return is_expression(node) or ir.get_constant(gm, node) is not None
 
 
 def root(node: fx.Node) -> fx.Node:

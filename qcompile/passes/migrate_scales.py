@@ -44,9 +44,9 @@ Before:
     q = aten.linear(norm, w_q); k = aten.linear(norm, w_k)
 After:
     norm = aten.mul(w_norm_migrated, h)        # w_norm / s, a new constant
-    w_q_s = aten.mul(w_q, w_q_migration_scale) # W[:, j] * s[j], an expression
-    w_k_s = aten.mul(w_k, w_k_migration_scale)
-    q = aten.linear(norm, w_q_s); k = aten.linear(norm, w_k_s)
+    w_q_migrated = aten.mul(w_q, w_q_migrated_scale)   # W[:, j] * s[j], an expression
+    w_k_migrated = aten.mul(w_k, w_k_migrated_scale)
+    q = aten.linear(norm, w_q_migrated); k = aten.linear(norm, w_k_migrated)
 """
 
 from __future__ import annotations
