@@ -111,8 +111,7 @@ def fold(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(ir.add_constant(gm, f"{node.meta.get(ir.FQN, node.name)}_folded",
                                                       value(gm, node).contiguous()))
-        ir.copy_meta(const, node)
-        const.meta.pop(WEIGHT_EXPRESSION, None)
+        ir.copy_meta(const, node)  # the parameter's name and source line; not WEIGHT_EXPRESSION
         ir.set_fake_value(const)
         node.replace_all_uses_with(const)
         drop(gm, node)
