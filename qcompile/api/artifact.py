@@ -113,7 +113,11 @@ def quantize(model: torch.nn.Module, calibration: list, recipe: str | None = Non
     """Compile `model` with the q4 backend, calibrating on `calibration` (a list of batches:
     dicts of keyword arguments or tuples of positional ones), and run it once on
     `example_inputs` (default: the first batch) so that it is compiled. `options` are the
-    backend's (`pipeline`, `disable`, `progress`, ...). The model is not modified."""
+    backend's (`pipeline`, `disable`, `progress`, ...). The model is not modified.
+
+    `calibration` goes to the backend as given, not copied: the backend's statistics and GPTQ
+    results are cached by the calibration object (and the model's weights), so quantizing the
+    same model on the same list again, or compiling it with that list, reuses them."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize() expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(calibration, (list, tuple)) or not calibration:
@@ -123,7 +127,7 @@ def quantize(model: torch.nn.Module, calibration: list, recipe: str | None = Non
         raise TypeError("quantize() makes the artifact; qcompile.load() runs a saved one")
     recipe = recipe or DEFAULT_RECIPE
     compiled, graphs, seconds = _compile_and_run(
-        model, {**options, "recipe": recipe, "calibration": list(calibration)},
+        model, {**options, "recipe": recipe, "calibration": calibration},
         calibration[0] if example_inputs is None else example_inputs)
     if not graphs:
         raise RuntimeError("quantize(): the q4 backend compiled no graph (was the model compiled already?)")
