@@ -296,9 +296,28 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     if x_codes.device.type == "cpu" and cpu_kernels.use_for(_rows(x_codes), cpu_kernels.SMALL_M):
         return torch.ops.q4_cpu.linear_w4a4(x_codes, w_packed, w_step, a_step, bias, out_dtype,
                                             cpu_kernels.FORCE_SCALAR, nibble_table(w_format), w_mult)
-    k = x_codes.shape[-1]
-    acc = int_matmul(x_codes.reshape(-1, k), weight_values(w_packed, k, w_format, w_mult), weight_bound(w_mult))
-    return epilogue(acc, a_step, w_step, bias, out_dtype).reshape(*x_codes.shape[:-1], w_packed.shape[0])
+    k, n = x_codes.shape[-1], w_packed.shape[0]
+    x = x_codes.reshape(-1, k)
+
+    def columns(rows: slice) -> torch.Tensor:
+        values = weight_values(w_packed[rows], k, w_format, None if w_mult is None else w_mult[rows])
+        acc = int_matmul(x, values, weight_bound(w_mult))
+        return epilogue(acc, a_step, w_step[rows], None if bias is None else bias[rows], out_dtype)
+
+    # A block of output columns at a time (each column's integers and epilogue are its own: the
+    # same bits), so that a large linear (a 49152-row head at 512 tokens) never holds its whole
+    # unpacked weight, int32 accumulator and float copy at once, only the output.
+    block = max(1, OUTPUT_BLOCK // max(1, x.shape[0]))
+    if n <= block:
+        y = columns(slice(None))
+    else:
+        y = x.new_empty((x.shape[0], n), dtype=out_dtype)
+        for start in range(0, n, block):
+            y[:, start:start + block] = columns(slice(start, start + block))
+    return y.reshape(*x_codes.shape[:-1], n)
+
+
+OUTPUT_BLOCK = 2**21  # int32 accumulator elements linear_w4a4 computes at a time (8 MiB)
 
 
 def nibble_table(fmt: str) -> Optional[list[int]]:

@@ -415,6 +415,23 @@ def test_group_multipliers_equal_the_references_bit_exactly(fmt, m_shape, k, gro
                                    rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["int", "e2m1"])
+@pytest.mark.parametrize("block", [70, 140 * 5, 70 * 11 + 3])  # 1 column a block, 5, an uneven 11 and a bit
+def test_a_linear_computed_a_block_of_columns_at_a_time_is_bit_identical(monkeypatch, fmt, block):
+    """Above OUTPUT_BLOCK accumulator elements linear_w4a4 computes its output columns a block at a
+    time (a 49152-row head would otherwise hold its unpacked weight and two [M, N] copies): the same
+    bits as the reference, with row steps, a bias and group multipliers, the last block short."""
+    g = torch.Generator().manual_seed(block)
+    packed, w_step, w_mult = grouped_weight(23, 64, 32, fmt, seed=block)
+    x_codes = torch.randint(-8, 8, (2, 35, 64), dtype=torch.int8, generator=g)  # 70 rows: the GEMM path
+    steps, b = torch.rand(2, 35, 1, generator=g) + 0.01, torch.randn(23, generator=g)
+    monkeypatch.setattr(ops, "OUTPUT_BLOCK", block)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = q4.linear_w4a4(x_codes, packed, w_step, steps, b, out_dtype, fmt, w_mult)
+        assert got.shape == (2, 35, 23) and got.dtype == out_dtype
+        assert torch.equal(got, reference.linear_w4a4_ref(x_codes, packed, w_step, steps, b, out_dtype, fmt, w_mult))
+
+
 def test_group_multipliers_opcheck_and_fakes():
     packed, w_step, w_mult = grouped_weight(7, 64, 32)
     x_codes, a_step = torch.randint(-8, 8, (5, 64), dtype=torch.int8), torch.tensor(0.1)
