@@ -41,7 +41,8 @@ class ChannelStats:
 
     absmax: torch.Tensor  # float32 [channels]
     robust: torch.Tensor  # float32 [channels]
-    samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, channels]
+    # the sampled rows as calibration saw them (`samples`: as this activation has them)
+    observed_samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, observed channels]
     num_tokens: int = 0
     # sum of x^T x over all tokens of the observed activation, float32 [channels, channels]; only
     # when a pass needs it (GPTQ weight rounding), as it costs channels**2 floats per activation
@@ -49,9 +50,19 @@ class ChannelStats:
     sinks: torch.Tensor | None = None  # float32 [<= SAMPLE_ROWS, channels]; None: not observed
     rest_absmax: torch.Tensor | None = None  # float32 [channels]; None: not observed
     # How this activation derives from the observed one (migrated, rotated, split), as steps
-    # applied to `observed_gram` when `gram` is read: a pass that transforms the statistics of
-    # every linear makes no second copy of every Gram matrix (SmolLM2: ~400 MB a copy).
-    gram_steps: tuple = ()
+    # applied to `observed_samples` and `observed_gram` when `samples` and `gram` are read: a
+    # pass that transforms the statistics of every linear makes no second copy of every Gram
+    # matrix (SmolLM2: ~400 MB a copy) nor of every sample (~100 MB a copy).
+    steps: tuple = ()
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """Up to SAMPLE_ROWS token rows of this activation, float32 [rows, channels]: the observed
+        ones through `steps`, computed at each read when the activation was transformed."""
+        rows = self.observed_samples
+        for step, *args in self.steps:
+            rows = _ROWS_STEPS[step](rows, *args)
+        return rows
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -63,7 +74,7 @@ class ChannelStats:
             return None
         if gram.dim() == 1:  # packed (`pack_gram`)
             gram = _unpacked_gram(gram)
-        for step, *args in self.gram_steps:
+        for step, *args in self.steps:
             gram = _GRAM_STEPS[step](gram, *args)
         return gram
 
@@ -101,12 +112,12 @@ class ChannelStats:
         seen = self.num_tokens + torch.arange(1, rows.shape[0] + 1)
         keep = torch.rand(rows.shape[0], generator=g) * seen < SAMPLE_ROWS
         chosen = rows[keep]
-        free = SAMPLE_ROWS - self.samples.shape[0]
-        self.samples = torch.cat([self.samples, chosen[:free]])
+        free = SAMPLE_ROWS - self.observed_samples.shape[0]
+        self.observed_samples = torch.cat([self.observed_samples, chosen[:free]])
         replace = chosen[free:][-SAMPLE_ROWS:]
         if replace.shape[0]:
             slots = torch.randperm(SAMPLE_ROWS, generator=g)[: replace.shape[0]]
-            self.samples[slots] = replace
+            self.observed_samples[slots] = replace
 
     def pack_gram(self) -> None:
         """From now on keep the Gram matrix as its upper triangle, row by row: it is symmetric, so
@@ -121,7 +132,7 @@ class ChannelStats:
     @classmethod
     def empty(cls, channels: int, gram: bool = False) -> ChannelStats:
         zeros = torch.zeros(channels, dtype=torch.float32)
-        return cls(absmax=zeros, robust=zeros.clone(), samples=torch.zeros(0, channels),
+        return cls(absmax=zeros, robust=zeros.clone(), observed_samples=torch.zeros(0, channels),
                    observed_gram=torch.zeros(channels, channels) if gram else None)
 
     @property
@@ -133,7 +144,8 @@ class ChannelStats:
         """The statistics of x @ R, R = kron(*factors) orthogonal (`qcompile/kernels/rotation.py`). Samples
         and the Gram matrix (R^T G R) rotate exactly; per-channel ranges come from the rotated
         samples, as the full calibration set was only observed unrotated."""
-        samples = rotate(self.samples, factors, hadamard) if self.samples.shape[0] else self.samples
+        steps = self.steps + (("rotate", tuple(factors), hadamard),)
+        samples = dataclasses.replace(self, steps=steps).samples  # the rotated rows, for the ranges only
         if samples.shape[0]:
             flat = samples.abs()
             absmax = flat.amax(dim=0)
@@ -145,29 +157,22 @@ class ChannelStats:
             sinks = rotate(sinks, factors, hadamard)
         # the rest's range, like absmax, from the rotated samples (which hold no first row)
         rest = None if self.rest_absmax is None else absmax if samples.shape[0] else self.rest_absmax
-        return dataclasses.replace(self, absmax=absmax, robust=robust, samples=samples, sinks=sinks,
-                                   rest_absmax=rest, gram_steps=self._then("rotate", tuple(factors), hadamard))
+        return dataclasses.replace(self, absmax=absmax, robust=robust, sinks=sinks, rest_absmax=rest, steps=steps)
 
     def split(self, index: torch.Tensor, multiplier: torch.Tensor) -> ChannelStats:
         """The statistics of (x * multiplier)[..., index], as split-channels leaves the input: each
         channel's range times its multiplier, gathered; the Gram matrix gathered on both sides."""
         return dataclasses.replace(self, absmax=(self.absmax * multiplier)[index], robust=(self.robust * multiplier)[index],
-                                   samples=(self.samples * multiplier)[:, index],
-                                   gram_steps=self._then("split", index, multiplier),
+                                   steps=self.steps + (("split", index, multiplier),),
                                    sinks=None if self.sinks is None else (self.sinks * multiplier)[:, index],
                                    rest_absmax=None if self.rest_absmax is None else (self.rest_absmax * multiplier)[index])
 
     def scaled(self, scales: torch.Tensor) -> ChannelStats:
         """The statistics of x / scales (per channel), as a migration leaves the input."""
         return dataclasses.replace(self, absmax=self.absmax / scales, robust=self.robust / scales,
-                                   samples=self.samples / scales, gram_steps=self._then("scale", scales),
+                                   steps=self.steps + (("scale", scales),),
                                    sinks=None if self.sinks is None else self.sinks / scales,
                                    rest_absmax=None if self.rest_absmax is None else self.rest_absmax / scales)
-
-    def _then(self, step: str, *args) -> tuple:
-        """`gram_steps` with one more step (none without a Gram matrix: nothing to apply it to)."""
-        return self.gram_steps + ((step, *args),) if self.observed_gram is not None else ()
-
 
 def _unpacked_gram(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric [n, n] matrix whose upper triangle, row by row, is `upper`."""
@@ -196,3 +201,9 @@ def _scaled_gram(gram: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 _GRAM_STEPS = {"rotate": _rotated_gram, "split": _split_gram, "scale": _scaled_gram}
+# the same steps on token rows [rows, channels]
+_ROWS_STEPS = {
+    "rotate": lambda rows, factors, hadamard: rotate(rows, list(factors), hadamard) if rows.shape[0] else rows,
+    "split": lambda rows, index, multiplier: (rows * multiplier)[:, index],
+    "scale": lambda rows, scales: rows / scales,
+}

@@ -234,11 +234,12 @@ class SavedArtifact:
         return self.manifest["pipeline"]
 
     def stats(self) -> dict[str, ChannelStats]:
-        return {
-            fqn: ChannelStats(**{f: self.blobs[entry[f]] for f in (*_STATS_FIELDS, *_OPTIONAL_STATS_FIELDS) if f in entry},
-                              num_tokens=entry["num_tokens"])
-            for fqn, entry in self.manifest["stats"].items()
-        }
+        def loaded(entry: dict) -> ChannelStats:
+            fields = {f: self.blobs[entry[f]] for f in (*_STATS_FIELDS, *_OPTIONAL_STATS_FIELDS) if f in entry}
+            # the saved `samples` are the rows as the statistics had them: observed, for the pipeline to derive from
+            return ChannelStats(observed_samples=fields.pop("samples"), **fields, num_tokens=entry["num_tokens"])
+
+        return {fqn: loaded(entry) for fqn, entry in self.manifest["stats"].items()}
 
     def memo(self) -> Memo:
         """The saved results, strict: a step without one (or whose inputs differ beyond the

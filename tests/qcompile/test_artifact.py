@@ -181,7 +181,7 @@ def _change_replayed_floats(monkeypatch, change) -> None:
             if stats is not None:
                 if id(stats) not in changed:  # q, k and v share theirs
                     changed[id(stats)] = dataclasses.replace(stats, **{
-                        f: change(getattr(stats, f)) for f in ("absmax", "robust", "samples", "sinks", "rest_absmax")
+                        f: change(getattr(stats, f)) for f in ("absmax", "robust", "observed_samples", "sinks", "rest_absmax")
                         if getattr(stats, f) is not None})
                 n.meta[ir.CALIB] = changed[id(stats)]
         passes_running.append(True)
