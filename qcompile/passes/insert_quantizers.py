@@ -364,8 +364,8 @@ class InsertQuantizers(QPass):
             new.meta[ir.QUANTIZED] = ir.QuantizedBy(opts.w_bits, opts.a_bits, True, method, clip, run,
                                                     w_format, a_format if clip is not None else formats.INT, group)
             output = new
-            if opts.low_rank and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-                output = self._compensate(gm, node, new, x, weight, packed, w_step, w_mult, w_format, stats.gram, stem)
+            if opts.low_rank and stats.num_tokens and (stats.observed_gram is not None or replaying(gm)):
+                output = self._compensate(gm, node, new, x, weight, packed, w_step, w_mult, w_format, stats, stem)
             node.replace_all_uses_with(output)
             graph.erase_node(node)
             del weight  # computed from its expression (core/weights.py) for this linear alone: freed now
@@ -407,9 +407,10 @@ class InsertQuantizers(QPass):
         if opts.w_group:
             self.count("weights-grouped" if group else "weights-per-channel")
         # A replayed artifact holds GPTQ's results (packed), not the Gram matrices they came from.
-        if opts.weights == "gptq" and stats.num_tokens and (stats.gram is not None or replaying(gm)):
-            def run_gptq(weight=weight, gram=stats.gram, fmt=w_format, group=group):
-                codes, *steps = gptq.quantize_gptq(weight, gram, opts.w_bits, fmt, group)
+        # (`observed_gram`: whether there is one, without computing it; only a memo miss reads it)
+        if opts.weights == "gptq" and stats.num_tokens and (stats.observed_gram is not None or replaying(gm)):
+            def run_gptq(weight=weight, fmt=w_format, group=group):
+                codes, *steps = gptq.quantize_gptq(weight, stats.gram, opts.w_bits, fmt, group)
                 return formats.pack(codes, fmt), *steps
 
             key = (weight, opts.w_bits) if w_format == formats.INT else (weight, opts.w_bits, w_format)
@@ -477,7 +478,7 @@ class InsertQuantizers(QPass):
         return None
 
     def _compensate(self, gm: fx.GraphModule, node: fx.Node, quantized: fx.Node, x: fx.Node, weight: torch.Tensor,
-                    packed: torch.Tensor, w_step: torch.Tensor, w_mult, fmt: str, gram, stem: str) -> fx.Node:
+                    packed: torch.Tensor, w_step: torch.Tensor, w_mult, fmt: str, stats, stem: str) -> fx.Node:
         """quantized + linear(linear(x, B), A): the low-rank term fitted to the weight's rounding
         error through the input's Gram matrix (`gptq.low_rank_compensation`), in float on the
         same input x the quantizer reads."""
@@ -486,7 +487,7 @@ class InsertQuantizers(QPass):
         def fit():
             values = formats.apply_multipliers(formats.unpack(packed, weight.shape[1], fmt), w_mult)
             error = weight.float() - values.float() * w_step[:, None]
-            return gptq.low_rank_compensation(error, gram, rank)
+            return gptq.low_rank_compensation(error, stats.gram, rank)  # the Gram matrix on a miss only
 
         key = (weight, packed, w_step, rank) if w_mult is None else (weight, packed, w_step, w_mult, rank)
         a, b = memoized(gm, "low-rank", stem, key, fit)
