@@ -174,6 +174,7 @@ class ChannelStats:
                                    sinks=None if self.sinks is None else self.sinks / scales,
                                    rest_absmax=None if self.rest_absmax is None else self.rest_absmax / scales)
 
+
 def _unpacked_gram(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric [n, n] matrix whose upper triangle, row by row, is `upper`."""
     n = (math.isqrt(8 * upper.numel() + 1) - 1) // 2
