@@ -18,15 +18,16 @@ length (q4_cpu's attention and Walsh-Hadamard transform; the integer GEMMs are e
 perplexity through a static cache is the no-cache one bit for bit, on 1024 tokens.
 
 Cost: each SmolLM2 graph takes about a minute to compile through Inductor on 2 cores, and w4a4's
-GPTQ about as long (its rotations are learned in a few steps here, not 120: the same passes,
-learned factors and kernels, see tests/helpers/recipes.py) (once per recipe and calibration: `CalibrationCache` shares it between the
-graphs). Every test here calibrates on the module's one `calibration` object (`qcompile.quantize`
-included: it hands the backend the list it is given), so each recipe learns and runs GPTQ once in
-the module, whichever test compiles it first. The w4a4 64-token check runs Inductor's lowering, as users get it; the other tests lower
-with `lower="eager"` (the same graphs and ops, run op by op, in a third of the time). The same
-check lowered eagerly fails: the eager rotation (one GEMM per factor) rounds differently at the
-decode step's rows than in the longer no-cache call, and a flipped code cascades (measured at
-ef1c036; see the w4a8 note above).
+GPTQ about as long (its rotations are learned in a few steps here, not 120: the same passes, learned
+factors and kernels, see tests/helpers/recipes.py) (once per recipe and calibration:
+`CalibrationCache` shares it between the graphs). Every test here calibrates on the module's one
+`calibration` object (`qcompile.quantize` included: it hands the backend the list it is given), so
+each recipe learns and runs GPTQ once in the module, whichever test compiles it first. The w4a4
+64-token check runs Inductor's lowering, as users get it; the other tests lower with `lower="eager"`
+(the same graphs and ops, run op by op, in a third of the time). The same check lowered eagerly
+fails: the eager rotation (one GEMM per factor) rounds differently at the decode step's rows than in
+the longer no-cache call, and a flipped code cascades (measured at ef1c036; see the w4a8 note
+above).
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ HEAD_ROWS = 1024
 # a number in a quantized linear's `{...}` statistics: 0.00067, 4, 1e-05
 _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 _BRACES = re.compile(r"\{[^{}]*\}")
-MACHINE_FACTOR = 1.5  # how far apart two CPUs may print a learned step (measured: 15% on AVX2 vs AMX)
+# how far apart two CPUs may print a statistic (measured, AVX2 against AMX: steps up to 15%, a group's x4 against x5)
+MACHINE_FACTOR = 1.5
 
 
 def statistics_masked(text: str) -> tuple[str, list[float]]:

@@ -416,7 +416,8 @@ def test_group_multipliers_equal_the_references_bit_exactly(fmt, m_shape, k, gro
 
 
 @pytest.mark.parametrize("fmt", ["int", "e2m1"])
-@pytest.mark.parametrize("block", [70, 140 * 5, 70 * 11 + 3])  # 1 column a block, 5, an uneven 11 and a bit
+# 70 rows: blocks of 1, 10 and 11 of the 23 columns (the last block short)
+@pytest.mark.parametrize("block", [70, 70 * 10, 70 * 11 + 3])
 def test_a_linear_computed_a_block_of_columns_at_a_time_is_bit_identical(monkeypatch, fmt, block):
     """Above OUTPUT_BLOCK accumulator elements linear_w4a4 computes its output columns a block at a
     time (a 49152-row head would otherwise hold its unpacked weight and two [M, N] copies): the same
