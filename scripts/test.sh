@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then: lint (ruff), the layering contract (scripts/check_layers.py),
 # and the whole test suite (arguments go to pytest: `scripts/test.sh -m "not model and not slow"`
-# is the fast tier). Stops at the first step that fails.
+# is the fast tier). Stops at the first step that fails. pytest runs in a worker per core, at most
+# 4 (pytest-xdist; `-n 0` after it: one process); tests/conftest.py shares the cores between them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,4 +11,4 @@ echo "== ruff check ." >&2
 echo "== python scripts/check_layers.py" >&2
 .venv/bin/python scripts/check_layers.py
 echo "== pytest $*" >&2
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"

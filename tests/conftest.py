@@ -9,9 +9,18 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers (scripts/test.sh runs one per core) share the cores: each takes its part
+# for torch's threads (and the tests' subprocesses, which inherit it), so that two workers' OpenMP
+# threads do not contend for the same cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 import pytest
 import torch
+
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU, Triton kernels run in Triton's interpreter, which must be on before triton is
 # first imported (anything may import it: Inductor does): so at the start of the session.
@@ -26,6 +35,17 @@ from tests.helpers.passes import TOY_PASSES  # noqa: E402
 from tests.helpers.recipes import quick  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Session fixtures too costly to build twice: under pytest-xdist (`--dist loadgroup`) the tests
+# that use one run in the same worker, which builds it once.
+BUILT_ONCE = ("eval_table", "smollm2_artifact")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in BUILT_ONCE:
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(autouse=True)
