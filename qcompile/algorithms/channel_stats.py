@@ -8,6 +8,7 @@ saved artifact stores it. It lives here, below the passes, so that they can name
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -44,8 +45,9 @@ class ChannelStats:
     # the sampled rows as calibration saw them (`samples`: as this activation has them)
     observed_samples: torch.Tensor  # float32 [<= SAMPLE_ROWS, observed channels]
     num_tokens: int = 0
-    # sum of x^T x over all tokens of the observed activation, float32 [channels, channels]; only
-    # when a pass needs it (GPTQ weight rounding), as it costs channels**2 floats per activation
+    # sum of x^T x over all tokens of the observed activation, float32, its upper triangle row by
+    # row [channels (channels + 1) / 2] (`pack_gram`; or given whole, [channels, channels]); only
+    # when a pass needs it (GPTQ weight rounding), as it costs channels**2 / 2 floats per activation
     observed_gram: torch.Tensor | None = None
     sinks: torch.Tensor | None = None  # float32 [<= SAMPLE_ROWS, channels]; None: not observed
     rest_absmax: torch.Tensor | None = None  # float32 [channels]; None: not observed
@@ -94,7 +96,10 @@ class ChannelStats:
         # samples stand for the tokens a per-tensor step serves: not the sinks, which `sinks` keeps
         self._sample(rest if rest.shape[0] else rows)
         if self.observed_gram is not None:
-            self.observed_gram.addmm_(rows.t(), rows)
+            if self.observed_gram.dim() == 1:  # packed: the batch's upper triangle added
+                self.observed_gram += (rows.t() @ rows).view(-1)[_upper_index(channels)]
+            else:
+                self.observed_gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
 
     def _update_sinks(self, first: torch.Tensor, rest: torch.Tensor) -> None:
@@ -120,20 +125,20 @@ class ChannelStats:
             self.observed_samples[slots] = replace
 
     def pack_gram(self) -> None:
-        """From now on keep the Gram matrix as its upper triangle, row by row: it is symmetric, so
-        cached statistics hold half the bytes (SmolLM2: 385 -> 195 MiB, all through quantization);
-        `gram` unpacks it at each read. In place, for every linear sharing these statistics; once
-        calibration is over (`update` needs the whole matrix)."""
+        """Keep a whole Gram matrix (one given whole) as its upper triangle, row by row, as
+        calibration accumulates it: it is symmetric, so statistics hold half the bytes (SmolLM2:
+        385 -> 195 MiB, all through quantization); `gram` unpacks it at each read. In place, for
+        every linear sharing these statistics."""
         g = self.observed_gram
         if g is not None and g.dim() == 2:
-            rows, cols = torch.triu_indices(*g.shape, device=g.device)
-            self.observed_gram = g[rows, cols]
+            self.observed_gram = g.reshape(-1)[_upper_index(g.shape[0])]
 
     @classmethod
     def empty(cls, channels: int, gram: bool = False) -> ChannelStats:
+        """No token seen yet; with a Gram matrix (packed) if `gram`."""
         zeros = torch.zeros(channels, dtype=torch.float32)
         return cls(absmax=zeros, robust=zeros.clone(), observed_samples=torch.zeros(0, channels),
-                   observed_gram=torch.zeros(channels, channels) if gram else None)
+                   observed_gram=torch.zeros(channels * (channels + 1) // 2) if gram else None)
 
     @property
     def sink_absmax(self) -> torch.Tensor | None:
@@ -173,6 +178,14 @@ class ChannelStats:
                                    steps=self.steps + (("scale", scales),),
                                    sinks=None if self.sinks is None else self.sinks / scales,
                                    rest_absmax=None if self.rest_absmax is None else self.rest_absmax / scales)
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_index(n: int) -> torch.Tensor:
+    """Where the upper triangle of an [n, n] matrix lies in its flat view, row by row (int64
+    [n (n + 1) / 2]: 9 MiB at n = 1536; kept, as every batch of calibration adds one)."""
+    rows, cols = torch.triu_indices(n, n)
+    return rows * n + cols
 
 
 def _unpacked_gram(upper: torch.Tensor) -> torch.Tensor:

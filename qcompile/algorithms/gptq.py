@@ -35,7 +35,10 @@ from qcompile.kernels import formats
 # Per-row clipping ratios of the weight step tried before rounding (1.0: the row's absmax).
 WEIGHT_CLIPS = tuple(1.0 - 0.05 * i for i in range(8))
 BLOCK = 128  # columns updated together (the lazy batch update of the paper; any size is exact)
-ROWS = 4096  # rows rounded together (rows are independent: any size rounds alike)
+# Rows rounded together (rows are independent: any size rounds alike). A block's temporaries are
+# about seven float32 copies of it: 16 MiB at 1024 rows of SmolLM2's head (K = 576), where 4096
+# rows made the largest transient of its whole quantization; its other weights are one block.
+ROWS = 1024
 DAMPING = 0.01  # fraction of the mean diagonal added to H so its inverse exists
 
 
@@ -111,11 +114,17 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: 
     h.diagonal().add_(DAMPING * torch.mean(torch.diag(h)))
     # The upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    # Each row is rounded on its own (H is shared): by blocks of rows, a wide weight's temporaries
-    # (five or so [rows, K] float32 copies) stay small: an lm_head of 49152 x 576 made ~0.5 GB of them.
-    parts = [_gptq_rows(weight[r:r + ROWS], dead, order, hinv, bits, fmt, group)
-             for r in range(0, weight.shape[0], ROWS)] or [_gptq_rows(weight, dead, order, hinv, bits, fmt, group)]
-    return tuple(torch.cat(results) for results in zip(*parts))
+    # Each row is rounded on its own (H is shared): by blocks of rows, a tall weight's temporaries
+    # stay small (an lm_head of 49152 x 576 whole made ~0.5 GB of them), each block's results
+    # written into the whole ones (not concatenated at the end: a second copy of the codes).
+    results: tuple[torch.Tensor, ...] = ()
+    for r in range(0, max(weight.shape[0], 1), ROWS):
+        block = _gptq_rows(weight[r:r + ROWS], dead, order, hinv, bits, fmt, group)
+        if not results:
+            results = tuple(torch.empty((weight.shape[0], *t.shape[1:]), dtype=t.dtype) for t in block)
+        for whole, part in zip(results, block):
+            whole[r:r + ROWS] = part
+    return results
 
 
 def _gptq_rows(weight: torch.Tensor, dead: torch.Tensor, order: torch.Tensor, hinv: torch.Tensor, bits: int,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 
 # The smallest freed constant `ir.drop_constant` trims after: a trim walks the whole heap, and the
@@ -51,3 +52,35 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+# How much resident memory may grow during a pass's loop before freed memory is given back
+# (`GrowthTrim`): a trim walks the heap, and what it returns is faulted in again when reused.
+TRIM_GROWTH_BYTES = 64 << 20
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now, in bytes; None without /proc (not Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc, no os.sysconf (Windows)
+        return None
+
+
+class GrowthTrim:
+    """Called after each item of a pass's loop (a linear, a group): gives freed memory back when
+    resident memory grew by TRIM_GROWTH_BYTES since the last trim or the start. Each item frees
+    the temporaries it made (a migrated, rotated or rounded weight; GPTQ's blocks), but glibc keeps
+    them, fragmented among the small objects the pass keeps, and new ones land elsewhere: on SmolLM2,
+    migrate-scales left 276 MiB resident of which its live tensors were 5, and rotate-inputs 240."""
+
+    def __init__(self) -> None:
+        self.floor = resident_bytes()
+
+    def __call__(self) -> None:
+        now = resident_bytes()
+        if now is None or self.floor is None or now - self.floor < TRIM_GROWTH_BYTES:
+            return
+        release_freed_memory()
+        self.floor = resident_bytes()

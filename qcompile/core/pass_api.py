@@ -55,6 +55,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
 from qcompile.core import analysis, ir
+from qcompile.core.memory import GrowthTrim
 
 T = TypeVar("T")
 
@@ -168,13 +169,17 @@ class QPass(PassBase):
                 analysis.invalidate(graph_module)
         return result
 
-    def progress(self, items: Iterable[T], unit: str) -> Iterable[T]:
+    def progress(self, items: Iterable[T], unit: str) -> Iterator[T]:
         """`items`, under a progress bar when the pass manager shows progress (`show_progress`,
         from the `progress` option). The bar appears only after two seconds: quick passes print
-        nothing, long ones (GPTQ, searches, learning) say how far they are."""
-        if not self.show_progress:
-            return items
-        return tqdm(items, desc=f"q4 {self.name}", unit=unit, leave=False, delay=2.0)
+        nothing, long ones (GPTQ, searches, learning) say how far they are. Between items, memory
+        the pass freed goes back to the system when it has piled up (`memory.GrowthTrim`)."""
+        if self.show_progress:
+            items = tqdm(items, desc=f"q4 {self.name}", unit=unit, leave=False, delay=2.0)
+        trim = GrowthTrim()
+        for item in items:
+            yield item
+            trim()
 
     def nodes(self, graph_module: GraphModule) -> Iterator[Node]:
         """Iterate a snapshot of the graph's nodes (safe to edit the graph meanwhile), keeping

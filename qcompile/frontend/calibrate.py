@@ -291,7 +291,7 @@ class CalibrationCache:
         return None if by_gram is None else by_gram.get(gram)
 
     def put(self, weight: torch.Tensor, calibration: Any, gram: bool, stats: ChannelStats) -> None:
-        stats.pack_gram()  # calibration is over: half the bytes, for as long as the cache holds it
+        stats.pack_gram()  # (calibration packs its own) half the bytes, for as long as the cache holds it
         by_gram = self._recent(self._by_weight, weight, calibration) or {}
         by_gram[gram] = stats
         self._remember(self._by_weight, weight, calibration, by_gram)

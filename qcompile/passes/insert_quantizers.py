@@ -203,6 +203,15 @@ def _picks_experts(node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
+def _zero_rows(weight: torch.Tensor) -> int:
+    """How many rows of a 2-D weight are all zeros (by their max and min: |w| would copy the
+    weight, 108 MiB for SmolLM2's head)."""
+    if not weight.shape[1]:
+        return weight.shape[0]
+    w = weight.detach()
+    return int(((w.amax(dim=1) == 0) & (w.amin(dim=1) == 0)).sum())
+
+
 @dataclass(frozen=True)
 class InsertQuantizersOptions:
     w_bits: int = option(4, choices=(2, 3, 4), help="weight bits (symmetric, per output channel)")
@@ -349,8 +358,7 @@ class InsertQuantizers(QPass):
             w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
             packed, w_step, w_mult, method, group = self._round_weight(gm, weight, stats, w_format, stem)
             # an all-zero weight row or activation has no range: its step is 1 (codes 0), never 0 or NaN
-            zero_rows = int((weight.detach().abs().amax(dim=1) == 0).sum()) if weight.shape[1] else weight.shape[0]
-            if zero_rows or (opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
+            if _zero_rows(weight) or (opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
                              and not bool(stats.absmax.max() > 0)):
                 self.count("steps-fallback")
             with graph.inserting_before(node):
@@ -453,7 +461,7 @@ class InsertQuantizers(QPass):
         w_format, a_format, clip = self._choose_formats(gm, node, weight, stats, stem)
         packed, w_step, w_mult, method, group = self._round_weight(gm, weight, stats, w_format, stem)
         static = opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
-        if int((weight.detach().abs().amax(dim=1) == 0).sum()) or (static and not bool(stats.absmax.max() > 0)):
+        if _zero_rows(weight) or (static and not bool(stats.absmax.max() > 0)):
             self.count("steps-fallback")  # as for a linear: a step of 1 where there is no range
         old_view = node.args[1]
         with graph.inserting_before(node):

@@ -121,7 +121,7 @@ class MigrateScales(QPass):
         linears = LinearFilter(skip=self.options.skip)
         groups = get_analysis(gm, ActivationGroups).select(lambda lin: ir.CALIB in lin.meta and linears.takes(lin))
         modified = False
-        for activation, linears in groups.items():
+        for activation, linears in self.progress(groups.items(), "group"):
             self.current_node = activation
             others = [user for user in activation.users if user not in linears]
             if others:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qcompile.algorithms.channel_stats import ChannelStats
@@ -78,20 +80,25 @@ def test_transformed_stats_compute_their_gram_from_the_observed_one_when_read():
 
 
 def test_a_packed_gram_keeps_its_upper_triangle_and_reads_as_the_whole_matrix():
-    """Once calibrated (`CalibrationCache.put`), the Gram matrix is kept as its upper triangle, half
-    the bytes; read, it is the whole symmetric matrix, also through derived statistics."""
+    """Calibration accumulates the Gram matrix as its upper triangle, half the bytes (a matrix
+    given whole is packed by `pack_gram`, as the calibration cache does); read, it is the whole
+    symmetric matrix, also through derived statistics."""
     stats = ChannelStats.empty(8, gram=True)
+    given = dataclasses.replace(ChannelStats.empty(8), observed_gram=torch.zeros(8, 8))
     for x in _batches():
         stats.update(x)
-    whole = stats.gram
-    assert torch.equal(whole, whole.t())
-    factors, scales = rotation_factors(8), torch.arange(1.0, 9.0)
-    derived_whole = stats.scaled(scales).rotated(factors).gram
-    stats.pack_gram()
-    stats.pack_gram()  # once packed, left alone
+        given.update(x)
     assert stats.observed_gram.shape == (8 * 9 // 2,)
-    assert torch.equal(stats.gram, whole)
-    assert torch.equal(stats.scaled(scales).rotated(factors).gram, derived_whole)
+    whole = given.gram
+    assert torch.equal(whole, whole.t())
+    torch.testing.assert_close(stats.gram, whole, rtol=1e-6, atol=0)  # the same sums, blocked otherwise
+    factors, scales = rotation_factors(8), torch.arange(1.0, 9.0)
+    derived_whole = given.scaled(scales).rotated(factors).gram
+    given.pack_gram()
+    given.pack_gram()  # once packed, left alone
+    assert given.observed_gram.shape == (8 * 9 // 2,)
+    assert torch.equal(given.gram, whole)
+    assert torch.equal(given.scaled(scales).rotated(factors).gram, derived_whole)
 
 
 def test_the_calibration_cache_holds_packed_grams():

@@ -68,3 +68,28 @@ def test_a_dropped_large_constant_goes_back_to_the_system_at_once():
                          timeout=120).stdout.split()
     dropped = dict(zip(map(int, out[::2]), map(float, out[1::2])))
     assert dropped[256 * 1024] > 200 and dropped[32 * 1024] < 64, dropped
+
+
+def test_a_pass_loop_gives_freed_memory_back_once_resident_memory_grew_by_the_step(monkeypatch):
+    """`QPass.progress` calls `GrowthTrim` after each item: a trim when resident memory grew by
+    TRIM_GROWTH_BYTES since the last one (or the start), counted from what is resident after it;
+    none while it grows less, nor where resident memory cannot be read."""
+    from qcompile.core import memory
+
+    resident = iter([100, 130, 170, 175, 200, 238, 240, 300])  # MiB: the start, then one per item
+    trims = []
+    monkeypatch.setattr(memory, "TRIM_GROWTH_BYTES", 64)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: next(resident))
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(True))
+    trim = memory.GrowthTrim()  # floor 100
+    for _ in range(2):
+        trim()  # 130, 170: the second grew by 70, a trim, after it 175 resident
+    assert len(trims) == 1 and trim.floor == 175
+    for _ in range(2):
+        trim()  # 200, 238: below 175 + 64
+    assert len(trims) == 1
+    trim()  # 240: 65 above, a trim
+    assert len(trims) == 2 and trim.floor == 300
+    monkeypatch.setattr(memory, "resident_bytes", lambda: None)
+    memory.GrowthTrim()()  # nothing to measure: no trim, no error
+    assert len(trims) == 2
