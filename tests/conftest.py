@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,20 +29,20 @@ from qcompile.core import pass_api  # noqa: E402
 from qcompile.core.memory import release_freed_memory  # noqa: E402
 from tests.helpers.models import tiny_bert, tiny_llama  # noqa: E402
 from tests.helpers.passes import TOY_PASSES  # noqa: E402
-from tests.helpers.recipes import quick  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# Session fixtures too costly to build twice: under pytest-xdist (`--dist loadgroup`) the tests
-# that use one run in the same worker, which builds it once.
-BUILT_ONCE = ("eval_table", "smollm2_artifact")
 
 
 def pytest_collection_modifyitems(items):
+    """The modules of real-model tests first, then those of slow ones, then the rest, each module's
+    tests together and in their order: pytest-xdist (scripts/test.sh) hands a worker a whole module
+    at a time (`--dist loadscope`: a module's fixtures are built once), in this order, so the
+    longest start first and the short ones fill in at the end."""
+    def tier(item) -> int:
+        return 0 if item.get_closest_marker("model") else 1 if item.get_closest_marker("slow") else 2
+
+    modules: dict[str, int] = {}
     for item in items:
-        for name in BUILT_ONCE:
-            if name in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(name))
+        modules[item.module.__name__] = min(modules.get(item.module.__name__, 2), tier(item))
+    items.sort(key=lambda item: modules[item.module.__name__])
 
 
 @pytest.fixture(autouse=True)
@@ -103,31 +100,3 @@ def smollm2():
     from qcompile.tools import zoo
 
     return zoo.load_smollm2()
-
-
-@pytest.fixture(scope="session")
-def eval_table() -> subprocess.CompletedProcess:
-    """`qcompile eval` on both real models, short (1024 tokens of Pride and Prejudice, 4 batches
-    of Emma, 20 sentences), FP32, w4a4-hadamard, w4a4 and fp4, run once as a user runs it: the
-    accuracy test (tests/examples/test_eval.py) and the command line's (tests/test_cli.py) read
-    its table. Lowered eagerly (`Q4_LOWER=eager`: the same graphs and ops, run op by op): Inductor's
-    compiles of every graph took most of its 1257 s in CI; 390 s eagerly on 2 idle cores."""
-    return subprocess.run(
-        [sys.executable, "-m", "qcompile", "eval", "--tokens", "1024", "--calibration-batches", "4",
-         "--sentences", "20", "--recipes", "w4a4-hadamard,w4a4,fp4"],
-        capture_output=True, text=True, timeout=1800, cwd=ROOT, env={**os.environ, "Q4_LOWER": "eager"})
-
-
-@pytest.fixture(scope="session")
-def smollm2_artifact(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """`qcompile bench artifact` on a short input, run once as a user runs it: SmolLM2 quantized
-    with w4a4 on 128 calibration tokens of Emma (one batch), saved, loaded in a new process. The
-    benchmark's test reads its table; the Triton test compiles from the saved artifact, so GPTQ
-    runs once for both. Its rotations are learned in a few steps (`Q4_PIPELINE`: the same passes,
-    learned factors and kernels, tests/helpers/recipes.py). (process, the artifact's directory)"""
-    directory = tmp_path_factory.mktemp("smollm2-w4a4") / "artifact"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qcompile", "bench", "artifact", "--calibration-tokens", "128",
-         "--prompt-tokens", "24", "--no-compiling-load", "--dir", str(directory)],
-        capture_output=True, text=True, timeout=1500, cwd=ROOT, env={**os.environ, "Q4_PIPELINE": quick("w4a4")})
-    return proc, directory

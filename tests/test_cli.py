@@ -108,15 +108,6 @@ def test_quantize_rejects_bad_input(tmp_path):
     assert proc.returncode != 0 and "no model folder" in proc.stderr
 
 
-@pytest.mark.model
-def test_eval_runs_on_a_short_input(eval_table):
-    # `qcompile eval --tokens 1024 ...`, run once for this test and tests/examples/test_eval.py
-    assert eval_table.args[1:4] == ["-m", "qcompile", "eval"]
-    assert eval_table.returncode == 0, eval_table.stderr[-4000:]
-    out = eval_table.stdout
-    assert "SmolLM2-135M" in out and "all-MiniLM-L6-v2" in out and "w4a4-hadamard" in out
-
-
 @pytest.mark.slow
 def test_every_subcommand_has_help():
     for command in ("quantize", "explain", "passes", "recipes", "eval", "bench"):
