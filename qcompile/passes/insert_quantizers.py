@@ -359,7 +359,7 @@ class InsertQuantizers(QPass):
             packed, w_step, w_mult, method, group = self._round_weight(gm, weight, stats, w_format, stem)
             # an all-zero weight row or activation has no range: its step is 1 (codes 0), never 0 or NaN
             if _zero_rows(weight) or (opts.a_bits != FLOAT_ACTIVATIONS and opts.activations == "static"
-                             and not bool(stats.absmax.max() > 0)):
+                                      and not bool(stats.absmax.max() > 0)):
                 self.count("steps-fallback")
             with graph.inserting_before(node):
                 x_in, clip, w_dq, made = self._operands(gm, node, x, stats, dtype, stem, a_format, clip,
