@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from qcompile.core.memory import SpilledTensor, TensorFile
 from qcompile.kernels.rotation import rotate
 
 # The robust range of a channel: this quantile of |x| over the tokens of a batch (99%: with
@@ -47,8 +48,9 @@ class ChannelStats:
     num_tokens: int = 0
     # sum of x^T x over all tokens of the observed activation, float32, its upper triangle row by
     # row [channels (channels + 1) / 2] (`pack_gram`; or given whole, [channels, channels]); only
-    # when a pass needs it (GPTQ weight rounding), as it costs channels**2 / 2 floats per activation
-    observed_gram: torch.Tensor | None = None
+    # when a pass needs it (GPTQ weight rounding), as it costs channels**2 / 2 floats per
+    # activation; in a temporary file once calibration is over (`spill_gram`)
+    observed_gram: torch.Tensor | SpilledTensor | None = None
     sinks: torch.Tensor | None = None  # float32 [<= SAMPLE_ROWS, channels]; None: not observed
     rest_absmax: torch.Tensor | None = None  # float32 [channels]; None: not observed
     # How this activation derives from the observed one (migrated, rotated, split), as steps
@@ -74,6 +76,8 @@ class ChannelStats:
         gram = self.observed_gram
         if gram is None:
             return None
+        if isinstance(gram, SpilledTensor):
+            gram = gram.load()
         if gram.dim() == 1:  # packed (`pack_gram`)
             gram = _unpacked_gram(gram)
         for step, *args in self.steps:
@@ -96,6 +100,9 @@ class ChannelStats:
         # samples stand for the tokens a per-tensor step serves: not the sinks, which `sinks` keeps
         self._sample(rest if rest.shape[0] else rows)
         if self.observed_gram is not None:
+            if isinstance(self.observed_gram, SpilledTensor):
+                raise ValueError("qcompile: these statistics' Gram matrix was spilled to a file (calibration "
+                                 "was over); a new calibration makes new statistics")
             if self.observed_gram.dim() == 1:  # packed: the batch's upper triangle added
                 self.observed_gram += (rows.t() @ rows).view(-1)[_upper_index(channels)]
             else:
@@ -130,8 +137,18 @@ class ChannelStats:
         385 -> 195 MiB, all through quantization); `gram` unpacks it at each read. In place, for
         every linear sharing these statistics."""
         g = self.observed_gram
-        if g is not None and g.dim() == 2:
+        if isinstance(g, torch.Tensor) and g.dim() == 2:
             self.observed_gram = g.reshape(-1)[_upper_index(g.shape[0])]
+
+    def spill_gram(self, file: TensorFile) -> None:
+        """Keep the Gram matrix (packed) in `file` from now on: `gram` reads it back at each read.
+        GPTQ reads it once per linear, and a recompile only when it misses GPTQ's memoized
+        results, while in memory it sat under every later pass and call (SmolLM2-135M: 195 MiB;
+        `bench memory`'s peak, the head's GPTQ, 1781 -> 1555 MiB resident, now calibration's).
+        In place, for every linear sharing these statistics; a second call does nothing."""
+        if isinstance(self.observed_gram, torch.Tensor):
+            self.pack_gram()
+            self.observed_gram = file.spill(self.observed_gram)
 
     @classmethod
     def empty(cls, channels: int, gram: bool = False) -> ChannelStats:

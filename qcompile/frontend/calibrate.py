@@ -34,6 +34,7 @@ from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir, qlinear
 from qcompile.core.config import Q4Options
 from qcompile.core.memo import Memo
+from qcompile.core.memory import TensorFile
 from qcompile.frontend.capture import Frame, calling_modules
 
 
@@ -332,7 +333,9 @@ def calibrate_graph(aten_gm: fx.GraphModule, example_inputs: list[Any], state: d
 
     if any(cache.get(owner(n), opts.calibration, gram) is None for n in linears):
         user_inputs = [v for i, v in enumerate(example_inputs) if i not in state]
+        file = TensorFile()  # the Gram matrices, out of memory until a pass reads one
         for weight, s in _observe(aten_gm, linears, owner, user_inputs, opts, frame, gram):
+            s.spill_gram(file)
             cache.put(weight, opts.calibration, gram, s)
     for n in linears:
         if (s := cache.get(owner(n), opts.calibration, gram)) is not None:

@@ -10,6 +10,7 @@ from qcompile.algorithms import gptq
 from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.api.testing import capture
 from qcompile.core import ir
+from qcompile.core.memory import SpilledTensor
 from qcompile.core.pass_api import get_pass_class
 from qcompile.kernels import int4
 from tests.helpers.models import inputs, tiny_model
@@ -83,6 +84,8 @@ def test_insert_quantizers_asks_for_the_gram_and_uses_it():
     gm = capture(tiny_model("llama"), inputs(), pipeline="insert-quantizers{weights=gptq}")
     linears = [n for n in gm.graph.nodes if n.target is ir.aten.linear.default and ir.CALIB in n.meta]
     assert linears and all(n.meta[ir.CALIB].gram is not None for n in linears)
+    # calibration is over: each Gram matrix waits in a file, read back at each `gram`
+    assert all(isinstance(n.meta[ir.CALIB].observed_gram, SpilledTensor) for n in linears)
     result = gptq_pass(gm)
     assert result.modified and gptq_pass.stats["weights-gptq"] == gptq_pass.stats["linears-quantized"] > 0
 

@@ -93,3 +93,21 @@ def test_a_pass_loop_gives_freed_memory_back_once_resident_memory_grew_by_the_st
     monkeypatch.setattr(memory, "resident_bytes", lambda: None)
     memory.GrowthTrim()()  # nothing to measure: no trim, no error
     assert len(trims) == 2
+
+
+def test_a_tensor_file_gives_back_each_spilled_tensor_bit_for_bit():
+    """Tensors of any shape and dtype (0-dim, empty, non-contiguous) appended to one anonymous
+    file: each handle reads its own bytes back, as a new tensor, at any time and in any order."""
+    from qcompile.core.memory import SpilledTensor, TensorFile
+
+    file = TensorFile()
+    tensors = [torch.randn(5, 7), torch.tensor(3.5, dtype=torch.float64), torch.zeros(0, 4),
+               torch.randn(6, 3).t(), torch.arange(11, dtype=torch.int8)]
+    spilled = [file.spill(t) for t in tensors]
+    assert all(isinstance(s, SpilledTensor) for s in spilled)
+    for s, t in reversed(list(zip(spilled, tensors))):
+        back = s.load()
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+        assert (back.data_ptr() != t.data_ptr() or not t.numel()) and s.dim() == t.dim()
+    tensors[0].zero_()  # the file holds the bytes as they were when spilled
+    assert not torch.equal(spilled[0].load(), tensors[0])
