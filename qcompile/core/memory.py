@@ -99,14 +99,17 @@ class SpilledTensor:
     under the first calls of the quantized model; in a file, each is in memory only while GPTQ
     rounds its linears."""
 
-    def __init__(self, file: TensorFile, offset: int, shape: torch.Size, dtype: torch.dtype):
-        self.file, self.offset, self.shape, self.dtype = file, offset, shape, dtype
+    def __init__(self, file: TensorFile, offset: int, shape: torch.Size, dtype: torch.dtype, device: torch.device):
+        self.file, self.offset, self.shape, self.dtype, self.device = file, offset, shape, dtype, device
 
     def dim(self) -> int:
         return len(self.shape)
 
+    def __deepcopy__(self, memo: dict) -> SpilledTensor:
+        return self  # the bytes in the file never change: a copy would be the same tensor
+
     def load(self) -> torch.Tensor:
-        return self.file.read(self.offset, self.shape, self.dtype)
+        return self.file.read(self.offset, self.shape, self.dtype).to(self.device)
 
 
 class TensorFile:
@@ -122,12 +125,12 @@ class TensorFile:
         self._lock = threading.Lock()  # seek + read/write: one at a time (compiles on two threads)
 
     def spill(self, tensor: torch.Tensor) -> SpilledTensor:
-        """Append a CPU tensor's bytes; the handle that reads them back."""
-        data = tensor.detach().contiguous()
+        """Append a tensor's bytes; the handle that reads them back (onto the tensor's device)."""
+        data = tensor.detach().cpu().contiguous()
         with self._lock:
             offset = self._file.seek(0, os.SEEK_END)
             self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-        return SpilledTensor(self, offset, data.shape, data.dtype)
+        return SpilledTensor(self, offset, data.shape, data.dtype, tensor.device)
 
     def read(self, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -111,3 +112,4 @@ def test_a_tensor_file_gives_back_each_spilled_tensor_bit_for_bit():
         assert (back.data_ptr() != t.data_ptr() or not t.numel()) and s.dim() == t.dim()
     tensors[0].zero_()  # the file holds the bytes as they were when spilled
     assert not torch.equal(spilled[0].load(), tensors[0])
+    assert copy.deepcopy(spilled[1]) is spilled[1]  # a deep copy of statistics shares the file
