@@ -155,6 +155,7 @@ class QPass(PassBase):
         # The node `nodes()` last handed out: the pass manager names it when the pass fails.
         self.current_node: Node | None = None
         self.show_progress = False  # the pass manager turns it on (`progress`)
+        self.trim_memory = GrowthTrim()  # `progress` calls it between items; a large item may mid-way
 
     def __call__(self, graph_module: GraphModule) -> PassResult | None:
         """Run the pass (`requires` -> `call` -> `ensures`); then record on the graph that it ran
@@ -176,10 +177,10 @@ class QPass(PassBase):
         the pass freed goes back to the system when it has piled up (`memory.GrowthTrim`)."""
         if self.show_progress:
             items = tqdm(items, desc=f"q4 {self.name}", unit=unit, leave=False, delay=2.0)
-        trim = GrowthTrim()
+        self.trim_memory = GrowthTrim()
         for item in items:
             yield item
-            trim()
+            self.trim_memory()
 
     def nodes(self, graph_module: GraphModule) -> Iterator[Node]:
         """Iterate a snapshot of the graph's nodes (safe to edit the graph meanwhile), keeping
