@@ -118,7 +118,9 @@ class TensorFile:
     The file is unlinked at once (`tempfile.TemporaryFile`): it leaves nothing behind, even when
     the process is killed, and its space is freed when the last tensor spilled to it is
     garbage-collected (each holds the file). Its pages may sit in the page cache, which the system
-    reclaims as it needs, not in the process's resident memory."""
+    reclaims as it needs, not in the process's resident memory. It lives in Python's temporary
+    directory (`TMPDIR`): where that is a tmpfs, the file is memory again, so point `TMPDIR` at a
+    disk to spill large models' statistics."""
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile(prefix="qcompile-")
