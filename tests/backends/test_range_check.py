@@ -46,6 +46,19 @@ def test_the_monitored_graph_also_returns_each_quantizers_range_over_its_calibra
     assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] == [targets[0], targets[-1]]  # gm unchanged
 
 
+def test_the_ratios_lowered_through_inductor_are_the_eager_ones():
+    """Inductor lowers `aminmax(x)` (no dim) and the copies into the ratio tensor to what eager
+    computes: one ratio over all of x, a NaN kept (an ATen reduction with no dims once meant
+    "none" under Inductor: a ratio per element)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    monitored, _ = range_check.monitored(_graph(), "0")
+    for x in (torch.tensor([[1.0, -7.0], [0.5, 2.0]]), torch.randn(3, 5, 8), torch.tensor([[float("nan"), 1.0]])):
+        lowered = compile_fx(monitored, [x])(x)[-1]
+        assert lowered.shape == (1,), lowered
+        torch.testing.assert_close(lowered, monitored(x)[-1], rtol=0, atol=0, equal_nan=True)
+
+
 def test_a_graph_without_static_quantizers_is_not_monitored():
     gm = _graph()
     for node in gm.graph.nodes:
