@@ -59,7 +59,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from qcompile.core import ir
-from qcompile.kernels import cpu_kernels, formats, ops, reference, rotation
+from qcompile.kernels import cpu_kernels, formats, gpu_layout, ops, reference, rotation
 from qcompile.kernels.ops import int_matmul  # importing ops registers torch.ops.q4
 from qcompile.kernels.reference import epilogue
 
@@ -180,21 +180,66 @@ def _register_decompositions() -> None:
 _register_decompositions()
 
 
-def use_triton_kernels(gm: fx.GraphModule) -> fx.GraphModule:
-    """A graph module like `gm` (sharing its constants) whose integer GEMMs call the Triton
-    kernel on every device: `q4.linear_w4a4` -> `q4.linear_w4a4_triton`. On CPU that is Triton's
-    interpreter, which must be on before triton is first imported: this turns it on if triton
-    is not imported yet, and otherwise asks for TRITON_INTERPRET=1 at the start."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+def _tiled_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The tiled GPU layout (`kernels.gpu_layout`) of a `q4.linear_w4a4` node's weight, when the
+    weight is a constant the layout covers; else None (the general kernel runs it)."""
+    x, packed = ir.fake_value(node.args[0]), ir.get_constant(gm, node.args[1])
+    w_mult = ir.get_constant(gm, node.args[7] if len(node.args) > 7 else node.kwargs.get("w_mult"))
+    if x is None or packed is None or not isinstance(x.shape[-1], int):
+        return None
+    k = x.shape[-1]
+    has_mult = (node.args[7] if len(node.args) > 7 else node.kwargs.get("w_mult")) is not None
+    if has_mult and w_mult is None:
+        return None
+    if not gpu_layout.covers(k, None if w_mult is None else formats.group_size(k, w_mult)):
+        return None
+    return gpu_layout.to_tiled(packed, k)
+
+
+def use_triton_kernels(gm: fx.GraphModule, everywhere: bool) -> fx.GraphModule:
+    """A graph module like `gm` (sharing its other constants) whose integer GEMMs run the Triton
+    kernels: every `q4.linear_w4a4` whose weight the tiled layout covers (K a multiple of 64)
+    becomes `q4.linear_w4a4_tiled` of that weight re-laid once, here (the tuned kernel); the
+    others stay on the general kernel (`linear_w4a4`'s CUDA kernel; with `everywhere`,
+    `q4.linear_w4a4_triton`). Without `everywhere` only the GEMMs on CUDA change; with it
+    (kernels="triton") every one does, on CPU in Triton's interpreter, which must be on before
+    triton is first imported: this turns it on if triton is not imported yet, and otherwise asks
+    for TRITON_INTERPRET=1 at the start."""
+    targets = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is q4.linear_w4a4.default
+               and (everywhere or getattr(getattr(ir.fake_value(n.args[0]), "device", None), "type", None) == "cuda")]
+    if not targets:
+        return gm
+    if everywhere and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             raise RuntimeError("kernels='triton' (Q4_KERNELS) on CPU runs Triton's interpreter, which must be on "
                                "before triton is imported: start the process with TRITON_INTERPRET=1")
         os.environ["TRITON_INTERPRET"] = "1"
+    tiled: dict[str, torch.Tensor] = {}  # weight attribute -> its tiled layout (a weight read twice: once)
+    plan = {}
+    for node in targets:
+        weight = node.args[1]
+        if weight.target not in tiled and (layout := _tiled_weight(gm, node)) is not None:
+            tiled[weight.target] = layout
+        plan[node.name] = weight.target if weight.target in tiled else None
     graph = copy.deepcopy(gm.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is q4.linear_w4a4.default:
-            node.target = q4.linear_w4a4_triton.default
-    return fx.GraphModule(gm, graph)
+    lowered = fx.GraphModule(gm, graph)
+    attrs = {target: ir.add_constant(lowered, f"{target}_tiled", layout) for target, layout in tiled.items()}
+    for node in list(graph.nodes):
+        if node.name not in plan:
+            continue
+        if plan[node.name] is None:
+            if everywhere:
+                node.target = q4.linear_w4a4_triton.default
+            continue
+        old = node.args[1]
+        with graph.inserting_before(node):
+            node.args = (node.args[0], graph.get_attr(attrs[plan[node.name]]), *node.args[2:])
+        node.target = q4.linear_w4a4_tiled.default
+        if not old.users:
+            graph.erase_node(old)
+    ir.delete_unused_constants(lowered)
+    lowered.recompile()
+    return lowered
 
 
 def _is_whole(node: fx.Node) -> bool:
@@ -306,8 +351,7 @@ class SourceStamp(CustomGraphPass):
 def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str, mode: str | None) -> Callable:
     """The callable that runs the final graph: `how` is "inductor" or "eager"; `kernels` "auto"
     (the integer GEMMs decomposed for Inductor on CPU, Triton kernels on CUDA) or "triton"."""
-    if kernels == "triton":
-        gm = use_triton_kernels(gm)
+    gm = use_triton_kernels(gm, everywhere=kernels == "triton")
     if how == "eager":
         return gm
     gm = use_cpu_attention(gm)

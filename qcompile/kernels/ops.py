@@ -490,3 +490,36 @@ def linear_w4a4_triton(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: to
 
 
 linear_w4a4_triton.register_fake(_linear_w4a4_fake)  # the same op, another kernel
+
+
+def _triton_tiled_gemm():
+    """kernels.triton_tiled_gemm, imported on first use (as `_triton_gemm`)."""
+    from . import triton_tiled_gemm
+
+    return triton_tiled_gemm
+
+
+@torch.library.custom_op("q4::linear_w4a4_tiled", mutates_args=())
+def linear_w4a4_tiled(x_codes: torch.Tensor, w_tiled: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
+                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int",
+                      w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`q4::linear_w4a4` of a weight in the tiled GPU layout (`gpu_layout.to_tiled`: uint8 [K/2, N]),
+    through the tuned Triton kernel (`triton_tiled_gemm.py`): the same values. The lowering puts
+    it in place of linear_w4a4 for the weights the layout covers, when the GEMMs run in Triton
+    (on CUDA, or with kernels="triton" in the interpreter on CPU)."""
+    tiled = _triton_tiled_gemm()
+    if x_codes.device.type == "cpu" and not tiled.INTERPRET:
+        raise RuntimeError("q4::linear_w4a4_tiled: CPU tensors need Triton's interpreter, but the kernels were "
+                           "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
+    # on CUDA no per-call read of the steps' values (a sync, illegal under CUDA-graph capture): the
+    # passes checked these constants when they made them
+    return tiled.linear_w4a4_tiled(x_codes.contiguous(), w_tiled, w_step, a_step, bias, out_dtype, w_format,
+                                   check_values=x_codes.device.type == "cpu", w_mult=w_mult)
+
+
+@linear_w4a4_tiled.register_fake
+def _(x_codes, w_tiled, w_step, a_step, bias, out_dtype, w_format="int", w_mult=None):
+    if w_tiled.dim() != 2 or 2 * w_tiled.shape[0] != x_codes.shape[-1]:
+        fail("linear_w4a4_tiled", "w_tiled", f"a tensor [K/2, N] for K = {x_codes.shape[-1]} (x_codes.shape[-1])",
+             describe(w_tiled))
+    return x_codes.new_empty((*x_codes.shape[:-1], w_tiled.shape[1]), dtype=out_dtype)

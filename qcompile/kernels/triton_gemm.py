@@ -78,14 +78,14 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _int4_nibbles(b):
+def int4_nibbles(b):
     """Two's-complement nibbles of uint8 bytes as int8: (b << 4) >> 4 and b >> 4 (arithmetic shifts)."""
     s = b.to(tl.int8, bitcast=True)
     return (s << 4) >> 4, s >> 4
 
 
 @triton.jit
-def _float_nibbles(b, MANTISSA: tl.constexpr):
+def float_nibbles(b, MANTISSA: tl.constexpr):
     """Values of a 4-bit float's nibbles (`formats.FloatFormat`, m = MANTISSA bits) of uint8 bytes
     as int8: sign bit 3, magnitude index i = bits 0-2; the magnitude is i below 2**m (the
     subnormals), else (2**m + (i mod 2**m)) << (i // 2**m - 1)."""
@@ -137,7 +137,18 @@ def to_bfloat16_rtne(v):
 
 
 @triton.jit
-def _finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr):
+def w4a4_scaled(acc, w_step_ptr, a_step_ptr, rm, rn, M, N, ROW_STEPS: tl.constexpr):
+    """float32(acc[m, n]) * (a_step * w_step[n]): the W4A4 epilogue's multiply, before the bias."""
+    w_step = tl.load(w_step_ptr + rn, mask=rn < N, other=1.0)
+    if ROW_STEPS:  # a dynamic step per row: a_step[m] * w_step[n], rounded once, as the reference
+        scale = tl.load(a_step_ptr + rm, mask=rm < M, other=1.0)[:, None] * w_step[None, :]
+    else:
+        scale = (tl.load(a_step_ptr) * w_step)[None, :]
+    return acc.to(tl.float32) * scale
+
+
+@triton.jit
+def finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr):
     """out + float32(bias[n]), cast to the output's dtype, stored into the row-major [M, N] output."""
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -172,21 +183,17 @@ def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, 
         j = k0 * (BLOCK_K // 2) + rj
         w_bytes = _load_weight_t(w_ptr, rn, j, N, kp)
         if W_MANTISSA < 0:
-            w_lo, w_hi = _int4_nibbles(w_bytes)
+            w_lo, w_hi = int4_nibbles(w_bytes)
         else:
-            w_lo, w_hi = _float_nibbles(w_bytes, W_MANTISSA)
+            w_lo, w_hi = float_nibbles(w_bytes, W_MANTISSA)
         if HAS_MULT:
             mult = _load_multipliers_t(mult_ptr, rn, j, N, K, group)
             w_lo, w_hi = w_lo * mult, w_hi * mult
         x_even, x_odd = _load_even_odd(x_ptr, rm, j, M, K)
         acc += tl.dot(x_even, w_lo, out_dtype=tl.int32)
         acc += tl.dot(x_odd, w_hi, out_dtype=tl.int32)
-    w_step = tl.load(w_step_ptr + rn, mask=rn < N, other=1.0)
-    if ROW_STEPS:  # a dynamic step per row: a_step[m] * w_step[n], rounded once, as the reference
-        scale = tl.load(a_step_ptr + rm, mask=rm < M, other=1.0)[:, None] * w_step[None, :]
-    else:
-        scale = (tl.load(a_step_ptr) * w_step)[None, :]
-    _finish(acc.to(tl.float32) * scale, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
+    finish(w4a4_scaled(acc, w_step_ptr, a_step_ptr, rm, rn, M, N, ROW_STEPS), bias_ptr, out_ptr, rm, rn, M, N,
+            HAS_BIAS, ROUND_BF16)
 
 
 @triton.jit
@@ -206,7 +213,7 @@ def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         j = k0 * (BLOCK_K // 2) + rj
-        w_lo, w_hi = _int4_nibbles(_load_weight_t(w_ptr, rn, j, N, kp))
+        w_lo, w_hi = int4_nibbles(_load_weight_t(w_ptr, rn, j, N, kp))
         if HAS_MULT:
             mult = _load_multipliers_t(mult_ptr, rn, j, N, K, group)
             w_lo, w_hi = w_lo * mult, w_hi * mult
@@ -216,7 +223,7 @@ def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr
         acc += tl.dot(x_even, w_lo.to(x_even.dtype), out_dtype=tl.float32, input_precision="ieee")
         acc += tl.dot(x_odd, w_hi.to(x_odd.dtype), out_dtype=tl.float32, input_precision="ieee")
     w_step = tl.load(w_step_ptr + rn, mask=rn < N, other=1.0)
-    _finish(acc * w_step[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
+    finish(acc * w_step[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
 
 
 def _interpreter_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

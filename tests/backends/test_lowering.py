@@ -108,23 +108,65 @@ def test_linear_decompositions_with_group_multipliers_compiled_by_inductor_are_t
                                rtol=1e-5, atol=1e-3)
 
 
+def test_triton_lowering_re_lays_the_weights_the_tiled_kernel_covers_and_leaves_the_rest_general():
+    """kernels="triton": a linear whose K is a multiple of 64 (and groups of a multiple of 64 k)
+    runs the tuned kernel over its weight re-laid once (the stored layout no longer referenced);
+    any other shape falls back to the general kernel; both compute the reference's bits. The
+    pipeline's graph module is not changed."""
+    g = torch.Generator().manual_seed(11)
+
+    def weight(n, k, groups=None):
+        packed = int4.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g))
+        mult = None if groups is None else torch.randint(1, 16, (n, groups), dtype=torch.uint8, generator=g)
+        return packed, torch.rand(n, generator=g) + 0.01, mult
+
+    a_step = torch.tensor(0.03)
+    linears = [weight(40, 128), weight(40, 100), weight(40, 128, groups=4), weight(40, 192, groups=3)]
+    # group 32 k: the tiled layout's bytes would straddle two groups
+
+    def f(x128, x100, x192):
+        inputs = (x128, x100, x128, x192)
+        return [q4.linear_w4a4(x, p, s, a_step, None, torch.float32, "int", m) for x, (p, s, m) in zip(inputs, linears)]
+
+    xs = [torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g) for k in (128, 100, 192)]
+    gm = make_fx(f)(*xs)
+    assert lowering.use_triton_kernels(gm, everywhere=False) is gm  # auto, on CPU: nothing runs Triton
+    lowered = lowering.use_triton_kernels(gm, everywhere=True)
+    targets = [n.target for n in lowered.graph.nodes if n.op == "call_function"]
+    assert targets == [q4.linear_w4a4_tiled.default, q4.linear_w4a4_triton.default,
+                       q4.linear_w4a4_triton.default, q4.linear_w4a4_tiled.default]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [q4.linear_w4a4.default] * 4
+    stored = {linears[0][0].data_ptr(), linears[3][0].data_ptr()}
+    constants = [getattr(lowered, n.target) for n in lowered.graph.nodes if n.op == "get_attr"]
+    assert not stored & {t.data_ptr() for t in constants}
+    assert sorted(tuple(t.shape) for t in constants if t.dtype == torch.uint8 and t.shape[-1] == 40) == [(64, 40), (96, 40)]
+    for got, x, (p, s, m) in zip(lowered(*xs), (xs[0], xs[1], xs[0], xs[2]), linears):
+        assert torch.equal(got, reference.linear_w4a4_ref(x, p, s, a_step, None, torch.float32, "int", m))
+
+
 @pytest.mark.slow
 def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monkeypatch):
-    """Q4_KERNELS=triton: the integer GEMMs run through the Triton kernel (the interpreter on CPU)
-    and the model computes what it computes through the CPU kernels."""
+    """Q4_KERNELS=triton: the integer GEMMs run through the Triton kernels (the interpreter on CPU)
+    and the model computes what it computes through the CPU kernels: the tuned kernel over the
+    tiled layout where K is a multiple of 64 (q/k/v/o, gate/up: K = 64), the general kernel for
+    the others (down_proj: K = 160)."""
     options = {"lower": "eager", "progress": False, "recipe": "w4a4-rtn", "calibration": [(ids(16, seed=2),)]}
     _, cpu_out, _ = compile_and_run(llama, options, ids(12))
     torch._dynamo.reset()
     monkeypatch.setenv("Q4_KERNELS", "triton")  # (tests/conftest.py turned Triton's interpreter on)
-    from qcompile.kernels import triton_gemm
+    from qcompile.kernels import triton_gemm, triton_tiled_gemm
 
     calls = []
-    original = triton_gemm.linear_w4a4
-    monkeypatch.setattr(triton_gemm, "linear_w4a4", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    for module, name in ((triton_gemm, "linear_w4a4"), (triton_tiled_gemm, "linear_w4a4_tiled")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, name=name, original=original, **kw: calls.append(
+            (name, a[0].shape[-1])) or original(*a, **kw))
     for lower in ("eager", "inductor"):
         calls.clear()
         _, out, art = compile_and_run(llama, {**options, "lower": lower}, ids(12))
         assert art.count_ops(q4.linear_w4a4.default) == 14  # the compiled graph is the pipeline's
+        assert sorted(set(calls)) == [("linear_w4a4", 160), ("linear_w4a4_tiled", 64)], lower
+        assert [name for name, _ in calls].count("linear_w4a4_tiled") == 12, lower
         assert len(calls) == 14, lower
         torch.testing.assert_close(out.logits, cpu_out.logits, rtol=1e-4, atol=1e-4)
         torch._dynamo.reset()

@@ -27,7 +27,7 @@ import torch
 from qcompile.backends import lowering
 from qcompile.backends import q4 as q4_backend
 from qcompile.frontend import saved_artifact
-from qcompile.kernels import triton_gemm
+from qcompile.kernels import triton_tiled_gemm
 from qcompile.tools import zoo
 from tests.helpers.recipes import quick
 
@@ -88,10 +88,10 @@ def test_smollm2_logits_through_the_triton_gemm_match_the_cpu_path(monkeypatch, 
     assert fused == 30 * 7 + 1  # every decoder linear and the head
 
     calls = []
-    gemm = triton_gemm.linear_w4a4
-    monkeypatch.setattr(triton_gemm, "linear_w4a4",
+    gemm = triton_tiled_gemm.linear_w4a4_tiled  # every SmolLM2 linear: K = 576 or 1536, multiples of 64
+    monkeypatch.setattr(triton_tiled_gemm, "linear_w4a4_tiled",
                         lambda *args, **kwargs: calls.append(args[0].shape) or gemm(*args, **kwargs))
-    monkeypatch.setattr(artifact, "_run", lowering.use_triton_kernels(artifact.graph_module))
+    monkeypatch.setattr(artifact, "_run", lowering.use_triton_kernels(artifact.graph_module, everywhere=True))
     monkeypatch.setattr(artifact, "_monitor", None)  # that graph module has no range-check output
     start = time.perf_counter()
     with torch.no_grad():
