@@ -29,6 +29,11 @@ their references in every output dtype.
 
 Launchers check every argument before launching (dtype, shape, contiguity, device, that steps
 are finite and > 0, that multipliers are in range) and raise `KernelArgumentError` naming it.
+Autotuning is keyed by M's shape class (`shape_class`: M rounded up to a power of two, at most
+2048), N and K, and times only tiles no taller than the class: a generation's prompts of many
+lengths share a few tunings. These are the general kernels: the lowering sends the weights
+whose K is a multiple of 64 to the tuned kernel of `triton_tiled_gemm.py` instead.
+
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors, exactly
 and slowly: that is how CI tests them, with a single small tile configuration instead of the
 autotuned set.
@@ -164,7 +169,7 @@ def finish(out, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, ROUND_B
 
 
 @triton.jit
-def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr, group,
+def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr, group, M_CLASS,
                  HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, W_MANTISSA: tl.constexpr, ROW_STEPS: tl.constexpr,
                  HAS_MULT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x int8 [M, K] (any int8 codes), w packed 4-bit [N, ceil(K/2)]: int4 (W_MANTISSA < 0) or a
@@ -197,7 +202,7 @@ def _w4a4_kernel(x_ptr, w_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, M, N, 
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr, group,
+def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr, group, M_CLASS,
                   HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr, WIDEN_X: tl.constexpr, HAS_MULT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x float [M, K] (fp32/fp16/bf16), w packed int4 [N, ceil(K/2)], its codes (with HAS_MULT, times
@@ -226,16 +231,31 @@ def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr
     finish(acc * w_step[None, :], bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, ROUND_BF16)
 
 
-def _interpreter_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """In the interpreter, one config and no tuning: each tile costs milliseconds of numpy work,
-    so a model's layers (N * K >= 2**16) take the large tile (SmolLM2's head: 576 tiles, not 13,824)."""
-    n, k = named_args["N"], named_args["K"]
-    return [configs[1] if n * k >= 2**16 else configs[0]]
+MAX_CLASS = 2048  # M above this shares the 2048 class's tuning
 
 
-_PRUNE = {"early_config_prune": _interpreter_tile} if INTERPRET else None
-_w4a4 = triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_MULT"], prune_configs_by=_PRUNE)(_w4a4_kernel)
-_w4a16 = triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_MULT"], prune_configs_by=_PRUNE)(_w4a16_kernel)
+def shape_class(m: int) -> int:
+    """The power of two >= m that names M's tuning (at most MAX_CLASS): a generation's prompts of
+    many lengths share a few tunings instead of one each."""
+    return min(1 << max(m - 1, 0).bit_length(), MAX_CLASS)
+
+
+def _tiles_for_the_class(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs worth timing for M's class: none whose BLOCK_M is above max(16, the class)
+    (rows of zeros). In the interpreter one config and no tuning: each tile costs milliseconds
+    of numpy work, so a model's layers (N * K >= 2**16) take the large tile (SmolLM2's head:
+    576 tiles, not 13,824)."""
+    if INTERPRET:
+        n, k = named_args["N"], named_args["K"]
+        return [configs[1] if n * k >= 2**16 else configs[0]]
+    rows = max(16, named_args["M_CLASS"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
+
+
+_PRUNE = {"early_config_prune": _tiles_for_the_class}
+_KEY = ["M_CLASS", "N", "K", "HAS_MULT"]
+_w4a4 = triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)(_w4a4_kernel)
+_w4a16 = triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)(_w4a16_kernel)
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -261,7 +281,7 @@ def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
     # w_step stands in for a pointer never read (no bias, no multipliers)
     group = formats.GROUP_ALIGN if w_mult is None else formats.group_size(k, w_mult)
     kernel[grid](x2, w_packed, *steps, bias if bias is not None else w_step, out, m, n, k,
-                 w_mult if w_mult is not None else w_step, group, HAS_BIAS=bias is not None,
+                 w_mult if w_mult is not None else w_step, group, shape_class(m), HAS_BIAS=bias is not None,
                  ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, HAS_MULT=w_mult is not None,
                  enable_fp_fusion=False, **flags)
     return out

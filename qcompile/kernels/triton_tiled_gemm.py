@@ -49,9 +49,7 @@ from .checks import (
     describe,
     fail,
 )
-from .triton_gemm import INTERPRET, finish, float_nibbles, int4_nibbles, w4a4_scaled
-
-MAX_CLASS = 2048  # M above this shares the 2048 class's tuning
+from .triton_gemm import INTERPRET, finish, float_nibbles, int4_nibbles, shape_class, w4a4_scaled
 
 
 class TuningError(RuntimeError):
@@ -66,11 +64,6 @@ class TileConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-
-
-def shape_class(m: int) -> int:
-    """The power of two >= m that names M's tuning (at most MAX_CLASS)."""
-    return min(1 << max(m - 1, 0).bit_length(), MAX_CLASS)
 
 
 def candidates(m_class: int) -> list[TileConfig]:

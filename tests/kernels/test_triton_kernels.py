@@ -15,6 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: it decides at kernel definition
 
+import triton  # noqa: E402
+
 from qcompile.kernels import formats, int4, reference, triton_gemm, triton_norm  # noqa: E402
 from qcompile.kernels.ops import KernelArgumentError  # noqa: E402
 
@@ -458,3 +460,13 @@ def test_bad_multipliers_are_named_before_launching(case, no_launch):
     _, call, message = _bad_multiplier_calls()[case]
     with pytest.raises(KernelArgumentError, match=message):
         call()
+
+
+def test_the_general_kernels_time_only_tiles_no_taller_than_the_shape_class(monkeypatch):
+    """Autotuning is keyed by M's class (a power of two), not by M: a tile of 128 rows is not
+    timed for a decode step's one row."""
+    monkeypatch.setattr(triton_gemm, "INTERPRET", False)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128}) for bm in (16, 32, 64, 128)]
+    rows = {m: [c.kwargs["BLOCK_M"] for c in triton_gemm._tiles_for_the_class(
+        configs, {"M_CLASS": triton_gemm.shape_class(m), "N": 4096, "K": 4096})] for m in (1, 20, 3000)}
+    assert rows == {1: [16], 20: [16, 32], 3000: [16, 32, 64, 128]}
