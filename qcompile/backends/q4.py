@@ -45,7 +45,7 @@ from qcompile.core import ir
 from qcompile.core.config import Q4Options, resolve_options
 from qcompile.core.instrument import Instrument
 from qcompile.core.memo import MEMO, MemoMiss
-from qcompile.core.memory import release_freed_memory
+from qcompile.core.memory import ConstantPool, release_freed_memory
 from qcompile.core.pass_manager import PassFailure, PassManager, PassManagerResult
 from qcompile.core.pipeline import parse_pipeline, pipeline_for
 from qcompile.frontend.calibrate import CalibrationCache
@@ -171,9 +171,26 @@ def _run_passes(manager: PassManager, frozen: fx.GraphModule, saved: SavedArtifa
     computed = computed_constants(result.graph_module, before)
     if saved is not None:
         saved.restore_constants(result.graph_module, computed)
-    elif replay is not None:
+    memo = frozen.meta.get(MEMO)
+    if memo is not None:  # a recompile (decode after prefill) reads the earlier graphs' equal constants
+        computed = _share_constants(result.graph_module, computed, memo.constants)
+    if saved is None and replay is not None:
         replay.constants = computed
     return result
+
+
+def _share_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor],
+                     pool: ConstantPool) -> dict[str, torch.Tensor]:
+    """Point `gm`'s constants (by name) at the equal tensors `pool` holds; the constants, shared."""
+    shared = {}
+    for name in constants:
+        module, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(module) if module else gm
+        t = getattr(owner, attr)
+        shared[name] = pool.share(t)
+        if shared[name] is not t:
+            setattr(owner, attr, shared[name])
+    return shared
 
 
 # The entry point's state: calibration statistics shared by every q4 compile of the process, and

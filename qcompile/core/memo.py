@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .memory import ConstantPool
+
 __all__ = ["MEMO", "Entry", "Fingerprint", "Memo", "MemoMiss", "memoized", "replaying", "tensor_hash", "tolerance"]
 
 MEMO = "q4_memo"
@@ -165,6 +167,8 @@ class Memo:
     def __init__(self, entries: dict[str, list[Entry]] | None = None, strict: bool = False):
         self.entries = {key: list(found) for key, found in (entries or {}).items()}
         self.strict = strict
+        # the model's graphs share equal constants (a recompile's packed weights): memory.ConstantPool
+        self.constants = ConstantPool()
 
     def get_or_compute(self, key: str, inputs: Sequence[Fingerprint], compute: Callable[[], tuple]) -> tuple:
         found = self.entries.get(key, [])

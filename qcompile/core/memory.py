@@ -26,10 +26,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import os
 import sys
 import tempfile
 import threading
+import weakref
 
 import torch
 
@@ -143,3 +145,43 @@ class TensorFile:
         if read != len(buffer):
             raise OSError(f"qcompile: a spilled tensor's file ended after {read} of {len(buffer)} bytes")
         return out
+
+
+class ConstantPool:
+    """One tensor for each set of equal constants in a model's compiled graphs.
+
+    Generation compiles a model more than once (the prompt's graph, the decode step's, one per
+    batch size under `dynamic=False`), and each compile runs the pipeline again: the results of
+    its expensive steps come from the memo, but every compile packs its own copy of every
+    quantized weight. The graphs then held one copy each (a tiny Llama's prefill and two decode
+    graphs: 3 x the packed weights; a Llama-2-7B: 3.5 GB a graph). `share` gives back a tensor
+    already held by an earlier graph when one is equal (same dtype, shape, strides, device and
+    bytes: `torch.equal`, after a digest of a sample of the elements picks the candidates), so
+    the new graph reads that one and its own copy is freed. Constants are never written in
+    place once the passes are done, so sharing them changes no result. The pool holds weak
+    references: the tensors live as long as some graph reads them.
+    """
+
+    SAMPLE = 4096  # elements of a tensor digested to pick the candidates that are compared whole
+
+    def __init__(self) -> None:
+        self._held: dict[tuple, list[weakref.ref]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def _key(cls, t: torch.Tensor) -> tuple:
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // cls.SAMPLE)].contiguous().cpu()
+        digest = hashlib.sha256(memoryview(sample.view(torch.uint8).numpy()) if sample.numel() else b"").hexdigest()
+        return t.dtype, tuple(t.shape), t.stride(), str(t.device), digest
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """An equal tensor the pool already holds, else `t` (which it holds from now on)."""
+        key = self._key(t)
+        with self._lock:
+            alive = [held for ref in self._held.get(key, []) if (held := ref()) is not None]
+            found = next((held for held in alive if held is t or torch.equal(held, t)), None)
+            if found is None:
+                alive.append(t)
+            self._held[key] = [weakref.ref(held) for held in alive]
+            return t if found is None else found

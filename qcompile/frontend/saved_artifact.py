@@ -63,6 +63,7 @@ import qcompile
 from qcompile.algorithms.channel_stats import ChannelStats
 from qcompile.core import ir
 from qcompile.core.memo import Entry, Fingerprint, Memo, tensor_hash, tolerance
+from qcompile.core.memory import ConstantPool
 from qcompile.frontend.calibrate import observed_linears, weight_node
 
 __all__ = ["ArtifactError", "Replay", "SavedArtifact", "save", "read", "read_cached", "FORMAT_VERSION",
@@ -228,6 +229,8 @@ class SavedArtifact:
     manifest: dict
     blobs: dict[str, torch.Tensor]
     kernel_cache_loaded: bool = False
+    # shared by the memos of every graph loaded from it: a recompile reads the earlier graphs' constants
+    constants: ConstantPool = dataclasses.field(default_factory=ConstantPool)
 
     @property
     def pipeline(self) -> str:
@@ -244,9 +247,11 @@ class SavedArtifact:
     def memo(self) -> Memo:
         """The saved results, strict: a step without one (or whose inputs differ beyond the
         tolerance) is an error, never recomputed."""
-        return Memo({key: [Entry(tuple(Fingerprint.from_json(f) for f in e["inputs"]),
+        memo = Memo({key: [Entry(tuple(Fingerprint.from_json(f) for f in e["inputs"]),
                                  tuple(self.blobs[d] for d in e["result"])) for e in entries]
                      for key, entries in self.manifest["memo"].items()}, strict=True)
+        memo.constants = self.constants
+        return memo
 
     def restore_constants(self, gm: fx.GraphModule, computed: Mapping[str, torch.Tensor]) -> None:
         """Put the saved bytes in place of every constant the replayed pipeline `computed`, each

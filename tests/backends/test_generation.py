@@ -45,6 +45,36 @@ def test_torch_compile_module_generate_quantizes_like_the_compiled_forward():
         assert torch.equal(model.generate(prompt, **GENERATE), tokens)
 
 
+@pytest.mark.slow
+def test_the_prompt_and_decode_graphs_share_their_quantized_weights(monkeypatch):
+    """Each compile (the prompt's graph, the decode step's) packs the weights again; the later
+    graph reads the earlier one's equal tensors (`memory.ConstantPool`), so a generating model
+    holds one copy of its quantized weights, not one a graph; the tokens are those of graphs
+    holding a copy each."""
+    from qcompile.core.memory import ConstantPool
+
+    calibration, prompt = _calibration(), ids(10, seed=9)
+
+    def generate() -> tuple[torch.Tensor, list[list[int]]]:
+        torch._dynamo.reset()
+        model = tiny_llama()
+        backend, graphs = counting_backend(_options(calibration))
+        model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
+        with torch.no_grad():
+            tokens = model.generate(prompt, **GENERATE)
+        assert len(graphs) >= 2
+        return tokens, [[getattr(g.graph_module, n.args[1].target).data_ptr() for n in g.graph_module.graph.nodes
+                         if n.target is torch.ops.q4.linear_w4a4.default] for g in graphs]
+
+    tokens, pointers = generate()
+    assert len(pointers[0]) == 14 and all(p == pointers[0] for p in pointers[1:])
+    with monkeypatch.context() as patch:
+        patch.setattr(ConstantPool, "share", lambda self, t: t)
+        own_tokens, own_pointers = generate()
+    assert not set(own_pointers[0]) & set(own_pointers[1])  # without the pool: a copy a graph
+    assert torch.equal(tokens, own_tokens)
+
+
 def test_other_backends_keep_torchs_generate():
     model = tiny_llama()
     compiled = torch.compile(model, backend="eager")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from qcompile.core.memory import release_freed_memory
+from qcompile.core.memory import ConstantPool, release_freed_memory
 
 
 def resident_mb() -> float:
@@ -113,3 +113,32 @@ def test_a_tensor_file_gives_back_each_spilled_tensor_bit_for_bit():
     tensors[0].zero_()  # the file holds the bytes as they were when spilled
     assert not torch.equal(spilled[0].load(), tensors[0])
     assert copy.deepcopy(spilled[1]) is spilled[1]  # a deep copy of statistics shares the file
+
+
+def test_a_constant_pool_gives_back_the_equal_tensor_it_holds_and_only_that():
+    pool = ConstantPool()
+    packed = torch.randint(0, 256, (64, 300), dtype=torch.uint8)
+    assert pool.share(packed) is packed
+    assert pool.share(packed.clone()) is packed  # equal bytes: the held tensor
+    other = packed.clone()
+    other[63, 299] ^= 1  # one bit off, outside the digested sample: compared whole
+    assert pool.share(other) is other and pool.share(other.clone()) is other
+    assert pool.share(packed.view(torch.int8).clone()) is not packed  # another dtype
+    assert pool.share(packed.t().contiguous().t()) is not packed  # other strides
+    step = torch.tensor(0.5)
+    assert pool.share(step) is step and pool.share(torch.tensor(0.5)) is step
+    nan = torch.tensor([float("nan")])
+    assert pool.share(nan.clone()) is not pool.share(nan)  # NaN != NaN: never merged
+
+
+def test_a_constant_pool_does_not_keep_its_tensors_alive():
+    import weakref
+
+    pool = ConstantPool()
+    t = torch.ones(1000)
+    ref = weakref.ref(t)
+    pool.share(t)
+    del t
+    assert ref() is None
+    fresh = torch.ones(1000)
+    assert pool.share(fresh) is fresh
