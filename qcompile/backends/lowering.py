@@ -50,6 +50,7 @@ import copy
 import hashlib
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,16 @@ def _tiled_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
         return None
     if not gpu_layout.covers(k, None if w_mult is None else formats.group_size(k, w_mult)):
         return None
-    return gpu_layout.to_tiled(packed, k)
+    tiled = _TILED.get(id(packed))
+    if tiled is None:  # the weight's first graph: the model's other graphs share its packed weight and this
+        tiled = _TILED[id(packed)] = gpu_layout.to_tiled(packed, k)
+        weakref.finalize(packed, _TILED.pop, id(packed), None)
+    return tiled
+
+
+# a packed weight's tiled layout, while the weight lives (a recompile's graphs share the weight:
+# `memory.ConstantPool`, so they share its layout too)
+_TILED: dict[int, torch.Tensor] = {}
 
 
 def use_triton_kernels(gm: fx.GraphModule, everywhere: bool) -> fx.GraphModule:

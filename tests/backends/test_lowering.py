@@ -140,6 +140,9 @@ def test_triton_lowering_re_lays_the_weights_the_tiled_kernel_covers_and_leaves_
     constants = [getattr(lowered, n.target) for n in lowered.graph.nodes if n.op == "get_attr"]
     assert not stored & {t.data_ptr() for t in constants}
     assert sorted(tuple(t.shape) for t in constants if t.dtype == torch.uint8 and t.shape[-1] == 40) == [(64, 40), (96, 40)]
+    again = lowering.use_triton_kernels(gm, everywhere=True)  # another graph of the model, same weights
+    tiled = [t for t in constants if t.dtype == torch.uint8 and t.shape[-1] == 40]
+    assert all(any(t is u for u in again.buffers()) for t in tiled)  # one tiled copy, shared
     for got, x, (p, s, m) in zip(lowered(*xs), (xs[0], xs[1], xs[0], xs[2]), linears):
         assert torch.equal(got, reference.linear_w4a4_ref(x, p, s, a_step, None, torch.float32, "int", m))
 
