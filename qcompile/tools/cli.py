@@ -6,6 +6,7 @@
     qcompile recipes                         every recipe and its pipeline string
     qcompile eval [...]                      the accuracy table (`python -m qcompile.tools.accuracy --help`)
     qcompile bench kernels|prefill|decode|artifact|memory [...]   the speed and memory tables (`python -m qcompile.tools.bench --help`)
+    qcompile bench-gpu [...]                 one GPU table: GEMMs and a Llama-2-7B model, q4 vs FP16 and torchao (`--help`)
     qcompile generate --prompt TEXT [...]    quantize, generate greedily, print the text and tokens/s (`--help`)
     qcompile zoo-matrix [...]                every recipe on tiny models of twelve architectures, fp32/fp16/bf16 (`--help`)
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         "eval": ("qcompile.tools.accuracy", "the accuracy table (qcompile eval --help)"),
         "bench": ("qcompile.tools.bench", "the speed and memory tables: bench kernels|prefill|decode|artifact|memory "
                                           "(qcompile bench --help)"),
+        "bench-gpu": ("qcompile.tools.bench_gpu", "one GPU table: GEMMs and a Llama-2-7B model end to end, q4 against "
+                                                  "FP16 and torchao, with a roofline (qcompile bench-gpu --help)"),
         "generate": ("qcompile.tools.generate", "quantize a model, generate from a prompt, print text and tokens/s "
                                                 "(qcompile generate --help)"),
         "zoo-matrix": ("qcompile.tools.zoo_matrix", "every recipe on tiny models of twelve architectures in fp32/fp16/bf16 "
