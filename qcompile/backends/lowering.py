@@ -185,15 +185,9 @@ def _tiled_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     """The tiled GPU layout (`kernels.gpu_layout`) of a `q4.linear_w4a4` node's weight, when the
     weight is a constant the layout covers; else None (the general kernel runs it)."""
     x, packed = ir.fake_value(node.args[0]), ir.get_constant(gm, node.args[1])
-    w_mult = ir.get_constant(gm, node.args[7] if len(node.args) > 7 else node.kwargs.get("w_mult"))
-    if x is None or packed is None or not isinstance(x.shape[-1], int):
+    if x is None or packed is None or not isinstance(x.shape[-1], int) or not gpu_layout.covers(x.shape[-1]):
         return None
     k = x.shape[-1]
-    has_mult = (node.args[7] if len(node.args) > 7 else node.kwargs.get("w_mult")) is not None
-    if has_mult and w_mult is None:
-        return None
-    if not gpu_layout.covers(k, None if w_mult is None else formats.group_size(k, w_mult)):
-        return None
     tiled = _TILED.get(id(packed))
     if tiled is None:  # the weight's first graph: the model's other graphs share its packed weight and this
         tiled = _TILED[id(packed)] = gpu_layout.to_tiled(packed, k)

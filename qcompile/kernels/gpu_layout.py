@@ -12,23 +12,21 @@ compiles (`to_tiled`), as
 are contiguous along N (coalesced 16-byte loads), and the k a byte holds are two contiguous
 runs of 32, so the activation loads are contiguous too (`triton_tiled_gemm.py`).
 
-The layout covers K a multiple of 64 (every hidden size of the LLMs this compiler targets) and
-group multipliers whose group is a multiple of 64 (a byte's two k in one group); another weight
-keeps the stored layout and the general kernel (`covers`).
+The layout covers K a multiple of 64 (every hidden size of the LLMs this compiler targets);
+another weight keeps the stored layout and the general kernel (`covers`). Group multipliers
+(`formats.py`: groups of a multiple of 32 k) stay as they are: the kernel reads each nibble's.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
 CHUNK = 64  # k a chunk interleaves: its byte i holds k = i (low nibble) and k = 32 + i (high)
 
 
-def covers(k: int, group: Optional[int] = None) -> bool:
-    """Whether a weight of K = k (with group multipliers: `group` k a group) has a tiled layout."""
-    return k > 0 and k % CHUNK == 0 and (group is None or group % CHUNK == 0)
+def covers(k: int) -> bool:
+    """Whether a weight of K = k has a tiled layout."""
+    return k > 0 and k % CHUNK == 0
 
 
 def _nibbles(w_packed: torch.Tensor) -> torch.Tensor:

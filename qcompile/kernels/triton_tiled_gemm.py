@@ -117,10 +117,11 @@ def _tiled_kernel(x_ptr, wt_ptr, w_step_ptr, a_step_ptr, bias_ptr, out_ptr, part
         else:
             w_lo, w_hi = float_nibbles(w_bytes, W_MANTISSA)
         k_lo = tl.max_contiguous(tl.multiple_of((r // 32) * 64 + r % 32, 32), 32)  # the low nibbles' k
-        if HAS_MULT:  # group % 64 == 0: a byte's two k share their group
-            mult = tl.load(mult_ptr + rn[None, :].to(tl.int64) * (K // group) + k_lo[:, None] // group,
-                           mask=in_k[:, None] & (rn[None, :] < N), other=0).to(tl.int8)
-            w_lo, w_hi = w_lo * mult, w_hi * mult
+        if HAS_MULT:  # k and k + 32 share a group when group % 64 == 0, not when it is 32 (w-group=32)
+            mult_row = mult_ptr + rn[None, :].to(tl.int64) * (K // group)
+            in_w = in_k[:, None] & (rn[None, :] < N)
+            w_lo = w_lo * tl.load(mult_row + k_lo[:, None] // group, mask=in_w, other=0).to(tl.int8)
+            w_hi = w_hi * tl.load(mult_row + (k_lo[:, None] + 32) // group, mask=in_w, other=0).to(tl.int8)
         x_rows = x_ptr + rm[:, None].to(tl.int64) * K
         x_mask = (rm[:, None] < M) & in_k[None, :]
         acc += tl.dot(tl.load(x_rows + k_lo[None, :], mask=x_mask, other=0), w_lo, out_dtype=tl.int32)
@@ -234,9 +235,7 @@ def linear_w4a4_tiled(x_codes: torch.Tensor, w_tiled: torch.Tensor, w_step: torc
     if w_format not in formats.FORMATS:
         fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
     check_multipliers(op, w_mult, w_tiled.t(), k, w_format, check_values=check_values)  # [N, ...]: N rows
-    group = gpu_layout.CHUNK if w_mult is None else formats.group_size(k, w_mult)
-    if not gpu_layout.covers(k, group):
-        fail(op, "w_mult", f"groups of a multiple of {gpu_layout.CHUNK} k (the tiled layout's chunk)", f"{group} k")
+    group = formats.GROUP_ALIGN if w_mult is None else formats.group_size(k, w_mult)
     x2 = x_codes.reshape(math.prod(x_codes.shape[:-1]), k)
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)

@@ -109,9 +109,9 @@ def test_linear_decompositions_with_group_multipliers_compiled_by_inductor_are_t
 
 
 def test_triton_lowering_re_lays_the_weights_the_tiled_kernel_covers_and_leaves_the_rest_general():
-    """kernels="triton": a linear whose K is a multiple of 64 (and groups of a multiple of 64 k)
+    """kernels="triton": a linear whose K is a multiple of 64 (with group multipliers or not)
     runs the tuned kernel over its weight re-laid once (the stored layout no longer referenced);
-    any other shape falls back to the general kernel; both compute the reference's bits. The
+    any other K falls back to the general kernel; both compute the reference's bits. The
     pipeline's graph module is not changed."""
     g = torch.Generator().manual_seed(11)
 
@@ -121,29 +121,31 @@ def test_triton_lowering_re_lays_the_weights_the_tiled_kernel_covers_and_leaves_
         return packed, torch.rand(n, generator=g) + 0.01, mult
 
     a_step = torch.tensor(0.03)
-    linears = [weight(40, 128), weight(40, 100), weight(40, 128, groups=4), weight(40, 192, groups=3)]
-    # group 32 k: the tiled layout's bytes would straddle two groups
+    linears = [weight(40, 128), weight(40, 100), weight(40, 128, groups=4), weight(40, 192, groups=3),
+               weight(40, 96, groups=3)]  # groups of 32 and 64 k; K = 96 not covered
 
-    def f(x128, x100, x192):
-        inputs = (x128, x100, x128, x192)
+    def f(x128, x100, x192, x96):
+        inputs = (x128, x100, x128, x192, x96)
         return [q4.linear_w4a4(x, p, s, a_step, None, torch.float32, "int", m) for x, (p, s, m) in zip(inputs, linears)]
 
-    xs = [torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g) for k in (128, 100, 192)]
+    xs = [torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g) for k in (128, 100, 192, 96)]
     gm = make_fx(f)(*xs)
     assert lowering.use_triton_kernels(gm, everywhere=False) is gm  # auto, on CPU: nothing runs Triton
     lowered = lowering.use_triton_kernels(gm, everywhere=True)
     targets = [n.target for n in lowered.graph.nodes if n.op == "call_function"]
-    assert targets == [q4.linear_w4a4_tiled.default, q4.linear_w4a4_triton.default,
-                       q4.linear_w4a4_triton.default, q4.linear_w4a4_tiled.default]
-    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [q4.linear_w4a4.default] * 4
-    stored = {linears[0][0].data_ptr(), linears[3][0].data_ptr()}
+    tiled_op, general = q4.linear_w4a4_tiled.default, q4.linear_w4a4_triton.default
+    assert targets == [tiled_op, general, tiled_op, tiled_op, general]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [q4.linear_w4a4.default] * 5
+    stored = {linears[i][0].data_ptr() for i in (0, 2, 3)}
     constants = [getattr(lowered, n.target) for n in lowered.graph.nodes if n.op == "get_attr"]
     assert not stored & {t.data_ptr() for t in constants}
-    assert sorted(tuple(t.shape) for t in constants if t.dtype == torch.uint8 and t.shape[-1] == 40) == [(64, 40), (96, 40)]
+    # three tiled weights [K/2, N]; the K = 96 weight stays in its stored layout [N, K/2]
+    assert sorted(tuple(t.shape) for t in constants if t.dtype == torch.uint8 and t.shape[-1] >= 40) == [(40, 48), (40, 50), (64, 40),
+                                                                                 (64, 40), (96, 40)]
     again = lowering.use_triton_kernels(gm, everywhere=True)  # another graph of the model, same weights
     tiled = [t for t in constants if t.dtype == torch.uint8 and t.shape[-1] == 40]
     assert all(any(t is u for u in again.buffers()) for t in tiled)  # one tiled copy, shared
-    for got, x, (p, s, m) in zip(lowered(*xs), (xs[0], xs[1], xs[0], xs[2]), linears):
+    for got, x, (p, s, m) in zip(lowered(*xs), (xs[0], xs[1], xs[0], xs[2], xs[3]), linears):
         assert torch.equal(got, reference.linear_w4a4_ref(x, p, s, a_step, None, torch.float32, "int", m))
 
 

@@ -66,9 +66,9 @@ def test_tiled_layout_round_trips_and_puts_k_and_k_plus_32_in_one_byte(n, k):
             assert torch.equal(t[32 * c + i], codes[:, 64 * c + i] | (codes[:, 64 * c + 32 + i] << 4))
 
 
-def test_the_layout_covers_k_a_multiple_of_64_and_groups_of_64():
-    assert gpu_layout.covers(64) and gpu_layout.covers(4096) and gpu_layout.covers(11008, 128)
-    assert not any([gpu_layout.covers(0), gpu_layout.covers(96), gpu_layout.covers(301), gpu_layout.covers(128, 32)])
+def test_the_layout_covers_k_a_multiple_of_64():
+    assert gpu_layout.covers(64) and gpu_layout.covers(4096) and gpu_layout.covers(11008)
+    assert not any([gpu_layout.covers(0), gpu_layout.covers(96), gpu_layout.covers(301)])
     with pytest.raises(ValueError, match="multiple of 64"):
         gpu_layout.to_tiled(weight(4, 96)[0], 96)
 
@@ -115,7 +115,8 @@ def test_tiled_fp4_is_bit_exact(fmt, split):
 
 
 @pytest.mark.parametrize("fmt", [formats.INT, "e2m1"])
-@pytest.mark.parametrize("groups", [1, 3])  # K = 384: groups of 384 and 128 k
+@pytest.mark.parametrize("groups", [1, 3, 12])  # K = 384: groups of 384, 128 and 32 k (the default
+# recipe's w-group=32: a byte's two k, 32 apart, in two groups)
 def test_tiled_with_group_multipliers_and_steps_per_row_is_bit_exact(fmt, groups):
     m, n, k = 6, 50, 384
     x = formats.round_to_format(torch.randn(m, k, generator=gen(5)) * 3, fmt).to(torch.int8)
@@ -207,5 +208,5 @@ def test_bad_input_is_named_before_launching():
         tiled.linear_w4a4_tiled(torch.zeros(2, 96, dtype=torch.int8), t[:48], w_step, a_step, None, torch.float32)
     with pytest.raises(KernelArgumentError, match="'w_step' must be a float32 tensor of shape \\(8,\\)"):
         tiled.linear_w4a4_tiled(x, t, w_step[:4], a_step, None, torch.float32)
-    with pytest.raises(KernelArgumentError, match="'w_mult' must be groups of a multiple of 64 k"):
-        tiled.linear_w4a4_tiled(x, t, w_step, a_step, None, torch.float32, w_mult=torch.ones(8, 4, dtype=torch.uint8))
+    with pytest.raises(KernelArgumentError, match="'w_mult' must be G groups dividing K = 128 into groups of a multiple"):
+        tiled.linear_w4a4_tiled(x, t, w_step, a_step, None, torch.float32, w_mult=torch.ones(8, 8, dtype=torch.uint8))
