@@ -177,6 +177,33 @@ def test_q4_kernels_triton_runs_the_triton_gemm_with_the_same_logits(llama, monk
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,producers", [
+    ("w4a4-rtn", {"rsqrt", "silu", "transpose"}),  # the norm, the MLP's silu * up, attention's output copy
+    ("w4a4", {"rotate"}),  # the online rotation's last stage (Hadamard and sinks: the default recipe)
+])
+def test_no_activation_quantize_runs_as_a_kernel_of_its_own(llama, monkeypatch, recipe, producers):
+    """With the GEMMs opaque (kernels="triton": on a GPU each is one Triton launch), Inductor
+    fuses every static activation quantize into the kernel that computes its input: a decode
+    step has no quantize-only kernel (Inductor's C++ kernels here; its GPU scheduler fuses alike)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("Q4_KERNELS", "triton")
+    torch._dynamo.reset()
+    llama.forward = torch.compile(llama.forward, backend="q4", dynamic=False, options={
+        "recipe": recipe, "calibration": [{"input_ids": ids(32, seed=2)}], "progress": False, "range_warning": False})
+    with torch.no_grad():
+        _, codes = run_and_get_code(lambda: llama(ids(1, seed=3)))
+    import re
+
+    kernels = set(re.findall(r"\b(cpp_fused_\w+?)_\d+ = ", codes[-1]))
+    quantizing = [k for k in kernels if "quantize_per_tensor" in k]
+    assert quantizing, kernels
+    assert all(any(op in k for op in producers) for k in quantizing), quantizing
+    assert "torch.ops.q4.quantize_per_tensor" not in codes[-1]  # no op call left for the quantize either
+    torch._dynamo.reset()
+
+
 def attention_graph(*inputs) -> torch.fx.GraphModule:
     """A graph of three ATen attention calls, with the shapes Inductor's lowering sees: float32
     with grouped key/value heads and a bool mask; float16; with dropout."""
