@@ -17,8 +17,10 @@ past `FAR_OUTSIDE` warns, naming the linears:
                                            ...
                                            return (y, r)
 
-`CompiledGraph` strips the last output and hands it to `RangeMonitor.check`. On CUDA the values
-are read at the next call (reading them at once would wait for the GPU at every call). Dynamic
+`CompiledGraph` strips the last output and hands it to `RangeMonitor.check`. On a GPU the ratios
+are copied to host memory without waiting (right after the call: under CUDA graphs the next
+replay overwrites its outputs) and checked at a later call once the copy has landed: reading
+them at once, or at the next call, would make every call wait for the GPU. Dynamic
 activations (steps per token at run time) have nothing to check. Off with the option
 `range_warning=False` (`Q4_RANGE_WARNING=0`).
 """
@@ -29,6 +31,7 @@ import copy
 import operator
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,21 +53,37 @@ class RangeMonitor:
     def __init__(self, graph_id: str, sites: list[str]):
         self.graph_id, self.sites = graph_id, sites
         self._warned = False
-        self._pending: torch.Tensor | None = None  # CUDA: this call's ratios, read at the next call
+        # on a GPU: a host copy of one call's ratios in flight, and whether it has landed
+        self._pending: tuple[torch.Tensor, Callable[[], bool]] | None = None
+        self._host: torch.Tensor | None = None
         self._lock = threading.Lock()
 
     def split(self, outputs: Any) -> Any:
-        """The graph's own outputs, checking (or keeping, on CUDA) the ratios appended to them."""
+        """The graph's own outputs, checking (on a GPU: copying, to check later) the ratios appended to them."""
         ratios, outputs = outputs[-1], outputs[:-1]
-        if not self._warned:
-            if ratios.device.type == "cpu":
-                self.check(ratios)
-            else:
-                with self._lock:
-                    pending, self._pending = self._pending, ratios.detach()
-                if pending is not None:
-                    self.check(pending)
+        if self._warned:
+            return outputs
+        if ratios.device.type == "cpu":
+            self.check(ratios)
+            return outputs
+        with self._lock:
+            landed = None
+            if self._pending is not None and self._pending[1]():
+                landed, self._pending = self._pending[0].clone(), None
+            if self._pending is None:  # one copy in flight at a time: calls while it is are not checked
+                self._pending = self._copy_to_host(ratios.detach())
+        if landed is not None:
+            self.check(landed)
         return outputs
+
+    def _copy_to_host(self, ratios: torch.Tensor) -> tuple[torch.Tensor, Callable[[], bool]]:
+        """Start copying `ratios` to (pinned, reused) host memory; the copy, and whether it has landed."""
+        if self._host is None or self._host.shape != ratios.shape:
+            self._host = torch.empty(ratios.shape, dtype=ratios.dtype, pin_memory=True)
+        self._host.copy_(ratios, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return self._host, event.query
 
     def check(self, ratios: torch.Tensor) -> None:
         """Warn (once) when a site's max |x| went past FAR_OUTSIDE times its calibrated range."""

@@ -80,3 +80,26 @@ def test_it_warns_past_four_times_the_calibrated_range_or_on_non_finite_values(r
     if warns:
         assert "graph 3 went far outside" in said[0]
         assert ("4.5x" in said[0]) if 4.5 in ratios else ("non-finite" in said[0])
+
+
+def test_on_a_gpu_the_ratios_are_checked_once_their_copy_has_landed_never_waiting_for_it(monkeypatch):
+    """Not at the call (a wait for the GPU at every call), not at the next (a wait for the last
+    one): a host copy is started right after the call and read at a later call that finds it landed."""
+    monitor = range_check.RangeMonitor("5", ["a.q_proj"])
+    copies, landed = [], [False]
+
+    def copy_to_host(ratios):
+        copies.append(ratios)
+        return torch.tensor([9.0]), lambda: landed[0]  # what the copy will hold
+
+    monkeypatch.setattr(monitor, "_copy_to_host", copy_to_host)
+    on_gpu = torch.empty(1, device="meta")  # any tensor not on the CPU
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert monitor.split((torch.ones(1), on_gpu)) == (torch.ones(1),)
+        monitor.split((torch.ones(1), on_gpu))  # the copy is still in flight: no check, no second copy
+        assert len(copies) == 1 and not caught
+        landed[0] = True
+        monitor.split((torch.ones(1), on_gpu))  # landed: checked (9x: warns), and this call's copy started
+    assert len(copies) == 2
+    assert len(caught) == 1 and "a.q_proj (9.0x)" in str(caught[0].message)
