@@ -234,6 +234,10 @@ def _w4a16_kernel(x_ptr, w_ptr, w_step_ptr, bias_ptr, out_ptr, M, N, K, mult_ptr
 MAX_CLASS = 2048  # M above this shares the 2048 class's tuning
 
 
+class TuningError(RuntimeError):
+    """Tuning a GEMM tile failed for a reason the caller must act on (out of GPU memory)."""
+
+
 def shape_class(m: int) -> int:
     """The power of two >= m that names M's tuning (at most MAX_CLASS): a generation's prompts of
     many lengths share a few tunings instead of one each."""
@@ -280,10 +284,15 @@ def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
     steps = (w_step,) if a_step is None else (w_step, a_step)
     # w_step stands in for a pointer never read (no bias, no multipliers)
     group = formats.GROUP_ALIGN if w_mult is None else formats.group_size(k, w_mult)
-    kernel[grid](x2, w_packed, *steps, bias if bias is not None else w_step, out, m, n, k,
-                 w_mult if w_mult is not None else w_step, group, shape_class(m), HAS_BIAS=bias is not None,
-                 ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, HAS_MULT=w_mult is not None,
-                 enable_fp_fusion=False, **flags)
+    try:
+        kernel[grid](x2, w_packed, *steps, bias if bias is not None else w_step, out, m, n, k,
+                     w_mult if w_mult is not None else w_step, group, shape_class(m), HAS_BIAS=bias is not None,
+                     ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, HAS_MULT=w_mult is not None,
+                     enable_fp_fusion=False, **flags)
+    except torch.OutOfMemoryError as e:  # the autotuner's timing buffers, at a key's first call
+        raise TuningError(f"q4 Triton GEMM: out of GPU memory while autotuning its tile for M={m} (class "
+                          f"{shape_class(m)}), N={n}, K={k}: free GPU memory before the first call of this shape, "
+                          "e.g. run it at a smaller batch first") from e
     return out
 
 
@@ -341,4 +350,4 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
     return out.reshape(*x.shape[:-1], w_packed.shape[0])
 
 
-__all__ = ["linear_w4a4", "linear_w4a16", "INTERPRET"]
+__all__ = ["linear_w4a4", "linear_w4a16", "INTERPRET", "TuningError", "shape_class"]

@@ -49,11 +49,7 @@ from .checks import (
     describe,
     fail,
 )
-from .triton_gemm import INTERPRET, finish, float_nibbles, int4_nibbles, shape_class, w4a4_scaled
-
-
-class TuningError(RuntimeError):
-    """Tuning a GEMM tile failed for a reason the caller must act on (out of GPU memory)."""
+from .triton_gemm import INTERPRET, TuningError, finish, float_nibbles, int4_nibbles, shape_class, w4a4_scaled
 
 
 @dataclasses.dataclass(frozen=True)

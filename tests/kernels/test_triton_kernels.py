@@ -470,3 +470,16 @@ def test_the_general_kernels_time_only_tiles_no_taller_than_the_shape_class(monk
     rows = {m: [c.kwargs["BLOCK_M"] for c in triton_gemm._tiles_for_the_class(
         configs, {"M_CLASS": triton_gemm.shape_class(m), "N": 4096, "K": 4096})] for m in (1, 20, 3000)}
     assert rows == {1: [16], 20: [16, 32], 3000: [16, 32, 64, 128]}
+
+
+def test_running_out_of_gpu_memory_while_autotuning_names_the_shape(monkeypatch):
+    class OutOfMemoryWhileTuning:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+            return launch
+
+    monkeypatch.setattr(triton_gemm, "_w4a4", OutOfMemoryWhileTuning())
+    args = w4_args((3,), 40, 96, False)
+    with pytest.raises(triton_gemm.TuningError, match=r"out of GPU memory while autotuning .* M=3 \(class 4\), N=40, K=96"):
+        triton_gemm.linear_w4a4(*args, torch.float32)
