@@ -388,8 +388,10 @@ def decode_row(spec: dict) -> dict:
     return result
 
 
-def _run_decode_row(spec: dict) -> dict:
-    """`decode_row` in a fresh Python process (its own peak memory, compile caches and torch state)."""
+def fresh_process_row(module: str, command: str, spec: dict, missing: dict) -> dict:
+    """`python -m module command <spec as JSON> <file>` in a fresh Python process (its own peak
+    memory, compile caches and torch state): the JSON it wrote to the file, or `missing` with an
+    `error` naming the process's last line when it wrote none."""
     import json
     import os
     import subprocess
@@ -398,13 +400,18 @@ def _run_decode_row(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        proc = subprocess.run([sys.executable, "-m", "qcompile.tools.bench", "decode-row", json.dumps(spec), out],
+        proc = subprocess.run([sys.executable, "-m", module, command, json.dumps(spec), out],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            return {"variant": spec["variant"], "batches": {}, "error": f"process failed ({proc.returncode}): {last[:70]}"}
+            return {**missing, "error": f"process failed ({proc.returncode}): {last[:70]}"}
         with open(out) as f:
-            result = json.load(f)
+            return json.load(f)
+
+
+def _run_decode_row(spec: dict) -> dict:
+    """`decode_row` in a fresh Python process."""
+    result = fresh_process_row("qcompile.tools.bench", "decode-row", spec, {"variant": spec["variant"], "batches": {}})
     result["batches"] = {int(b): v for b, v in result["batches"].items()}
     return result
 

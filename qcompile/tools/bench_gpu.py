@@ -40,11 +40,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -61,6 +58,7 @@ from qcompile.tools.bench import (
     _peak_rss_reset,
     _q4_weight_bytes,
     _shapes,
+    fresh_process_row,
 )
 
 LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -278,15 +276,7 @@ def model_row(spec: dict) -> dict:
 
 def _run_model_row(spec: dict) -> dict:
     """`model_row` in a fresh Python process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "row.json")
-        proc = subprocess.run([sys.executable, "-m", "qcompile.tools.bench_gpu", "model-row", json.dumps(spec), out],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0 or not os.path.exists(out):
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            return {"variant": spec["variant"], "error": f"process failed ({proc.returncode}): {last[:70]}"}
-        with open(out) as f:
-            return json.load(f)
+    return fresh_process_row("qcompile.tools.bench_gpu", "model-row", spec, {"variant": spec["variant"]})
 
 
 def _model_work(config: dict, spec: dict, weight_bytes: int, batch: int | None) -> tuple[int, int]:
