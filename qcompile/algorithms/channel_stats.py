@@ -86,6 +86,8 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
+        if self.absmax.device != x.device:  # made elsewhere: kept where the activations are
+            self._move_to(x.device)
         channels = x.shape[-1]
         rows = x.reshape(-1, channels).float()
         flat = rows.abs()
@@ -109,10 +111,21 @@ class ChannelStats:
                 self.observed_gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
 
+    def _move_to(self, device: torch.device) -> None:
+        """Every statistic onto `device` (the activations'): a model on a GPU calibrates there, and
+        the steps and constants the passes derive from them are made there."""
+        self.absmax, self.robust = self.absmax.to(device), self.robust.to(device)
+        self.observed_samples = self.observed_samples.to(device)
+        if isinstance(self.observed_gram, torch.Tensor):
+            self.observed_gram = self.observed_gram.to(device)
+        if self.sinks is not None:
+            self.sinks, self.rest_absmax = self.sinks.to(device), self.rest_absmax.to(device)
+
     def _update_sinks(self, first: torch.Tensor, rest: torch.Tensor) -> None:
         """The sequences' first rows into `sinks`, the max of the other rows into `rest_absmax`."""
         if self.sinks is None:
-            self.sinks, self.rest_absmax = torch.zeros(0, rest.shape[-1]), torch.zeros(rest.shape[-1])
+            self.sinks = torch.zeros(0, rest.shape[-1], device=rest.device)
+            self.rest_absmax = torch.zeros(rest.shape[-1], device=rest.device)
         self.sinks = torch.cat([self.sinks, first[: SAMPLE_ROWS - self.sinks.shape[0]]])
         if rest.shape[0]:
             self.rest_absmax = torch.maximum(self.rest_absmax, rest.abs().amax(dim=0))
@@ -151,11 +164,11 @@ class ChannelStats:
             self.observed_gram = file.spill(self.observed_gram)
 
     @classmethod
-    def empty(cls, channels: int, gram: bool = False) -> ChannelStats:
-        """No token seen yet; with a Gram matrix (packed) if `gram`."""
-        zeros = torch.zeros(channels, dtype=torch.float32)
-        return cls(absmax=zeros, robust=zeros.clone(), observed_samples=torch.zeros(0, channels),
-                   observed_gram=torch.zeros(channels * (channels + 1) // 2) if gram else None)
+    def empty(cls, channels: int, gram: bool = False, device: torch.device | None = None) -> ChannelStats:
+        """No token seen yet; with a Gram matrix (packed) if `gram`; on `device` (the activations')."""
+        zeros = torch.zeros(channels, dtype=torch.float32, device=device)
+        return cls(absmax=zeros, robust=zeros.clone(), observed_samples=torch.zeros(0, channels, device=device),
+                   observed_gram=torch.zeros(channels * (channels + 1) // 2, device=device) if gram else None)
 
     @property
     def sink_absmax(self) -> torch.Tensor | None:

@@ -72,8 +72,8 @@ def group_multipliers(weight: torch.Tensor, group: int, bits: int = 4,
     w = weight.detach().to(torch.float32).reshape(n, k // group, group)
     absmax = w.abs().amax(dim=(1, 2))
     base = torch.where(absmax > 0, absmax / (formats.max_value(fmt, bits) * top), torch.ones_like(absmax))
-    best_err = torch.full(w.shape[:2], float("inf"))
-    best = torch.ones(w.shape[:2])
+    best_err = torch.full(w.shape[:2], float("inf"), device=w.device)
+    best = torch.ones(w.shape[:2], device=w.device)
     for m in range(1, top + 1):
         step = (base * m)[:, None, None]
         err = (formats.round_to_format(w / step, fmt, bits) * step - w).pow(2).sum(dim=2)
@@ -121,7 +121,7 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int = 4, fmt: 
     for r in range(0, max(weight.shape[0], 1), ROWS):
         block = _gptq_rows(weight[r:r + ROWS], dead, order, hinv, bits, fmt, group)
         if not results:
-            results = tuple(torch.empty((weight.shape[0], *t.shape[1:]), dtype=t.dtype) for t in block)
+            results = tuple(torch.empty((weight.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device) for t in block)
         for whole, part in zip(results, block):
             whole[r:r + ROWS] = part
     return results

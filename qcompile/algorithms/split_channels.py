@@ -55,7 +55,7 @@ class ChannelSplit:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The split activation (x * multiplier)[..., index]."""
-        return (x * self.multiplier.to(x.dtype)).index_select(-1, self.index.to(x.device))
+        return (x * self.multiplier.to(x.device, x.dtype)).index_select(-1, self.index.to(x.device))
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         """A reading linear's weight [N, K] -> [N, K + extra]: each split column duplicated."""
@@ -79,7 +79,8 @@ def extra_channels(absmax: torch.Tensor, target: float) -> int:
 def split_for(copies: torch.Tensor, error: float, error_unsplit: float) -> ChannelSplit:
     """The split that gives channel c `copies[c]` copies (extra copies appended in channel order)."""
     channels = copies.numel()
-    index = torch.cat([torch.arange(channels), torch.arange(channels).repeat_interleave(copies - 1)])
+    every = torch.arange(channels, device=copies.device)
+    index = torch.cat([every, every.repeat_interleave(copies - 1)])
     return ChannelSplit(index, 1.0 / copies.float(), error, error_unsplit)
 
 
@@ -126,7 +127,7 @@ def choose_split(x: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch
     def error(split: ChannelSplit) -> float:
         """The output error at the best clip of SPLIT_CLIPS; each weight rounded once."""
         xs = split.apply(x)
-        rotation = rotation_factors(xs.shape[-1]) if rotated else None
+        rotation = [f.to(x.device) for f in rotation_factors(xs.shape[-1])] if rotated else None
         ws = [split.weight(w) for w in weights]
         if rotation is not None:
             xs, ws = rotate(xs, rotation), [rotate(w, rotation) for w in ws]

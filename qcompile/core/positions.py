@@ -70,7 +70,7 @@ def _is_arange_slice(gm: fx.GraphModule, node: object) -> bool:
     step = rest[1] if len(rest) > 1 else 1
     return (buffer is not None and buffer.dim() == 2 and buffer.shape[0] == 1 and buffer.dtype in _INTEGER
             and dim == 1 and start == 0 and step == 1
-            and torch.equal(buffer[0], torch.arange(buffer.shape[1], dtype=buffer.dtype)))
+            and torch.equal(buffer[0], torch.arange(buffer.shape[1], dtype=buffer.dtype, device=buffer.device)))
 
 
 def _nearest_integer_source(start: fx.Node) -> fx.Node | None:

@@ -159,7 +159,7 @@ class _LinearInputObserver(TorchFunctionMode):
                     self.shares[name] = last_name
                     self.stats[name] = self.stats[last_name]
                 else:
-                    self.stats[name] = ChannelStats.empty(x.shape[-1], self.gram)
+                    self.stats[name] = ChannelStats.empty(x.shape[-1], self.gram, x.device)
             owner = self.shares.get(name)
             if owner is None:
                 self.stats[name].update(x)

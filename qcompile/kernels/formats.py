@@ -131,7 +131,7 @@ def _check_values(values: torch.Tensor, fmt: str) -> None:
         raise TypeError(f"formats.pack: values must be a 2-D int8 tensor [N, K], got "
                         f"{getattr(values, 'dtype', type(values).__name__)}")
     if fmt != INT and values.numel():
-        allowed = torch.tensor(sorted(set(nibble_values(fmt))), dtype=torch.int8)
+        allowed = torch.tensor(sorted(set(nibble_values(fmt))), dtype=torch.int8, device=values.device)
         if not bool(torch.isin(values, allowed).all()):
             bad = values[~torch.isin(values, allowed)][0].item()
             raise ValueError(f"formats.pack: {bad} is not a value of format {fmt!r} ({sorted(set(nibble_values(fmt)))})")
@@ -143,7 +143,7 @@ def pack(values: torch.Tensor, fmt: str) -> torch.Tensor:
     _check_values(values, fmt)
     if fmt == INT:
         return int4.pack_int4(values)
-    index = torch.zeros(65, dtype=torch.int8)  # magnitude -> index
+    index = torch.zeros(65, dtype=torch.int8, device=values.device)  # magnitude -> index
     for i, magnitude in enumerate(FLOAT_FORMATS[fmt].magnitudes):
         index[magnitude] = i
     nibbles = index[values.abs().long()] | torch.where(values < 0, 8, 0).to(torch.int8)

@@ -67,8 +67,8 @@ def constant_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
         if not isinstance(other, fx.Node) or ir.constant_value(gm, other) is not None:
             continue
         value = ir.constant_value(gm, const)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = torch.tensor(float(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # where x is (a GPU)
+            value = torch.tensor(float(value), device=getattr(ir.fake_value(other), "device", None))
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() > 1:
             continue
         value = value.detach().float()

@@ -268,7 +268,7 @@ def activation_step(absmax: torch.Tensor, bits: int, clip: float = 1.0, fmt: str
     peak = absmax.max().float() * clip
     if not torch.isfinite(peak):
         raise ValueError(f"calibration absmax is not finite ({peak.item()})")
-    return (peak / formats.max_value(fmt, bits)) if peak > 0 else torch.tensor(1.0)
+    return (peak / formats.max_value(fmt, bits)) if peak > 0 else torch.tensor(1.0, device=absmax.device)
 
 
 @register_pass

@@ -215,16 +215,17 @@ class MigrateScales(QPass):
         activation clipping ratio, give the least quantized output error on the samples."""
         if act.samples.shape[0] == 0:
             return ALPHAS.index(0.0), 1.0
-        rotation = rotation_factors(act.samples.shape[1]) if self.options.rotated else None
+        samples = act.samples
+        rotation = [f.to(samples.device) for f in rotation_factors(samples.shape[1])] if self.options.rotated else None
         o = self.options
 
         def run() -> tuple[int, float]:
-            best, clip = search.search_migration(act.samples, values, candidates, CLIPS, o.w_bits, o.a_bits,
+            best, clip = search.search_migration(samples, values, candidates, CLIPS, o.w_bits, o.a_bits,
                                                  rotation=rotation)
             return next(i for i, c in enumerate(candidates) if c is best), clip
 
         index, clip = memoized(gm, "search-migration", name,
-                               (act.samples, values, candidates, o.w_bits, o.a_bits, o.rotated), run)
+                               (samples, values, candidates, o.w_bits, o.a_bits, o.rotated), run)
         return int(index), float(clip)
 
     # --- rewrite -----------------------------------------------------------------------------------

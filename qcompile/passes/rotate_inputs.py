@@ -88,7 +88,9 @@ class RotateInputs(QPass):
         for activation, linears in self.progress(groups.items(), "group"):
             self.current_node = activation
             n = weights.shape_and_dtype(gm, linears[0].args[1])[0][1]
-            factors = rotation.rotation_factors(n)
+            activations = ir.fake_value(activation)  # the factors live where the activations do (a GPU)
+            device = activations.device if activations is not None else torch.device("cpu")
+            factors = [f.to(device) for f in rotation.rotation_factors(n)]
             how = "hadamard"
             if self.options.learn_steps and not any(learn_skip.skips(lin) for lin in linears):
                 learned, how = self._learn(gm, linears, factors)
