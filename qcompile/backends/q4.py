@@ -68,7 +68,7 @@ class Q4Backend:
 
     options            torch.compile's `options` (a dict, resolved with the `Q4_*` environment at
                        each graph) or resolved `Q4Options`
-    mode               torch.compile's mode, handed to the lowering
+    mode               torch.compile's mode, handed to the lowering (else the `mode` option)
     instruments        called once per graph: instruments added to that graph's pass manager
     on_compiled        called with each CompiledGraph and the graph's example inputs that stay
                        inputs (the parameters are frozen into it)
@@ -134,7 +134,7 @@ class Q4Backend:
         lowered, monitor = (result.graph_module, None) if stop or not opts.range_warning else \
             range_check.monitored(result.graph_module, graph_id)
         with torch.no_grad():
-            run = None if stop else lower(lowered, inputs, opts.lower, opts.kernels, self.mode)
+            run = None if stop else lower(lowered, inputs, opts.lower, opts.kernels, self.mode or opts.mode)
         if not stop:
             # the statistics the passes left on the linears (rotated and rescaled copies, Gram
             # matrices included) are not read again; `replay` and the calibration cache keep the

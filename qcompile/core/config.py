@@ -75,6 +75,9 @@ class Q4Options:
     # CUDA; "triton" runs the Triton kernels everywhere (on CPU in Triton's interpreter: slow,
     # exact, for debugging the kernels with a model's real operands)
     kernels: str = _field("auto", choices=("auto", "triton"))
+    # Inductor's mode for the lowering ("max-autotune": tuned kernels and CUDA graphs on a GPU):
+    # torch.compile takes `mode` or `options`, not both, and q4 needs its options
+    mode: str = _field("default", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     progress: bool = True  # tqdm progress bars
     # warn once when a call's activations go far beyond the calibrated range (qcompile/backends/range_check.py)
     range_warning: bool = True

@@ -486,10 +486,19 @@ def linear_w4a4_triton(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: to
     if x_codes.device.type == "cpu" and not gemm.INTERPRET:
         raise RuntimeError("q4::linear_w4a4_triton: CPU tensors need Triton's interpreter, but the kernels were "
                            "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
-    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype, w_format, w_mult=w_mult)
+    return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype, w_format,
+                            check_values=x_codes.device.type == "cpu", w_mult=w_mult)
 
 
 linear_w4a4_triton.register_fake(_linear_w4a4_fake)  # the same op, another kernel
+
+
+@linear_w4a16.register_kernel("cuda")
+def _(x, w_packed, w_step, bias, out_dtype, w_mult=None):
+    # the Triton GEMM from the packed bytes (not a dequantized copy of the weight at every call), and
+    # no read of the steps' values (a sync, illegal under CUDA-graph capture): graph constants, checked when made
+    return _triton_gemm().linear_w4a16(x.contiguous(), w_packed, w_step, bias, out_dtype, check_values=False,
+                                       w_mult=w_mult)
 
 
 def _triton_tiled_gemm():

@@ -330,19 +330,21 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
 
 
 def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, bias: Optional[torch.Tensor],
-                 out_dtype: Optional[torch.dtype] = None, *, w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype] = None, *, check_values: bool = True,
+                 w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only int4: float x [..., K] x packed int4 [N, ceil(K/2)] -> [..., N] in out_dtype
     (default: x's dtype); y = (x @ values(w).T) * w_step + bias with fp32 accumulation, values = the
-    codes, times w_mult[n, k // group] with group multipliers (uint8 [N, G], each in 1..15)."""
+    codes, times w_mult[n, k // group] with group multipliers (uint8 [N, G], each in 1..15).
+    `check_values=False` skips reading the steps' and multipliers' values, as `linear_w4a4`'s."""
     op = "linear_w4a16 (triton)"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() < 1:
         fail(op, "x", "a float32, float16 or bfloat16 tensor [..., K]", describe(x))
     k = x.shape[-1]
-    check_packed(op, w_packed, w_step, k, "x.shape[-1]", check_values=True)
+    check_packed(op, w_packed, w_step, k, "x.shape[-1]", check_values=check_values)
     check_bias(op, bias, w_packed.shape[0])
     check_device(op, x, w_packed=w_packed, w_step=w_step, bias=bias, w_mult=w_mult)
     check_contiguous(op, x=x, w_packed=w_packed, w_step=w_step, bias=bias, w_mult=w_mult)
-    check_multipliers(op, w_mult, w_packed, k, formats.INT, check_values=True)
+    check_multipliers(op, w_mult, w_packed, k, formats.INT, check_values=check_values)
     out_dtype = out_dtype or x.dtype
     check_float_dtype(op, "out_dtype", out_dtype)
     out = _launch(_w4a16, _rows(x), w_packed, w_step, None, bias, out_dtype, k, w_mult,

@@ -105,14 +105,25 @@ def _seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
 # --- GEMM rows -----------------------------------------------------------------------------------
 
 
+def _torchao_int4_config():
+    """torchao's int4 weight-only config, group 128, on its tinygemm kernel where the version
+    names packing formats (its default format there needs fbgemm-gpu-genai)."""
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    try:
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    except TypeError:  # an older torchao: one format, tinygemm's
+        return Int4WeightOnlyConfig(group_size=128)
+
+
 def _torchao_int4_linear(k: int, n: int, x16: torch.Tensor) -> tuple[Callable[[], object] | None, str]:
     if x16.device.type != "cuda":
         return None, "CUDA only"
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
 
         layer = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        quantize_(layer, Int4WeightOnlyConfig(group_size=128))
+        quantize_(layer, _torchao_int4_config())
         x = x16.to(torch.bfloat16)
         return (lambda: layer(x)), ""
     except ModuleNotFoundError:
@@ -128,8 +139,9 @@ def _q4_gemm(x_codes: torch.Tensor, packed: torch.Tensor, tiled: torch.Tensor | 
     from qcompile.kernels import triton_gemm, triton_tiled_gemm
 
     if tiled is not None:
-        return lambda: triton_tiled_gemm.linear_w4a4_tiled(x_codes, tiled, w_step, a_step, None, dtype)
-    return lambda: triton_gemm.linear_w4a4(x_codes, packed, w_step, a_step, None, dtype)
+        return lambda: triton_tiled_gemm.linear_w4a4_tiled(x_codes, tiled, w_step, a_step, None, dtype,
+                                                           check_values=False)  # as the compiled model calls it
+    return lambda: triton_gemm.linear_w4a4(x_codes, packed, w_step, a_step, None, dtype, check_values=False)
 
 
 def gemm_rows(shapes: list[tuple[int, int]], m_values: list[int], device: str, dtype: torch.dtype,
@@ -184,10 +196,10 @@ def _prepare(variant: str, model: torch.nn.Module, spec: dict) -> torch.nn.Modul
     if variant == "float":
         model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
     elif variant == "torchao int4 weight-only":
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
 
         model.to(torch.bfloat16)  # torchao's int4 CUDA kernels take bfloat16
-        quantize_(model, Int4WeightOnlyConfig(group_size=128))
+        quantize_(model, _torchao_int4_config())
         model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
     else:
         gen = torch.Generator().manual_seed(1)
@@ -197,7 +209,8 @@ def _prepare(variant: str, model: torch.nn.Module, spec: dict) -> torch.nn.Modul
         options = {"recipe": spec["recipe"], "calibration": calibration, "progress": False}
         if spec["device"] == "cpu":
             options["kernels"] = "triton"  # the Triton GEMMs, in the interpreter
-        model.forward = torch.compile(model.forward, backend="q4", mode=mode, dynamic=False, options=options)
+        options["mode"] = mode or "default"  # torch.compile takes mode or options, not both
+        model.forward = torch.compile(model.forward, backend="q4", dynamic=False, options=options)
     return model
 
 

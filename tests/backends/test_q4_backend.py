@@ -401,3 +401,17 @@ def test_a_parameter_changed_in_place_after_compiling_is_an_error():
         with pytest.raises(RuntimeError, match=r"parameter 'model.layers.1.self_attn.o_proj.weight' was changed "
                                                r"in place after graph .* quantized it.*Quantize the changed model again"):
             compiled(x, use_cache=False)
+
+
+@pytest.mark.parametrize("given, lowered_with", [({}, "default"), ({"mode": "max-autotune"}, "max-autotune")])
+def test_the_mode_option_reaches_the_lowering(llama, monkeypatch, given, lowered_with):
+    """`torch.compile` refuses `mode` beside `options`: q4's options carry Inductor's mode."""
+    modes = []
+    lower = q4_backend.lower
+    monkeypatch.setattr(q4_backend, "lower", lambda gm, inputs, how, kernels, mode: modes.append(mode) or
+                        lower(gm, inputs, how, kernels, mode))
+    compile_and_run(llama, {**EAGER, "recipe": "w4a4-rtn", "calibration": [(ids(16, seed=2),)], **given}, ids(8))
+    assert modes == [lowered_with]
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="'fast' is not one of: default, reduce-overhead"):
+        compile_and_run(llama, {**EAGER, "mode": "fast"}, ids(8))
