@@ -352,6 +352,49 @@ class SourceStamp(CustomGraphPass):
         return digest.hexdigest()
 
 
+def written_inputs(gm: fx.GraphModule) -> set[int]:
+    """Positions of the inputs the graph writes in place (a static KV cache's `index_copy_`): the
+    same tensors at every call, so static for CUDA graphs (which skip a graph writing an input
+    that is not, and re-record one whose static input moved)."""
+    written = set()
+    for i, placeholder in enumerate(gm.graph.find_nodes(op="placeholder")):
+        for user in placeholder.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is None:
+                continue
+            given = {**dict(zip((a.name for a in schema.arguments), user.args)), **user.kwargs}
+            if any(given.get(a.name) is placeholder and a.alias_info is not None and a.alias_info.is_write
+                   for a in schema.arguments):
+                written.add(i)
+    return written
+
+
+def with_static_inputs(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """Inductor's inner compile, told which inputs keep their address from call to call: the
+    graph's constants (quantized weights, steps), which AOTAutograd lifts to the first inputs, and
+    the inputs Dynamo marked static (a static KV cache: `torch._dynamo.mark_static_address`).
+    Inductor reads that from Dynamo's metadata, which a q4 graph (re-traced, frozen) no longer
+    carries: it then took every input for one that moves, and CUDA graphs copied every weight
+    into their own memory at each replay and skipped every graph writing the KV cache (a decode
+    step). The inputs the graph writes are static too (`written_inputs`). Only when the inputs
+    are laid out as expected (each constant lifted once, no input dropped) are the indices
+    given; otherwise Inductor's own (none) stand."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    constants = len({**dict(gm.named_parameters(remove_duplicate=False)),
+                     **dict(gm.named_buffers(remove_duplicate=False))})
+    marked = {i for i, t in enumerate(example_inputs) if getattr(t, "_dynamo_static_input_type", None)}
+    marked |= written_inputs(gm)
+
+    def inner(lowered: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
+        if len(inputs) == constants + len(example_inputs):
+            static = set(kwargs.get("static_input_idxs") or ()) | set(range(constants))
+            kwargs["static_input_idxs"] = sorted(static | {constants + i for i in marked})
+        return compile_fx_inner(lowered, inputs, **kwargs)
+
+    return inner
+
+
 def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str, mode: str | None) -> Callable:
     """The callable that runs the final graph: `how` is "inductor" or "eager"; `kernels` "auto"
     (the integer GEMMs decomposed for Inductor on CPU, Triton kernels on CUDA) or "triton"."""
@@ -374,4 +417,5 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
     if torch._inductor.config.post_grad_custom_post_pass is None:  # a user's own pass stays
         patches["post_grad_custom_post_pass"] = SourceStamp()
     with torch._inductor.config.patch(patches):
-        return compile_fx(gm, example_inputs)  # with DECOMPOSITIONS, registered above
+        # with DECOMPOSITIONS, registered above
+        return compile_fx(gm, example_inputs, inner_compile=with_static_inputs(gm, example_inputs))

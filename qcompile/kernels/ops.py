@@ -378,7 +378,9 @@ def linear_w4a16(x: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, 
     float [N] or None. On CPU at M <= cpu_kernels.SMALL_M_W4A16 the q4_cpu kernel computes it in
     float32 from the packed bytes: (sum_k float32(x) * code) * w_step + bias, cast to out_dtype.
     Otherwise the weight is dequantized to x's dtype and multiplied with F.linear (the values of
-    the unfused aten.linear(x, q4.dequantize_weight_int4(...), bias) it replaces).
+    the unfused aten.linear(x, q4.dequantize_weight_int4(...), bias) it replaces). On CUDA the
+    Triton W4A16 GEMM computes it from the packed bytes with float32 accumulation (the same
+    values up to rounding).
     """
     _check_linear_w4a16(x, w_packed, w_step, bias, out_dtype, w_mult, check_values=True)
     if x.device.type == "cpu" and cpu_kernels.use_for(_rows(x), cpu_kernels.SMALL_M_W4A16):

@@ -259,3 +259,38 @@ def test_cpu_attention_reads_repeated_key_value_heads_from_their_source():
     assert attention.kwargs["key"].name == "k" and attention.kwargs["value"].name == "v"
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(rewritten(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_is_told_the_constants_and_the_static_kv_cache_keep_their_address(llama, monkeypatch):
+    """For CUDA graphs: a q4 graph's constants (lifted to the first inputs) and the static cache's
+    tensors, which the decode step writes in place, are static inputs (not copied at each replay;
+    a graph writing the cache is not skipped); the tokens and positions are not."""
+    from torch._inductor import compile_fx as inductor
+    from transformers import StaticCache
+
+    from qcompile.backends import q4 as q4_backend
+
+    told = []
+    inner = inductor.compile_fx_inner
+    monkeypatch.setattr(inductor, "compile_fx_inner", lambda gm, inputs, **kwargs: told.append(
+        (len(inputs), set(kwargs["static_input_idxs"]))) or inner(gm, inputs, **kwargs))
+    torch._dynamo.reset()
+    llama.forward = torch.compile(llama.forward, backend="q4", dynamic=False, options={
+        "recipe": "w4a4-rtn", "calibration": [{"input_ids": ids(32, seed=2)}], "progress": False})
+    cache = StaticCache(config=llama.config, max_cache_len=12)
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        llama(input_ids=ids(8, seed=3), past_key_values=cache, cache_position=torch.arange(8))
+        llama(input_ids=ids(1, seed=4), past_key_values=cache, cache_position=torch.tensor([8]))
+    graphs = q4_backend.compiled_graphs()[-2:]
+    assert len(told) == 2  # the prompt's graph (it creates the cache) and the decode step's
+    decode = graphs[1].graph_module
+    inputs = [p.meta["val"] for p in decode.graph.find_nodes(op="placeholder")]
+    kv = {i for i, t in enumerate(inputs) if t.dim() == 4}
+    assert len(kv) == 2 * 2 and kv <= lowering.written_inputs(decode)  # keys and values of two layers
+    count, static = told[1]
+    constants = count - len(inputs)
+    assert constants > 14  # the packed weights and their steps
+    assert static >= set(range(constants)) | {constants + i for i in kv}
+    assert constants + 0 not in static  # the new token moves
+    torch._dynamo.reset()
