@@ -87,7 +87,7 @@ class ChannelStats:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
         if self.absmax.device != x.device:  # made elsewhere: kept where the activations are
-            self._move_to(x.device)
+            self.move_to(x.device)
         channels = x.shape[-1]
         rows = x.reshape(-1, channels).float()
         flat = rows.abs()
@@ -111,9 +111,9 @@ class ChannelStats:
                 self.observed_gram.addmm_(rows.t(), rows)
         self.num_tokens += flat.shape[0]
 
-    def _move_to(self, device: torch.device) -> None:
-        """Every statistic onto `device` (the activations'): a model on a GPU calibrates there, and
-        the steps and constants the passes derive from them are made there."""
+    def move_to(self, device: torch.device) -> None:
+        """Every statistic onto `device` (the activations'), in place: a model on a GPU calibrates
+        there, and the steps and constants the passes derive from them are made there."""
         self.absmax, self.robust = self.absmax.to(device), self.robust.to(device)
         self.observed_samples = self.observed_samples.to(device)
         if isinstance(self.observed_gram, torch.Tensor):

@@ -405,10 +405,13 @@ def lower(gm: fx.GraphModule, example_inputs: list[Any], how: str, kernels: str,
     import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
-    if any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16", "q4.rotate", "q4_cpu."))
-           for node in gm.graph.nodes):
+    on_cpu = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs) or any(
+        t.device.type == "cpu" for t in gm.buffers())
+    if on_cpu and any(str(node.target).startswith(("q4.linear_w4a4", "q4.linear_w4a16", "q4.rotate", "q4_cpu."))
+                      for node in gm.graph.nodes):
         # a cached compile (Inductor's FX graph cache, a saved artifact) runs code calling q4_cpu ops
-        # without tracing the decompositions that load them: load them first (0.1 s once built)
+        # without tracing the decompositions that load them: load them first (0.1 s once built; a
+        # graph on a GPU calls none, and a fresh GPU machine would build them for nothing)
         cpu_kernels.load()
     patches = torch._inductor.list_mode_options(mode) if mode else {}
     # no stride asserts in the generated wrapper: Dynamo's guards check the inputs already, and a

@@ -223,7 +223,10 @@ def memoized(gm: fx.GraphModule, kind: str, name: str, inputs: Sequence[Any],
     if memo is None:
         return tuple(_as_tensor(v) for v in compute())
     key, fingerprints = _key(kind, name, inputs)
-    return memo.get_or_compute(key, fingerprints, compute)
+    result = memo.get_or_compute(key, fingerprints, compute)
+    # on the inputs' device: a loaded artifact's results are read onto the CPU, the model may be on a GPU
+    device = next((v.device for v in _flatten(inputs) if isinstance(v, torch.Tensor)), None)
+    return result if device is None else tuple(t.to(device) for t in result)
 
 
 def replaying(gm: fx.GraphModule) -> bool:

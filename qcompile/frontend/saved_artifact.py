@@ -313,9 +313,12 @@ class SavedArtifact:
         """Put the saved statistics where calibration would have (`q4_calib` on each linear)."""
         stats = self.stats()
         for n in observed_linears(frozen):
-            fqn = weight_node(frozen, n).meta.get(ir.FQN)
+            weight = weight_node(frozen, n)
+            fqn = weight.meta.get(ir.FQN)
             if fqn in stats:
                 n.meta[ir.CALIB] = stats[fqn]
+                if (value := ir.get_constant(frozen, weight)) is not None:
+                    stats[fqn].move_to(value.device)  # read onto the CPU; the model may be on a GPU
 
 
 def read(directory: str | Path) -> SavedArtifact:

@@ -26,8 +26,18 @@ from qcompile.kernels.ops import KernelArgumentError  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 M_SHAPES = [(1,), (3,), (37,), (2, 3)]
+EVERY_CANDIDATE = tiled.candidates
 NK = [(5, 64), (33, 128), (100, 192), (260, 320)]  # N not a multiple of any tile; K blocks not of BLOCK_K
 # (260, 320) takes the interpreter's large tile (N * K >= 2**16)
+
+
+@pytest.fixture(autouse=True)
+def two_candidates_on_a_gpu(monkeypatch):
+    """On a GPU the tuner compiles and times every candidate tile at each new key: these tests
+    (hundreds of keys) tune two; `test_every_candidate_tile_of_a_shape_class_is_bit_exact` runs
+    every one by name."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(tiled, "candidates", lambda m_class: EVERY_CANDIDATE(m_class)[:2])
 
 
 def gen(seed: int) -> torch.Generator:
@@ -97,7 +107,7 @@ def test_every_candidate_tile_of_a_shape_class_is_bit_exact(m):
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen(2))
     packed, w_step = weight(n, k)
     bias = torch.randn(n, generator=gen(3))
-    configs = tiled.candidates(tiled.shape_class(m))
+    configs = EVERY_CANDIDATE(tiled.shape_class(m))
     assert len(set(configs)) == len(configs) >= 6
     for config in configs:
         got, want = run_both(x, packed, w_step, torch.tensor(0.02), bias, torch.bfloat16, config=config)
