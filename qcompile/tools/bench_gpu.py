@@ -1,7 +1,7 @@
 """One table of q4 against FP16 and torchao on a GPU: the GEMMs and a Llama-2-7B model end to end.
 
     qcompile bench-gpu [--model llama2-7b|tiny] [--shapes 4096x4096,...] [--m 1,16,2048]
-        [--batches 1,16] [--prefill-tokens 2048] [--context 128] [--decode-steps 32] [--recipe w4a4-rtn]
+        [--batches 1,16] [--layers N] [--prefill-tokens 2048] [--context 128] [--decode-steps 32] [--recipe w4a4-rtn]
         [--repeats 3] [--bandwidth-gbs B --fp16-tflops F --int8-tops I]
 
 Rows (one table, measured in one run):
@@ -394,13 +394,15 @@ def run(args: argparse.Namespace) -> str:
     if args.bandwidth_gbs and args.fp16_tflops and args.int8_tops:
         limits = (args.bandwidth_gbs * 1e9, args.fp16_tflops * 1e12, args.int8_tops * 1e12)
     spec = {"device": device, "dtype": str(dtype).removeprefix("torch."), "recipe": args.recipe,
-            "config": LLAMA2_7B if args.model == "llama2-7b" else TINY, "batches": args.batches,
+            "config": {**(LLAMA2_7B if args.model == "llama2-7b" else TINY),
+                       **({"num_hidden_layers": args.layers} if args.layers else {})}, "batches": args.batches,
             "prefill_tokens": args.prefill_tokens, "context": args.context, "decode_steps": args.decode_steps,
             "repeats": args.repeats, "calibration_tokens": args.calibration_tokens,
             "mode": "max-autotune" if device == "cuda" else None}
     rows = gemm_rows(args.shapes, args.m, device, dtype, args.repeats) + model_rows(spec)
     title = (f"q4 on {name}, torch {torch.__version__}: GEMMs at {len(args.shapes)} shapes, then a "
-             f"{'Llama-2-7B' if args.model == 'llama2-7b' else 'tiny'}-config Llama with random {float_name} weights "
+             f"{'Llama-2-7B' if args.model == 'llama2-7b' else 'tiny'}-config Llama "
+             f"(decoder layers: {spec['config']['num_hidden_layers']}) with random {float_name} weights "
              f"(mode={spec['mode']!r}{', CUDA graphs' if device == 'cuda' else ''}), each variant in its own process; "
              f"decode: {args.context}-token prompt, {args.decode_steps} steps timed; median of {args.repeats}")
     notes = ("q4 vs X: speedup (time or tokens/s ratio; memory: times less). roofline: the time the device's "
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", type=_shapes, default=list(LLAMA2_7B_SHAPES), help="GEMM KxN pairs")
     parser.add_argument("--m", type=_ints, default=[1, 16, 2048], help="GEMM rows (default 1,16,2048)")
     parser.add_argument("--batches", type=_ints, default=[1, 16], help="decode batch sizes (default 1,16)")
+    parser.add_argument("--layers", type=int, help="decoder layers of the model (default: the config's, 32 for "
+                        "Llama-2-7B); fewer compile faster, and per-layer ratios hold")
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--context", type=int, default=128, help="prompt tokens before the timed decode steps")
     parser.add_argument("--decode-steps", type=int, default=32)
@@ -437,8 +441,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(result, f)
         return
     if min([args.prefill_tokens, args.context, args.decode_steps, args.repeats, args.calibration_tokens,
-            *args.m, *args.batches]) < 1:
-        parser.error("--m, --batches, --prefill-tokens, --context, --decode-steps, --repeats and "
+            *args.m, *args.batches, 1 if args.layers is None else args.layers]) < 1:
+        parser.error("--m, --batches, --layers, --prefill-tokens, --context, --decode-steps, --repeats and "
                      "--calibration-tokens must be positive")
     print(run(args))
 

@@ -46,11 +46,13 @@ def test_the_roofline_is_the_time_the_limits_allow_over_the_measured_time():
 def test_bench_gpu_prints_one_table_on_cpu_through_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "qcompile.tools.bench_gpu", "--model", "tiny", "--shapes", "128x64,96x40", "--m", "1,3",
+        [sys.executable, "-m", "qcompile.tools.bench_gpu", "--model", "tiny", "--layers", "1", "--shapes", "128x64,96x40",
+         "--m", "1,3",
          "--batches", "2", "--prefill-tokens", "16", "--context", "8", "--decode-steps", "3", "--repeats", "1",
          "--calibration-tokens", "16", "--bandwidth-gbs", "100", "--fp16-tflops", "1", "--int8-tops", "2"],
         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "(decoder layers: 1)" in proc.stdout
     rows = {line.split("  ")[0].strip(): [c for c in line.split("  ")[1:] if c.strip()]
             for line in proc.stdout.splitlines()}
     labels = ["GEMM 128x64 M=1 µs", "GEMM 128x64 M=3 µs", "GEMM 96x40 M=1 µs", "GEMM 96x40 M=3 µs",
