@@ -478,16 +478,21 @@ def _(x_codes, w_packed, w_step, a_step, bias, out_dtype, w_format="int", w_mult
                                       w_format, check_values=False, w_mult=w_mult)
 
 
+def _runs_on(x: torch.Tensor, op: str, kernels):
+    """`kernels` (a module of Triton kernels), which CPU tensors reach only in Triton's interpreter."""
+    if x.device.type == "cpu" and not kernels.INTERPRET:
+        raise RuntimeError(f"q4::{op}: CPU tensors need Triton's interpreter, but the kernels were compiled "
+                           "for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
+    return kernels
+
+
 @torch.library.custom_op("q4::linear_w4a4_triton", mutates_args=())
 def linear_w4a4_triton(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
                        bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int",
                        w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`q4::linear_w4a4` through the Triton kernel on any device (on CPU: Triton's interpreter).
     The lowering puts it in place of linear_w4a4 with the `kernels="triton"` option (Q4_KERNELS)."""
-    gemm = _triton_gemm()
-    if x_codes.device.type == "cpu" and not gemm.INTERPRET:
-        raise RuntimeError("q4::linear_w4a4_triton: CPU tensors need Triton's interpreter, but the kernels were "
-                           "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
+    gemm = _runs_on(x_codes, "linear_w4a4_triton", _triton_gemm())
     return gemm.linear_w4a4(x_codes.contiguous(), w_packed, w_step, a_step, bias, out_dtype, w_format,
                             check_values=x_codes.device.type == "cpu", w_mult=w_mult)
 
@@ -518,10 +523,7 @@ def linear_w4a4_tiled(x_codes: torch.Tensor, w_tiled: torch.Tensor, w_step: torc
     through the tuned Triton kernel (`triton_tiled_gemm.py`): the same values. The lowering puts
     it in place of linear_w4a4 for the weights the layout covers, when the GEMMs run in Triton
     (on CUDA, or with kernels="triton" in the interpreter on CPU)."""
-    tiled = _triton_tiled_gemm()
-    if x_codes.device.type == "cpu" and not tiled.INTERPRET:
-        raise RuntimeError("q4::linear_w4a4_tiled: CPU tensors need Triton's interpreter, but the kernels were "
-                           "compiled for a GPU in this process (set TRITON_INTERPRET=1 before the first q4 compile)")
+    tiled = _runs_on(x_codes, "linear_w4a4_tiled", _triton_tiled_gemm())
     # on CUDA no per-call read of the steps' values (a sync, illegal under CUDA-graph capture): the
     # passes checked these constants when they made them
     return tiled.linear_w4a4_tiled(x_codes.contiguous(), w_tiled, w_step, a_step, bias, out_dtype, w_format,
