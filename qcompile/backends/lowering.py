@@ -38,10 +38,13 @@ Attention on CPU (float32) is not ATen's: `use_cpu_attention` swaps
 any length, so that generate() through the KV cache computes what the no-cache forward computes,
 bit for bit (with the rotation's transform, the same at any M, and the integer GEMMs, exact).
 
-On CUDA the integer GEMM is not decomposed: `q4.linear_w4a4` runs its CUDA kernel, the Triton
-GEMM of `qcompile/kernels/triton_gemm.py` (rotation and quantize still fuse, as Inductor's own Triton
-code). The `kernels="triton"` option (`Q4_KERNELS=triton`) runs the Triton GEMM on any device,
-in Triton's interpreter on CPU, with the graph otherwise lowered as usual.
+On CUDA the integer GEMM is not decomposed (rotation and quantize still fuse, as Inductor's own
+Triton code): a `q4.linear_w4a4` whose K is a multiple of 64 becomes `q4.linear_w4a4_tiled` of its
+weight re-laid for the GPU here, once (`use_triton_kernels`; the tuned kernel of
+`qcompile/kernels/triton_tiled_gemm.py`), any other runs its CUDA kernel, the general Triton GEMM of
+`qcompile/kernels/triton_gemm.py`. The `kernels="triton"` option (`Q4_KERNELS=triton`) does the same
+on any device, in Triton's interpreter on CPU, with the graph otherwise lowered as usual. For CUDA
+graphs Inductor is told which inputs keep their address (`with_static_inputs`).
 """
 
 from __future__ import annotations
