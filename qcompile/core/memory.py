@@ -168,6 +168,14 @@ class ConstantPool:
         self._held: dict[tuple, list[weakref.ref]] = {}
         self._lock = threading.Lock()
 
+    def __deepcopy__(self, memo: dict) -> ConstantPool:
+        """The pool itself: a copy of what holds it (transformers deep-copies a generation config
+        holding the backend, its calibration cache and memos) shares the model's constants."""
+        return self
+
+    def __reduce__(self) -> tuple:
+        return ConstantPool, ()  # pickled: an empty pool (weak references and a lock do not travel)
+
     @classmethod
     def _key(cls, t: torch.Tensor) -> tuple:
         flat = t.detach().reshape(-1)

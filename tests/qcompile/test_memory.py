@@ -142,3 +142,15 @@ def test_a_constant_pool_does_not_keep_its_tensors_alive():
     assert ref() is None
     fresh = torch.ones(1000)
     assert pool.share(fresh) is fresh
+
+
+def test_a_constant_pool_survives_deep_copies_and_pickling():
+    """transformers deep-copies a generation config holding the q4 backend, and with it every memo's pool."""
+    import pickle
+
+    pool = ConstantPool()
+    t = torch.ones(10)
+    pool.share(t)
+    assert copy.deepcopy({"pool": pool})["pool"] is pool
+    fresh = pickle.loads(pickle.dumps(pool))
+    assert isinstance(fresh, ConstantPool) and fresh.share(torch.ones(10)) is not t
