@@ -296,6 +296,30 @@ def _launch(kernel, x2: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tens
     return out
 
 
+def check_codes(op: str, x_codes: torch.Tensor) -> int:
+    """K of int8 activation codes [..., K]."""
+    if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
+        fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
+    return x_codes.shape[-1]
+
+
+def check_w4a4_operands(op: str, x_codes: torch.Tensor, weight: dict[str, torch.Tensor], rows: torch.Tensor,
+                        w_step: torch.Tensor, a_step: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+                        w_format: str, w_mult: Optional[torch.Tensor], check_values: bool) -> int:
+    """The checks a W4A4 launcher makes once its weight (`weight`: its name and tensor; `rows`: a
+    view with one row an output channel) is checked: the other operands' shapes, devices,
+    contiguity and values. The kernel's W_MANTISSA for `w_format` (-1: int)."""
+    check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=check_values)
+    check_bias(op, bias, rows.shape[0])
+    check_device(op, x_codes, **weight, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
+    check_contiguous(op, x_codes=x_codes, **weight, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
+    check_float_dtype(op, "out_dtype", out_dtype)
+    if w_format not in formats.FORMATS:
+        fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
+    check_multipliers(op, w_mult, rows, x_codes.shape[-1], w_format, check_values=check_values)
+    return -1 if w_format == formats.INT else formats.FLOAT_FORMATS[w_format].mantissa_bits
+
+
 def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor, a_step: torch.Tensor,
                 bias: Optional[torch.Tensor], out_dtype: torch.dtype, w_format: str = "int", *,
                 check_values: bool = True, w_mult: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -311,19 +335,10 @@ def linear_w4a4(x_codes: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Ten
     checked when made.
     """
     op = "linear_w4a4 (triton)"
-    if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
-        fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
-    k = x_codes.shape[-1]
+    k = check_codes(op, x_codes)
     check_packed(op, w_packed, w_step, k, "x_codes.shape[-1]", check_values=check_values)
-    check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=check_values)
-    check_bias(op, bias, w_packed.shape[0])
-    check_device(op, x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
-    check_contiguous(op, x_codes=x_codes, w_packed=w_packed, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
-    check_float_dtype(op, "out_dtype", out_dtype)
-    if w_format not in formats.FORMATS:
-        fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
-    check_multipliers(op, w_mult, w_packed, k, w_format, check_values=check_values)
-    mantissa = -1 if w_format == formats.INT else formats.FLOAT_FORMATS[w_format].mantissa_bits
+    mantissa = check_w4a4_operands(op, x_codes, {"w_packed": w_packed}, w_packed, w_step, a_step, bias, out_dtype,
+                                   w_format, w_mult, check_values)
     out = _launch(_w4a4, _rows(x_codes), w_packed, w_step, a_step, bias, out_dtype, k, w_mult, W_MANTISSA=mantissa,
                   ROW_STEPS=a_step.dim() > 0)
     return out.reshape(*x_codes.shape[:-1], w_packed.shape[0])

@@ -38,18 +38,18 @@ import triton
 import triton.language as tl
 
 from . import formats, gpu_layout
-from .checks import (
-    activation_step_shape,
-    check_bias,
-    check_contiguous,
-    check_device,
-    check_float_dtype,
-    check_multipliers,
-    check_step,
-    describe,
-    fail,
+from .checks import check_step, describe, fail
+from .triton_gemm import (
+    INTERPRET,
+    TuningError,
+    check_codes,
+    check_w4a4_operands,
+    finish,
+    float_nibbles,
+    int4_nibbles,
+    shape_class,
+    w4a4_scaled,
 )
-from .triton_gemm import INTERPRET, TuningError, finish, float_nibbles, int4_nibbles, shape_class, w4a4_scaled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,28 +215,19 @@ def linear_w4a4_tiled(x_codes: torch.Tensor, w_tiled: torch.Tensor, w_step: torc
     (`gpu_layout.to_tiled` of the packed weight) -> [..., N] in out_dtype, bit-exact with
     `reference.linear_w4a4_ref` of the packed weight. `config` forces a tile (tests); else `TUNER`'s."""
     op = "linear_w4a4_tiled (triton)"
-    if x_codes.dtype != torch.int8 or x_codes.dim() < 1:
-        fail(op, "x_codes", "an int8 tensor [..., K] of activation codes", describe(x_codes))
-    k = x_codes.shape[-1]
+    k = check_codes(op, x_codes)
     if w_tiled.dtype != torch.uint8 or w_tiled.dim() != 2 or 2 * w_tiled.shape[0] != k or not gpu_layout.covers(k):
         fail(op, "w_tiled", f"a uint8 tensor [K/2, N] in the tiled layout (gpu_layout.py: K = {k} ({'x_codes'}"
                             f".shape[-1]) a positive multiple of {gpu_layout.CHUNK})", describe(w_tiled))
     n = w_tiled.shape[1]
     check_step(op, "w_step", w_step, (n,), check_values)
-    check_step(op, "a_step", a_step, activation_step_shape(x_codes, a_step), check_values=check_values)
-    check_bias(op, bias, n)
-    check_device(op, x_codes, w_tiled=w_tiled, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
-    check_contiguous(op, x_codes=x_codes, w_tiled=w_tiled, w_step=w_step, a_step=a_step, bias=bias, w_mult=w_mult)
-    check_float_dtype(op, "out_dtype", out_dtype)
-    if w_format not in formats.FORMATS:
-        fail(op, "w_format", f"one of {', '.join(formats.FORMATS)}", repr(w_format))
-    check_multipliers(op, w_mult, w_tiled.t(), k, w_format, check_values=check_values)  # [N, ...]: N rows
+    mantissa = check_w4a4_operands(op, x_codes, {"w_tiled": w_tiled}, w_tiled.t(), w_step, a_step, bias, out_dtype,
+                                   w_format, w_mult, check_values)
     group = formats.GROUP_ALIGN if w_mult is None else formats.group_size(k, w_mult)
     x2 = x_codes.reshape(math.prod(x_codes.shape[:-1]), k)
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     if m and n:
-        mantissa = -1 if w_format == formats.INT else formats.FLOAT_FORMATS[w_format].mantissa_bits
         flags = {"HAS_BIAS": bias is not None, "ROUND_BF16": INTERPRET and out_dtype == torch.bfloat16,
                  "W_MANTISSA": mantissa, "ROW_STEPS": a_step.dim() > 0, "HAS_MULT": w_mult is not None}
 
