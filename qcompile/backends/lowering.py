@@ -198,6 +198,11 @@ def _tiled_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return tiled
 
 
+def _on_cuda(node: fx.Node) -> bool:
+    value = ir.fake_value(node)
+    return value is not None and value.device.type == "cuda"
+
+
 # a packed weight's tiled layout, while the weight lives (a recompile's graphs share the weight:
 # `memory.ConstantPool`, so they share its layout too)
 _TILED: dict[int, torch.Tensor] = {}
@@ -213,7 +218,7 @@ def use_triton_kernels(gm: fx.GraphModule, everywhere: bool) -> fx.GraphModule:
     triton is first imported: this turns it on if triton is not imported yet, and otherwise asks
     for TRITON_INTERPRET=1 at the start."""
     targets = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is q4.linear_w4a4.default
-               and (everywhere or getattr(getattr(ir.fake_value(n.args[0]), "device", None), "type", None) == "cuda")]
+               and (everywhere or _on_cuda(n.args[0]))]
     if not targets:
         return gm
     if everywhere and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -221,26 +226,23 @@ def use_triton_kernels(gm: fx.GraphModule, everywhere: bool) -> fx.GraphModule:
             raise RuntimeError("kernels='triton' (Q4_KERNELS) on CPU runs Triton's interpreter, which must be on "
                                "before triton is imported: start the process with TRITON_INTERPRET=1")
         os.environ["TRITON_INTERPRET"] = "1"
-    tiled: dict[str, torch.Tensor] = {}  # weight attribute -> its tiled layout (a weight read twice: once)
-    plan = {}
-    for node in targets:
-        weight = node.args[1]
-        if weight.target not in tiled and (layout := _tiled_weight(gm, node)) is not None:
-            tiled[weight.target] = layout
-        plan[node.name] = weight.target if weight.target in tiled else None
+    # node -> (its weight's attribute, the weight's tiled layout or None); `_tiled_weight` makes a layout once
+    plan = {node.name: (node.args[1].target, _tiled_weight(gm, node)) for node in targets}
     graph = copy.deepcopy(gm.graph)
     lowered = fx.GraphModule(gm, graph)
-    attrs = {target: ir.add_constant(lowered, f"{target}_tiled", layout) for target, layout in tiled.items()}
+    attrs = {target: ir.add_constant(lowered, f"{target}_tiled", layout)  # a weight read twice: one attribute
+             for target, layout in plan.values() if layout is not None}
     for node in list(graph.nodes):
         if node.name not in plan:
             continue
-        if plan[node.name] is None:
+        target, layout = plan[node.name]
+        if layout is None:
             if everywhere:
                 node.target = q4.linear_w4a4_triton.default
             continue
         old = node.args[1]
         with graph.inserting_before(node):
-            node.args = (node.args[0], graph.get_attr(attrs[plan[node.name]]), *node.args[2:])
+            node.args = (node.args[0], graph.get_attr(attrs[target]), *node.args[2:])
         node.target = q4.linear_w4a4_tiled.default
         if not old.users:
             graph.erase_node(old)
